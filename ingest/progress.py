@@ -1,0 +1,55 @@
+"""A progress line on stderr for people watching a terminal, and silence for scripts."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class Progress:
+    """Bytes done, MB/s and ETA, redrawn at most a few times a second."""
+
+    def __init__(self, total: int, label: str = "", stream: TextIO | None = None,
+                 enabled: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.total = total
+        self.done = 0
+        self.label = label
+        self._start = time.monotonic()
+        self._last = 0.0
+
+    def add_total(self, n: int) -> None:
+        self.total += n
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and now - self._last >= 0.2:
+            self._last = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        elapsed = max(now - self._start, 1e-6)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else 0
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        line = (f"{self.label}{human_bytes(self.done)} / {human_bytes(self.total)} "
+                f"({pct:5.1f}%)  {rate / 1e6:7.1f} MB/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        self.stream.write("\r" + line.ljust(78))
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            self._draw(time.monotonic())
+            self.stream.write("\n")
+            self.stream.flush()

@@ -1,0 +1,133 @@
+"""The repository's config file: format version, chunk size, codec and id.
+
+It is written once by ``init`` and never changed, so a reader can trust it
+for the repository's whole life.  Every field is checked on open, and a
+message names the file and the value that was wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from dataclasses import asdict, dataclass
+
+from repofs.errors import RepositoryError, UsageError
+
+FORMAT_NAME = "repofs"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+MIN_CHUNK = 4096
+MAX_CHUNK = 4 * 1024 * 1024
+DEFAULT_CHUNK = 64 * 1024
+DEFAULT_COMPRESSION = "zstd:3"
+PAGE_REFS = 1024
+PACK_TARGET = 32 * 1024 * 1024
+
+_SIZE = re.compile(r"^(\d+)\s*([kKmMgG]?)(i?[bB])?$")
+
+
+def parse_size(text: str) -> int:
+    """Parse ``64K``, ``1M``, ``65536`` (binary units) into bytes."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise UsageError(f"cannot read size {text!r}: expected e.g. 64K, 1M or 65536")
+    mult = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2).lower()]
+    return int(m.group(1)) * mult
+
+
+def parse_compression(text: str) -> tuple[str, int]:
+    """Parse ``zstd:LEVEL`` or ``none``."""
+    if text == "none":
+        return "none", 0
+    m = re.match(r"^zstd(?::(-?\d+))?$", text)
+    if not m:
+        raise UsageError(f"unknown compression {text!r}: expected zstd:LEVEL or none")
+    level = int(m.group(1)) if m.group(1) is not None else 3
+    if not 1 <= level <= 22:
+        raise UsageError(f"zstd level {level} out of range 1..22")
+    return "zstd", level
+
+
+@dataclass(frozen=True)
+class RepoConfig:
+    """Everything about a repository that is fixed at ``init``."""
+
+    format: str
+    version: int
+    repository_id: str
+    chunk_size: int
+    compression: str
+    page_refs: int
+    pack_target_size: int
+
+    @classmethod
+    def new(cls, chunk_size: int, compression: str) -> RepoConfig:
+        if chunk_size & (chunk_size - 1) or not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
+            raise UsageError(
+                f"chunk size {chunk_size} must be a power of two from 4K to 4M"
+            )
+        codec, level = parse_compression(compression)
+        return cls(
+            format=FORMAT_NAME,
+            version=FORMAT_VERSION,
+            repository_id=secrets.token_hex(16),
+            chunk_size=chunk_size,
+            compression=f"zstd:{level}" if codec == "zstd" else "none",
+            page_refs=PAGE_REFS,
+            pack_target_size=PACK_TARGET,
+        )
+
+    @property
+    def codec(self) -> str:
+        return parse_compression(self.compression)[0]
+
+    @property
+    def level(self) -> int:
+        return parse_compression(self.compression)[1]
+
+    def to_json(self) -> bytes:
+        return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def load(cls, repo_path: str) -> RepoConfig:
+        path = os.path.join(repo_path, CONFIG_FILE)
+        if not os.path.exists(repo_path):
+            raise RepositoryError(f"{repo_path}: no such repository")
+        if not os.path.isdir(repo_path):
+            raise RepositoryError(f"{repo_path}: is not a directory, so not a repository")
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(65536)
+        except FileNotFoundError:
+            raise RepositoryError(f"{repo_path}: not a repofs repository (no {CONFIG_FILE})") from None
+        except OSError as exc:
+            raise RepositoryError(f"{path}: cannot read: {exc.strerror}") from None
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise RepositoryError(f"{path}: is not valid JSON") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise RepositoryError(f"{path}: not a repofs config (format field is wrong)")
+        if data.get("version") != FORMAT_VERSION:
+            raise RepositoryError(
+                f"{path}: format version {data.get('version')!r} is not supported "
+                f"(this repofs reads version {FORMAT_VERSION})"
+            )
+        try:
+            cfg = cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        except (KeyError, TypeError) as exc:
+            raise RepositoryError(f"{path}: missing or bad field {exc}") from None
+        cs = cfg.chunk_size
+        if not isinstance(cs, int) or cs & (cs - 1) or not MIN_CHUNK <= cs <= MAX_CHUNK:
+            raise RepositoryError(f"{path}: chunk_size {cs!r} is not a power of two in 4K..4M")
+        if not isinstance(cfg.page_refs, int) or not 16 <= cfg.page_refs <= 65536:
+            raise RepositoryError(f"{path}: page_refs {cfg.page_refs!r} out of range 16..65536")
+        if not re.fullmatch(r"[0-9a-f]{32}", str(cfg.repository_id)):
+            raise RepositoryError(f"{path}: repository_id {cfg.repository_id!r} is not 32 hex digits")
+        try:
+            parse_compression(cfg.compression)
+        except UsageError as exc:
+            raise RepositoryError(f"{path}: {exc}") from None
+        return cfg

@@ -1,0 +1,260 @@
+"""The LMDB index: where every object lives, and which restore points exist.
+
+Databases (all keys and values are bytes; integers big-endian so that LMDB's
+byte order is numeric order):
+
+``meta``
+    ``b"seq"`` -> u64, the next sequence number.  Sequence numbers name VMs
+    and restore points for inode numbers; they are never reused.
+``objects``
+    ``type (1 byte) + BLAKE3 digest (32)`` -> ``pack id (16) + offset (u64) +
+    stored length (u32) + raw length (u32)``.  The offset is that of the
+    record header.  An entry exists only once its pack is durable.
+``packs``
+    ``pack id (16)`` -> ``size (u64) + record count (u32)`` of every published pack.
+``vms``
+    ``VM name`` -> ``sequence number (u64)``.  Kept after the VM's last
+    restore point is pruned, so its directory keeps its inode.
+``rps``
+    ``VM name + NUL + restore point id`` -> the restore point's JSON.  Sorted
+    by VM, then by time, because ids are UTC times.
+``reservations``
+    same key -> JSON ``{"seq", "pid", "started"}``: an id and sequence number
+    taken by an ingest that has not committed yet.  A crashed ingest leaves
+    one behind; it only ever makes that one id unavailable.
+``seqs``
+    ``sequence number (u64)`` -> ``b"V" + VM name`` or ``b"R" + rps key``,
+    the way back from an inode number to what it names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import lmdb
+
+from repofs.durable import os_error
+from repofs.errors import RepositoryError
+from repofs.records import RecordType
+
+T = TypeVar("T")
+U64 = struct.Struct(">Q")
+LOCATION = struct.Struct(">16sQII")
+PACK_INFO = struct.Struct(">QI")
+DEFAULT_MAP_SIZE = 1 << 36  # 64 GiB of address space; grows on demand
+DATABASES = ("meta", "objects", "packs", "vms", "rps", "reservations", "seqs")
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    pack_id: bytes
+    offset: int
+    stored_len: int
+    raw_len: int
+
+
+def object_key(rtype: RecordType, digest: bytes) -> bytes:
+    return bytes((rtype,)) + digest
+
+
+def rp_key(vm: str, rp_id: str) -> bytes:
+    return vm.encode() + b"\0" + rp_id.encode()
+
+
+def split_rp_key(key: bytes) -> tuple[str, str]:
+    vm, _, rp = key.partition(b"\0")
+    return vm.decode(), rp.decode()
+
+
+class Index:
+    """A thin typed layer over the LMDB environment.
+
+    Read methods open a short read transaction in the calling thread, so they
+    are safe from any thread and always see the latest commit: that is how a
+    mounted tree shows a new restore point without a remount.
+    """
+
+    def __init__(self, path: str, *, create: bool = False, map_size: int = DEFAULT_MAP_SIZE) -> None:
+        self.path = path
+        if not create and not os.path.exists(os.path.join(path, "data.mdb")):
+            raise RepositoryError(
+                f"{path}: the index is missing; run 'repofs rebuild-index' to rebuild it from the packs"
+            )
+        try:
+            self.env = lmdb.open(
+                path,
+                subdir=True,
+                map_size=map_size,
+                max_dbs=len(DATABASES) + 2,
+                max_readers=512,
+                mode=0o600,
+                readahead=False,
+                meminit=False,
+                create=create,
+            )
+            self.dbs = {name: self.env.open_db(name.encode()) for name in DATABASES}
+        except lmdb.Error as exc:
+            raise RepositoryError(
+                f"{path}: the index is damaged ({exc}); run 'repofs rebuild-index'"
+            ) from None
+
+    def close(self) -> None:
+        self.env.close()
+
+    # -- transactions ---------------------------------------------------------
+
+    def read(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        try:
+            with self.env.begin(buffers=False) as txn:
+                return fn(txn)
+        except lmdb.MapResizedError:
+            self.env.set_mapsize(0)  # adopt the size another process grew it to
+            with self.env.begin(buffers=False) as txn:
+                return fn(txn)
+
+    def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        """Run ``fn`` in one write transaction, growing the map when it fills up."""
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    return fn(txn)
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)
+            except lmdb.Error as exc:
+                if isinstance(exc.__context__, OSError) or "No space" in str(exc):
+                    raise os_error(OSError(28, "No space left on device"), self.path) from None
+                raise
+
+    def get(self, txn: lmdb.Transaction, db: str, key: bytes) -> bytes | None:
+        return txn.get(key, db=self.dbs[db])
+
+    def put(self, txn: lmdb.Transaction, db: str, key: bytes, value: bytes) -> None:
+        txn.put(key, value, db=self.dbs[db])
+
+    def delete(self, txn: lmdb.Transaction, db: str, key: bytes) -> None:
+        txn.delete(key, db=self.dbs[db])
+
+    def items(self, txn: lmdb.Transaction, db: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        with txn.cursor(db=self.dbs[db]) as cur:
+            if not cur.set_range(prefix):
+                return
+            for key, value in cur:
+                if not key.startswith(prefix):
+                    return
+                yield key, value
+
+    # -- objects --------------------------------------------------------------
+
+    def locate(self, rtype: RecordType, digest: bytes, txn: lmdb.Transaction | None = None) -> Location | None:
+        if txn is None:
+            return self.read(lambda t: self.locate(rtype, digest, t))
+        value = txn.get(object_key(rtype, digest), db=self.dbs["objects"])
+        return Location(*LOCATION.unpack(value)) if value is not None else None
+
+    def has(self, txn: lmdb.Transaction, rtype: RecordType, digest: bytes) -> bool:
+        return txn.get(object_key(rtype, digest), db=self.dbs["objects"]) is not None
+
+    def add_pack(
+        self,
+        txn: lmdb.Transaction,
+        pack_id: bytes,
+        size: int,
+        entries: list[tuple[RecordType, bytes, int, int, int]],
+    ) -> None:
+        """Index a published pack: ``entries`` are (type, digest, offset, stored, raw)."""
+        objects = self.dbs["objects"]
+        for rtype, digest, offset, stored, raw in entries:
+            txn.put(object_key(rtype, digest), LOCATION.pack(pack_id, offset, stored, raw), db=objects)
+        txn.put(pack_id, PACK_INFO.pack(size, len(entries)), db=self.dbs["packs"])
+
+    # -- sequence numbers ----------------------------------------------------
+
+    def next_seq(self, txn: lmdb.Transaction) -> int:
+        raw = txn.get(b"seq", db=self.dbs["meta"])
+        seq = U64.unpack(raw)[0] if raw else 1
+        txn.put(b"seq", U64.pack(seq + 1), db=self.dbs["meta"])
+        return seq
+
+    def bump_seq(self, txn: lmdb.Transaction, at_least: int) -> None:
+        raw = txn.get(b"seq", db=self.dbs["meta"])
+        current = U64.unpack(raw)[0] if raw else 1
+        if at_least > current:
+            txn.put(b"seq", U64.pack(at_least), db=self.dbs["meta"])
+
+    def vm_seq(self, txn: lmdb.Transaction, vm: str, *, allocate: bool = False) -> int | None:
+        raw = txn.get(vm.encode(), db=self.dbs["vms"])
+        if raw is not None:
+            return U64.unpack(raw)[0]
+        if not allocate:
+            return None
+        seq = self.next_seq(txn)
+        self.set_vm_seq(txn, vm, seq)
+        return seq
+
+    def set_vm_seq(self, txn: lmdb.Transaction, vm: str, seq: int) -> None:
+        txn.put(vm.encode(), U64.pack(seq), db=self.dbs["vms"])
+        txn.put(U64.pack(seq), b"V" + vm.encode(), db=self.dbs["seqs"])
+
+    def lookup_seq(self, txn: lmdb.Transaction, seq: int) -> bytes | None:
+        return txn.get(U64.pack(seq), db=self.dbs["seqs"])
+
+    # -- restore points ------------------------------------------------------
+
+    def put_rp(self, txn: lmdb.Transaction, vm: str, rp_id: str, seq: int, doc: dict[str, Any]) -> None:
+        key = rp_key(vm, rp_id)
+        txn.put(key, json.dumps(doc, sort_keys=True).encode(), db=self.dbs["rps"])
+        txn.put(U64.pack(seq), b"R" + key, db=self.dbs["seqs"])
+        txn.delete(key, db=self.dbs["reservations"])
+
+    def delete_rp(self, txn: lmdb.Transaction, vm: str, rp_id: str, seq: int) -> None:
+        txn.delete(rp_key(vm, rp_id), db=self.dbs["rps"])
+        txn.delete(U64.pack(seq), db=self.dbs["seqs"])
+
+    def get_rp(self, txn: lmdb.Transaction, vm: str, rp_id: str) -> dict[str, Any] | None:
+        raw = txn.get(rp_key(vm, rp_id), db=self.dbs["rps"])
+        return json.loads(raw) if raw is not None else None
+
+    def rp_docs(self, txn: lmdb.Transaction, vm: str | None = None) -> Iterator[dict[str, Any]]:
+        prefix = vm.encode() + b"\0" if vm is not None else b""
+        for _key, value in self.items(txn, "rps", prefix):
+            yield json.loads(value)
+
+    def vm_names(self, txn: lmdb.Transaction) -> list[str]:
+        """VMs that have at least one restore point, sorted."""
+        names = []
+        with txn.cursor(db=self.dbs["rps"]) as cur:
+            ok = cur.first()
+            while ok:
+                vm = cur.key().partition(b"\0")[0]
+                names.append(vm.decode())
+                ok = cur.set_range(vm + b"\x01")
+        return names
+
+    def rp_ids(self, txn: lmdb.Transaction, vm: str) -> list[str]:
+        prefix = vm.encode() + b"\0"
+        out = []
+        with txn.cursor(db=self.dbs["rps"]) as cur:
+            if cur.set_range(prefix):
+                for key in cur.iternext(keys=True, values=False):
+                    if not key.startswith(prefix):
+                        break
+                    out.append(key[len(prefix):].decode())
+        return out
+
+    def latest_rp_id(self, txn: lmdb.Transaction, vm: str) -> str | None:
+        prefix = vm.encode() + b"\0"
+        with txn.cursor(db=self.dbs["rps"]) as cur:
+            if cur.set_range(vm.encode() + b"\x01"):
+                found = cur.prev()
+            else:
+                found = cur.last()
+            if found and cur.key().startswith(prefix):
+                return cur.key()[len(prefix):].decode()
+        return None

@@ -1,0 +1,60 @@
+"""Repository locks, built on ``flock`` so that a killed process never leaves one behind.
+
+Two lock files make a fair reader-writer lock:
+
+* ``ingest`` and ``prune`` take the repository *shared*: several may run at
+  once (LMDB serialises their commits);
+* the final phase of ``gc`` and ``rebuild-index`` take it *exclusive*.
+
+Every taker first holds ``lock.gate`` exclusively while it queues on
+``lock.main``, then releases the gate once it has the main lock (shared
+takers) or keeps it (exclusive takers).  A waiting gc therefore holds the
+gate, so no new ingest overtakes it, and it cannot be starved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sys
+from collections.abc import Iterator
+
+from repofs.errors import BusyError
+
+GATE = "lock.gate"
+MAIN = "lock.main"
+
+
+def _open(path: str) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def _acquire(fd: int, mode: int, wait: bool, what: str) -> None:
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        if not wait:
+            raise BusyError(f"{what}; try again later") from None
+    print(f"repofs: waiting: {what}", file=sys.stderr, flush=True)
+    fcntl.flock(fd, mode)
+
+
+@contextlib.contextmanager
+def repository_lock(repo_path: str, *, exclusive: bool, wait: bool = True) -> Iterator[None]:
+    """Hold the repository shared (ingest, prune) or exclusive (gc sweep, rebuild-index)."""
+    gate = _open(os.path.join(repo_path, GATE))
+    main = _open(os.path.join(repo_path, MAIN))
+    try:
+        busy = "the repository is busy with gc or rebuild-index" if not exclusive else (
+            "the repository is in use by an ingest, prune or gc"
+        )
+        _acquire(gate, fcntl.LOCK_EX, wait, busy)
+        _acquire(main, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, wait, busy)
+        if not exclusive:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        yield
+    finally:
+        os.close(main)
+        os.close(gate)

@@ -1,0 +1,181 @@
+"""Starting and stopping the FUSE daemon.
+
+``repofs mount`` forks before anything opens LMDB (an LMDB environment must
+not cross a ``fork``), and the parent returns only once the child reports
+that the kernel mount exists, or with the child's one-line error.  If the
+daemon dies, the mount is left in place: readers then get ENOTCONN instead
+of an empty directory that a mirror or tape job would take as "everything
+was deleted".
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pyfuse3
+import trio
+
+from repofs.config import RepoConfig
+from repofs.errors import MountError, RepofsError
+from repofs.fuse import RepoFS
+from repofs.repository import INDEX_DIR, Repository
+from repofs.vfs import RepoView
+
+log = logging.getLogger("repofs.mount")
+
+
+def is_mountpoint(path: str) -> bool:
+    target = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and _unescape(fields[4]) == target:
+                    return True
+    except OSError:
+        return os.path.ismount(path)
+    return False
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace(
+        "\\134", "\\")
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    if not os.path.lexists(mountpoint):
+        raise MountError(f"{mountpoint}: mount point does not exist")
+    if is_mountpoint(mountpoint):
+        raise MountError(f"{mountpoint}: something is already mounted there")
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"{mountpoint}: mount point is not a directory")
+
+
+def _setup_logging(log_file: str | None, foreground: bool) -> None:
+    root = logging.getLogger("repofs")
+    root.setLevel(logging.INFO)
+    if log_file:
+        handler: logging.Handler = logging.FileHandler(log_file)
+    elif foreground:
+        handler = logging.StreamHandler(sys.stderr)
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+    else:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter("repofs[%(process)d]: %(levelname)s %(message)s"))
+    root.addHandler(handler)
+
+
+def mount(repo_path: str, mountpoint: str, *, foreground: bool = False, allow_other: bool = False,
+          cache_bytes: int = 256 * 1024 * 1024, log_file: str | None = None) -> None:
+    RepoConfig.load(repo_path)  # a clear error now, before forking
+    if not os.path.exists(os.path.join(repo_path, INDEX_DIR, "data.mdb")):
+        raise MountError(f"{repo_path}: the index is missing; run 'repofs rebuild-index'")
+    check_mountpoint(mountpoint)
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing: load the fuse module or install fuse3")
+    if foreground:
+        _setup_logging(log_file, True)
+        _serve(repo_path, mountpoint, allow_other, cache_bytes, None)
+        return
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_fd)
+        code = 1
+        try:
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            _setup_logging(log_file, False)
+            _serve(repo_path, mountpoint, allow_other, cache_bytes, write_fd)
+            code = 0
+        except RepofsError as exc:
+            _report(write_fd, f"error:{exc}")
+        except BaseException as exc:  # the parent must hear something, whatever happened
+            log.exception("daemon failed")
+            _report(write_fd, f"error:daemon failed: {exc}")
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        answer = pipe.read().decode(errors="replace").strip()
+    if answer == "ready":
+        return
+    if answer.startswith("error:"):
+        raise MountError(answer[len("error:"):])
+    os.waitpid(pid, 0)
+    raise MountError("the mount daemon exited during start-up")
+
+
+def _report(fd: int | None, message: str) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, message.encode() + b"\n")
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _serve(repo_path: str, mountpoint: str, allow_other: bool, cache_bytes: int,
+           ready_fd: int | None) -> None:
+    repo = Repository.open(repo_path)
+    view = RepoView(repo, cache_bytes)
+    ops = RepoFS(view)
+    options = set(pyfuse3.default_options)
+    options.discard("default_permissions")
+    options |= {f"fsname=repofs:{os.path.abspath(repo_path)}", "subtype=repofs", "ro",
+                "default_permissions", "noatime"}
+    if allow_other:
+        options.add("allow_other")
+    try:
+        pyfuse3.init(ops, mountpoint, options)
+    except RuntimeError as exc:
+        raise MountError(f"{mountpoint}: cannot mount: {exc}") from None
+    _report(ready_fd, "ready")
+    log.info("mounted %s on %s", repo_path, mountpoint)
+    try:
+        trio.run(_main)
+    except BaseException:
+        log.exception("daemon crashed; leaving the mount point to answer ENOTCONN")
+        pyfuse3.close(unmount=False)
+        raise
+    pyfuse3.close(unmount=True)
+    repo.close()
+    log.info("unmounted %s", mountpoint)
+
+
+async def _main() -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for _sig in signals:
+            pyfuse3.terminate()
+            return
+
+
+def umount(mountpoint: str) -> None:
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"{mountpoint}: no such directory")
+    if not is_mountpoint(mountpoint):
+        raise MountError(f"{mountpoint}: is not mounted")
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if tool is None:
+        raise MountError("fusermount3 not found: install fuse3")
+    proc = subprocess.run([tool, "-u", mountpoint], capture_output=True, text=True)
+    if proc.returncode != 0:
+        msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
+        raise MountError(f"{mountpoint}: cannot unmount: {msg}")

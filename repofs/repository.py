@@ -1,0 +1,252 @@
+"""A repository on disk: config, LMDB index and packs, and the commit protocol."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from repofs.config import CONFIG_FILE, RepoConfig
+from repofs.durable import os_error, write_file_atomic
+from repofs.errors import IntegrityError, UsageError
+from repofs.index import LOCATION, PACK_INFO, Index, Location, rp_key
+from repofs.maps import MapReader, PageCache
+from repofs.names import rp_id_for
+from repofs.packstore import LocalPackStore
+from repofs.records import RECORD_HEADER_SIZE, RecordType, decode_header, decode_payload
+from repofs.restorepoint import DiskInfo, RestorePoint
+from repofs.writer import ObjectWriter
+
+INDEX_DIR = "index"
+PACKS_DIR = "packs"
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """An id and sequence number taken for an ingest that has not committed yet."""
+
+    vm: str
+    rp_id: str
+    seq: int
+    vm_seq: int
+    created: float
+
+
+class Repository:
+    """Opened repository.  Safe to share between threads for reading."""
+
+    def __init__(self, path: str, config: RepoConfig, index: Index, packs: LocalPackStore) -> None:
+        self.path = path
+        self.config = config
+        self.index = index
+        self.packs = packs
+        self.page_cache = PageCache(lambda d: self.read_object(RecordType.PAGE, d))
+
+    # -- life cycle ---------------------------------------------------------------
+
+    @classmethod
+    def init(cls, path: str, chunk_size: int, compression: str) -> Repository:
+        config = RepoConfig.new(chunk_size, compression)
+        if os.path.lexists(path):
+            if not os.path.isdir(path):
+                raise UsageError(f"{path}: exists and is not a directory")
+            if os.path.exists(os.path.join(path, CONFIG_FILE)):
+                raise UsageError(f"{path}: a repository already exists here")
+            if os.listdir(path):
+                raise UsageError(f"{path}: directory is not empty")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise UsageError(f"{parent}: parent directory does not exist")
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            os.chmod(path, 0o700)
+            for sub in (PACKS_DIR, os.path.join(PACKS_DIR, "tmp"), INDEX_DIR):
+                os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise os_error(exc, path) from None
+        Index(os.path.join(path, INDEX_DIR), create=True).close()
+        write_file_atomic(os.path.join(path, CONFIG_FILE), config.to_json())  # last: marks it done
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: str) -> Repository:
+        config = RepoConfig.load(path)
+        index = Index(os.path.join(path, INDEX_DIR))
+        return cls(path, config, index, LocalPackStore(os.path.join(path, PACKS_DIR)))
+
+    def close(self) -> None:
+        self.index.close()
+        self.packs.close()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading objects ----------------------------------------------------------
+
+    def read_at(self, rtype: RecordType, digest: bytes, loc: Location) -> bytes:
+        """Read one record at a known location and check it is the object asked for."""
+        where = f"pack {loc.pack_id.hex()} offset {loc.offset}"
+        data = self.packs.read(loc.pack_id, loc.offset, RECORD_HEADER_SIZE + loc.stored_len)
+        hdr = decode_header(data, where)
+        if hdr.type != rtype or hdr.digest != digest:
+            raise IntegrityError(f"{where}: holds another object than the index says")
+        return decode_payload(hdr, data[RECORD_HEADER_SIZE:], where)
+
+    def read_object(self, rtype: RecordType, digest: bytes) -> bytes:
+        """The verified content of an object: the stored bytes, or :class:`IntegrityError`.
+
+        If the pack named by the index vanished (gc moved the object), the
+        index is asked once more: the new location is committed before the
+        old pack is deleted.
+        """
+        loc = self.index.locate(rtype, digest)
+        if loc is None:
+            raise IntegrityError(f"{rtype.name.lower()} {digest.hex()} is not in the index")
+        try:
+            return self.read_at(rtype, digest, loc)
+        except IntegrityError:
+            again = self.index.locate(rtype, digest)
+            if again is None or again == loc:
+                raise
+            self.packs.forget(loc.pack_id)
+            return self.read_at(rtype, digest, again)
+
+    def map_reader(self, disk: DiskInfo) -> MapReader:
+        return MapReader(disk.map, self.config.page_refs, self.page_cache)
+
+    # -- restore points -----------------------------------------------------------
+
+    def vm_names(self) -> list[str]:
+        return self.index.read(self.index.vm_names)
+
+    def restore_points(self, vm: str | None = None) -> list[RestorePoint]:
+        return self.index.read(lambda t: [RestorePoint.from_doc(d) for d in self.index.rp_docs(t, vm)])
+
+    def get_rp(self, vm: str, rp_id: str) -> RestorePoint | None:
+        doc = self.index.read(lambda t: self.index.get_rp(t, vm, rp_id))
+        return RestorePoint.from_doc(doc) if doc is not None else None
+
+    def latest(self, vm: str) -> RestorePoint | None:
+        rp_id = self.index.read(lambda t: self.index.latest_rp_id(t, vm))
+        return self.get_rp(vm, rp_id) if rp_id else None
+
+    def resolve(self, vm: str, spec: str) -> RestorePoint:
+        """A restore point by id or ``latest``; a one-line error if there is none."""
+        rp = self.latest(vm) if spec == "latest" else self.get_rp(vm, spec)
+        if rp is None:
+            if not self.restore_points(vm):
+                raise UsageError(f"unknown VM {vm!r}: it has no restore points")
+            raise UsageError(f"VM {vm!r} has no restore point {spec!r}")
+        return rp
+
+    # -- writing ------------------------------------------------------------------
+
+    def writer(self) -> ObjectWriter:
+        cfg = self.config
+        return ObjectWriter(self.index, self.packs, cfg.repository_id, cfg.pack_target_size,
+                            (cfg.codec, cfg.level))
+
+    def reserve(self, vm: str, now: float | None = None) -> Reservation:
+        """Take the restore point id (its UTC start time, to the second) and a sequence number.
+
+        Ids are unique within a VM: when the second is taken, the next free
+        second is used, so ids always sort in creation order.
+        """
+        created = time.time() if now is None else now
+
+        def txn_fn(txn: Any) -> Reservation:
+            vm_seq = self.index.vm_seq(txn, vm, allocate=True)
+            assert vm_seq is not None
+            second = int(created)
+            while True:
+                rp_id = rp_id_for(second)
+                key = rp_key(vm, rp_id)
+                if self.index.get(txn, "rps", key) is None and self.index.get(txn, "reservations", key) is None:
+                    break
+                second += 1
+            seq = self.index.next_seq(txn)
+            doc = {"seq": seq, "pid": os.getpid(), "started": created}
+            self.index.put(txn, "reservations", key, json.dumps(doc).encode())
+            return Reservation(vm, rp_id, seq, vm_seq, float(second) if second != int(created) else created)
+
+        return self.index.write(txn_fn)
+
+    def release(self, res: Reservation) -> None:
+        """Give back a reservation of an ingest that failed."""
+        self.index.write(lambda txn: txn.delete(rp_key(res.vm, res.rp_id), db=self.index.dbs["reservations"]))
+
+    def commit(self, writer: ObjectWriter, rp: RestorePoint) -> None:
+        """Make ``rp`` visible, in the one durability order that keeps invariant 2.
+
+        1. every chunk, page and blob the restore point references is in a
+           published (fsynced, renamed, directory-fsynced) pack, and indexed;
+        2. its own record goes into a last pack, published the same way, so
+           ``rebuild-index`` can find it without the index;
+        3. one LMDB transaction adds it to ``rps`` and drops its reservation.
+           Before that commit nothing shows it; after it, all of it is durable.
+        """
+        writer.flush()
+        body = json.dumps(rp.to_doc(), sort_keys=True).encode()
+        _digest, loc = writer.put_new(RecordType.RESTORE_POINT, body)
+        writer.flush()
+        rp.record = [loc.pack_id.hex(), loc.offset]
+        doc = rp.to_doc()
+
+        def txn_fn(txn: Any) -> None:
+            self.index.set_vm_seq(txn, rp.vm, rp.vm_seq)
+            self.index.put_rp(txn, rp.vm, rp.id, rp.seq, doc)
+
+        self.index.write(txn_fn)
+
+    # -- statistics ---------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        def txn_fn(txn: Any) -> dict[str, Any]:
+            counts = {t: 0 for t in RecordType}
+            raw_bytes = {t: 0 for t in RecordType}
+            stored_bytes = {t: 0 for t in RecordType}
+            for key, value in self.index.items(txn, "objects"):
+                rtype = RecordType(key[0])
+                loc = Location(*LOCATION.unpack(value))
+                counts[rtype] += 1
+                raw_bytes[rtype] += loc.raw_len
+                stored_bytes[rtype] += loc.stored_len
+            pack_bytes = 0
+            pack_count = 0
+            for _key, value in self.index.items(txn, "packs"):
+                pack_bytes += PACK_INFO.unpack(value)[0]
+                pack_count += 1
+            logical = 0
+            allocated = 0
+            rps = 0
+            for doc in self.index.rp_docs(txn):
+                rps += 1
+                for d in doc["disks"]:
+                    logical += d["capacity"]
+                    allocated += d["allocated_bytes"]
+            vms = len(self.index.vm_names(txn))
+            return {
+                "vms": vms,
+                "restore_points": rps,
+                "logical_bytes": logical,
+                "allocated_bytes": allocated,
+                "unique_bytes": raw_bytes[RecordType.CHUNK],
+                "stored_chunk_bytes": stored_bytes[RecordType.CHUNK],
+                "metadata_bytes": stored_bytes[RecordType.PAGE] + stored_bytes[RecordType.BLOB]
+                + stored_bytes[RecordType.RESTORE_POINT],
+                "chunk_count": counts[RecordType.CHUNK],
+                "page_count": counts[RecordType.PAGE],
+                "pack_count": pack_count,
+                "pack_bytes": pack_bytes,
+                "dedup_ratio": (allocated / raw_bytes[RecordType.CHUNK]) if raw_bytes[RecordType.CHUNK] else 0.0,
+                "compression_ratio": (raw_bytes[RecordType.CHUNK] / stored_bytes[RecordType.CHUNK])
+                if stored_bytes[RecordType.CHUNK] else 0.0,
+                "chunk_size": self.config.chunk_size,
+            }
+
+        return self.index.read(txn_fn)

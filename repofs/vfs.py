@@ -1,0 +1,269 @@
+"""What the mounted tree looks like, as a plain model with no FUSE in it.
+
+Layout::
+
+    /<vm>/                      one directory per VM
+    /<vm>/latest                symlink to the newest restore point
+    /<vm>/<rp-id>/              one directory per restore point
+    /<vm>/<rp-id>/<disk>.vmdk        monolithicFlat descriptor
+    /<vm>/<rp-id>/<disk>-flat.vmdk   the raw disk bytes
+    /<vm>/<rp-id>/<config file>      attached VM configuration files
+
+Inode numbers are derived from sequence numbers stored in the index, never
+from the order of a listing, so they are the same after every remount:
+``seq << 16`` names a VM or restore point directory, and the low 16 bits a
+slot inside it (1 = ``latest``; 2+2i and 3+2i = descriptor and flat file of
+disk i; then the config files).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import stat
+import threading
+from dataclasses import dataclass
+
+from repofs.descriptor import descriptor_text
+from repofs.diskread import ChunkCache, DiskReader
+from repofs.errors import IntegrityError
+from repofs.index import U64, split_rp_key
+from repofs.records import RecordType
+from repofs.repository import Repository
+from repofs.restorepoint import RestorePoint
+
+ROOT_INODE = 1
+SLOT_BITS = 16
+SLOT_LATEST = 1
+log = logging.getLogger("repofs.vfs")
+
+
+class NotFound(Exception):
+    """No such entry (ENOENT)."""
+
+
+@dataclass(frozen=True)
+class Attr:
+    ino: int
+    mode: int
+    size: int
+    mtime: float
+    blocks: int = 0
+    nlink: int = 1
+    immutable: bool = False  # may the kernel cache it forever?
+
+
+@dataclass(frozen=True)
+class _Rp:
+    rp: RestorePoint
+    names: dict[str, int]  # file name -> slot
+
+
+class RepoView:
+    """The tree of a repository; every method may block and is thread-safe."""
+
+    def __init__(self, repo: Repository, cache_bytes: int = 256 * 1024 * 1024) -> None:
+        self.repo = repo
+        self.cache = ChunkCache(repo, cache_bytes)
+        self._rps: collections.OrderedDict[int, _Rp] = collections.OrderedDict()
+        self._readers: collections.OrderedDict[tuple[int, int], DiskReader] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._logged: set[str] = set()
+        self.root_mtime = os.stat(os.path.join(repo.path, "config.json")).st_mtime
+
+    # -- resolving inodes ------------------------------------------------------------
+
+    def _seq_target(self, seq: int) -> bytes | None:
+        idx = self.repo.index
+        return idx.read(lambda t: idx.lookup_seq(t, seq))
+
+    def _rp_by_seq(self, seq: int) -> _Rp:
+        with self._lock:
+            hit = self._rps.get(seq)
+            if hit is not None:
+                self._rps.move_to_end(seq)
+                return hit
+        target = self._seq_target(seq)
+        if target is None or not target.startswith(b"R"):
+            raise NotFound(seq)
+        vm, rp_id = split_rp_key(target[1:])
+        rp = self.repo.get_rp(vm, rp_id)
+        if rp is None:
+            raise NotFound(seq)
+        names = {}
+        for i, d in enumerate(rp.disks):
+            names[f"{d.name}.vmdk"] = 2 + 2 * i
+            names[f"{d.name}-flat.vmdk"] = 3 + 2 * i
+        for j, c in enumerate(rp.configs):
+            names[c.name] = 2 + 2 * len(rp.disks) + j
+        entry = _Rp(rp, names)
+        with self._lock:
+            self._rps[seq] = entry
+            while len(self._rps) > 4096:
+                self._rps.popitem(last=False)
+        return entry
+
+    def _vm_by_seq(self, seq: int) -> str:
+        target = self._seq_target(seq)
+        if target is None or not target.startswith(b"V"):
+            raise NotFound(seq)
+        vm = target[1:].decode()
+        if self._latest(vm) is None:
+            raise NotFound(seq)
+        return vm
+
+    def _latest(self, vm: str) -> str | None:
+        idx = self.repo.index
+        return idx.read(lambda t: idx.latest_rp_id(t, vm))
+
+    # -- attributes ------------------------------------------------------------------
+
+    def getattr(self, ino: int) -> Attr:
+        if ino == ROOT_INODE:
+            return Attr(ino, stat.S_IFDIR | 0o555, 0, self.root_mtime)
+        seq, slot = ino >> SLOT_BITS, ino & ((1 << SLOT_BITS) - 1)
+        target = self._seq_target(seq)
+        if target is None:
+            raise NotFound(ino)
+        if target.startswith(b"V"):
+            vm = target[1:].decode()
+            latest = self._latest(vm)
+            if latest is None or slot > SLOT_LATEST:
+                raise NotFound(ino)
+            latest_rp = self.repo.get_rp(vm, latest)
+            mtime = latest_rp.created if latest_rp else self.root_mtime
+            if slot == SLOT_LATEST:
+                return Attr(ino, stat.S_IFLNK | 0o777, len(latest), mtime)
+            return Attr(ino, stat.S_IFDIR | 0o555, 0, mtime)
+        entry = self._rp_by_seq(seq)
+        rp = entry.rp
+        if slot == 0:
+            return Attr(ino, stat.S_IFDIR | 0o555, 0, rp.created, nlink=2, immutable=True)
+        nd = len(rp.disks)
+        if 2 <= slot < 2 + 2 * nd:
+            disk = rp.disks[(slot - 2) // 2]
+            if slot % 2 == 0:
+                size = len(descriptor_text(rp.vm, rp.id, disk.name, disk.capacity))
+                return Attr(ino, stat.S_IFREG | 0o444, size, rp.created, blocks=(size + 511) // 512,
+                            immutable=True)
+            return Attr(ino, stat.S_IFREG | 0o444, disk.capacity, rp.created,
+                        blocks=(disk.allocated_bytes + 511) // 512, immutable=True)
+        j = slot - 2 - 2 * nd
+        if 0 <= j < len(rp.configs):
+            size = rp.configs[j].size
+            return Attr(ino, stat.S_IFREG | 0o444, size, rp.created, blocks=(size + 511) // 512,
+                        immutable=True)
+        raise NotFound(ino)
+
+    # -- directories -----------------------------------------------------------------
+
+    def lookup(self, parent: int, name: str) -> Attr:
+        if parent == ROOT_INODE:
+            idx = self.repo.index
+            seq = idx.read(lambda t: idx.vm_seq(t, name))
+            if seq is None or self._latest(name) is None:
+                raise NotFound(name)
+            return self.getattr(seq << SLOT_BITS)
+        seq, slot = parent >> SLOT_BITS, parent & ((1 << SLOT_BITS) - 1)
+        if slot != 0:
+            raise NotFound(name)
+        target = self._seq_target(seq)
+        if target is None:
+            raise NotFound(name)
+        if target.startswith(b"V"):
+            vm = target[1:].decode()
+            if name == "latest":
+                if self._latest(vm) is None:
+                    raise NotFound(name)
+                return self.getattr((seq << SLOT_BITS) | SLOT_LATEST)
+            rp = self.repo.get_rp(vm, name)
+            if rp is None:
+                raise NotFound(name)
+            return self.getattr(rp.seq << SLOT_BITS)
+        entry = self._rp_by_seq(seq)
+        slot = entry.names.get(name)
+        if slot is None:
+            raise NotFound(name)
+        return self.getattr((seq << SLOT_BITS) | slot)
+
+    def listdir(self, ino: int) -> list[tuple[str, Attr]]:
+        idx = self.repo.index
+        if ino == ROOT_INODE:
+            def vms(txn: object) -> list[tuple[str, int]]:
+                return [(vm, U64.unpack(idx.get(txn, "vms", vm.encode()))[0])  # type: ignore[arg-type]
+                        for vm in idx.vm_names(txn)]
+            return [(vm, self.getattr(seq << SLOT_BITS)) for vm, seq in idx.read(vms)]
+        seq, slot = ino >> SLOT_BITS, ino & ((1 << SLOT_BITS) - 1)
+        target = self._seq_target(seq)
+        if slot != 0 or target is None:
+            raise NotFound(ino)
+        if target.startswith(b"V"):
+            vm = target[1:].decode()
+            docs = idx.read(lambda t: list(idx.rp_docs(t, vm)))
+            if not docs:
+                raise NotFound(ino)
+            out = [(d["id"], Attr(d["seq"] << SLOT_BITS, stat.S_IFDIR | 0o555, 0, d["created"],
+                                  nlink=2, immutable=True)) for d in docs]
+            out.append(("latest", Attr((seq << SLOT_BITS) | SLOT_LATEST, stat.S_IFLNK | 0o777,
+                                       len(docs[-1]["id"]), docs[-1]["created"])))
+            return out
+        entry = self._rp_by_seq(seq)
+        return [(name, self.getattr((seq << SLOT_BITS) | s)) for name, s in entry.names.items()]
+
+    def readlink(self, ino: int) -> str:
+        seq, slot = ino >> SLOT_BITS, ino & ((1 << SLOT_BITS) - 1)
+        if slot != SLOT_LATEST:
+            raise NotFound(ino)
+        vm = self._vm_by_seq(seq)
+        latest = self._latest(vm)
+        if latest is None:
+            raise NotFound(ino)
+        return latest
+
+    # -- file contents ---------------------------------------------------------------
+
+    def is_file(self, ino: int) -> bool:
+        return stat.S_ISREG(self.getattr(ino).mode)
+
+    def read(self, ino: int, offset: int, size: int) -> bytes:
+        """File bytes, or :class:`IntegrityError` (logged once per problem) for damaged data."""
+        seq, slot = ino >> SLOT_BITS, ino & ((1 << SLOT_BITS) - 1)
+        entry = self._rp_by_seq(seq)
+        rp = entry.rp
+        nd = len(rp.disks)
+        try:
+            if 2 <= slot < 2 + 2 * nd:
+                disk = rp.disks[(slot - 2) // 2]
+                if slot % 2 == 0:
+                    return descriptor_text(rp.vm, rp.id, disk.name, disk.capacity)[offset : offset + size]
+                return self._reader(seq, slot, rp).read(offset, size)
+            j = slot - 2 - 2 * nd
+            if 0 <= j < len(rp.configs):
+                cfg = rp.configs[j]
+                blob = self.repo.read_object(RecordType.BLOB, bytes.fromhex(cfg.digest))
+                return blob[offset : offset + size]
+        except IntegrityError as exc:
+            key = str(exc)
+            if key not in self._logged:
+                self._logged.add(key)
+                where = f"{rp.vm}/{rp.id}"
+                if 2 <= slot < 2 + 2 * nd:
+                    where += f"/{rp.disks[(slot - 2) // 2].name}-flat.vmdk"
+                log.error("I/O error reading %s bytes %d-%d: %s", where, offset, offset + size, exc)
+            raise
+        raise NotFound(ino)
+
+    def _reader(self, seq: int, slot: int, rp: RestorePoint) -> DiskReader:
+        key = (seq, slot)
+        with self._lock:
+            reader = self._readers.get(key)
+            if reader is not None:
+                self._readers.move_to_end(key)
+                return reader
+        reader = DiskReader(self.repo, rp.disks[(slot - 2) // 2], self.cache)
+        with self._lock:
+            self._readers[key] = reader
+            while len(self._readers) > 256:
+                self._readers.popitem(last=False)
+        return reader
