@@ -155,7 +155,9 @@ class Repository:
         """Take the restore point id (its UTC start time, to the second) and a sequence number.
 
         Ids are unique within a VM: when the second is taken, the next free
-        second is used, so ids always sort in creation order.
+        second is used, so ids always sort in creation order.  The creation
+        time (every file's mtime and ctime) stays the real one: a time in the
+        future would make incremental tape sweeps pick the files up twice.
         """
         created = time.time() if now is None else now
 
@@ -172,7 +174,7 @@ class Repository:
             seq = self.index.next_seq(txn)
             doc = {"seq": seq, "pid": os.getpid(), "started": created}
             self.index.put(txn, "reservations", key, json.dumps(doc).encode())
-            return Reservation(vm, rp_id, seq, vm_seq, float(second) if second != int(created) else created)
+            return Reservation(vm, rp_id, seq, vm_seq, created)
 
         return self.index.write(txn_fn)
 

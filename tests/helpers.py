@@ -1,0 +1,116 @@
+"""Shared test helpers: running the real CLI, making images, real FUSE mounts."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def repofs(*args: str | os.PathLike[str], check: bool = True, timeout: float = 600,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real ``repofs`` CLI in a subprocess, as an administrator would."""
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = str(REPO_ROOT)
+    if env:
+        full_env.update(env)
+    proc = subprocess.run([sys.executable, "-m", "repofs", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=full_env, stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"repofs {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def ingest(repo: Path, vm: str, *disks: str, extra: tuple[str, ...] = ()) -> str:
+    """Ingest and return the new restore point id (the last line of stdout)."""
+    out = repofs("ingest", repo, "--vm", vm, *disks, *extra).stdout
+    return out.strip().splitlines()[-1]
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode != 0, proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    errors = [ln for ln in lines if ln.startswith("repofs: error: ")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def make_image(path: Path, size: int, writes: list[tuple[int, bytes]] = ()) -> Path:  # type: ignore[assignment]
+    """A sparse raw image of ``size`` bytes with ``writes`` placed at their offsets."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, data in writes:
+            f.seek(offset)
+            f.write(data)
+    return path
+
+
+def qemu_compare(a: Path | str, b: Path | str) -> None:
+    proc = subprocess.run(["qemu-img", "compare", "-f", "raw", str(a), str(b)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "identical" in proc.stdout
+
+
+def _daemon_pids(mountpoint: Path) -> list[int]:
+    pids = []
+    target = str(mountpoint)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"repofs" in b" ".join(argv) and b"mount" in argv and target.encode() in argv:
+            pids.append(int(entry))
+    return pids
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(mountpoint) for line in f)
+
+
+def unmount(mountpoint: Path) -> None:
+    """Always leaves the mount point unmounted: -u, then -z, then kill the daemon."""
+    for args in (["-u"], ["-uz"]):
+        if not is_mounted(mountpoint):
+            break
+        subprocess.run(["fusermount3", *args, str(mountpoint)], capture_output=True)
+        for _ in range(50):
+            if not is_mounted(mountpoint):
+                break
+            time.sleep(0.1)
+    deadline = time.monotonic() + 10
+    while (pids := _daemon_pids(mountpoint)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in _daemon_pids(mountpoint):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    del pids
+
+
+@contextlib.contextmanager
+def mounted(repo: Path, mountpoint: Path, *extra: str) -> Iterator[Path]:
+    """A real FUSE mount through the real CLI, always unmounted afterwards."""
+    mountpoint.mkdir(exist_ok=True)
+    log = mountpoint.parent / f"{mountpoint.name}.log"
+    try:
+        repofs("mount", repo, mountpoint, "--log", log, *extra, timeout=60)
+        assert is_mounted(mountpoint), "mount returned but nothing is mounted"
+        yield mountpoint
+    finally:
+        unmount(mountpoint)
+        if log.exists() and "Traceback" in log.read_text():
+            raise AssertionError(f"daemon log has a traceback:\n{log.read_text()}")

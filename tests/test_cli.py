@@ -1,0 +1,152 @@
+"""The CLI as an administrator meets it: real subprocesses, real files, qemu as the reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import assert_one_line_error, ingest, make_image, repofs
+
+MiB = 1 << 20
+
+
+class TestInit:
+    def test_creates_owner_only_repository(self, tmp_path: Path) -> None:
+        """init makes a 0700 repository with a versioned config."""
+        repofs("init", tmp_path / "r", "--chunk-size", "128K", "--compression", "zstd:5")
+        cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+        assert cfg["version"] == 1 and cfg["chunk_size"] == 131072 and cfg["compression"] == "zstd:5"
+        assert stat.S_IMODE(os.stat(tmp_path / "r").st_mode) == 0o700
+
+    def test_refuses_existing_repository_and_nonempty_dir(self, tmp_path: Path, repo: Path) -> None:
+        """init never touches something that already holds data."""
+        before = sorted(p.name for p in repo.iterdir())
+        assert_one_line_error(repofs("init", repo, check=False), "already exists")
+        assert sorted(p.name for p in repo.iterdir()) == before
+        (tmp_path / "full").mkdir()
+        (tmp_path / "full" / "f").write_text("x")
+        assert_one_line_error(repofs("init", tmp_path / "full", check=False), "not empty")
+
+    @pytest.mark.parametrize("args,needle", [
+        (["--chunk-size", "3K"], "power of two"),
+        (["--chunk-size", "8M"], "power of two"),
+        (["--chunk-size", "2K"], "power of two"),
+        (["--compression", "lz4"], "compression"),
+        (["--compression", "zstd:99"], "range"),
+    ])
+    def test_bad_options(self, tmp_path: Path, args: list[str], needle: str) -> None:
+        """Bad chunk sizes and codecs are one-line errors, and create nothing."""
+        assert_one_line_error(repofs("init", tmp_path / "r", *args, check=False), needle)
+        assert not (tmp_path / "r").exists()
+
+
+class TestIngest:
+    def test_round_trip_odd_size_and_configs(self, tmp_path: Path, repo: Path) -> None:
+        """A disk of odd size and its config files come back byte for byte (see test_mount)."""
+        img = make_image(tmp_path / "d.img", 3 * MiB + 1000, [(0, os.urandom(5000)), (2 * MiB, b"z" * 70000)])
+        vmx = tmp_path / "web.vmx"
+        vmx.write_text('displayName = "web"\n')
+        rp = ingest(repo, "web", f"disk0={img}", extra=("--config", str(vmx)))
+        listing = json.loads(repofs("list", repo, "web", "--json").stdout)
+        assert [p["id"] for p in listing] == [rp]
+        disk = listing[0]["disks"][0]
+        assert disk["capacity"] == 3 * MiB + 1024  # rounded up to whole sectors
+        assert listing[0]["configs"] == ["web.vmx"]
+
+    def test_dedup_across_vms_shows_in_stats(self, tmp_path: Path, repo: Path) -> None:
+        """Two VMs cloned from one template store the shared data once."""
+        shared = os.urandom(4 * MiB)
+        a = make_image(tmp_path / "a.img", 16 * MiB, [(0, shared), (8 * MiB, os.urandom(MiB))])
+        b = make_image(tmp_path / "b.img", 16 * MiB, [(0, shared), (8 * MiB, os.urandom(MiB))])
+        ingest(repo, "vm-a", f"d={a}")
+        out = repofs("ingest", repo, "--vm", "vm-b", f"d={b}").stdout
+        assert "stored 1.0 MiB new" in out
+        s = json.loads(repofs("stats", repo, "--json").stdout)
+        assert s["allocated_bytes"] == 10 * MiB and s["unique_bytes"] == 6 * MiB
+        assert s["dedup_ratio"] == pytest.approx(10 / 6)
+        assert s["vms"] == 2 and s["restore_points"] == 2 and s["pack_count"] >= 1
+
+    def test_sparse_64g_reads_only_data(self, tmp_path: Path, repo: Path) -> None:
+        """A 64 GiB sparse image with a little data is ingested without reading its holes."""
+        img = make_image(tmp_path / "big.img", 64 << 30,
+                         [(0, os.urandom(MiB)), ((40 << 30) + 12345, os.urandom(100))])
+        ingest(repo, "big", f"d={img}")
+        disk = json.loads(repofs("list", repo, "--json").stdout)[0]["disks"][0]
+        assert disk["capacity"] == 64 << 30
+        assert disk["bytes_read"] <= MiB + 2 * 65536  # holes were never read
+
+    def test_two_ingests_in_one_second_get_distinct_ids(self, tmp_path: Path, repo: Path) -> None:
+        """Ids are unique within a VM and sort in creation order."""
+        img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
+        ids = [ingest(repo, "v", f"d={img}") for _ in range(3)]
+        assert len(set(ids)) == 3 and ids == sorted(ids)
+        listing = json.loads(repofs("list", repo, "--json").stdout)
+        assert [p["kind"] for p in listing] == ["full", "incremental", "incremental"]
+
+
+class TestBadInput:
+    def _count(self, repo: Path) -> int:
+        return len(json.loads(repofs("list", repo, "--json").stdout))
+
+    @pytest.mark.parametrize("vm", ["a/b", "..", "", "x" * 201])
+    def test_bad_vm_name(self, tmp_path: Path, repo: Path, vm: str) -> None:
+        """A bad VM name is refused before anything is written."""
+        img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
+        assert_one_line_error(repofs("ingest", repo, "--vm", vm, f"d={img}", check=False), "VM name")
+        assert self._count(repo) == 0
+
+    def test_missing_source(self, repo: Path, tmp_path: Path) -> None:
+        """A source that does not exist names itself."""
+        p = repofs("ingest", repo, "--vm", "v", f"d={tmp_path}/nope.img", check=False)
+        assert_one_line_error(p, "nope.img", "no such file")
+
+    def test_unreadable_block_device(self, repo: Path, tmp_path: Path) -> None:
+        """A block device node with no device behind it is a clear error."""
+        dev = tmp_path / "bogus"
+        os.mknod(dev, 0o600 | stat.S_IFBLK, os.makedev(240, 77))
+        assert_one_line_error(repofs("ingest", repo, "--vm", "v", f"d={dev}", check=False), "bogus")
+
+    def test_duplicate_disk_and_bad_spec(self, repo: Path, tmp_path: Path) -> None:
+        """DISK=SOURCE must be well formed and disk names unique."""
+        img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
+        assert_one_line_error(repofs("ingest", repo, "--vm", "v", f"d={img}", f"d={img}", check=False),
+                              "more than once")
+        assert_one_line_error(repofs("ingest", repo, "--vm", "v", str(img), check=False), "NAME=VALUE")
+        assert_one_line_error(repofs("ingest", repo, "--vm", "v", check=False), "no disks")
+        assert self._count(repo) == 0
+
+    def test_repository_path_problems(self, tmp_path: Path) -> None:
+        """A missing repository, a file, or a plain directory are each named clearly."""
+        f = tmp_path / "file"
+        f.write_text("x")
+        (tmp_path / "plain").mkdir()
+        assert_one_line_error(repofs("list", tmp_path / "none", check=False), "no such repository")
+        assert_one_line_error(repofs("stats", f, check=False), "not a directory")
+        assert_one_line_error(repofs("list", tmp_path / "plain", check=False), "not a repofs repository")
+
+    def test_unknown_vm(self, repo: Path) -> None:
+        """Listing a VM that has no restore points says so."""
+        assert_one_line_error(repofs("list", repo, "ghost", check=False), "unknown VM")
+
+    def test_unknown_parent(self, repo: Path, tmp_path: Path) -> None:
+        """--parent must name an existing restore point of the VM."""
+        img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
+        ingest(repo, "v", f"d={img}")
+        p = repofs("ingest", repo, "--vm", "v", f"d={img}", "--parent", "2001-01-01T000000Z", check=False)
+        assert_one_line_error(p, "no restore point")
+
+    def test_click_usage_errors_are_one_line(self, repo: Path) -> None:
+        """Even errors click finds itself (missing option, unknown command) are one line."""
+        assert_one_line_error(repofs("ingest", repo, "d=x", check=False), "--vm")
+        assert_one_line_error(repofs("frobnicate", check=False), "frobnicate")
+
+    def test_missing_config_file(self, repo: Path, tmp_path: Path) -> None:
+        """A --config that does not exist is refused before anything is written."""
+        img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
+        p = repofs("ingest", repo, "--vm", "v", f"d={img}", "--config", str(tmp_path / "no.vmx"), check=False)
+        assert_one_line_error(p, "no.vmx")
+        assert self._count(repo) == 0

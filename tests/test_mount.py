@@ -1,0 +1,236 @@
+"""Real FUSE mounts, read by independent tools: qemu-img, tar, dd, e2fsck, mtools, losetup."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import (
+    _daemon_pids,
+    assert_one_line_error,
+    ingest,
+    is_mounted,
+    make_image,
+    mounted,
+    qemu_compare,
+    repofs,
+    unmount,
+)
+
+MiB = 1 << 20
+
+
+def _tree_inodes(root: Path) -> dict[str, tuple[int, int, int]]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            out[str(p.relative_to(root))] = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+    return out
+
+
+@pytest.fixture
+def populated(tmp_path: Path, repo: Path) -> tuple[Path, Path, list[str]]:
+    """A repository with two restore points of one VM; returns (repo, source image, ids)."""
+    img = make_image(tmp_path / "src.img", 8 * MiB + 3 * 512,
+                     [(0, os.urandom(MiB)), (5 * MiB + 77, b"pattern" * 9000)])
+    first = ingest(repo, "web", f"disk0={img}")
+    with open(img, "r+b") as f:
+        f.seek(3 * MiB)
+        f.write(os.urandom(200_000))
+    second = ingest(repo, "web", f"disk0={img}")
+    return repo, img, [first, second]
+
+
+class TestReading:
+    def test_qemu_reads_descriptor_and_bytes(self, tmp_path: Path, populated: tuple[Path, Path, list[str]]) -> None:
+        """qemu-img info accepts the descriptor and compare finds the flat data identical."""
+        repo, img, ids = populated
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            vmdk = mnt / "web" / ids[1] / "disk0.vmdk"
+            info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(vmdk)],
+                                             capture_output=True, text=True, check=True).stdout)
+            assert info["format"] == "vmdk" and info["virtual-size"] == img.stat().st_size
+            assert info["format-specific"]["data"]["create-type"] == "monolithicFlat"
+            qemu_compare(img, vmdk)
+            proc = subprocess.run(["qemu-img", "compare", str(img), str(mnt / "web" / ids[0] / "disk0.vmdk")],
+                                  capture_output=True, text=True)
+            assert proc.returncode == 1  # the first restore point is the older content
+            assert os.readlink(mnt / "web" / "latest") == ids[1]
+
+    def test_unaligned_reads_match_source(self, tmp_path: Path, populated: tuple[Path, Path, list[str]]) -> None:
+        """Reads at odd offsets and sizes return exactly the source bytes, never padding."""
+        repo, img, ids = populated
+        src = img.read_bytes()
+        rng = random.Random(7)
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            flat = mnt / "web" / ids[1] / "disk0-flat.vmdk"
+            assert flat.stat().st_size == len(src)
+            fd = os.open(flat, os.O_RDONLY)
+            try:
+                for _ in range(200):
+                    off = rng.randrange(len(src))
+                    size = rng.choice([1, 511, 4096, 65537, 300_000])
+                    assert os.pread(fd, size, off) == src[off : off + size]
+                assert os.pread(fd, 4096, len(src)) == b""
+            finally:
+                os.close(fd)
+
+    def test_holes_of_a_sparse_disk_read_as_zeros(self, tmp_path: Path, repo: Path) -> None:
+        """A 64 GiB sparse disk reads back zeros in its holes and data where it was written."""
+        data = os.urandom(70000)
+        img = make_image(tmp_path / "big.img", 64 << 30, [((33 << 30) - 1000, data)])
+        rp = ingest(repo, "big", f"d={img}")
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            flat = mnt / "big" / rp / "d-flat.vmdk"
+            with open(flat, "rb") as f:
+                f.seek(17 << 30)
+                assert f.read(MiB) == bytes(MiB)
+                f.seek((33 << 30) - 1000)
+                assert f.read(70000) == data
+            assert flat.stat().st_blocks * 512 <= 3 * 65536  # du shows data, not capacity
+
+    def test_config_files_appear(self, tmp_path: Path, repo: Path) -> None:
+        """--config files appear by their own names with their content."""
+        img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
+        xml = tmp_path / "vm.xml"
+        xml.write_text("<domain type='kvm'/>\n")
+        rp = ingest(repo, "v", f"d={img}", extra=("--config", str(xml)))
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            assert sorted(os.listdir(mnt / "v" / rp)) == ["d-flat.vmdk", "d.vmdk", "vm.xml"]
+            assert (mnt / "v" / rp / "vm.xml").read_text() == xml.read_text()
+
+
+class TestReadOnly:
+    def test_every_change_fails_with_erofs(self, tmp_path: Path, populated: tuple[Path, Path, list[str]]) -> None:
+        """write, create, rename, delete, truncate, chmod, mkdir, symlink: all EROFS, nothing changes."""
+        repo, img, ids = populated
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            d = mnt / "web" / ids[0]
+            flat = d / "disk0-flat.vmdk"
+            before = _tree_inodes(mnt)
+            attempts = [
+                lambda: os.open(flat, os.O_WRONLY),
+                lambda: os.open(flat, os.O_RDWR),
+                lambda: os.open(d / "new", os.O_CREAT | os.O_WRONLY, 0o600),
+                lambda: os.rename(flat, d / "moved"),
+                lambda: os.unlink(flat),
+                lambda: os.truncate(flat, 0),
+                lambda: os.chmod(flat, 0o777),
+                lambda: os.mkdir(d / "sub"),
+                lambda: os.rmdir(d),
+                lambda: os.symlink("x", d / "link"),
+                lambda: os.utime(flat, (0, 0)),
+            ]
+            for attempt in attempts:
+                with pytest.raises(OSError) as info:
+                    attempt()
+                assert info.value.errno == errno.EROFS, attempt
+            assert _tree_inodes(mnt) == before
+        qemu_compare(img, img)
+
+
+class TestStability:
+    def test_inodes_and_times_survive_remount(self, tmp_path: Path, populated: tuple[Path, Path, list[str]]) -> None:
+        """Inode numbers, mtimes and ctimes are identical after unmount and remount."""
+        repo, _img, ids = populated
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            first = _tree_inodes(mnt)
+            st = (mnt / "web" / ids[0] / "disk0-flat.vmdk").stat()
+            rp = json.loads(repofs("list", repo, "--json").stdout)[0]
+            assert st.st_mtime == pytest.approx(rp["created"], abs=1e-6) and st.st_ctime == st.st_mtime
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            assert _tree_inodes(mnt) == first
+
+    def test_new_restore_point_appears_while_mounted(self, tmp_path: Path, populated: tuple[Path, Path, list[str]]) -> None:
+        """An ingest during a mount shows up within seconds, and open readers are undisturbed."""
+        repo, img, ids = populated
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            with open(mnt / "web" / ids[0] / "disk0-flat.vmdk", "rb") as reader:
+                head = reader.read(4096)
+                new = ingest(repo, "web", f"disk0={img}")
+                other = ingest(repo, "db", f"disk0={img}")
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:
+                    if new in os.listdir(mnt / "web") and "db" in os.listdir(mnt):
+                        break
+                    time.sleep(0.2)
+                assert new in os.listdir(mnt / "web")
+                assert other in os.listdir(mnt / "db")
+                assert os.readlink(mnt / "web" / "latest") == new
+                reader.seek(0)
+                assert reader.read(4096) == head
+            qemu_compare(img, mnt / "web" / new / "disk0.vmdk")
+
+    def test_tar_incremental_sweep_is_clean(self, tmp_path: Path, populated: tuple[Path, Path, list[str]]) -> None:
+        """GNU tar sweeps the mount with --listed-incremental twice without warnings;
+        the second level only picks up the new restore point."""
+        repo, img, _ids = populated
+        snar = tmp_path / "sweep.snar"
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            p = subprocess.run(["tar", "-C", str(mnt), "--listed-incremental", str(snar), "--no-check-device", "-cf",
+                                str(tmp_path / "l0.tar"), "."], capture_output=True, text=True)
+            assert p.returncode == 0 and p.stderr == "", p.stderr
+        new = ingest(repo, "web", f"disk0={img}")
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            p = subprocess.run(["tar", "-C", str(mnt), "--listed-incremental", str(snar), "--no-check-device", "-cvf",
+                                str(tmp_path / "l1.tar"), "."], capture_output=True, text=True)
+            assert p.returncode == 0 and "changed as we read" not in p.stderr, p.stderr
+            members = [ln for ln in p.stdout.splitlines() if ln.endswith(".vmdk")]
+            assert members and all(new in m for m in members), members
+        out = tmp_path / "x"
+        out.mkdir()
+        subprocess.run(["tar", "-C", str(out), "-xf", str(tmp_path / "l0.tar")], check=True)
+        qemu_compare(img.with_name("src.img"), out / "web" / _ids[1] / "disk0-flat.vmdk")
+
+
+class TestDaemonLife:
+    def test_killed_daemon_leaves_enotconn_not_an_empty_tree(self, tmp_path: Path, populated: tuple[Path, Path, list[str]]) -> None:
+        """After kill -9 of the daemon the mount point answers ENOTCONN until unmounted."""
+        repo, _img, _ids = populated
+        mnt = tmp_path / "mnt"
+        with mounted(repo, mnt):
+            for pid in _daemon_pids(mnt):
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.5)
+            with pytest.raises(OSError) as info:
+                os.listdir(mnt)
+            assert info.value.errno == errno.ENOTCONN
+        assert not is_mounted(mnt)
+
+    def test_mount_point_errors(self, tmp_path: Path, repo: Path) -> None:
+        """A missing mount point, a file, an occupied one: one-line errors."""
+        assert_one_line_error(repofs("mount", repo, tmp_path / "nope", check=False), "does not exist")
+        f = tmp_path / "file"
+        f.write_text("")
+        assert_one_line_error(repofs("mount", repo, f, check=False), "not a directory")
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            assert_one_line_error(repofs("mount", repo, mnt, check=False), "already mounted")
+        assert_one_line_error(repofs("umount", tmp_path / "mnt", check=False), "not mounted")
+        assert_one_line_error(repofs("mount", tmp_path / "norepo", tmp_path / "mnt", check=False),
+                              "no such repository")
+
+    def test_umount_command(self, tmp_path: Path, repo: Path) -> None:
+        """repofs umount unmounts and the daemon exits."""
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        repofs("mount", repo, mnt)
+        try:
+            assert is_mounted(mnt)
+            repofs("umount", mnt)
+            assert not is_mounted(mnt)
+            deadline = time.monotonic() + 10
+            while _daemon_pids(mnt) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not _daemon_pids(mnt)
+        finally:
+            unmount(mnt)
