@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import os
 import random
+import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -371,6 +374,194 @@ def page(start: int = 0, length: int = CAP, areas: Any = None) -> dict[str, Any]
 )
 def test_vmware_errors(tmp_path: Path, doc: Any, match: str) -> None:
     assert_error(tmp_path, doc, match)
+
+
+# -- qemu bitmaps (real qemu tools) --------------------------------------------------
+
+needs_qemu = pytest.mark.skipif(
+    not all(shutil.which(t) for t in ("qemu-img", "qemu-io", "qemu-nbd")),
+    reason="qemu-img, qemu-io and qemu-nbd (Debian qemu-utils) are required",
+)
+
+
+def run(*cmd: str | Path) -> None:
+    subprocess.run([str(c) for c in cmd], check=True, capture_output=True)
+
+
+@pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Send the loader's temporary files to a directory the test can inspect."""
+    d = tmp_path / "t"
+    d.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(d))
+    return d
+
+
+def assert_cleaned_up(private_tmp: Path) -> None:
+    assert list(private_tmp.iterdir()) == []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            assert str(private_tmp).encode() not in cmdline, cmdline
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "d.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", path, "8M")
+    run("qemu-img", "bitmap", "--add", path, "b0")
+    run("qemu-img", "bitmap", "--add", "-g", "4096", path, "fine")
+    run("qemu-io", "-c", "write -P 1 1M 64k", "-c", "write 3M 4k", path)
+    return path
+
+
+@needs_qemu
+def test_qemu_bitmap_extents_are_what_was_written(image: Path, private_tmp: Path) -> None:
+    before = hashlib.sha256(image.read_bytes()).digest()
+    cb = load_changed_blocks("qemu-bitmap:b0", CAP, str(image))
+    # Default granularity 64 KiB: the 4 KiB write marks its whole granule.
+    assert cb.extents == [(MiB, 64 * KiB), (3 * MiB, 64 * KiB)]
+    assert cb.granularity == 64 * KiB
+    assert cb.origin == "qemu-bitmap:b0"
+    fine = load_changed_blocks("qemu-bitmap:fine", CAP, str(image))
+    assert fine.extents == [(MiB, 64 * KiB), (3 * MiB, 4 * KiB)]
+    assert fine.granularity == 4 * KiB
+    assert hashlib.sha256(image.read_bytes()).digest() == before  # read-only
+    assert_cleaned_up(private_tmp)
+
+
+@needs_qemu
+def test_qemu_bitmap_relative_path_and_partial_last_granule(
+    tmp_path: Path, private_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    run("qemu-img", "create", "-f", "qcow2", "./odd:name.qcow2", "1000448")
+    run("qemu-img", "bitmap", "--add", "./odd:name.qcow2", "b")
+    run("qemu-io", "-c", "write 990000 100", "-c", "write 0 1", "./odd:name.qcow2")
+    cb = load_changed_blocks("qemu-bitmap:b", 1000448, "odd:name.qcow2")
+    assert cb.extents == [(0, 65536), (983040, 17408)]
+    assert_cleaned_up(private_tmp)
+
+
+@needs_qemu
+def test_qemu_disabled_bitmap_keeps_changes_until_it_was_disabled(
+    image: Path, private_tmp: Path
+) -> None:
+    run("qemu-img", "bitmap", "--disable", image, "b0")
+    run("qemu-io", "-c", "write 5M 64k", image)
+    frozen = load_changed_blocks("qemu-bitmap:b0", CAP, str(image))
+    assert frozen.extents == [(MiB, 64 * KiB), (3 * MiB, 64 * KiB)]
+    live = load_changed_blocks("qemu-bitmap:fine", CAP, str(image))
+    assert live.extents == [(MiB, 64 * KiB), (3 * MiB, 4 * KiB), (5 * MiB, 64 * KiB)]
+
+
+@needs_qemu
+def test_qemu_missing_bitmap_lists_the_available_ones(image: Path, private_tmp: Path) -> None:
+    with pytest.raises(SourceError, match=r"no persistent dirty bitmap 'b9'; it has 'b0', 'fine'"):
+        load_changed_blocks("qemu-bitmap:b9", CAP, str(image))
+    bare = image.parent / "bare.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", bare, "8M")
+    with pytest.raises(SourceError, match="it has no persistent bitmaps"):
+        load_changed_blocks("qemu-bitmap:b0", CAP, str(bare))
+    assert_cleaned_up(private_tmp)
+
+
+@needs_qemu
+def test_qemu_bitmap_errors(image: Path, tmp_path: Path, private_tmp: Path) -> None:
+    raw = tmp_path / "d.raw"
+    raw.write_bytes(bytes(CAP))
+    with pytest.raises(SourceError, match=rf"^{raw}: qemu-bitmap:b0 needs a qcow2 image.*raw$"):
+        load_changed_blocks("qemu-bitmap:b0", CAP, str(raw))
+    with pytest.raises(SourceError, match="the image is 8388608 bytes, but the disk has 4096"):
+        load_changed_blocks("qemu-bitmap:b0", 4096, str(image))
+    with pytest.raises(SourceError, match="No such file"):
+        load_changed_blocks("qemu-bitmap:b0", CAP, str(tmp_path / "nope.qcow2"))
+    with pytest.raises(SourceError, match="needs a qcow2 source or an NBD URI"):
+        load_changed_blocks("qemu-bitmap:b0", CAP, None)
+    with pytest.raises(SourceError, match="no bitmap name"):
+        load_changed_blocks("qemu-bitmap:", CAP, str(image))
+    assert_cleaned_up(private_tmp)
+
+
+@needs_qemu
+def test_qemu_bitmap_left_in_use_by_a_crash_is_refused(image: Path, private_tmp: Path) -> None:
+    # A writer that dies without closing the image leaves its bitmaps "in-use":
+    # qemu sets the flag when it opens the image for writing.
+    writer = subprocess.Popen(
+        ["qemu-io", "-c", "write 6M 4k", "-c", "sleep 60000", str(image)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            info = subprocess.run(
+                ["qemu-img", "info", "-U", "--output=json", str(image)],
+                check=True,
+                capture_output=True,
+            ).stdout
+            if b"in-use" in info:
+                break
+            assert writer.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        writer.kill()
+        writer.wait()
+    with pytest.raises(SourceError, match="'b0' is in use or inconsistent"):
+        load_changed_blocks("qemu-bitmap:b0", CAP, str(image))
+    assert_cleaned_up(private_tmp)
+
+
+@pytest.fixture
+def nbd_export(image: Path, tmp_path: Path) -> Any:
+    """A persistent qemu-nbd serving the image with bitmap b0, as a running VM would."""
+    sock = tmp_path / "vm.sock"
+    pidfile = tmp_path / "vm.pid"
+    proc = subprocess.Popen(
+        [
+            *("qemu-nbd", "-r", "-t", "-f", "qcow2", "-B", "b0", "-x", "vda"),
+            *("-k", str(sock), "--pid-file", str(pidfile), str(image)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while not pidfile.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    yield f"nbd+unix:///vda?socket={sock}"
+    proc.terminate()
+    proc.wait()
+
+
+@needs_qemu
+def test_qemu_bitmap_from_nbd_uri(nbd_export: str) -> None:
+    cb = load_changed_blocks("qemu-bitmap:b0", CAP, nbd_export)
+    assert cb.extents == [(MiB, 64 * KiB), (3 * MiB, 64 * KiB)]
+    # Read twice: the export stays usable for the backup read itself.
+    assert load_changed_blocks("qemu-bitmap:b0", CAP, nbd_export) == cb
+    with pytest.raises(SourceError, match="does not offer dirty bitmap 'fine'; it exports 'b0'"):
+        load_changed_blocks("qemu-bitmap:fine", CAP, nbd_export)
+    with pytest.raises(SourceError, match="the bitmap covers 8388608 bytes, but the disk has 4096"):
+        load_changed_blocks("qemu-bitmap:b0", 4096, nbd_export)
+    with pytest.raises(SourceError, match="export 'nope' not present"):
+        load_changed_blocks("qemu-bitmap:b0", CAP, nbd_export.replace("/vda", "/nope"))
+
+
+@pytest.mark.parametrize(
+    ("uri", "match"),
+    [
+        ("nbds://host/x", "no TLS"),
+        ("nbd+unix:///x", "needs \\?socket=PATH"),
+        ("nbd:///x", "has no host"),
+    ],
+)
+def test_unsupported_nbd_uris(uri: str, match: str) -> None:
+    with pytest.raises(SourceError, match=match):
+        load_changed_blocks("qemu-bitmap:b0", CAP, uri)
 
 
 def test_json_file_named_like_a_bitmap_spec(tmp_path: Path) -> None:
