@@ -7,19 +7,15 @@ the repository is locked or written, so bad input never leaves a trace.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 
+from ingest.cbt import load_changed_blocks
 from ingest.detect import open_source
 from ingest.pipeline import DiskRequest, Ingest
-from ingest.source import Extent
 from repofs.errors import UsageError
 from repofs.lock import repository_lock
 from repofs.names import validate_disk_name, validate_vm_name
 from repofs.repository import Repository
 from repofs.restorepoint import RestorePoint
-
-ChangedLoader = Callable[[str, int, str], list[Extent]]
-
 
 def split_assignment(spec: str, what: str) -> tuple[str, str]:
     """``NAME=VALUE`` -> (NAME, VALUE), with a clear error for anything else."""
@@ -32,7 +28,6 @@ def split_assignment(spec: str, what: str) -> tuple[str, str]:
 def run_ingest(repo_path: str, vm: str, disk_specs: list[str], configs: list[str], *,
                fmt: str | None = None, parent_spec: str | None = None,
                changed_specs: list[str] | None = None, cbt_check: int = 0,
-               load_changed: ChangedLoader | None = None,
                progress: bool | None = None) -> RestorePoint:
     validate_vm_name(vm)
     pairs = [split_assignment(s, "disk") for s in disk_specs]
@@ -65,13 +60,12 @@ def run_ingest(repo_path: str, vm: str, disk_specs: list[str], configs: list[str
             stack.callback(source.close)
             changed = None
             if name in changed_by_disk:
-                if load_changed is None:
-                    raise UsageError("changed-block lists are not supported by this build")
                 if parent is None:
                     raise UsageError(
                         f"--changed-blocks needs a parent restore point and VM {vm!r} has none"
                     )
-                changed = load_changed(changed_by_disk[name], source.size, path)
+                listed = load_changed_blocks(changed_by_disk[name], source.size, path)
+                changed = list(listed.extents)
             requests.append(DiskRequest(name, source, changed))
         job = Ingest(repo, vm, requests, configs, parent=parent, progress=progress)
         job.check_cbt(cbt_check)

@@ -166,12 +166,11 @@ class Ingest:
         if len(set(cfg_names)) != len(cfg_names) or taken:
             raise UsageError("config file names must be unique and differ from the disk files")
         for d in disks:
-            if d.changed is not None and (parent is None or parent.disk(d.name) is None):
-                if parent is None:
-                    raise UsageError(
-                        f"disk {d.name}: a changed-block list needs a parent restore point, "
-                        f"and VM {vm!r} has none"
-                    )
+            if d.changed is not None and parent is None:
+                raise UsageError(
+                    f"disk {d.name}: a changed-block list needs a parent restore point, "
+                    f"and VM {vm!r} has none"
+                )
 
     # -- planning -----------------------------------------------------------------
 

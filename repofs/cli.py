@@ -90,8 +90,7 @@ def ingest(repo: str, disks: tuple[str, ...], vm: str, configs: tuple[str, ...],
 
     t0 = time.monotonic()
     rp = run_ingest(repo, vm, list(disks), list(configs), fmt=fmt, parent_spec=parent,
-                    changed_specs=list(changed), cbt_check=cbt_check,
-                    load_changed=_changed_loader())
+                    changed_specs=list(changed), cbt_check=cbt_check)
     elapsed = time.monotonic() - t0
     for d in rp.disks:
         click.echo(f"{d.name}: {human_bytes(d.capacity)} {d.source_format}, {d.read_mode}: "
@@ -99,14 +98,6 @@ def ingest(repo: str, disks: tuple[str, ...], vm: str, configs: tuple[str, ...],
     click.echo(f"restore point {rp.vm}/{rp.id} committed in {elapsed:.1f} s "
                f"({rp.bytes_read / max(elapsed, 1e-6) / 1e6:.0f} MB/s read)")
     click.echo(rp.id)
-
-
-def _changed_loader() -> Any:
-    try:
-        from ingest.cbt import load_changed_extents
-    except ImportError:
-        return None
-    return load_changed_extents
 
 
 @main.command(name="list")

@@ -1,0 +1,198 @@
+"""Changed-block tracking end to end: incrementals that read only what changed, each a full image."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import assert_one_line_error, ingest, make_image, mounted, qemu_compare, repofs
+
+KiB, MiB = 1 << 10, 1 << 20
+CHUNK = 64 * KiB
+
+
+def write_list(path: Path, extents: list[tuple[int, int]], block: int = 512) -> Path:
+    """A repofs JSON list, with each extent rounded out to ``block`` as a hypervisor reports it."""
+    out = []
+    for off, length in extents:
+        a = off // block * block
+        b = -(-(off + length) // block) * block
+        out.append([a, b - a])
+    path.write_text(json.dumps({"block_size": block, "extents": out}))
+    return path
+
+
+def poke(img: Path, offset: int, data: bytes) -> tuple[int, int]:
+    with open(img, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    return offset, len(data)
+
+
+def listing(repo: Path, vm: str) -> list[dict]:
+    return json.loads(repofs("list", repo, vm, "--json").stdout)
+
+
+class TestChain:
+    def test_every_restore_point_of_a_chain_reads_back(self, tmp_path: Path, repo: Path) -> None:
+        """Six restore points: chunk-aligned, boundary-crossing, last partial chunk, zeroed region,
+        scattered writes; each reads back identical to the disk of its moment, and each
+        incremental reads only the changed chunks."""
+        size = 8 * MiB + 3 * 512
+        img = make_image(tmp_path / "d.img", size, [(0, os.urandom(3 * MiB)), (6 * MiB, os.urandom(MiB))])
+        days = [tmp_path / "day0.img"]
+        shutil.copy(img, days[0])
+        ids = [ingest(repo, "vm", f"d={img}")]
+        changes = [  # applied one day at a time
+            lambda: [poke(img, 10 * CHUNK, os.urandom(CHUNK))],
+            lambda: [poke(img, 20 * CHUNK - 100, os.urandom(200))],
+            lambda: [poke(img, size - 1000, os.urandom(900))],
+            lambda: [poke(img, MiB, bytes(256 * KiB))],
+            lambda: [poke(img, o, os.urandom(3000)) for o in (5, 2 * MiB + 7, 7 * MiB + 12345)],
+        ]
+        for n, change in enumerate(changes, start=1):
+            extents = change()
+            cbt = write_list(tmp_path / f"cbt{n}.json", extents)
+            ids.append(ingest(repo, "vm", f"d={img}", extra=("--changed-blocks", f"d={cbt}")))
+            days.append(tmp_path / f"day{n}.img")
+            shutil.copy(img, days[-1])
+            rp = listing(repo, "vm")[-1]
+            assert rp["kind"] == "cbt" and rp["parent"] == ids[-2]
+            touched = sum(len(range((o // CHUNK), -(-(o + ln) // CHUNK))) for o, ln in extents)
+            assert rp["disks"][0]["bytes_read"] <= touched * CHUNK
+        table = repofs("list", repo, "vm").stdout
+        assert table.count("cbt") == 5  # the lineage is shown
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            for rp_id, day in zip(ids, days, strict=True):
+                qemu_compare(day, mnt / "vm" / rp_id / "d.vmdk")
+
+    def test_cbt_and_full_read_paths_report_their_cost(self, tmp_path: Path, repo: Path) -> None:
+        """Without a list an incremental reads everything and stores only what dedup misses."""
+        img = make_image(tmp_path / "d.img", 4 * MiB, [(0, os.urandom(4 * MiB))])
+        ingest(repo, "vm", f"d={img}")
+        ext = poke(img, MiB, os.urandom(CHUNK))
+        ingest(repo, "vm", f"d={img}")
+        cbt = write_list(tmp_path / "c.json", [poke(img, 2 * MiB, os.urandom(CHUNK)), ext])
+        ingest(repo, "vm", f"d={img}", extra=("--changed-blocks", f"d={cbt}"))
+        full, dedup, cbt_rp = (p["disks"][0] for p in listing(repo, "vm"))
+        assert dedup["read_mode"] == "dedup" and dedup["bytes_read"] == 4 * MiB
+        assert CHUNK // 2 < dedup["bytes_new"] <= CHUNK + 512
+        assert cbt_rp["read_mode"] == "cbt" and cbt_rp["bytes_read"] == 2 * CHUNK
+        assert cbt_rp["allocated"] == full["allocated"] == 4 * MiB
+
+
+class TestShapeChanges:
+    def test_grown_shrunk_new_and_removed_disks(self, tmp_path: Path, repo: Path) -> None:
+        """Growth is read even when the list misses it; a shrink, a new disk and a vanished
+        disk are each handled, and every restore point reads back."""
+        a = make_image(tmp_path / "a.img", 2 * MiB + 512, [(0, os.urandom(2 * MiB + 512))])
+        b = make_image(tmp_path / "b.img", MiB, [(0, os.urandom(MiB))])
+        snaps: list[tuple[str, dict[str, Path]]] = []
+
+        def snap(tag: str, rp: str, disks: dict[str, Path]) -> None:
+            copies = {}
+            for name, src in disks.items():
+                copies[name] = tmp_path / f"{tag}-{name}.img"
+                shutil.copy(src, copies[name])
+            snaps.append((rp, copies))
+
+        snap("0", ingest(repo, "vm", f"a={a}"), {"a": a})
+        with open(a, "r+b") as f:  # grow; the list only names an old change
+            f.truncate(5 * MiB)
+            f.seek(4 * MiB)
+            f.write(os.urandom(MiB))
+        cbt = write_list(tmp_path / "g.json", [poke(a, 0, b"grown")])
+        snap("1", ingest(repo, "vm", f"a={a}", f"b={b}", extra=("--changed-blocks", f"a={cbt}")),
+             {"a": a, "b": b})
+        with open(a, "r+b") as f:  # shrink to a partial last chunk
+            f.truncate(3 * MiB + 1024)
+        cbt = write_list(tmp_path / "s.json", [poke(a, 100, b"shrunk")])
+        snap("2", ingest(repo, "vm", f"a={a}", extra=("--changed-blocks", f"a={cbt}")), {"a": a})
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            for rp, copies in snaps:
+                assert sorted(os.listdir(mnt / "vm" / rp)) == sorted(
+                    f for n in copies for f in (f"{n}.vmdk", f"{n}-flat.vmdk"))
+                for name, copy in copies.items():
+                    qemu_compare(copy, mnt / "vm" / rp / f"{name}.vmdk")
+
+
+class TestVmwareList:
+    def test_paged_query_changed_disk_areas(self, tmp_path: Path, repo: Path) -> None:
+        """Several QueryChangedDiskAreas results appended, as VADP callers page a disk."""
+        size = 4 * MiB
+        img = make_image(tmp_path / "d.img", size, [(0, os.urandom(size))])
+        ingest(repo, "vm", f"d={img}")
+        poke(img, 3 * MiB + 5, b"changed")
+        pages = [
+            {"startOffset": 0, "length": 2 * MiB, "changedArea": []},
+            {"startOffset": 2 * MiB, "length": 2 * MiB,
+             "changedArea": [{"start": 3 * MiB, "length": CHUNK}]},
+        ]
+        cbt = tmp_path / "vmware.json"
+        cbt.write_text(json.dumps(pages))
+        rp = ingest(repo, "vm", f"d={img}", extra=("--changed-blocks", f"d={cbt}"))
+        assert listing(repo, "vm")[-1]["disks"][0]["bytes_read"] == CHUNK
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            qemu_compare(img, mnt / "vm" / rp / "d.vmdk")
+
+
+class TestCbtCheck:
+    def test_a_lying_list_is_caught(self, tmp_path: Path, repo: Path) -> None:
+        """A change the list does not mention fails the ingest, naming disk and offsets."""
+        img = make_image(tmp_path / "d.img", 2 * MiB, [(0, os.urandom(2 * MiB))])
+        ingest(repo, "vm", f"d={img}")
+        poke(img, 5 * CHUNK + 10, b"unlisted")
+        cbt = write_list(tmp_path / "c.json", [poke(img, 0, b"listed")])
+        p = repofs("ingest", repo, "--vm", "vm", f"d={img}", "--changed-blocks", f"d={cbt}",
+                   "--cbt-check", "100", check=False)
+        assert_one_line_error(p, "--cbt-check failed", "disk d", f"{5 * CHUNK}-{6 * CHUNK}")
+        assert len(listing(repo, "vm")) == 1
+
+
+class TestBadLists:
+    @pytest.fixture
+    def base(self, tmp_path: Path, repo: Path) -> Path:
+        img = make_image(tmp_path / "d.img", MiB, [(0, os.urandom(MiB))])
+        ingest(repo, "vm", f"d={img}")
+        return img
+
+    @pytest.mark.parametrize("doc,needle", [
+        ({"block_size": 512, "extents": [[0, 2 * MiB]]}, "beyond the end"),
+        ({"block_size": 512, "extents": [[512, 0]]}, "length"),
+        ({"block_size": 512, "extents": [[-512, 512]]}, "negative"),
+        ({"block_size": 1000, "extents": [[0, 1000]]}, "power of two"),
+        ({"nonsense": 1}, "c.json"),
+    ])
+    def test_bad_list_writes_nothing(self, tmp_path: Path, repo: Path, base: Path, doc: dict, needle: str) -> None:
+        """Each malformed list is a one-line error and no restore point."""
+        cbt = tmp_path / "c.json"
+        cbt.write_text(json.dumps(doc))
+        p = repofs("ingest", repo, "--vm", "vm", f"d={base}", "--changed-blocks", f"d={cbt}", check=False)
+        assert_one_line_error(p, needle)
+        assert len(listing(repo, "vm")) == 1
+
+    def test_overlapping_unsorted_extents_are_merged(self, tmp_path: Path, repo: Path, base: Path) -> None:
+        """Unsorted and overlapping extents are legal."""
+        poke(base, 4096, b"x")
+        cbt = tmp_path / "c.json"
+        cbt.write_text(json.dumps({"block_size": 4096, "extents": [[8192, 4096], [0, 8192], [4096, 4096]]}))
+        rp = ingest(repo, "vm", f"d={base}", extra=("--changed-blocks", f"d={cbt}"))
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            qemu_compare(base, mnt / "vm" / rp / "d.vmdk")
+
+    def test_list_for_unknown_disk_and_bad_parents(self, tmp_path: Path, repo: Path, base: Path) -> None:
+        """A list for a disk not ingested, a missing parent, a parent of another VM, no parent."""
+        cbt = write_list(tmp_path / "c.json", [(0, 512)])
+        assert_one_line_error(repofs("ingest", repo, "--vm", "vm", f"d={base}", "--changed-blocks",
+                                     f"e={cbt}", check=False), "not in this ingest")
+        ingest(repo, "other", f"d={base}")
+        other = ingest(repo, "other", f"d={base}")  # later than vm's only id, so not one of vm's
+        assert_one_line_error(repofs("ingest", repo, "--vm", "vm", f"d={base}", "--changed-blocks",
+                                     f"d={cbt}", "--parent", other, check=False), "no restore point")
+        assert_one_line_error(repofs("ingest", repo, "--vm", "new", f"d={base}", "--changed-blocks",
+                                     f"d={cbt}", check=False), "parent")
+        assert len(listing(repo, "vm")) == 1
