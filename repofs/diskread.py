@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from repofs.errors import IntegrityError
 from repofs.maps import MapReader
@@ -62,14 +63,75 @@ class ChunkCache:
         return self._bytes
 
 
-class DiskReader:
-    """Bytes of one disk of one restore point."""
+class Prefetcher:
+    """Loads chunks ahead of sequential readers on a few threads.
 
-    def __init__(self, repo: Repository, disk: DiskInfo, cache: ChunkCache) -> None:
+    zstd and BLAKE3 release the GIL, so a tape sweep gets every core
+    decompressing and verifying while the kernel asks for the next request.
+    Errors are dropped here: the reader's own request meets them again and
+    turns them into EIO.
+    """
+
+    def __init__(self, cache: ChunkCache, threads: int) -> None:
+        self._cache = cache
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="repofs-prefetch")
+
+    def load(self, digests: list[bytes]) -> None:
+        for digest in digests:
+            self._pool.submit(self._load, digest)
+
+    def _load(self, digest: bytes) -> None:
+        try:
+            self._cache.get(digest)
+        except Exception:  # noqa: BLE001 - the foreground read reports it
+            pass
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class DiskReader:
+    """Bytes of one disk of one restore point.
+
+    A read that starts where the previous one ended is sequential; the
+    reader then keeps a window of chunks loading ahead of it, doubling the
+    window on each sequential read up to :attr:`MAX_WINDOW` chunks.
+    """
+
+    MAX_WINDOW_BYTES = 8 * 1024 * 1024
+
+    def __init__(self, repo: Repository, disk: DiskInfo, cache: ChunkCache,
+                 prefetcher: Prefetcher | None = None) -> None:
         self.disk = disk
         self.chunk_size = repo.config.chunk_size
         self.map: MapReader = repo.map_reader(disk)
         self._cache = cache
+        self._prefetcher = prefetcher
+        self._next_offset = -1
+        self._window = 0
+        self._ahead_to = 0  # chunks below this index were already handed to the prefetcher
+        self._lock = threading.Lock()
+
+    def _readahead(self, offset: int, end: int) -> None:
+        if self._prefetcher is None:
+            return
+        cs = self.chunk_size
+        with self._lock:
+            if offset != self._next_offset:
+                self._window = 0
+                self._ahead_to = 0
+                self._next_offset = end
+                return
+            self._next_offset = end
+            max_window = max(2, self.MAX_WINDOW_BYTES // cs)
+            self._window = min(max_window, max(4, self._window * 2))
+            first = max(self._ahead_to, -(-end // cs))
+            last = min(self.disk.n_chunks, end // cs + 1 + self._window)
+            if first >= last:
+                return
+            self._ahead_to = last
+        refs = [r for r in self.map.refs(first, last - first) if r != ZERO_DIGEST]
+        self._prefetcher.load(refs)
 
     def chunk(self, i: int) -> bytes:
         cs = self.chunk_size
@@ -87,6 +149,7 @@ class DiskReader:
         end = min(offset + size, self.disk.capacity)
         if offset >= end:
             return b""
+        self._readahead(offset, end)
         cs = self.chunk_size
         first, last = offset // cs, (end - 1) // cs
         parts = []

@@ -43,6 +43,17 @@ def is_mountpoint(path: str) -> bool:
     return False
 
 
+def _mount_device(resolved_path: str) -> str | None:
+    """``major:minor`` of the file system mounted last at ``resolved_path`` (already realpath'd)."""
+    device = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and _unescape(fields[4]) == resolved_path:
+                device = fields[2]
+    return device
+
+
 def _unescape(field: str) -> str:
     return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace(
         "\\134", "\\")
@@ -127,6 +138,7 @@ def _report(fd: int | None, message: str) -> None:
 
 def _serve(repo_path: str, mountpoint: str, allow_other: bool, cache_bytes: int,
            ready_fd: int | None) -> None:
+    resolved = os.path.realpath(mountpoint)  # before mounting: afterwards only we could answer
     repo = Repository.open(repo_path)
     view = RepoView(repo, cache_bytes)
     ops = RepoFS(view)
@@ -140,6 +152,7 @@ def _serve(repo_path: str, mountpoint: str, allow_other: bool, cache_bytes: int,
         pyfuse3.init(ops, mountpoint, options)
     except RuntimeError as exc:
         raise MountError(f"{mountpoint}: cannot mount: {exc}") from None
+    _tune_readahead(resolved)
     _report(ready_fd, "ready")
     log.info("mounted %s on %s", repo_path, mountpoint)
     try:
@@ -149,8 +162,30 @@ def _serve(repo_path: str, mountpoint: str, allow_other: bool, cache_bytes: int,
         pyfuse3.close(unmount=False)
         raise
     pyfuse3.close(unmount=True)
+    view.close()
     repo.close()
     log.info("unmounted %s", mountpoint)
+
+
+READAHEAD_KB = 1024
+
+
+def _tune_readahead(resolved_mountpoint: str) -> None:
+    """Raise the kernel's readahead for this mount from 128 KiB to 1 MiB.
+
+    Measured on an 8 GiB image (docs/performance.md): 1 MiB doubles
+    sequential throughput; 8 MiB is slower again, as the kernel then waits on
+    fewer, larger requests.  Only root may write it; others keep the default.
+    """
+    device = _mount_device(resolved_mountpoint)  # never stat our own mount: nobody serves it yet
+    if device is None:
+        return
+    path = f"/sys/class/bdi/{device}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(READAHEAD_KB))
+    except OSError as exc:
+        log.info("cannot raise readahead (%s): %s", path, exc.strerror)
 
 
 async def _main() -> None:

@@ -26,7 +26,7 @@ import threading
 from dataclasses import dataclass
 
 from repofs.descriptor import descriptor_text
-from repofs.diskread import ChunkCache, DiskReader
+from repofs.diskread import ChunkCache, DiskReader, Prefetcher
 from repofs.errors import IntegrityError
 from repofs.index import U64, split_rp_key
 from repofs.records import RecordType
@@ -66,6 +66,7 @@ class RepoView:
     def __init__(self, repo: Repository, cache_bytes: int = 256 * 1024 * 1024) -> None:
         self.repo = repo
         self.cache = ChunkCache(repo, cache_bytes)
+        self.prefetcher = Prefetcher(self.cache, threads=max(2, os.cpu_count() or 2))
         self._rps: collections.OrderedDict[int, _Rp] = collections.OrderedDict()
         self._readers: collections.OrderedDict[tuple[int, int], DiskReader] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -254,6 +255,9 @@ class RepoView:
             raise
         raise NotFound(ino)
 
+    def close(self) -> None:
+        self.prefetcher.close()
+
     def _reader(self, seq: int, slot: int, rp: RestorePoint) -> DiskReader:
         key = (seq, slot)
         with self._lock:
@@ -261,7 +265,7 @@ class RepoView:
             if reader is not None:
                 self._readers.move_to_end(key)
                 return reader
-        reader = DiskReader(self.repo, rp.disks[(slot - 2) // 2], self.cache)
+        reader = DiskReader(self.repo, rp.disks[(slot - 2) // 2], self.cache, self.prefetcher)
         with self._lock:
             self._readers[key] = reader
             while len(self._readers) > 256:
