@@ -1,0 +1,358 @@
+"""Building blocks shared by the VMDK extent readers.
+
+An extent maps a range of its virtual bytes to *pieces*: runs that are
+unallocated (fall through to the parent disk), explicitly zero, plain data at
+a file offset, or one deflate-compressed grain.  The image and chain layers
+in :mod:`ingest.vmdk` only ever see pieces, so flat, hosted-sparse, COWD and
+SEsparse extents all read through one code path that coalesces neighbouring
+data into single ``preadv`` calls.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import itertools
+import os
+import stat
+import sys
+from collections import OrderedDict
+from collections.abc import Iterator
+
+from ingest.raw import open_readonly
+from ingest.source import pread_exact
+from repofs.errors import SourceError
+
+#: Piece kinds.
+UNALLOC = 0  # not in this layer: read the parent, or zeros without one
+ZERO = 1  # explicitly zero in this layer (masks the parent)
+DATA = 2  # plain bytes at a file offset
+DEFLATE = 3  # one compressed grain; file offset of its marker/stream
+
+#: ``(length, kind, file_offset, grain_start)``: ``grain_start`` is the
+#: extent-relative offset of the grain a DEFLATE piece lies in, else 0.
+Piece = tuple[int, int, int, int]
+
+SECTOR = 512
+#: Grains larger than this are a damaged header (VMware uses 64 KiB; qemu
+#: tolerates more, but nothing writes it).
+MAX_GRAIN_BYTES = 2 << 20
+
+_LITTLE = sys.byteorder == "little"
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def le_array(typecode: str, data: bytes) -> array.array[int]:
+    """Little-endian table bytes as an array of unsigned ints."""
+    arr = array.array(typecode)
+    arr.frombytes(data)
+    if not _LITTLE:
+        arr.byteswap()
+    return arr
+
+
+class FilePool:
+    """Opens extent files on demand and keeps at most ``limit`` descriptors open.
+
+    A twoGbMaxExtent disk of 2 TiB has a thousand extent files, more than
+    the usual open-file limit; ingest reads them in order, so an LRU of a few
+    dozen open files costs nothing.  Reopened files are checked to be the same
+    inode, so a file swapped underneath the reader is an error, not new data.
+    """
+
+    def __init__(self, limit: int = 64) -> None:
+        self._limit = limit
+        self._open: OrderedDict[ExtentFile, int] = OrderedDict()
+
+    def fd(self, f: ExtentFile) -> int:
+        fd = self._open.get(f)
+        if fd is not None:
+            self._open.move_to_end(f)
+            return fd
+        fd = open_readonly(f.path)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != f.identity:
+            os.close(fd)
+            raise SourceError(f"{f.path}: file was replaced while it was being read")
+        self.adopt(f, fd)
+        return fd
+
+    def adopt(self, f: ExtentFile, fd: int) -> None:
+        self._open[f] = fd
+        while len(self._open) > self._limit:
+            _, old = self._open.popitem(last=False)
+            os.close(old)
+
+    def close(self) -> None:
+        while self._open:
+            _, fd = self._open.popitem()
+            os.close(fd)
+
+
+class ExtentFile:
+    """One file read by a VMDK (descriptor, extent or parent) with bounds-checked reads."""
+
+    def __init__(self, path: str, pool: FilePool, fd: int | None = None) -> None:
+        self.path = path
+        self._pool = pool
+        if fd is None:
+            fd = open_readonly(path)
+        # From here on the descriptor is ours (a passed-in one is taken over).
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISBLK(st.st_mode):
+                self.size = os.lseek(fd, 0, os.SEEK_END)
+                self.is_block = True
+            elif stat.S_ISREG(st.st_mode):
+                self.size = st.st_size
+                self.is_block = False
+            else:
+                raise SourceError(f"{path}: not a regular file or block device")
+        except BaseException:
+            os.close(fd)
+            raise
+        self.identity = (st.st_dev, st.st_ino)
+        pool.adopt(self, fd)
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    @property
+    def fd(self) -> int:
+        return self._pool.fd(self)
+
+    def check_range(self, offset: int, length: int, what: str) -> None:
+        """Raise unless ``[offset, offset+length)`` lies inside the file."""
+        if offset < 0 or offset + length > self.size:
+            raise SourceError(
+                f"{self.path}: {what} at byte {offset} (+{length}) lies past the end of "
+                f"the file ({self.size} bytes); the file is truncated or damaged"
+            )
+
+    def pread(self, length: int, offset: int, what: str = "data") -> bytes:
+        self.check_range(offset, length, what)
+        return pread_exact(self.fd, length, offset, self.path)
+
+    def preadinto(self, buf: memoryview, offset: int) -> None:
+        """Fill ``buf`` from ``offset`` without an intermediate copy."""
+        self.check_range(offset, len(buf), "data")
+        fd = self.fd
+        done = 0
+        total = len(buf)
+        while done < total:
+            try:
+                got = os.preadv(fd, [buf[done:]], offset + done)
+            except OSError as exc:
+                raise SourceError(
+                    f"{self.path}: read error at offset {offset + done}: {exc.strerror}"
+                ) from None
+            if got <= 0:
+                raise SourceError(
+                    f"{self.path}: file is truncated: needed {total} bytes at offset "
+                    f"{offset}, got {done}"
+                )
+            done += got
+
+    def data_ranges(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        """Yield the ``(offset, length)`` parts of a file range that are not holes."""
+        end = offset + length
+        if self.is_block:
+            yield offset, length
+            return
+        fd = self.fd
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole remains
+                    return
+                yield pos, end - pos  # the filesystem cannot tell: say data
+                return
+            if data >= end:
+                return
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            if hole <= data:  # defensive: never loop without progress
+                yield data, end - data
+                return
+            yield data, hole - data
+            pos = hole
+
+
+class Extent:
+    """A contiguous run of the virtual disk backed by one file (or by nothing)."""
+
+    #: Virtual size in bytes.
+    size: int
+    file: ExtentFile | None = None
+
+    def map(self, offset: int, length: int, for_alloc: bool = False) -> Iterator[Piece]:
+        """Describe ``[offset, offset+length)`` (extent-relative) as pieces, in order."""
+        raise NotImplementedError
+
+    def inflate(self, grains: list[tuple[int, int]]) -> dict[int, bytes]:
+        """Decompress DEFLATE grains given as ``(file_offset, grain_start)``."""
+        raise SourceError(f"{self.describe()}: extent has no compressed grains")
+
+    def describe(self) -> str:
+        return self.file.path if self.file else "ZERO extent"
+
+
+class ZeroExtent(Extent):
+    """A ``ZERO`` extent: reads as zeros, stores nothing."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def map(self, offset: int, length: int, for_alloc: bool = False) -> Iterator[Piece]:
+        yield length, ZERO, 0, 0
+
+
+class FlatExtent(Extent):
+    """A ``FLAT``/``VMFS`` extent: the virtual bytes are a range of a plain file."""
+
+    def __init__(self, file: ExtentFile, size: int, start: int) -> None:
+        self.file = file
+        self.size = size
+        self.start = start
+        file.check_range(start, size, "flat extent data")
+
+    def map(self, offset: int, length: int, for_alloc: bool = False) -> Iterator[Piece]:
+        assert self.file is not None
+        base = self.start + offset
+        if not for_alloc:
+            yield length, DATA, base, 0
+            return
+        pos = base
+        for start, n in self.file.data_ranges(base, length):
+            if start > pos:
+                yield start - pos, ZERO, 0, 0
+            yield n, DATA, start, 0
+            pos = start + n
+        if pos < base + length:
+            yield base + length - pos, ZERO, 0, 0
+
+
+class TableCache:
+    """A bounded LRU of decoded grain tables shared by every extent of a source.
+
+    Bounded by table entries, not tables, because a hosted-sparse table has
+    512 entries and a COWD or SEsparse one 4096.
+    """
+
+    def __init__(self, max_entries: int = 1 << 20) -> None:
+        self._max = max_entries
+        self._used = 0
+        self._tables: OrderedDict[tuple[int, int], array.array[int]] = OrderedDict()
+
+    def get(self, key: tuple[int, int]) -> array.array[int] | None:
+        table = self._tables.get(key)
+        if table is not None:
+            self._tables.move_to_end(key)
+        return table
+
+    def put(self, key: tuple[int, int], table: array.array[int]) -> None:
+        self._tables[key] = table
+        self._used += len(table)
+        while self._used > self._max and len(self._tables) > 1:
+            _, old = self._tables.popitem(last=False)
+            self._used -= len(old)
+
+
+_serial = itertools.count()
+
+
+class GrainTableExtent(Extent):
+    """An extent addressed through a grain directory and grain tables.
+
+    Subclasses load one grain table and decode it into an array where 0 means
+    unallocated, 1 means an explicitly zero grain and anything else is the
+    byte offset of the grain in the file (already bounds-checked).
+    """
+
+    compressed = False
+    file: ExtentFile
+
+    def __init__(
+        self, file: ExtentFile, size: int, grain: int, gt_entries: int, cache: TableCache
+    ) -> None:
+        self.file = file
+        self.size = size
+        self.grain = grain
+        self.gt_entries = gt_entries
+        self.coverage = grain * gt_entries
+        self.n_tables = -(-size // self.coverage)
+        self._cache = cache
+        self._key = next(_serial)
+
+    def load_table(self, index: int) -> array.array[int] | None:
+        """Read and decode grain table ``index``; ``None`` when it is not allocated."""
+        raise NotImplementedError
+
+    def table(self, index: int) -> array.array[int] | None:
+        key = (self._key, index)
+        table = self._cache.get(key)
+        if table is None:
+            table = self.load_table(index)
+            if table is None:
+                return None
+            self._cache.put(key, table)
+        return table
+
+    def grain_need(self, grain_start: int) -> int:
+        """Bytes of the grain starting at ``grain_start`` that lie inside the extent."""
+        return min(self.grain, self.size - grain_start)
+
+    def map(self, offset: int, length: int, for_alloc: bool = False) -> Iterator[Piece]:
+        grain = self.grain
+        end = offset + length
+        pos = offset
+        kind = -1
+        run_len = 0
+        run_off = 0
+        run_gstart = 0
+        data_kind = DEFLATE if self.compressed else DATA
+        while pos < end:
+            ti = pos // self.coverage
+            t_start = ti * self.coverage
+            stop = min(end, t_start + self.coverage)
+            table = self.table(ti)
+            if table is None:
+                n = stop - pos
+                if kind == UNALLOC:
+                    run_len += n
+                else:
+                    if run_len:
+                        yield run_len, kind, run_off, run_gstart
+                    kind, run_len, run_off, run_gstart = UNALLOC, n, 0, 0
+                pos = stop
+                continue
+            while pos < stop:
+                gi = (pos - t_start) // grain
+                g_start = t_start + gi * grain
+                n = min(g_start + grain, stop) - pos
+                entry = table[gi]
+                if entry == 0:
+                    k, foff = UNALLOC, 0
+                elif entry == 1:
+                    k, foff = ZERO, 0
+                elif data_kind == DATA:
+                    k, foff = DATA, entry + (pos - g_start)
+                else:
+                    if run_len:
+                        yield run_len, kind, run_off, run_gstart
+                    kind, run_len, run_off, run_gstart = DEFLATE, n, entry, g_start
+                    pos += n
+                    continue
+                if k == kind and k != DEFLATE and (k != DATA or foff == run_off + run_len):
+                    run_len += n
+                else:
+                    if run_len:
+                        yield run_len, kind, run_off, run_gstart
+                    kind, run_len, run_off, run_gstart = k, n, foff, 0
+                pos += n
+        if run_len:
+            yield run_len, kind, run_off, run_gstart
