@@ -76,6 +76,7 @@ class _Image:
         files: list[str],
     ) -> None:
         self.path = path
+        self.name = main.path  # printable, for messages
         self.main = main
         self.create_type = create_type
         self.cid = descriptor.cid
@@ -136,22 +137,24 @@ class VmdkSource(DiskSource):
             try:
                 st = os.stat(parent_path)
             except OSError as exc:
-                raise SourceError(f"{parent_path}: cannot stat parent: {exc.strerror}") from None
+                raise SourceError(
+                    f"{show(parent_path, None)}: cannot stat parent: {exc.strerror}"
+                ) from None
             if (st.st_dev, st.st_ino) in seen:
                 raise SourceError(
-                    f"{image.path}: snapshot chain loops: parent {parent_path} is already in "
-                    f"the chain (as {seen[(st.st_dev, st.st_ino)]})"
+                    f"{image.name}: snapshot chain loops: parent {show(parent_path, None)} is "
+                    f"already in the chain (as {show(seen[(st.st_dev, st.st_ino)], None)})"
                 )
             parent = self._open_image(parent_path, None)
             if parent.cid is None:
                 raise SourceError(
-                    f"{parent_path}: parent of {image.path} has no CID, so it cannot be "
+                    f"{parent.name}: parent of {image.name} has no CID, so it cannot be "
                     "verified as the right parent"
                 )
             if parent.cid != image.parent_cid:
                 raise SourceError(
-                    f"{image.path}: parentCID {image.parent_cid:08x} does not match CID "
-                    f"{parent.cid:08x} of parent {parent_path}: the parent changed after the "
+                    f"{image.name}: parentCID {image.parent_cid:08x} does not match CID "
+                    f"{parent.cid:08x} of parent {parent.name}: the parent changed after the "
                     "snapshot was taken, or is the wrong file"
                 )
             seen[parent.main.identity] = parent_path
@@ -175,30 +178,35 @@ class VmdkSource(DiskSource):
         alt = os.path.join(base, re.split(r"[\\/]", hint)[-1])
         if alt != first and os.path.exists(alt):
             return alt
-        tried = first if alt == first else f"{first} or {alt}"
-        raise SourceError(f"{image.path}: parent {show(hint)!r} not found (looked for {tried})")
+        tried = show(first, None) if alt == first else f"{show(first, None)} or {show(alt, None)}"
+        raise SourceError(f"{image.name}: parent {show(hint)!r} not found (looked for {tried})")
 
     def _open_image(self, path: str, fd: int | None) -> _Image:
         main = ExtentFile(path, self._pool, fd)
+        name = main.path  # printable form of path, for messages
         if main.size == 0:
-            raise SourceError(f"{path}: is empty (0 bytes)")
+            raise SourceError(f"{name}: is empty (0 bytes)")
         head = main.pread(min(main.size, 4096), 0, "header")
         if head[:4] == SPARSE_MAGIC:
-            header = parse_sparse_header(head[:SECTOR], path)
+            header = parse_sparse_header(head[:SECTOR], name)
             if header.capacity == 0 and header.desc_offset:
                 # A descriptor kept in a sparse container (qemu reads these too).
                 data = main.pread(
                     header.desc_size * SECTOR, header.desc_offset * SECTOR, "descriptor"
                 )
-                return self._from_descriptor(path, main, parse_descriptor(data, path))
+                return self._from_descriptor(path, main, parse_descriptor(data, name))
             descriptor = read_embedded_descriptor(main, header)
-            if descriptor is None:
+            if descriptor is None or (
+                descriptor.create_type is None and descriptor.cid is None
+                and not descriptor.extents
+            ):
+                # Extents of split sparse disks carry an empty (or no) descriptor.
                 raise SourceError(
-                    f"{path}: is one extent of a split sparse VMDK, without a descriptor; "
+                    f"{name}: is one extent of a split sparse VMDK, without a descriptor; "
                     "open the descriptor .vmdk that lists it"
                 )
             if header.capacity == 0:
-                raise SourceError(f"{path}: sparse capacity is zero")
+                raise SourceError(f"{name}: sparse capacity is zero")
             extent = SparseExtent(main, header, header.capacity * SECTOR, self._cache)
             create_type = descriptor.create_type or (
                 "streamOptimized" if extent.compressed else "monolithicSparse"
@@ -206,22 +214,23 @@ class VmdkSource(DiskSource):
             return _Image(path, main, create_type, descriptor, [extent], [path])
         if head[:4] == COWD_MAGIC or head[:8] == SESPARSE_MAGIC:
             raise SourceError(
-                f"{path}: is the data extent of a snapshot delta; open the descriptor .vmdk "
+                f"{name}: is the data extent of a snapshot delta; open the descriptor .vmdk "
                 "that lists it (it names the parent disk)"
             )
         if not looks_like_descriptor(head):
             raise SourceError(
-                f"{path}: not a VMDK: no KDMV/COWD/SEsparse magic and no text descriptor"
+                f"{name}: not a VMDK: no KDMV/COWD/SEsparse magic and no text descriptor"
             )
         if main.size > MAX_DESCRIPTOR_BYTES:
             raise SourceError(
-                f"{path}: looks like a text descriptor but is {main.size} bytes, too large "
+                f"{name}: looks like a text descriptor but is {main.size} bytes, too large "
                 "for one"
             )
-        return self._from_descriptor(path, main, parse_descriptor(main.pread(main.size, 0), path))
+        return self._from_descriptor(path, main, parse_descriptor(main.pread(main.size, 0), name))
 
     def _from_descriptor(self, path: str, main: ExtentFile, desc: Descriptor) -> _Image:
         base = os.path.dirname(path)
+        name = main.path
         files: dict[str, ExtentFile] = {}
         extents: list[VmdkExtent] = []
         for line in desc.extents:
@@ -235,8 +244,8 @@ class VmdkSource(DiskSource):
             if efile is None:
                 if not os.path.lexists(epath):
                     raise SourceError(
-                        f"{path}: extent file {show(line.filename)!r} is missing "
-                        f"(looked for {epath})"
+                        f"{name}: extent file {show(line.filename)!r} is missing "
+                        f"(looked for {show(epath, None)})"
                     )
                 efile = ExtentFile(epath, self._pool)
                 files[epath] = efile
@@ -355,9 +364,9 @@ class VmdkSource(DiskSource):
                 compressed.setdefault(ext, []).append(piece)
         for ext, pieces in compressed.items():
             grains = ext.inflate([(p[4], p[5]) for p in pieces])
-            for voff, n, _kind, _ext, foff, _gstart, gofs in pieces:
+            for voff, n, _kind, _ext, foff, gstart, gofs in pieces:
                 pos = voff - offset
-                view[pos : pos + n] = grains[foff][gofs : gofs + n]
+                view[pos : pos + n] = grains[foff, gstart][gofs : gofs + n]
         return bytes(buf)
 
 

@@ -104,11 +104,19 @@ class Descriptor:
         return sum(e.sectors for e in self.extents)
 
 
-def show(text: str, limit: int = 80) -> str:
-    """Render untrusted text for a one-line message: no control characters, bounded."""
+def show(text: str, limit: int | None = 80) -> str:
+    """Render untrusted text for a one-line message: no control characters, bounded.
+
+    Names from descriptors may hold undecodable bytes (kept as surrogates so
+    they still open the right file); printing those would raise, so messages
+    get a replacement character instead.
+    """
+    if text.isprintable() and (limit is None or len(text) <= limit):
+        return text
     text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    out = "".join(c if c.isprintable() else "?" for c in text[:limit])
-    return out + ("..." if len(text) > limit else "")
+    cut = text if limit is None else text[:limit]
+    out = "".join(c if c.isprintable() else "?" for c in cut)
+    return out + ("..." if len(cut) < len(text) else "")
 
 
 def _unquote(value: str) -> str:

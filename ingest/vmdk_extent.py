@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 from ingest.raw import open_readonly
 from ingest.source import pread_exact
+from ingest.vmdk_descriptor import show
 from repofs.errors import SourceError
 
 #: Piece kinds.
@@ -72,7 +73,7 @@ class FilePool:
         if fd is not None:
             self._open.move_to_end(f)
             return fd
-        fd = open_readonly(f.path)
+        fd = open_readonly(f.os_path)
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != f.identity:
             os.close(fd)
@@ -96,7 +97,9 @@ class ExtentFile:
     """One file read by a VMDK (descriptor, extent or parent) with bounds-checked reads."""
 
     def __init__(self, path: str, pool: FilePool, fd: int | None = None) -> None:
-        self.path = path
+        #: Name for messages (printable); ``os_path`` is what is opened.
+        self.path = show(path, None)
+        self.os_path = path
         self._pool = pool
         if fd is None:
             fd = open_readonly(path)
@@ -110,7 +113,7 @@ class ExtentFile:
                 self.size = st.st_size
                 self.is_block = False
             else:
-                raise SourceError(f"{path}: not a regular file or block device")
+                raise SourceError(f"{self.path}: not a regular file or block device")
         except BaseException:
             os.close(fd)
             raise
@@ -193,8 +196,8 @@ class Extent:
         """Describe ``[offset, offset+length)`` (extent-relative) as pieces, in order."""
         raise NotImplementedError
 
-    def inflate(self, grains: list[tuple[int, int]]) -> dict[int, bytes]:
-        """Decompress DEFLATE grains given as ``(file_offset, grain_start)``."""
+    def inflate(self, grains: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        """Decompress DEFLATE grains given as ``(file_offset, grain_start)``, keyed alike."""
         raise SourceError(f"{self.describe()}: extent has no compressed grains")
 
     def describe(self) -> str:

@@ -188,7 +188,7 @@ class SparseExtent(GrainTableExtent):
         self.compressed = header.compressed
         self.markers = bool(header.flags & FLAG_MARKERS)
         self.zero_grain = bool(header.flags & FLAG_ZERO_GRAIN)
-        self._inflated: OrderedDict[int, bytes] = OrderedDict()
+        self._inflated: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self.gd = self._read_directory(header.gd_offset)
         self.rgd = self._read_directory(header.rgd_offset) if header.flags & FLAG_RGD else None
         if self.gd is None and self.rgd is None:
@@ -264,17 +264,17 @@ class SparseExtent(GrainTableExtent):
             out[i] = start
         return out
 
-    def inflate(self, grains: list[tuple[int, int]]) -> dict[int, bytes]:
+    def inflate(self, grains: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
         """Inflate grains, reading neighbouring ones with one pread per run."""
-        result: dict[int, bytes] = {}
+        result: dict[tuple[int, int], bytes] = {}
         todo: list[tuple[int, int]] = []
-        for foff, gstart in sorted(set(grains)):
-            hit = self._inflated.get(foff)
+        for key in sorted(set(grains)):
+            hit = self._inflated.get(key)
             if hit is not None:
-                self._inflated.move_to_end(foff)
-                result[foff] = hit
+                self._inflated.move_to_end(key)
+                result[key] = hit
             else:
-                todo.append((foff, gstart))
+                todo.append(key)
         run: list[tuple[int, int]] = []
         for item in todo:
             if run and (
@@ -287,7 +287,9 @@ class SparseExtent(GrainTableExtent):
             self._inflate_run(run, result)
         return result
 
-    def _inflate_run(self, run: list[tuple[int, int]], result: dict[int, bytes]) -> None:
+    def _inflate_run(
+        self, run: list[tuple[int, int]], result: dict[tuple[int, int], bytes]
+    ) -> None:
         file = self.file
         start = run[0][0]
         end = min(file.size, run[-1][0] + _GRAIN_MARKER.size + self.grain + 1024)
@@ -317,8 +319,8 @@ class SparseExtent(GrainTableExtent):
                     avail, foff, "compressed grain"
                 )
             grain = self._inflate_one(data, foff, gstart)
-            result[foff] = grain
-            self._inflated[foff] = grain
+            result[foff, gstart] = grain
+            self._inflated[foff, gstart] = grain
             if len(self._inflated) > _INFLATED_CACHE:
                 self._inflated.popitem(last=False)
 
