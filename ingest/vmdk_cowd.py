@@ -108,20 +108,6 @@ class CowdExtent(GrainTableExtent):
                 f"file's table area ({self.file.size} bytes)"
             )
         entries = le_array("I", self.file.pread(GT_ENTRIES * 4, start, "grain table"))
-        out = array.array("Q", bytes(8 * GT_ENTRIES))
-        t_start = index * self.coverage
-        file_size = self.file.size
-        for i, e in enumerate(entries):
-            if e == 0:
-                continue
-            g_start = t_start + i * self.grain
-            if g_start >= self.size:
-                break
-            byte = e * SECTOR
-            if byte < HEADER_BYTES or byte + self.grain_need(g_start) > file_size:
-                raise SourceError(
-                    f"{path}: grain table {index} entry {i} points to sector {e}, outside the "
-                    f"file's data area ({file_size} bytes)"
-                )
-            out[i] = byte
-        return out
+        del entries[self.entries_in_extent(index) :]
+        self.check_sector_table(index, entries, HEADER_BYTES, zero_ok=None)
+        return entries

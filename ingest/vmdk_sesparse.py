@@ -104,6 +104,8 @@ def check_volatile_header(buf: bytes, path: str) -> None:
 class SESparseExtent(GrainTableExtent):
     """An SEsparse extent (4 KiB grains, 16 MiB per grain table)."""
 
+    unit = 1  # tables are decoded to byte offsets (entries encode grain numbers)
+
     def __init__(
         self, file: ExtentFile, header: SESparseHeader, size: int, cache: TableCache
     ) -> None:
@@ -144,15 +146,15 @@ class SESparseExtent(GrainTableExtent):
             GT_ENTRIES * 8, self.gt_start + number * GT_ENTRIES * 8, "grain table"
         )
         entries = le_array("Q", raw)
-        out = array.array("Q", bytes(8 * GT_ENTRIES))
+        count = self.entries_in_extent(index)
+        out = array.array("Q", bytes(8 * count))
         t_start = index * self.coverage
         file_size = self.file.size
-        for i, e in enumerate(entries):
+        for i in range(count):
+            e = entries[i]
             if e == 0:
                 continue
             g_start = t_start + i * self.grain
-            if g_start >= self.size:
-                break
             top = e >> 60
             if top in (1, 2):  # unmapped or zero: reads as zeros, masks the parent
                 out[i] = 1

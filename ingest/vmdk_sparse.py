@@ -235,34 +235,10 @@ class SparseExtent(GrainTableExtent):
         return self._decode(index, raw)
 
     def _decode(self, index: int, raw: bytes) -> array.array[int]:
-        path = self.file.path
-        file_size = self.file.size
         entries = le_array("I", raw)
-        out = array.array("Q", bytes(8 * GTES_PER_GT))
-        t_start = index * self.coverage
-        for i, e in enumerate(entries):
-            if e == 0:
-                continue
-            g_start = t_start + i * self.grain
-            if g_start >= self.size:
-                break  # entries past the end of the extent are never used
-            if e == 1:
-                if not self.zero_grain:
-                    raise SourceError(
-                        f"{path}: grain table {index} entry {i} is 1 (zeroed grain) but the "
-                        "header does not enable zeroed grains"
-                    )
-                out[i] = 1
-                continue
-            start = e * SECTOR
-            need = _GRAIN_MARKER.size if self.compressed else self.grain_need(g_start)
-            if start + need > file_size:
-                raise SourceError(
-                    f"{path}: grain table {index} entry {i} points to sector {e}, past the "
-                    f"end of the file ({file_size} bytes)"
-                )
-            out[i] = start
-        return out
+        del entries[self.entries_in_extent(index) :]  # entries past the extent are unused
+        self.check_sector_table(index, entries, SECTOR, self.zero_grain)
+        return entries
 
     def inflate(self, grains: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
         """Inflate grains, reading neighbouring ones with one pread per run."""
