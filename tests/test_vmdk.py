@@ -782,20 +782,45 @@ FUZZ = settings(max_examples=150, deadline=2000, derandomize=True,
                                        HealthCheck.too_slow])
 
 
+FuzzImage = tuple[Path, Path, bytes, tuple[int, ...]]
+"""``(file to damage, file to open, pristine bytes, offsets where metadata lives)``"""
+
+
 @pytest.fixture(scope="module")
-def fuzz_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    """Small images of each sparse flavour for the damage fuzzer."""
+def fuzz_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, FuzzImage]:
+    """Small images of each sparse flavour (and ESXi deltas) for the damage fuzzer."""
     base = tmp_path_factory.mktemp("fuzz")
     raw = base / "r.raw"
     data = bytearray(MiB + 1536)
     data[: 200 * KiB] = random.Random(9).randbytes(200 * KiB)
     data[-3000:] = b"tail" * 750
     raw.write_bytes(data)
-    images = {}
+    images: dict[str, FuzzImage] = {}
     for sub in ("monolithicSparse", "streamOptimized"):
-        images[sub] = convert(raw, base / f"{sub}.vmdk", sub).read_bytes()
-    write_stream_optimized(str(base / "v.vmdk"), bytes(data), name="v.vmdk", grain=16)
-    images["vmwareStream"] = (base / "v.vmdk").read_bytes()
+        path = convert(raw, base / f"{sub}.vmdk", sub)
+        images[sub] = (path, path, path.read_bytes(), (0,))
+    path = base / "v.vmdk"
+    write_stream_optimized(str(path), bytes(data), name="v.vmdk", grain=16)
+    images["vmwareStream"] = (path, path, path.read_bytes(), (0, path.stat().st_size - 3 * KiB))
+    sectors = 2048
+    (base / "b-flat.vmdk").write_bytes(bytes(data[: sectors * 512]))
+    (base / "b.vmdk").write_text(descriptor("vmfs", [f'RW {sectors} VMFS "b-flat.vmdk"'], cid=1))
+    rnd = random.Random(10)
+    write_cowd(str(base / "c-delta.vmdk"), sectors, 1,
+               {i: rnd.randbytes(512) for i in range(0, sectors, 37)})
+    (base / "c.vmdk").write_text(descriptor(
+        "vmfsSparse", [f'RW {sectors} VMFSSPARSE "c-delta.vmdk"'], cid=2, parent_cid=1,
+        parent_hint="b.vmdk"))
+    images["cowd"] = (base / "c-delta.vmdk", base / "c.vmdk",
+                      (base / "c-delta.vmdk").read_bytes(), (0,))
+    grains: dict[int, bytes | int] = {i: rnd.randbytes(4096) for i in range(0, 256, 7)}
+    grains |= {3: SESPARSE_ZERO, 5: SESPARSE_UNMAPPED}
+    write_sesparse(str(base / "e-sesparse.vmdk"), sectors, grains)
+    (base / "e.vmdk").write_text(descriptor(
+        "seSparse", [f'RW {sectors} SESPARSE "e-sesparse.vmdk"'], cid=3, parent_cid=1,
+        parent_hint="b.vmdk"))
+    images["sesparse"] = (base / "e-sesparse.vmdk", base / "e.vmdk",
+                          (base / "e-sesparse.vmdk").read_bytes(), (0, 0x4000 * 512))
     return images
 
 
@@ -848,38 +873,41 @@ class TestFuzz:
             except SourceError as exc:
                 assert "d.vmdk" in str(exc) and "\n" not in str(exc)
 
-    @settings(max_examples=60, deadline=5000, derandomize=True,
+    @settings(max_examples=80, deadline=5000, derandomize=True,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-    @given(kind=st.sampled_from(["monolithicSparse", "streamOptimized", "vmwareStream"]),
-           flips=st.lists(st.tuples(st.integers(0, 64 * KiB), st.integers(0, 255)),
-                          min_size=1, max_size=12),
-           cut=st.one_of(st.none(), st.integers(0, 2 * MiB)))
-    def test_damaged_images(self, fuzz_images: dict[str, bytes], tmp_path_factory:
-                            pytest.TempPathFactory, kind: str, flips: list[tuple[int, int]],
-                            cut: int | None) -> None:
+    @given(kind=st.sampled_from(["monolithicSparse", "streamOptimized", "vmwareStream", "cowd",
+                                 "sesparse"]),
+           flips=st.lists(st.tuples(st.integers(0, 1), st.integers(0, 64 * KiB),
+                                    st.integers(0, 255)), min_size=1, max_size=12),
+           cut=st.one_of(st.none(), st.integers(0, 9 * MiB)))
+    def test_damaged_images(self, fuzz_images: dict[str, FuzzImage], kind: str,
+                            flips: list[tuple[int, int, int]], cut: int | None) -> None:
         """Random metadata damage and truncation never raise anything but SourceError,
         never hang, and never make the reader allocate more than a few MiB."""
-        data = bytearray(fuzz_images[kind])
-        for pos, value in flips:
+        target, top, pristine, regions = fuzz_images[kind]
+        data = bytearray(pristine)
+        for region, pos, value in flips:
+            pos += regions[region % len(regions)]
             if pos < len(data):
                 data[pos] = value
         if cut is not None:
             del data[cut:]
-        path = tmp_path_factory.getbasetemp() / f"fuzz-{kind}.vmdk"
-        path.write_bytes(data)
+        target.write_bytes(data)
         tracemalloc.start()
         try:
-            with open_source(str(path), "vmdk") as src:
+            with open_source(str(top), "vmdk") as src:
                 assert src.size <= 1 << 50
                 extents = list(src.allocated_extents())
                 for o, n in extents[:64]:
                     for p in range(o, o + min(n, 4 * MiB), MiB):
                         src.read(p, min(MiB, o + n - p))
         except SourceError as exc:
-            assert str(path) in str(exc) and "\n" not in str(exc)
+            assert "\n" not in str(exc)
+            assert str(target) in str(exc) or str(top) in str(exc), str(exc)
         finally:
             _, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
+            target.write_bytes(pristine)
         assert peak < 48 * MiB, peak
 
 
