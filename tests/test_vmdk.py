@@ -250,6 +250,15 @@ class TestSubformats:
                 assert not any(chunk)
                 pos = hole
 
+    def test_permuted_grains(self, tmp_path: Path) -> None:
+        """Grains stored in reverse write order (read by gathering spans) match qemu."""
+        path = tmp_path / "perm.vmdk"
+        run("qemu-img", "create", "-q", "-f", "vmdk", path, "3M")
+        writes = [f"write -P 0x{i + 1:x} {i * 64}k 64k" for i in reversed(range(40))]
+        qemu_io(path, *writes, "write -P 0xee 2M 1k")
+        with check(path) as src:
+            assert len(src.plan(0, 40 * 64 * KiB)) == 40
+
     def test_reads_coalesce_into_one_pread(self, tmp_path: Path) -> None:
         """A 4 MiB read of contiguous grains is planned as a single file read."""
         raw = tmp_path / "r.raw"
@@ -525,6 +534,21 @@ class TestStreamOptimized:
         write_stream_optimized(str(path), sample.read_bytes(), name=path.name)
         with check(path, "streamOptimized") as src:
             assert_not_allocated(src, *HOLE)
+
+    def test_stream_without_markers(self, sample: Path, tmp_path: Path) -> None:
+        """Compressed grains without markers (bare zlib streams) match qemu.
+
+        The data must compress: qemu reads at most one grain of input when
+        there is no marker to give the compressed size.
+        """
+        data = bytearray(sample.read_bytes())
+        counter = b"".join(b"%08d" % i for i in range(MiB // 8))
+        data[: 64 * KiB] = counter[: 64 * KiB]
+        data[4 * MiB : 5 * MiB] = counter
+        data[-1000:] = counter[:1000]
+        path = tmp_path / "nomark.vmdk"
+        write_stream_optimized(str(path), bytes(data), name=path.name, markers=False)
+        check(path)
 
     def test_stream_small_grains(self, sample: Path, tmp_path: Path) -> None:
         """8-sector grains (many markers per read) decode and coalesce correctly."""

@@ -195,11 +195,13 @@ def write_stream_optimized(
     name: str = "disk.vmdk",
     grain: int = 128,
     tamper: GrainTamper | None = None,
+    markers: bool = True,
 ) -> None:
     """Write ``raw`` as a VMware-style streamOptimized file (GD at the end, footer).
 
     All-zero grains are left out, as VMware does.  The last grain is padded to
-    a full grain before compressing.
+    a full grain before compressing.  Without ``markers`` each grain is a
+    bare zlib stream (the header then lacks the markers flag).
     """
     capacity = ceil_div(len(raw), SECTOR)
     gbytes = grain * SECTOR
@@ -209,7 +211,7 @@ def write_stream_optimized(
     desc_size = 20
     assert len(desc) <= desc_size * SECTOR
     overhead = 128
-    flags = 0x30001
+    flags = 0x30001 if markers else 0x10001
 
     def header(gd_offset: int) -> bytes:
         return sparse_header(
@@ -228,7 +230,7 @@ def write_stream_optimized(
         chunk = chunk.ljust(gbytes, b"\0")
         lba, payload = (g * grain, zlib.compress(chunk)) if tamper is None else tamper(g, chunk)
         gtes[g] = len(out) // SECTOR
-        rec = struct.pack("<QI", lba, len(payload)) + payload
+        rec = struct.pack("<QI", lba, len(payload)) + payload if markers else payload
         out += rec.ljust(ceil_div(len(rec), SECTOR) * SECTOR, b"\0")
     gd = []
     for t in range(n_tables):
