@@ -363,7 +363,7 @@ def make_chain(tmp_path: Path, sample: Path, depth: int, subformat: str = "monol
         child = tmp_path / f"snap{i}.vmdk"
         run("qemu-img", "create", "-q", "-f", "vmdk", "-o", f"subformat={subformat}",
             "-b", paths[-1].name, "-F", "vmdk", child)
-        qemu_io(child, f"write -P 0x{0x5a + i:x} {i}M 64k",
+        qemu_io(child, f"write -P 0x{0x59 + i:x} {i}M 64k",
                 f"write -P 0x{0x70 + i:x} {i * 700}k 3k")
         paths.append(child)
     return paths
@@ -375,7 +375,7 @@ class TestChains:
         base, child = make_chain(tmp_path, sample, 2)
         with check(child, "monolithicSparse") as src:
             assert src.chain() == [str(child), str(base)]
-            assert src.read(MiB, 64 * KiB) == b"\x5b" * 64 * KiB
+            assert src.read(MiB, 64 * KiB) == b"\x5a" * 64 * KiB
             assert_not_allocated(src, *HOLE)
 
     @pytest.mark.parametrize("subformat", ["monolithicSparse", "twoGbMaxExtentSparse"])
