@@ -9,11 +9,15 @@ from ingest.source import DiskSource
 from repofs.errors import SourceError
 
 #: Formats ``--format`` accepts.  Readers register in :data:`READERS`.
-FORMATS = ("raw",)
+FORMATS = ("raw", "vmdk")
 
 
 def detect_format(path: str, head: bytes) -> str:
     """Name the format of ``path`` from its first bytes; ``raw`` when nothing matches."""
+    from ingest.vmdk import looks_like_vmdk
+
+    if looks_like_vmdk(head):
+        return "vmdk"
     return "raw"
 
 
@@ -30,5 +34,9 @@ def open_source(path: str, fmt: str | None = None) -> DiskSource:
     chosen = fmt or detect_format(path, head)
     if chosen == "raw":
         return RawSource(path, fd)
+    if chosen == "vmdk":
+        from ingest.vmdk import open_vmdk
+
+        return open_vmdk(path, fd)
     os.close(fd)
     raise SourceError(f"{path}: no reader for format {chosen!r}")
