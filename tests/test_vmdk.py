@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vmdk_builders import (
+from tests.vmdk_builders import (
     SESPARSE_UNMAPPED,
     SESPARSE_ZERO,
     descriptor,
