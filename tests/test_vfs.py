@@ -1,0 +1,86 @@
+"""The mounted tree's model, driven in-process without a kernel mount."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from repofs.errors import IntegrityError
+from repofs.repository import Repository
+from repofs.vfs import ROOT_INODE, NotFound, RepoView
+from tests.helpers import ingest, make_image
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def view(tmp_path: Path, repo: Path) -> RepoView:
+    img = make_image(tmp_path / "d.img", 2 * MiB + 512, [(0, os.urandom(MiB))])
+    ingest(repo, "vm", f"d={img}")
+    ingest(repo, "vm", f"d={img}")
+    return RepoView(Repository.open(str(repo)), cache_bytes=8 * MiB)
+
+
+class TestRepoView:
+    def test_tree_shape(self, view: RepoView) -> None:
+        """Root lists VMs; a VM lists its restore points and latest; a restore point its files."""
+        (vm_name, vm_attr), = view.listdir(ROOT_INODE)
+        assert vm_name == "vm" and stat.S_ISDIR(vm_attr.mode)
+        names = [n for n, _ in view.listdir(vm_attr.ino)]
+        assert names[-1] == "latest" and len(names) == 3
+        assert view.readlink(view.lookup(vm_attr.ino, "latest").ino) == names[1]
+        rp = view.lookup(vm_attr.ino, names[0])
+        files = dict(view.listdir(rp.ino))
+        assert set(files) == {"d.vmdk", "d-flat.vmdk"}
+        assert files["d-flat.vmdk"].size == 2 * MiB + 512 and files["d-flat.vmdk"].immutable
+
+    def test_unknown_names_and_inodes(self, view: RepoView) -> None:
+        """Lookups of things that do not exist are NotFound, never another error."""
+        with pytest.raises(NotFound):
+            view.lookup(ROOT_INODE, "ghost")
+        with pytest.raises(NotFound):
+            view.getattr(999 << 16)
+        vm = view.lookup(ROOT_INODE, "vm")
+        with pytest.raises(NotFound):
+            view.lookup(vm.ino, "2001-01-01T000000Z")
+
+    def test_damaged_chunk_is_an_error_not_bytes(self, view: RepoView) -> None:
+        """A flipped byte in a pack makes the read fail; nothing else comes back."""
+        vm = view.lookup(ROOT_INODE, "vm")
+        rp = view.lookup(vm.ino, view.readlink(view.lookup(vm.ino, "latest").ino))
+        flat = view.lookup(rp.ino, "d-flat.vmdk")
+        packs = list(Path(view.repo.path, "packs").glob("*/*.pack"))
+        for pack in packs:
+            data = bytearray(pack.read_bytes())
+            data[200] ^= 0xFF  # inside the first record's payload
+            pack.write_bytes(bytes(data))
+        with pytest.raises(IntegrityError):
+            view.read(flat.ino, 0, 65536)
+        assert view.read(flat.ino, MiB + 4096, 4096) == bytes(4096)  # a hole still reads
+
+    def test_reads_clip_at_the_end(self, view: RepoView) -> None:
+        """A read past the end returns what is there and no padding."""
+        vm = view.lookup(ROOT_INODE, "vm")
+        rp = view.lookup(vm.ino, view.readlink(view.lookup(vm.ino, "latest").ino))
+        flat = view.lookup(rp.ino, "d-flat.vmdk")
+        assert len(view.read(flat.ino, flat.size - 100, 4096)) == 100
+        assert view.read(flat.ino, flat.size, 4096) == b""
+
+
+def test_progress_bar_on_a_terminal(tmp_path: Path, repo: Path) -> None:
+    """On a terminal ingest draws bytes done, MB/s and ETA on stderr; in a pipe it is silent."""
+    img = make_image(tmp_path / "d.img", 64 * MiB, [(0, os.urandom(64 * MiB))])
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    import sys
+
+    cmd = f"{sys.executable} -m repofs ingest {repo} --vm v d={img}"
+    out = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stdout
+    assert "MB/s" in out.stdout and "ETA" in out.stdout and "64.0 MiB" in out.stdout
+    piped = subprocess.run([sys.executable, "-m", "repofs", "ingest", str(repo), "--vm", "v", f"d={img}"],
+                           capture_output=True, text=True, env=env)
+    assert "ETA" not in piped.stderr
