@@ -215,7 +215,8 @@ def open_backing(child_path: str, backing_path: str, fmt: str | None, what: str)
         )
     if len(stack) >= MAX_CHAIN_DEPTH:
         raise SourceError(
-            f"{child_path}: {what} chain is deeper than {MAX_CHAIN_DEPTH} files; refusing"
+            f"{child_path}: {what} chain starting at {stack[0]} is deeper than "
+            f"{MAX_CHAIN_DEPTH} files; refusing"
         )
     if fmt is not None and fmt not in FORMATS:
         raise SourceError(f"{child_path}: {what} format {fmt!r} is not supported")

@@ -250,14 +250,22 @@ class Qcow2Source(LayeredSource):
         self._l2_cache.put(off, table)
         return table
 
-    def _host_offset(self, entry: int, vcluster: int) -> int | None:
-        """Host offset of a standard cluster, None when unallocated."""
+    def _host_offset(self, entry: int, vcluster: int, used: int | None = None) -> int | None:
+        """Host offset of a standard cluster, None when unallocated.
+
+        ``used`` is how many bytes from the cluster start hold data (with
+        subclusters qemu writes only the allocated ones, so an image may end
+        in the middle of its last cluster).
+        """
         off = entry & L2E_OFFSET_MASK
         if off == 0 and not (self._has_data_file and entry & OFLAG_COPIED):
             return None
         if off % self._cluster_size:
             raise self.fail(f"L2 entry for cluster {vcluster} has unaligned data offset {off}")
-        need = min(self._cluster_size, self._size - (vcluster << self._cluster_bits))
+        need = min(
+            self._cluster_size if used is None else used,
+            self._size - (vcluster << self._cluster_bits),
+        )
         if off + need > self._data_size:
             raise self.fail(
                 f"L2 entry for cluster {vcluster} points to offset {off}, past the end of "
@@ -335,7 +343,7 @@ class Qcow2Source(LayeredSource):
             return
         alloc = bitmap & 0xFFFFFFFF
         zero = bitmap >> 32
-        host = self._host_offset(entry, vcluster)
+        host = self._host_offset(entry, vcluster, alloc.bit_length() * (cs >> 5))
         if host is None:
             if alloc:
                 raise self.fail(
@@ -401,12 +409,22 @@ class Qcow2Source(LayeredSource):
         l2_bits = self._l2_bits
         span = 1 << (cb + l2_bits)
         entries_per = 1 << l2_bits
+        # A valid image never lists one L2 table twice in its active L1 table;
+        # refusing that keeps this walk bounded by the file size.
+        seen: set[int] = set()
         for l1i in range(self._l1.count):
             base = l1i * span
             table = self._l2_table(l1i)
             if table is None:
                 yield base, span, BACKING, None
                 continue
+            l2_off = self._l1[l1i] & L1E_OFFSET_MASK
+            if l2_off in seen:
+                raise self.fail(
+                    f"L2 table at offset {l2_off} is referenced by more than one L1 entry "
+                    f"(corrupt image)"
+                )
+            seen.add(l2_off)
             nclusters = min(entries_per, (self._size - base + (1 << cb) - 1) >> cb)
             words = self._entry_words
             for idx in range(nclusters):

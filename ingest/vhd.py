@@ -288,9 +288,16 @@ class VhdSource(LayeredSource):
             yield 0, self._size, DATA, 0
             return
         bs = self._block_size
+        # Blocks never overlap, so all allocated blocks fit in the file; a BAT
+        # that says otherwise is corrupt (and would make this walk unbounded).
+        mapped = 0
         for index in range(self._bat.count):
             base = index * bs
             stop = min(bs, self._size - base)
+            if self._bat[index] != UNALLOCATED:
+                mapped += stop + self._bitmap_size
+                if mapped > self.file_size:
+                    raise self.fail("BAT maps more block data than the file holds (blocks overlap)")
             for a, n, kind, host in self._block_runs(index, 0, stop):
                 yield base + a, n, kind, host
 

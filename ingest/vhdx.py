@@ -201,6 +201,8 @@ class VhdxSource(LayeredSource):
                 if flags & 4:
                     raise self.fail(f"requires unknown metadata item {guid}")
                 continue
+            if guid in items:
+                raise self.fail(f"metadata item {guid} appears twice")
             if ilen > MiB or (ilen and (ioff < 64 * KiB or ioff + ilen > mlen)):
                 raise self.fail(f"metadata item {guid} lies outside the metadata region")
             items[guid] = self.pread(moff + ioff, ilen)
@@ -383,7 +385,20 @@ class VhdxSource(LayeredSource):
 
     def _segments(self) -> Iterable[Segment]:
         bs = self._block_size
+        # Payload blocks never overlap, so together they fit in the file; a BAT
+        # that says otherwise is corrupt (and would make this walk unbounded).
+        mapped = 0
         for block in range(self._nblocks):
             base = block * bs
-            for a, n, kind, host in self._block_runs(block, 0, min(bs, self._size - base)):
+            stop = min(bs, self._size - base)
+            if self._bat[block + block // self._chunk_ratio] & 7 in (
+                FULLY_PRESENT,
+                PARTIALLY_PRESENT,
+            ):
+                mapped += stop
+                if mapped > self.file_size:
+                    raise self.fail(
+                        "BAT maps more payload data than the file holds (blocks overlap)"
+                    )
+            for a, n, kind, host in self._block_runs(block, 0, stop):
                 yield base + a, n, kind, host
