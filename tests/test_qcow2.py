@@ -13,7 +13,7 @@ import struct
 import tempfile
 import time
 import tracemalloc
-from itertools import islice
+from itertools import islice, pairwise
 from pathlib import Path
 
 import pytest
@@ -67,8 +67,13 @@ def header_fields(path: Path) -> dict[str, int]:
     version, _bo, _bl, cluster_bits, size, _crypt, l1_size, l1_off = struct.unpack_from(
         ">IQIIQIIQ", h, 4
     )
-    return {"version": version, "cluster_bits": cluster_bits, "size": size,
-            "l1_size": l1_size, "l1_off": l1_off}  # fmt: skip
+    return {
+        "version": version,
+        "cluster_bits": cluster_bits,
+        "size": size,
+        "l1_size": l1_size,
+        "l1_off": l1_off,
+    }
 
 
 def first_l2(path: Path) -> tuple[int, int]:
@@ -85,8 +90,16 @@ def first_l2(path: Path) -> tuple[int, int]:
 @pytest.mark.parametrize("cluster", ["4k", "64k", "2M"])
 def test_convert_matches_qemu(work: Path, compat: str, cluster: str) -> None:
     img = work / f"conv-{compat}-{cluster}.qcow2"
-    run("qemu-img", "convert", "-O", "qcow2", "-o", f"compat={compat},cluster_size={cluster}",
-        work / "pattern.raw", img)  # fmt: skip
+    run(
+        "qemu-img",
+        "convert",
+        "-O",
+        "qcow2",
+        "-o",
+        f"compat={compat},cluster_size={cluster}",
+        work / "pattern.raw",
+        img,
+    )
     assert detect_format(str(img), img.read_bytes()[:4096]) == "qcow2"
     check_against_qemu(img, "qcow2", "qcow2", sparse_gap=GAP)
 
@@ -99,7 +112,7 @@ def test_convert_matches_qemu(work: Path, compat: str, cluster: str) -> None:
         ("1.1", "zstd", "4k"),
         ("1.1", "zlib", "2M"),
         ("0.10", None, "64k"),
-    ],  # fmt: skip
+    ],
 )
 def test_compressed_matches_qemu(work: Path, compat: str, ctype: str | None, cluster: str) -> None:
     img = work / f"comp-{compat}-{ctype}-{cluster}.qcow2"
@@ -119,14 +132,50 @@ def test_zero_clusters_and_three_level_chain(work: Path) -> None:
     mid = work / "chain-mid.qcow2"
     top = work / "chain-top.qcow2"
     run("qemu-img", "convert", "-O", "qcow2", work / "pattern.raw", base)
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k",
-        "-b", base.name, "-F", "qcow2", mid)  # fmt: skip
-    qemu_io(mid, "qcow2", "write -P 0x11 0 64k", "write -z 128k 64k", "write -z 1M 8k",
-            "write -P 0x33 4700000 7000")  # fmt: skip
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10",
-        "-b", mid.name, "-F", "qcow2", top)  # fmt: skip
-    qemu_io(top, "qcow2", "write -P 0x44 100000 3333", "write -z 40k 20k",
-            "discard 3M 64k", "write -P 0x55 5M 1536")  # fmt: skip
+    run(
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "-b",
+        base.name,
+        "-F",
+        "qcow2",
+        mid,
+    )
+    qemu_io(
+        mid,
+        "qcow2",
+        "write -P 0x11 0 64k",
+        "write -z 128k 64k",
+        "write -z 1M 8k",
+        "write -P 0x33 4700000 7000",
+    )
+    run(
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "-b",
+        mid.name,
+        "-F",
+        "qcow2",
+        top,
+    )
+    qemu_io(
+        top,
+        "qcow2",
+        "write -P 0x44 100000 3333",
+        "write -z 40k 20k",
+        "discard 3M 64k",
+        "write -P 0x55 5M 1536",
+    )
     extents = check_against_qemu(top, "qcow2", "qcow2", sparse_gap=GAP)
     assert extents
     with open_source(str(top)) as src:
@@ -169,17 +218,44 @@ def test_extended_l2_subclusters(work: Path, cluster: str) -> None:
     base = work / f"sub-base-{cluster}.qcow2"
     run("qemu-img", "convert", "-O", "qcow2", work / "pattern.raw", base)
     child = work / f"sub-{cluster}.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"extended_l2=on,cluster_size={cluster}",
-        "-b", base.name, "-F", "qcow2", child)  # fmt: skip
+    run(
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        f"extended_l2=on,cluster_size={cluster}",
+        "-b",
+        base.name,
+        "-F",
+        "qcow2",
+        child,
+    )
     sc = {"32k": 1024, "2M": 64 * KiB}[cluster]
-    qemu_io(child, "qcow2", f"write -P 0x11 {sc} {sc}", f"write -z {3 * sc} {sc}",
-            f"write -P 0x22 {5 * sc + 100} 3000", f"write -z {2 * MiB + sc} {2 * sc}",
-            "write -P 0x23 4M 512")  # fmt: skip
+    qemu_io(
+        child,
+        "qcow2",
+        f"write -P 0x11 {sc} {sc}",
+        f"write -z {3 * sc} {sc}",
+        f"write -P 0x22 {5 * sc + 100} 3000",
+        f"write -z {2 * MiB + sc} {2 * sc}",
+        "write -P 0x23 4M 512",
+    )
     check_against_qemu(child, "qcow2", "qcow2")
     # extended L2 without a backing file, partially written clusters read zeros
     lone = work / f"sub-lone-{cluster}.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"extended_l2=on,cluster_size={cluster}",
-        lone, str(SIZE))  # fmt: skip
+    run(
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        f"extended_l2=on,cluster_size={cluster}",
+        lone,
+        str(SIZE),
+    )
     qemu_io(lone, "qcow2", f"write -P 0x31 {sc} {sc}", f"write -P 0x32 {SIZE - 1536} 1536")
     extents = check_against_qemu(lone, "qcow2", "qcow2", sparse_gap=GAP)
     assert extents[0] == (sc, sc)
@@ -194,7 +270,7 @@ def test_external_data_file(work: Path) -> None:
     with open_source(str(img)) as src:
         assert src.chain() == [str(img), str(data)]
     data.unlink()
-    with pytest.raises(SourceError, match="external data file .* does not exist"):
+    with pytest.raises(SourceError, match=r"external data file .* does not exist"):
         open_source(str(img))
 
 
@@ -214,7 +290,7 @@ def test_read_coalesces_contiguous_clusters(work: Path) -> None:
         runs = list(src._map(0, 256 * KiB))
         assert all(kind == imgutil.DATA for kind, _n, _a in runs)
         hosts = [(a, n) for _k, n, a in runs]
-        assert all(a + n == b for (a, n), (b, _) in zip(hosts, hosts[1:], strict=False))
+        assert all(a + n == b for (a, n), (b, _) in pairwise(hosts))
 
 
 def test_read_speed_close_to_raw(work: Path) -> None:
@@ -346,8 +422,17 @@ def test_truncated_data_cluster(good: Path) -> None:
 def test_corrupt_compressed_cluster(work: Path, tmp_path: Path) -> None:
     for ctype in ("zlib", "zstd"):
         img = tmp_path / f"badz-{ctype}.qcow2"
-        run("qemu-img", "convert", "-c", "-O", "qcow2", "-o", f"compression_type={ctype}",
-            work / "text.raw", img)  # fmt: skip
+        run(
+            "qemu-img",
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            f"compression_type={ctype}",
+            work / "text.raw",
+            img,
+        )
         _, l2 = first_l2(img)
         (entry,) = struct.unpack(">Q", img.read_bytes()[l2 : l2 + 8])
         coff = entry & ((1 << 54) - 1)
@@ -366,8 +451,19 @@ def test_extended_l2_alloc_and_zero_bits(tmp_path: Path) -> None:
 
 def test_luks_encrypted_image_refused(tmp_path: Path) -> None:
     img = tmp_path / "luks.qcow2"
-    run("qemu-img", "create", "-q", "--object", "secret,id=s0,data=pw", "-f", "qcow2",
-        "-o", "encrypt.format=luks,encrypt.key-secret=s0", img, "1M")  # fmt: skip
+    run(
+        "qemu-img",
+        "create",
+        "-q",
+        "--object",
+        "secret,id=s0,data=pw",
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s0",
+        img,
+        "1M",
+    )
     fails(img, "encrypted")
 
 
@@ -432,8 +528,17 @@ def fuzz_seeds(work: Path) -> list[bytes]:
         run("qemu-img", "convert", "-O", "qcow2", *args, raw, img)
         out.append(img.read_bytes())
     sub = work / "fuzz-sub.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=16k",
-        sub, "256k")  # fmt: skip
+    run(
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=16k",
+        sub,
+        "256k",
+    )
     qemu_io(sub, "qcow2", "write -P 3 512 1k", "write -z 16k 1k")
     out.append(sub.read_bytes())
     return out
