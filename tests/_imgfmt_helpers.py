@@ -17,7 +17,10 @@ import random
 import shutil
 import struct
 import subprocess
+import tempfile
+import tracemalloc
 import uuid
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,7 @@ import pytest
 from ingest.detect import open_source
 from ingest.source import DiskSource
 from ingest.vhdx import crc32c
+from repofs.errors import SourceError
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -380,6 +384,28 @@ def build_vhdx(
         out[off : off + len(data)] = data
     path.write_bytes(out)
     return data_write
+
+
+def exercise(data: bytes, fmt: str | None) -> None:
+    """Open, map and read a (possibly hostile) image; only SourceError may escape."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "fuzz.img")
+        with open(path, "wb") as f:
+            f.write(data)
+        tracemalloc.start()
+        try:
+            with open_source(path, fmt) as src:
+                list(islice(src.allocated_extents(), 5000))
+                for off in (0, 4096, src.size // 2, max(0, src.size - 70000)):
+                    n = min(65536 + 17, src.size - off)
+                    if n > 0:
+                        assert len(src.read(off, n)) == n
+        except SourceError as exc:
+            assert "\n" not in str(exc)
+        finally:
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+        assert peak < 96 * MiB, peak
 
 
 def patch(path: Path, offset: int, data: bytes) -> None:

@@ -10,10 +10,8 @@ from __future__ import annotations
 import os
 import random
 import struct
-import tempfile
 import time
-import tracemalloc
-from itertools import islice, pairwise
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from _imgfmt_helpers import (
     MiB,
     check_against_qemu,
     check_source,
+    exercise,
     patch,
     pattern_raw,
     qemu_io,
@@ -542,28 +541,6 @@ def fuzz_seeds(work: Path) -> list[bytes]:
     qemu_io(sub, "qcow2", "write -P 3 512 1k", "write -z 16k 1k")
     out.append(sub.read_bytes())
     return out
-
-
-def exercise(data: bytes, fmt: str | None) -> None:
-    """Open, map and read a (possibly hostile) image; only SourceError may escape."""
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "fuzz.img")
-        with open(path, "wb") as f:
-            f.write(data)
-        tracemalloc.start()
-        try:
-            with open_source(path, fmt) as src:
-                list(islice(src.allocated_extents(), 5000))
-                for off in (0, 4096, src.size // 2, max(0, src.size - 70000)):
-                    n = min(65536 + 17, src.size - off)
-                    if n > 0:
-                        assert len(src.read(off, n)) == n
-        except SourceError as exc:
-            assert "\n" not in str(exc)
-        finally:
-            _, peak = tracemalloc.get_traced_memory()
-            tracemalloc.stop()
-        assert peak < 96 * MiB, peak
 
 
 FUZZ = settings(
