@@ -199,6 +199,29 @@ def test_raw_backing_smaller_than_child(work: Path) -> None:
         assert src.chain() == [str(child), str(work / "small.raw")]
 
 
+@pytest.mark.parametrize(("fmt", "ours"), [("vpc", "vhd:dynamic"), ("vhdx", "vhdx:dynamic")])
+def test_backing_of_other_formats(work: Path, fmt: str, ours: str) -> None:
+    """A qcow2 overlay on a VHD/VHDX base (qemu names the VHD driver 'vpc')."""
+    base = work / f"other-base.{fmt}"
+    run(
+        "qemu-img",
+        "convert",
+        "-O",
+        fmt,
+        "-o",
+        "force_size=on" if fmt == "vpc" else "block_size=1M",
+        work / "pattern.raw",
+        base,
+    )
+    child = work / f"over-{fmt}.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", fmt, child)
+    qemu_io(child, "qcow2", "write -P 0x5a 64k 64k", "write -z 0 4k")
+    check_against_qemu(child, "qcow2", "qcow2", sparse_gap=GAP)
+    with open_source(str(child)) as src:
+        assert src.chain() == [str(child), str(base)]
+        assert src._backing is not None and src._backing.format_name == ours
+
+
 def test_backing_format_probed_without_extension(work: Path) -> None:
     """Without a backing-format header extension the backing file's format is detected."""
     base = work / "probe-base.qcow2"
@@ -459,7 +482,7 @@ def test_luks_encrypted_image_refused(tmp_path: Path) -> None:
         "-f",
         "qcow2",
         "-o",
-        "encrypt.format=luks,encrypt.key-secret=s0",
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
         img,
         "1M",
     )

@@ -397,6 +397,24 @@ def test_crc32c_known_answers() -> None:
     assert crc32c(b"") == 0
     assert crc32c(b"123456789") == 0xE3069283
     assert crc32c(bytes(32)) == 0x8A9136AA
+    assert crc32c(b"\xff" * 32) == 0x62A8AB43
+
+
+def bytewise_crc32c(data: bytes) -> int:
+    """The textbook bit-at-a-time CRC-32C, to check the table/zero-run version against."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    return crc ^ 0xFFFFFFFF
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(parts=st.lists(st.binary(max_size=300) | st.integers(0, 3000).map(bytes), max_size=6))
+def test_crc32c_matches_bitwise_reference(parts: list[bytes]) -> None:
+    data = b"".join(parts)
+    assert crc32c(data) == bytewise_crc32c(data)
 
 
 @pytest.mark.parametrize(
