@@ -506,8 +506,3 @@ def _zstd_decompress(data: bytes, limit: int) -> bytes:
             parts.append(chunk)
             got += len(chunk)
     return b"".join(parts)
-
-
-def probe(head: bytes) -> bool:
-    """Whether ``head`` (first bytes of a file) starts with the qcow2 magic."""
-    return head[:4] == MAGIC

@@ -315,8 +315,3 @@ def _windows_path(directory: str, name: str) -> str:
     if name.startswith("/"):
         return name
     return os.path.normpath(os.path.join(directory, name))
-
-
-def probe(head: bytes) -> bool:
-    """Whether ``head`` starts with a dynamic VHD footer copy."""
-    return head[:8] == FOOTER_COOKIE
