@@ -55,6 +55,7 @@ FULLY_PRESENT, PARTIALLY_PRESENT = 6, 7
 SB_PRESENT = 6
 
 MAX_DISK_SIZE = 64 * 1024**4  # the spec's limit: 64 TiB
+MAX_LOG_ENTRY = 4 * MiB
 
 
 def _crc32c_table() -> list[int]:
@@ -204,7 +205,9 @@ class VhdxSource(LayeredSource):
                 continue
             if head[32:48] != log_guid:
                 continue
-            if _checked(self.pread(log_off + pos, entry_len), 4):
+            # Real entries are a few KiB to a few MiB; a larger one is not
+            # checksummed (that could take minutes) but refused as if valid.
+            if entry_len > MAX_LOG_ENTRY or _checked(self.pread(log_off + pos, entry_len), 4):
                 raise self.fail(
                     "has a VHDX log that needs replaying (not closed cleanly); open it once "
                     "with Hyper-V or 'qemu-img check -r all' to replay it"

@@ -683,6 +683,11 @@ def test_vhdx_log(tmp_path: Path) -> None:
     struct.pack_into("<IIIQII", entry, 4, 0, 4 * KiB, 0, 1, 0, 0)
     entry[32:48] = log_guid
     struct.pack_into("<I", entry, 4, crc32c(bytes(entry)))
+    stale = bytearray(entry)
+    stale[100] = 1  # same GUID, bad CRC: not a valid entry, nothing to replay
+    patch(img, MiB + 8 * KiB, bytes(stale))
+    with open_source(str(img)):
+        pass
     patch(img, MiB + 8 * KiB, bytes(entry))
     fails(img, "log that needs replaying")
 
