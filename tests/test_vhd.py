@@ -758,3 +758,19 @@ def test_vhdx_mutations_only_raise_source_error(
     if cut is not None:
         del data[cut:]
     exercise(bytes(data), "vhdx")
+
+
+@FUZZ
+@given(
+    magic=st.sampled_from([b"conectix", b"vhdxfile"]),
+    body=st.binary(max_size=4096),
+    tail_footer=st.booleans(),
+    pad=st.integers(0, 2 * MiB),
+)
+def test_arbitrary_bytes_only_raise_source_error(
+    magic: bytes, body: bytes, tail_footer: bool, pad: int
+) -> None:
+    data = magic + body + bytes(pad)
+    if tail_footer:  # make the end look like a fixed-VHD footer too
+        data += b"conectix" + body[:504].ljust(504, b"\0")
+    exercise(data, None)
