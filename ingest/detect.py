@@ -2,22 +2,44 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 
 from ingest.raw import RawSource, open_readonly
 from ingest.source import DiskSource
 from repofs.errors import SourceError
 
-#: Formats ``--format`` accepts.  Readers register in :data:`READERS`.
-FORMATS = ("raw", "vmdk")
+#: Formats ``--format`` accepts, each with the module and opener of its reader.
+#: Readers are imported on first use, so a plain raw ingest loads none of them.
+READERS = {
+    "vmdk": ("ingest.vmdk", "open_vmdk"),
+    "qcow2": ("ingest.qcow2", "Qcow2Source"),
+    "vhd": ("ingest.vhd", "VhdSource"),
+    "vhdx": ("ingest.vhdx", "VhdxSource"),
+}
+FORMATS = ("raw", *READERS)
 
 
 def detect_format(path: str, head: bytes) -> str:
-    """Name the format of ``path`` from its first bytes; ``raw`` when nothing matches."""
+    """Name the format of ``path`` from its content; ``raw`` when nothing matches.
+
+    Magic numbers at the start are checked first; a fixed VHD, which is raw
+    data followed by a footer, is recognised last by its final 512 bytes.
+    """
+    if head[:4] == b"QFI\xfb":
+        return "qcow2"
+    if head[:8] == b"vhdxfile":
+        return "vhdx"
+    if head[:8] == b"conectix":  # dynamic/differencing VHD: footer copy at offset 0
+        return "vhd"
     from ingest.vmdk import looks_like_vmdk
 
     if looks_like_vmdk(head):
         return "vmdk"
+    from ingest.vhd import has_fixed_footer
+
+    if has_fixed_footer(path):
+        return "vhd"
     return "raw"
 
 
@@ -28,15 +50,19 @@ def open_source(path: str, fmt: str | None = None) -> DiskSource:
     fd = open_readonly(path)
     try:
         head = os.pread(fd, 4096, 0)
+        chosen = fmt or detect_format(path, head)
     except OSError as exc:
         os.close(fd)
         raise SourceError(f"{path}: cannot read: {exc.strerror}") from None
-    chosen = fmt or detect_format(path, head)
+    except BaseException:
+        os.close(fd)
+        raise
     if chosen == "raw":
         return RawSource(path, fd)
-    if chosen == "vmdk":
-        from ingest.vmdk import open_vmdk
-
-        return open_vmdk(path, fd)
-    os.close(fd)
-    raise SourceError(f"{path}: no reader for format {chosen!r}")
+    module, opener = READERS[chosen]
+    try:
+        reader = getattr(importlib.import_module(module), opener)
+    except BaseException:
+        os.close(fd)
+        raise
+    return reader(path, fd)

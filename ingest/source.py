@@ -106,7 +106,9 @@ def pread_exact(fd: int, length: int, offset: int, path: str) -> bytes:
         try:
             data = os.pread(fd, length - got, offset + got)
         except OSError as exc:
-            raise SourceError(f"{path}: read error at offset {offset + got}: {exc.strerror}") from exc
+            raise SourceError(
+                f"{path}: read error at offset {offset + got}: {exc.strerror}"
+            ) from exc
         if not data:
             raise SourceError(
                 f"{path}: file is truncated: needed {length} bytes at offset {offset}, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,33 @@ class TestBadLists:
         assert_one_line_error(repofs("ingest", repo, "--vm", "new", f"d={base}", "--changed-blocks",
                                      f"d={cbt}", check=False), "parent")
         assert len(listing(repo, "vm")) == 1
+
+    def test_missing_qemu_bitmap(self, tmp_path: Path, repo: Path) -> None:
+        """A bitmap name that does not exist lists the ones that do."""
+        q = tmp_path / "d.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(q), "4M"], check=True)
+        subprocess.run(["qemu-img", "bitmap", "--add", str(q), "b0"], check=True)
+        ingest(repo, "q", f"d={q}")
+        p = repofs("ingest", repo, "--vm", "q", f"d={q}", "--changed-blocks", "d=qemu-bitmap:nope",
+                   check=False)
+        assert_one_line_error(p, "nope", "b0")
+
+
+class TestQemuBitmap:
+    def test_dirty_bitmap_incremental(self, tmp_path: Path, repo: Path) -> None:
+        """A qcow2 persistent dirty bitmap drives an incremental that reads only its extents."""
+        q = tmp_path / "d.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(q), "16M"], check=True)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x33 0 4M", str(q)], check=True,
+                       capture_output=True)
+        ingest(repo, "q", f"d={q}")
+        subprocess.run(["qemu-img", "bitmap", "--add", str(q), "since-full"], check=True)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x44 1M 64k", "-c", "write -z 2M 128k",
+                        "-c", "write -P 0x55 10M 4k", str(q)], check=True, capture_output=True)
+        rp = ingest(repo, "q", f"d={q}", extra=("--changed-blocks", "d=qemu-bitmap:since-full"))
+        disk = listing(repo, "q")[-1]["disks"][0]
+        assert disk["read_mode"] == "cbt" and disk["bytes_read"] <= 64 * KiB + CHUNK
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            proc = subprocess.run(["qemu-img", "compare", str(q), str(mnt / "q" / rp / "d.vmdk")],
+                                  capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -89,3 +89,57 @@ class TestVmdk:
         assert json.loads(repofs("list", repo, "--json").stdout)[0]["disks"][0]["format"] == "raw"
         assert_one_line_error(repofs("ingest", repo, "--vm", "v", f"d={src}", "--format", "zip",
                                      check=False), "unknown format")
+
+
+QEMU_SOURCES = [
+    ("qcow2", ["-O", "qcow2", "-o", "compat=0.10"], "qcow2"),
+    ("qcow2", ["-O", "qcow2", "-o", "compat=1.1,cluster_size=4096"], "qcow2"),
+    ("qcow2", ["-O", "qcow2", "-c", "-o", "compression_type=zstd"], "qcow2"),
+    ("qcow2", ["-O", "qcow2", "-o", "extended_l2=on"], "qcow2"),
+    ("vhd", ["-O", "vpc", "-o", "subformat=dynamic"], "vhd"),
+    ("vhd", ["-O", "vpc", "-o", "subformat=fixed"], "vhd"),
+    ("vhdx", ["-O", "vhdx", "-o", "subformat=dynamic"], "vhdx"),
+    ("vhdx", ["-O", "vhdx", "-o", "subformat=fixed"], "vhdx"),
+]
+
+
+class TestQemuFormats:
+    @pytest.mark.parametrize("ext,args,fmt", QEMU_SOURCES,
+                             ids=[" ".join(a[1:]) for _, a, _ in QEMU_SOURCES])
+    def test_detected_and_identical(self, tmp_path: Path, repo: Path, base_raw: Path, ext: str,
+                                    args: list[str], fmt: str) -> None:
+        """qcow2, VHD and VHDX as qemu writes them are detected, ingested and read back identical."""
+        src = tmp_path / f"src.{ext}"
+        qemu("convert", "-f", "raw", *args, str(base_raw), str(src))
+        rp = ingest(repo, "v", f"d={src}")
+        info = json.loads(repofs("list", repo, "--json").stdout)[0]["disks"][0]
+        assert info["format"].split(":")[0] == fmt
+        reference = tmp_path / "ref.raw"
+        qemu_fmt = "vpc" if fmt == "vhd" else fmt
+        qemu("convert", "-f", qemu_fmt, "-O", "raw", str(src), str(reference))
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            compare_with_qemu(reference, mnt / "v" / rp / "d.vmdk")
+
+    def test_qcow2_backing_chain(self, tmp_path: Path, repo: Path, base_raw: Path) -> None:
+        """A qcow2 child over a raw backing file reads through the chain."""
+        child = tmp_path / "child.qcow2"
+        qemu("create", "-f", "qcow2", "-b", str(base_raw), "-F", "raw", str(child))
+        qemu_io(child, "write -P 0x77 3M 64k", "write -z 0 4k", fmt="qcow2")
+        rp = ingest(repo, "v", f"d={child}")
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            compare_with_qemu(child, mnt / "v" / rp / "d.vmdk")
+
+    def test_looping_chain_and_bad_header(self, tmp_path: Path, repo: Path) -> None:
+        """A backing chain that loops and a qcow2 header with an absurd size: one line each."""
+        a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+        qemu("create", "-f", "qcow2", str(a), "4M")
+        qemu("create", "-f", "qcow2", "-b", str(a), "-F", "qcow2", str(b))
+        qemu("rebase", "-u", "-b", str(b), "-F", "qcow2", str(a))
+        assert_one_line_error(repofs("ingest", repo, "--vm", "v", f"d={b}", check=False), "qcow2")
+        bad = tmp_path / "bad.qcow2"
+        qemu("create", "-f", "qcow2", str(bad), "4M")
+        with open(bad, "r+b") as f:
+            f.seek(24)
+            f.write((1 << 62).to_bytes(8, "big"))  # virtual size
+        assert_one_line_error(repofs("ingest", repo, "--vm", "v", f"d={bad}", check=False), "bad.qcow2")
+        assert json.loads(repofs("list", repo, "--json").stdout) == []
