@@ -19,7 +19,9 @@ class Run(enum.Enum):
     PARENT = "parent"
 
 
-def chunk_intervals(extents: Iterable[tuple[int, int]], chunk_size: int, n_chunks: int) -> list[Interval]:
+def chunk_intervals(
+    extents: Iterable[tuple[int, int]], chunk_size: int, n_chunks: int
+) -> list[Interval]:
     """The chunks that byte extents touch, merged."""
     out: list[Interval] = []
     for off, length in extents:
@@ -70,7 +72,9 @@ def union(a: list[Interval], b: list[Interval]) -> list[Interval]:
     return out
 
 
-def plan_runs(n_chunks: int, allocated: list[Interval], changed: list[Interval] | None) -> Iterator[tuple[Run, int, int]]:
+def plan_runs(
+    n_chunks: int, allocated: list[Interval], changed: list[Interval] | None
+) -> Iterator[tuple[Run, int, int]]:
     """Yield ``(kind, first chunk, count)`` covering ``[0, n_chunks)`` in order.
 
     Without a changed list every chunk is read or zero.  With one, chunks

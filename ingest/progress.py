@@ -18,8 +18,9 @@ def human_bytes(n: float) -> str:
 class Progress:
     """Bytes done, MB/s and ETA, redrawn at most a few times a second."""
 
-    def __init__(self, total: int, label: str = "", stream: TextIO | None = None,
-                 enabled: bool | None = None) -> None:
+    def __init__(
+        self, total: int, label: str = "", stream: TextIO | None = None, enabled: bool | None = None
+    ) -> None:
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.total = total
@@ -43,8 +44,10 @@ class Progress:
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else 0
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        line = (f"{self.label}{human_bytes(self.done)} / {human_bytes(self.total)} "
-                f"({pct:5.1f}%)  {rate / 1e6:7.1f} MB/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        line = (
+            f"{self.label}{human_bytes(self.done)} / {human_bytes(self.total)} "
+            f"({pct:5.1f}%)  {rate / 1e6:7.1f} MB/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+        )
         self.stream.write("\r" + line.ljust(78))
         self.stream.flush()
 

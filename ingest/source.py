@@ -111,8 +111,7 @@ def pread_exact(fd: int, length: int, offset: int, path: str) -> bytes:
             ) from exc
         if not data:
             raise SourceError(
-                f"{path}: file is truncated: needed {length} bytes at offset {offset}, "
-                f"got {got}"
+                f"{path}: file is truncated: needed {length} bytes at offset {offset}, got {got}"
             )
         parts.append(data)
         got += len(data)

@@ -65,9 +65,7 @@ class RepoConfig:
     @classmethod
     def new(cls, chunk_size: int, compression: str) -> RepoConfig:
         if chunk_size & (chunk_size - 1) or not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
-            raise UsageError(
-                f"chunk size {chunk_size} must be a power of two from 4K to 4M"
-            )
+            raise UsageError(f"chunk size {chunk_size} must be a power of two from 4K to 4M")
         codec, level = parse_compression(compression)
         return cls(
             format=FORMAT_NAME,
@@ -101,7 +99,9 @@ class RepoConfig:
             with open(path, "rb") as f:
                 raw = f.read(65536)
         except FileNotFoundError:
-            raise RepositoryError(f"{repo_path}: not a repofs repository (no {CONFIG_FILE})") from None
+            raise RepositoryError(
+                f"{repo_path}: not a repofs repository (no {CONFIG_FILE})"
+            ) from None
         except OSError as exc:
             raise RepositoryError(f"{path}: cannot read: {exc.strerror}") from None
         try:
@@ -125,7 +125,9 @@ class RepoConfig:
         if not isinstance(cfg.page_refs, int) or not 16 <= cfg.page_refs <= 65536:
             raise RepositoryError(f"{path}: page_refs {cfg.page_refs!r} out of range 16..65536")
         if not re.fullmatch(r"[0-9a-f]{32}", str(cfg.repository_id)):
-            raise RepositoryError(f"{path}: repository_id {cfg.repository_id!r} is not 32 hex digits")
+            raise RepositoryError(
+                f"{path}: repository_id {cfg.repository_id!r} is not 32 hex digits"
+            )
         try:
             parse_compression(cfg.compression)
         except UsageError as exc:

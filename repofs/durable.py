@@ -7,6 +7,7 @@ directory.  Nothing else in repofs writes a file that must survive a crash.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 
@@ -37,15 +38,13 @@ def write_file_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
         fsync_dir(directory)
     except OSError as exc:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise os_error(exc, path) from None

@@ -47,8 +47,10 @@ def repository_lock(repo_path: str, *, exclusive: bool, wait: bool = True) -> It
     gate = _open(os.path.join(repo_path, GATE))
     main = _open(os.path.join(repo_path, MAIN))
     try:
-        busy = "the repository is busy with gc or rebuild-index" if not exclusive else (
-            "the repository is in use by an ingest, prune or gc"
+        busy = (
+            "the repository is busy with gc or rebuild-index"
+            if not exclusive
+            else ("the repository is in use by an ingest, prune or gc")
         )
         _acquire(gate, fcntl.LOCK_EX, wait, busy)
         _acquire(main, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, wait, busy)

@@ -84,8 +84,12 @@ class MapBuilder:
         """The highest level whose complete subtree fits at the current position, or -1."""
         level = -1
         span = self.page_refs
-        while (level + 2 < self.depth and self._pos % span == 0
-               and self._pos + span <= self.n_chunks and count >= span):
+        while (
+            level + 2 < self.depth
+            and self._pos % span == 0
+            and self._pos + span <= self.n_chunks
+            and count >= span
+        ):
             level += 1
             span *= self.page_refs
         return level

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import collections
+import contextlib
 import os
 import secrets
 import threading
@@ -66,7 +67,7 @@ class PackStore(abc.ABC):
     @abc.abstractmethod
     def delete(self, pack_id: bytes) -> None: ...
 
-    def cleanup_unpublished(self) -> int:  # noqa: B027 - only local stores leave debris
+    def cleanup_unpublished(self) -> int:
         """Remove leftovers of writers that died; call only when no writer runs."""
         return 0
 
@@ -77,7 +78,9 @@ class _LocalSink(PackSink):
         self._store = store
         self._tmp = os.path.join(store.tmp_dir, f"{pack_id.hex()}.{os.getpid()}.tmp")
         try:
-            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self._fd = os.open(
+                self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+            )
         except OSError as exc:
             raise os_error(exc, f"creating pack in {store.tmp_dir}") from None
         self._size = 0
@@ -91,7 +94,7 @@ class _LocalSink(PackSink):
         view = memoryview(data)
         try:
             while view:
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
         except OSError as exc:
             self.abort()
             raise os_error(exc, f"writing pack {self.pack_id.hex()}") from None
@@ -115,10 +118,8 @@ class _LocalSink(PackSink):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(self._tmp)
-        except OSError:
-            pass
 
 
 class LocalPackStore(PackStore):

@@ -18,8 +18,14 @@ class ObjectWriter:
     deduplicates against them.  Only one thread calls the writing methods.
     """
 
-    def __init__(self, index: Index, packs: PackStore, repository_id: str, target_size: int,
-                 compression: tuple[str, int]) -> None:
+    def __init__(
+        self,
+        index: Index,
+        packs: PackStore,
+        repository_id: str,
+        target_size: int,
+        compression: tuple[str, int],
+    ) -> None:
         self._index = index
         self._packs = packs
         self._repository_id = repository_id
@@ -39,7 +45,9 @@ class ObjectWriter:
             return True
         return self._index.read(lambda txn: self._index.has(txn, rtype, digest))
 
-    def put(self, rtype: RecordType, digest: bytes, codec: Codec, raw_len: int, payload: bytes) -> Location:
+    def put(
+        self, rtype: RecordType, digest: bytes, codec: Codec, raw_len: int, payload: bytes
+    ) -> Location:
         """Append a record whose payload the caller already compressed; returns where it went."""
         if self._sink is None:
             self._sink = self._packs.create()
@@ -62,7 +70,9 @@ class ObjectWriter:
             return digest
         return self.put_new(rtype, raw, digest)[0]
 
-    def put_new(self, rtype: RecordType, raw: bytes, digest: bytes | None = None) -> tuple[bytes, Location]:
+    def put_new(
+        self, rtype: RecordType, raw: bytes, digest: bytes | None = None
+    ) -> tuple[bytes, Location]:
         """Compress and append ``raw`` unconditionally; returns its digest and location."""
         digest = digest_of(raw) if digest is None else digest
         codec, payload = self._compressor.compress(raw)

@@ -14,18 +14,30 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def repofs(*args: str | os.PathLike[str], check: bool = True, timeout: float = 600,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def repofs(
+    *args: str | os.PathLike[str],
+    check: bool = True,
+    timeout: float = 600,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run the real ``repofs`` CLI in a subprocess, as an administrator would."""
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = str(REPO_ROOT)
     if env:
         full_env.update(env)
-    proc = subprocess.run([sys.executable, "-m", "repofs", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=full_env, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, "-m", "repofs", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        stdin=subprocess.DEVNULL,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"repofs {' '.join(map(str, args))} failed ({proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"repofs {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+            f"{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -55,8 +67,9 @@ def make_image(path: Path, size: int, writes: list[tuple[int, bytes]] = ()) -> P
 
 
 def qemu_compare(a: Path | str, b: Path | str) -> None:
-    proc = subprocess.run(["qemu-img", "compare", "-f", "raw", str(a), str(b)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", str(a), str(b)], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "identical" in proc.stdout
 

@@ -1,4 +1,4 @@
-"""Changed-block tracking end to end: incrementals that read only what changed, each a full image."""
+"""Changed-block tracking end to end: incrementals read only what changed, yet are full images."""
 
 from __future__ import annotations
 
@@ -44,7 +44,9 @@ class TestChain:
         scattered writes; each reads back identical to the disk of its moment, and each
         incremental reads only the changed chunks."""
         size = 8 * MiB + 3 * 512
-        img = make_image(tmp_path / "d.img", size, [(0, os.urandom(3 * MiB)), (6 * MiB, os.urandom(MiB))])
+        img = make_image(
+            tmp_path / "d.img", size, [(0, os.urandom(3 * MiB)), (6 * MiB, os.urandom(MiB))]
+        )
         days = [tmp_path / "day0.img"]
         shutil.copy(img, days[0])
         ids = [ingest(repo, "vm", f"d={img}")]
@@ -107,8 +109,11 @@ class TestShapeChanges:
             f.seek(4 * MiB)
             f.write(os.urandom(MiB))
         cbt = write_list(tmp_path / "g.json", [poke(a, 0, b"grown")])
-        snap("1", ingest(repo, "vm", f"a={a}", f"b={b}", extra=("--changed-blocks", f"a={cbt}")),
-             {"a": a, "b": b})
+        snap(
+            "1",
+            ingest(repo, "vm", f"a={a}", f"b={b}", extra=("--changed-blocks", f"a={cbt}")),
+            {"a": a, "b": b},
+        )
         with open(a, "r+b") as f:  # shrink to a partial last chunk
             f.truncate(3 * MiB + 1024)
         cbt = write_list(tmp_path / "s.json", [poke(a, 100, b"shrunk")])
@@ -116,7 +121,8 @@ class TestShapeChanges:
         with mounted(repo, tmp_path / "mnt") as mnt:
             for rp, copies in snaps:
                 assert sorted(os.listdir(mnt / "vm" / rp)) == sorted(
-                    f for n in copies for f in (f"{n}.vmdk", f"{n}-flat.vmdk"))
+                    f for n in copies for f in (f"{n}.vmdk", f"{n}-flat.vmdk")
+                )
                 for name, copy in copies.items():
                     qemu_compare(copy, mnt / "vm" / rp / f"{name}.vmdk")
 
@@ -130,8 +136,11 @@ class TestVmwareList:
         poke(img, 3 * MiB + 5, b"changed")
         pages = [
             {"startOffset": 0, "length": 2 * MiB, "changedArea": []},
-            {"startOffset": 2 * MiB, "length": 2 * MiB,
-             "changedArea": [{"start": 3 * MiB, "length": CHUNK}]},
+            {
+                "startOffset": 2 * MiB,
+                "length": 2 * MiB,
+                "changedArea": [{"start": 3 * MiB, "length": CHUNK}],
+            },
         ]
         cbt = tmp_path / "vmware.json"
         cbt.write_text(json.dumps(pages))
@@ -148,8 +157,18 @@ class TestCbtCheck:
         ingest(repo, "vm", f"d={img}")
         poke(img, 5 * CHUNK + 10, b"unlisted")
         cbt = write_list(tmp_path / "c.json", [poke(img, 0, b"listed")])
-        p = repofs("ingest", repo, "--vm", "vm", f"d={img}", "--changed-blocks", f"d={cbt}",
-                   "--cbt-check", "100", check=False)
+        p = repofs(
+            "ingest",
+            repo,
+            "--vm",
+            "vm",
+            f"d={img}",
+            "--changed-blocks",
+            f"d={cbt}",
+            "--cbt-check",
+            "100",
+            check=False,
+        )
         assert_one_line_error(p, "--cbt-check failed", "disk d", f"{5 * CHUNK}-{6 * CHUNK}")
         assert len(listing(repo, "vm")) == 1
 
@@ -161,41 +180,89 @@ class TestBadLists:
         ingest(repo, "vm", f"d={img}")
         return img
 
-    @pytest.mark.parametrize("doc,needle", [
-        ({"block_size": 512, "extents": [[0, 2 * MiB]]}, "beyond the end"),
-        ({"block_size": 512, "extents": [[512, 0]]}, "length"),
-        ({"block_size": 512, "extents": [[-512, 512]]}, "negative"),
-        ({"block_size": 1000, "extents": [[0, 1000]]}, "power of two"),
-        ({"nonsense": 1}, "c.json"),
-    ])
-    def test_bad_list_writes_nothing(self, tmp_path: Path, repo: Path, base: Path, doc: dict, needle: str) -> None:
+    @pytest.mark.parametrize(
+        "doc,needle",
+        [
+            ({"block_size": 512, "extents": [[0, 2 * MiB]]}, "beyond the end"),
+            ({"block_size": 512, "extents": [[512, 0]]}, "length"),
+            ({"block_size": 512, "extents": [[-512, 512]]}, "negative"),
+            ({"block_size": 1000, "extents": [[0, 1000]]}, "power of two"),
+            ({"nonsense": 1}, "c.json"),
+        ],
+    )
+    def test_bad_list_writes_nothing(
+        self, tmp_path: Path, repo: Path, base: Path, doc: dict, needle: str
+    ) -> None:
         """Each malformed list is a one-line error and no restore point."""
         cbt = tmp_path / "c.json"
         cbt.write_text(json.dumps(doc))
-        p = repofs("ingest", repo, "--vm", "vm", f"d={base}", "--changed-blocks", f"d={cbt}", check=False)
+        p = repofs(
+            "ingest", repo, "--vm", "vm", f"d={base}", "--changed-blocks", f"d={cbt}", check=False
+        )
         assert_one_line_error(p, needle)
         assert len(listing(repo, "vm")) == 1
 
-    def test_overlapping_unsorted_extents_are_merged(self, tmp_path: Path, repo: Path, base: Path) -> None:
+    def test_overlapping_unsorted_extents_are_merged(
+        self, tmp_path: Path, repo: Path, base: Path
+    ) -> None:
         """Unsorted and overlapping extents are legal."""
         poke(base, 4096, b"x")
         cbt = tmp_path / "c.json"
-        cbt.write_text(json.dumps({"block_size": 4096, "extents": [[8192, 4096], [0, 8192], [4096, 4096]]}))
+        cbt.write_text(
+            json.dumps({"block_size": 4096, "extents": [[8192, 4096], [0, 8192], [4096, 4096]]})
+        )
         rp = ingest(repo, "vm", f"d={base}", extra=("--changed-blocks", f"d={cbt}"))
         with mounted(repo, tmp_path / "mnt") as mnt:
             qemu_compare(base, mnt / "vm" / rp / "d.vmdk")
 
-    def test_list_for_unknown_disk_and_bad_parents(self, tmp_path: Path, repo: Path, base: Path) -> None:
+    def test_list_for_unknown_disk_and_bad_parents(
+        self, tmp_path: Path, repo: Path, base: Path
+    ) -> None:
         """A list for a disk not ingested, a missing parent, a parent of another VM, no parent."""
         cbt = write_list(tmp_path / "c.json", [(0, 512)])
-        assert_one_line_error(repofs("ingest", repo, "--vm", "vm", f"d={base}", "--changed-blocks",
-                                     f"e={cbt}", check=False), "not in this ingest")
+        assert_one_line_error(
+            repofs(
+                "ingest",
+                repo,
+                "--vm",
+                "vm",
+                f"d={base}",
+                "--changed-blocks",
+                f"e={cbt}",
+                check=False,
+            ),
+            "not in this ingest",
+        )
         ingest(repo, "other", f"d={base}")
         other = ingest(repo, "other", f"d={base}")  # later than vm's only id, so not one of vm's
-        assert_one_line_error(repofs("ingest", repo, "--vm", "vm", f"d={base}", "--changed-blocks",
-                                     f"d={cbt}", "--parent", other, check=False), "no restore point")
-        assert_one_line_error(repofs("ingest", repo, "--vm", "new", f"d={base}", "--changed-blocks",
-                                     f"d={cbt}", check=False), "parent")
+        assert_one_line_error(
+            repofs(
+                "ingest",
+                repo,
+                "--vm",
+                "vm",
+                f"d={base}",
+                "--changed-blocks",
+                f"d={cbt}",
+                "--parent",
+                other,
+                check=False,
+            ),
+            "no restore point",
+        )
+        assert_one_line_error(
+            repofs(
+                "ingest",
+                repo,
+                "--vm",
+                "new",
+                f"d={base}",
+                "--changed-blocks",
+                f"d={cbt}",
+                check=False,
+            ),
+            "parent",
+        )
         assert len(listing(repo, "vm")) == 1
 
     def test_missing_qemu_bitmap(self, tmp_path: Path, repo: Path) -> None:
@@ -204,8 +271,16 @@ class TestBadLists:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(q), "4M"], check=True)
         subprocess.run(["qemu-img", "bitmap", "--add", str(q), "b0"], check=True)
         ingest(repo, "q", f"d={q}")
-        p = repofs("ingest", repo, "--vm", "q", f"d={q}", "--changed-blocks", "d=qemu-bitmap:nope",
-                   check=False)
+        p = repofs(
+            "ingest",
+            repo,
+            "--vm",
+            "q",
+            f"d={q}",
+            "--changed-blocks",
+            "d=qemu-bitmap:nope",
+            check=False,
+        )
         assert_one_line_error(p, "nope", "b0")
 
 
@@ -214,16 +289,36 @@ class TestQemuBitmap:
         """A qcow2 persistent dirty bitmap drives an incremental that reads only its extents."""
         q = tmp_path / "d.qcow2"
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(q), "16M"], check=True)
-        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x33 0 4M", str(q)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["qemu-io", "-f", "qcow2", "-c", "write -P 0x33 0 4M", str(q)],
+            check=True,
+            capture_output=True,
+        )
         ingest(repo, "q", f"d={q}")
         subprocess.run(["qemu-img", "bitmap", "--add", str(q), "since-full"], check=True)
-        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x44 1M 64k", "-c", "write -z 2M 128k",
-                        "-c", "write -P 0x55 10M 4k", str(q)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "qemu-io",
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0x44 1M 64k",
+                "-c",
+                "write -z 2M 128k",
+                "-c",
+                "write -P 0x55 10M 4k",
+                str(q),
+            ],
+            check=True,
+            capture_output=True,
+        )
         rp = ingest(repo, "q", f"d={q}", extra=("--changed-blocks", "d=qemu-bitmap:since-full"))
         disk = listing(repo, "q")[-1]["disks"][0]
         assert disk["read_mode"] == "cbt" and disk["bytes_read"] <= 64 * KiB + CHUNK
         with mounted(repo, tmp_path / "mnt") as mnt:
-            proc = subprocess.run(["qemu-img", "compare", str(q), str(mnt / "q" / rp / "d.vmdk")],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                ["qemu-img", "compare", str(q), str(mnt / "q" / rp / "d.vmdk")],
+                capture_output=True,
+                text=True,
+            )
             assert proc.returncode == 0, proc.stdout + proc.stderr

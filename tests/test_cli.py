@@ -19,7 +19,9 @@ class TestInit:
         """init makes a 0700 repository with a versioned config."""
         repofs("init", tmp_path / "r", "--chunk-size", "128K", "--compression", "zstd:5")
         cfg = json.loads((tmp_path / "r" / "config.json").read_text())
-        assert cfg["version"] == 1 and cfg["chunk_size"] == 131072 and cfg["compression"] == "zstd:5"
+        assert (
+            cfg["version"] == 1 and cfg["chunk_size"] == 131072 and cfg["compression"] == "zstd:5"
+        )
         assert stat.S_IMODE(os.stat(tmp_path / "r").st_mode) == 0o700
 
     def test_refuses_existing_repository_and_nonempty_dir(self, tmp_path: Path, repo: Path) -> None:
@@ -31,13 +33,16 @@ class TestInit:
         (tmp_path / "full" / "f").write_text("x")
         assert_one_line_error(repofs("init", tmp_path / "full", check=False), "not empty")
 
-    @pytest.mark.parametrize("args,needle", [
-        (["--chunk-size", "3K"], "power of two"),
-        (["--chunk-size", "8M"], "power of two"),
-        (["--chunk-size", "2K"], "power of two"),
-        (["--compression", "lz4"], "compression"),
-        (["--compression", "zstd:99"], "range"),
-    ])
+    @pytest.mark.parametrize(
+        "args,needle",
+        [
+            (["--chunk-size", "3K"], "power of two"),
+            (["--chunk-size", "8M"], "power of two"),
+            (["--chunk-size", "2K"], "power of two"),
+            (["--compression", "lz4"], "compression"),
+            (["--compression", "zstd:99"], "range"),
+        ],
+    )
     def test_bad_options(self, tmp_path: Path, args: list[str], needle: str) -> None:
         """Bad chunk sizes and codecs are one-line errors, and create nothing."""
         assert_one_line_error(repofs("init", tmp_path / "r", *args, check=False), needle)
@@ -47,7 +52,9 @@ class TestInit:
 class TestIngest:
     def test_round_trip_odd_size_and_configs(self, tmp_path: Path, repo: Path) -> None:
         """A disk of odd size and its config files come back byte for byte (see test_mount)."""
-        img = make_image(tmp_path / "d.img", 3 * MiB + 1000, [(0, os.urandom(5000)), (2 * MiB, b"z" * 70000)])
+        img = make_image(
+            tmp_path / "d.img", 3 * MiB + 1000, [(0, os.urandom(5000)), (2 * MiB, b"z" * 70000)]
+        )
         vmx = tmp_path / "web.vmx"
         vmx.write_text('displayName = "web"\n')
         rp = ingest(repo, "web", f"disk0={img}", extra=("--config", str(vmx)))
@@ -72,8 +79,11 @@ class TestIngest:
 
     def test_sparse_64g_reads_only_data(self, tmp_path: Path, repo: Path) -> None:
         """A 64 GiB sparse image with a little data is ingested without reading its holes."""
-        img = make_image(tmp_path / "big.img", 64 << 30,
-                         [(0, os.urandom(MiB)), ((40 << 30) + 12345, os.urandom(100))])
+        img = make_image(
+            tmp_path / "big.img",
+            64 << 30,
+            [(0, os.urandom(MiB)), ((40 << 30) + 12345, os.urandom(100))],
+        )
         ingest(repo, "big", f"d={img}")
         disk = json.loads(repofs("list", repo, "--json").stdout)[0]["disks"][0]
         assert disk["capacity"] == 64 << 30
@@ -96,7 +106,9 @@ class TestBadInput:
     def test_bad_vm_name(self, tmp_path: Path, repo: Path, vm: str) -> None:
         """A bad VM name is refused before anything is written."""
         img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
-        assert_one_line_error(repofs("ingest", repo, "--vm", vm, f"d={img}", check=False), "VM name")
+        assert_one_line_error(
+            repofs("ingest", repo, "--vm", vm, f"d={img}", check=False), "VM name"
+        )
         assert self._count(repo) == 0
 
     def test_missing_source(self, repo: Path, tmp_path: Path) -> None:
@@ -113,9 +125,13 @@ class TestBadInput:
     def test_duplicate_disk_and_bad_spec(self, repo: Path, tmp_path: Path) -> None:
         """DISK=SOURCE must be well formed and disk names unique."""
         img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
-        assert_one_line_error(repofs("ingest", repo, "--vm", "v", f"d={img}", f"d={img}", check=False),
-                              "more than once")
-        assert_one_line_error(repofs("ingest", repo, "--vm", "v", str(img), check=False), "NAME=VALUE")
+        assert_one_line_error(
+            repofs("ingest", repo, "--vm", "v", f"d={img}", f"d={img}", check=False),
+            "more than once",
+        )
+        assert_one_line_error(
+            repofs("ingest", repo, "--vm", "v", str(img), check=False), "NAME=VALUE"
+        )
         assert_one_line_error(repofs("ingest", repo, "--vm", "v", check=False), "no disks")
         assert self._count(repo) == 0
 
@@ -126,7 +142,9 @@ class TestBadInput:
         (tmp_path / "plain").mkdir()
         assert_one_line_error(repofs("list", tmp_path / "none", check=False), "no such repository")
         assert_one_line_error(repofs("stats", f, check=False), "not a directory")
-        assert_one_line_error(repofs("list", tmp_path / "plain", check=False), "not a repofs repository")
+        assert_one_line_error(
+            repofs("list", tmp_path / "plain", check=False), "not a repofs repository"
+        )
 
     def test_unknown_vm(self, repo: Path) -> None:
         """Listing a VM that has no restore points says so."""
@@ -136,7 +154,9 @@ class TestBadInput:
         """--parent must name an existing restore point of the VM."""
         img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
         ingest(repo, "v", f"d={img}")
-        p = repofs("ingest", repo, "--vm", "v", f"d={img}", "--parent", "2001-01-01T000000Z", check=False)
+        p = repofs(
+            "ingest", repo, "--vm", "v", f"d={img}", "--parent", "2001-01-01T000000Z", check=False
+        )
         assert_one_line_error(p, "no restore point")
 
     def test_click_usage_errors_are_one_line(self, repo: Path) -> None:
@@ -147,6 +167,15 @@ class TestBadInput:
     def test_missing_config_file(self, repo: Path, tmp_path: Path) -> None:
         """A --config that does not exist is refused before anything is written."""
         img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
-        p = repofs("ingest", repo, "--vm", "v", f"d={img}", "--config", str(tmp_path / "no.vmx"), check=False)
+        p = repofs(
+            "ingest",
+            repo,
+            "--vm",
+            "v",
+            f"d={img}",
+            "--config",
+            str(tmp_path / "no.vmx"),
+            check=False,
+        )
         assert_one_line_error(p, "no.vmx")
         assert self._count(repo) == 0

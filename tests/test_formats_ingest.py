@@ -27,20 +27,33 @@ def qemu_io(image: Path, *commands: str, fmt: str) -> None:
 
 def compare_with_qemu(source: Path, exposed: Path) -> None:
     """The exposed VMDK equals qemu's reading of the source (its format detected by qemu)."""
-    proc = subprocess.run(["qemu-img", "compare", str(source), str(exposed)], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["qemu-img", "compare", str(source), str(exposed)], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.fixture
 def base_raw(tmp_path: Path) -> Path:
     """Random, zero and repeated data, of a size that is no multiple of 64 KiB."""
-    return make_image(tmp_path / "base.raw", 6 * MiB + 1536, [
-        (0, os.urandom(MiB)), (2 * MiB + 100, b"repeat" * 50000), (6 * MiB, os.urandom(1536)),
-    ])
+    return make_image(
+        tmp_path / "base.raw",
+        6 * MiB + 1536,
+        [
+            (0, os.urandom(MiB)),
+            (2 * MiB + 100, b"repeat" * 50000),
+            (6 * MiB, os.urandom(1536)),
+        ],
+    )
 
 
-VMDK_SUBFORMATS = ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
-                   "twoGbMaxExtentFlat", "streamOptimized"]
+VMDK_SUBFORMATS = [
+    "monolithicSparse",
+    "monolithicFlat",
+    "twoGbMaxExtentSparse",
+    "twoGbMaxExtentFlat",
+    "streamOptimized",
+]
 
 
 class TestVmdk:
@@ -48,7 +61,17 @@ class TestVmdk:
     def test_subformats(self, tmp_path: Path, repo: Path, base_raw: Path, subformat: str) -> None:
         """Each VMDK subformat qemu writes is detected, ingested and reads back identical."""
         src = tmp_path / f"{subformat}.vmdk"
-        qemu("convert", "-f", "raw", "-O", "vmdk", "-o", f"subformat={subformat}", str(base_raw), str(src))
+        qemu(
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vmdk",
+            "-o",
+            f"subformat={subformat}",
+            str(base_raw),
+            str(src),
+        )
         rp = ingest(repo, "v", f"d={src}")
         info = json.loads(repofs("list", repo, "--json").stdout)[0]["disks"][0]
         assert info["format"] == f"vmdk:{subformat}"
@@ -73,12 +96,16 @@ class TestVmdk:
         src = tmp_path / "cut.vmdk"
         qemu("convert", "-f", "raw", "-O", "vmdk", str(base_raw), str(src))
         os.truncate(src, src.stat().st_size // 3)
-        assert_one_line_error(repofs("ingest", repo, "--vm", "v", f"d={src}", check=False), "cut.vmdk")
+        assert_one_line_error(
+            repofs("ingest", repo, "--vm", "v", f"d={src}", check=False), "cut.vmdk"
+        )
         parent, child = tmp_path / "p.vmdk", tmp_path / "c.vmdk"
         qemu("create", "-f", "vmdk", str(parent), "8M")
         qemu("create", "-f", "vmdk", "-b", str(parent), "-F", "vmdk", str(child))
         parent.unlink()
-        assert_one_line_error(repofs("ingest", repo, "--vm", "v", f"d={child}", check=False), "p.vmdk")
+        assert_one_line_error(
+            repofs("ingest", repo, "--vm", "v", f"d={child}", check=False), "p.vmdk"
+        )
         assert json.loads(repofs("list", repo, "--json").stdout) == []
 
     def test_format_override(self, tmp_path: Path, repo: Path, base_raw: Path) -> None:
@@ -87,8 +114,10 @@ class TestVmdk:
         qemu("convert", "-f", "raw", "-O", "vmdk", str(base_raw), str(src))
         ingest(repo, "v", f"d={src}", extra=("--format", "raw"))
         assert json.loads(repofs("list", repo, "--json").stdout)[0]["disks"][0]["format"] == "raw"
-        assert_one_line_error(repofs("ingest", repo, "--vm", "v", f"d={src}", "--format", "zip",
-                                     check=False), "unknown format")
+        assert_one_line_error(
+            repofs("ingest", repo, "--vm", "v", f"d={src}", "--format", "zip", check=False),
+            "unknown format",
+        )
 
 
 QEMU_SOURCES = [
@@ -104,11 +133,13 @@ QEMU_SOURCES = [
 
 
 class TestQemuFormats:
-    @pytest.mark.parametrize("ext,args,fmt", QEMU_SOURCES,
-                             ids=[" ".join(a[1:]) for _, a, _ in QEMU_SOURCES])
-    def test_detected_and_identical(self, tmp_path: Path, repo: Path, base_raw: Path, ext: str,
-                                    args: list[str], fmt: str) -> None:
-        """qcow2, VHD and VHDX as qemu writes them are detected, ingested and read back identical."""
+    @pytest.mark.parametrize(
+        "ext,args,fmt", QEMU_SOURCES, ids=[" ".join(a[1:]) for _, a, _ in QEMU_SOURCES]
+    )
+    def test_detected_and_identical(
+        self, tmp_path: Path, repo: Path, base_raw: Path, ext: str, args: list[str], fmt: str
+    ) -> None:
+        """qcow2, VHD and VHDX as qemu writes them are detected, ingested and read back."""
         src = tmp_path / f"src.{ext}"
         qemu("convert", "-f", "raw", *args, str(base_raw), str(src))
         rp = ingest(repo, "v", f"d={src}")
@@ -141,5 +172,7 @@ class TestQemuFormats:
         with open(bad, "r+b") as f:
             f.seek(24)
             f.write((1 << 62).to_bytes(8, "big"))  # virtual size
-        assert_one_line_error(repofs("ingest", repo, "--vm", "v", f"d={bad}", check=False), "bad.qcow2")
+        assert_one_line_error(
+            repofs("ingest", repo, "--vm", "v", f"d={bad}", check=False), "bad.qcow2"
+        )
         assert json.loads(repofs("list", repo, "--json").stdout) == []

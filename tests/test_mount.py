@@ -41,8 +41,11 @@ def _tree_inodes(root: Path) -> dict[str, tuple[int, int, int]]:
 @pytest.fixture
 def populated(tmp_path: Path, repo: Path) -> tuple[Path, Path, list[str]]:
     """A repository with two restore points of one VM; returns (repo, source image, ids)."""
-    img = make_image(tmp_path / "src.img", 8 * MiB + 3 * 512,
-                     [(0, os.urandom(MiB)), (5 * MiB + 77, b"pattern" * 9000)])
+    img = make_image(
+        tmp_path / "src.img",
+        8 * MiB + 3 * 512,
+        [(0, os.urandom(MiB)), (5 * MiB + 77, b"pattern" * 9000)],
+    )
     first = ingest(repo, "web", f"disk0={img}")
     with open(img, "r+b") as f:
         f.seek(3 * MiB)
@@ -52,22 +55,35 @@ def populated(tmp_path: Path, repo: Path) -> tuple[Path, Path, list[str]]:
 
 
 class TestReading:
-    def test_qemu_reads_descriptor_and_bytes(self, tmp_path: Path, populated: tuple[Path, Path, list[str]]) -> None:
+    def test_qemu_reads_descriptor_and_bytes(
+        self, tmp_path: Path, populated: tuple[Path, Path, list[str]]
+    ) -> None:
         """qemu-img info accepts the descriptor and compare finds the flat data identical."""
         repo, img, ids = populated
         with mounted(repo, tmp_path / "mnt") as mnt:
             vmdk = mnt / "web" / ids[1] / "disk0.vmdk"
-            info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(vmdk)],
-                                             capture_output=True, text=True, check=True).stdout)
+            info = json.loads(
+                subprocess.run(
+                    ["qemu-img", "info", "--output=json", str(vmdk)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+            )
             assert info["format"] == "vmdk" and info["virtual-size"] == img.stat().st_size
             assert info["format-specific"]["data"]["create-type"] == "monolithicFlat"
             qemu_compare(img, vmdk)
-            proc = subprocess.run(["qemu-img", "compare", str(img), str(mnt / "web" / ids[0] / "disk0.vmdk")],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                ["qemu-img", "compare", str(img), str(mnt / "web" / ids[0] / "disk0.vmdk")],
+                capture_output=True,
+                text=True,
+            )
             assert proc.returncode == 1  # the first restore point is the older content
             assert os.readlink(mnt / "web" / "latest") == ids[1]
 
-    def test_unaligned_reads_match_source(self, tmp_path: Path, populated: tuple[Path, Path, list[str]]) -> None:
+    def test_unaligned_reads_match_source(
+        self, tmp_path: Path, populated: tuple[Path, Path, list[str]]
+    ) -> None:
         """Reads at odd offsets and sizes return exactly the source bytes, never padding."""
         repo, img, ids = populated
         src = img.read_bytes()
@@ -111,8 +127,10 @@ class TestReading:
 
 
 class TestReadOnly:
-    def test_every_change_fails_with_erofs(self, tmp_path: Path, populated: tuple[Path, Path, list[str]]) -> None:
-        """write, create, rename, delete, truncate, chmod, mkdir, symlink: all EROFS, nothing changes."""
+    def test_every_change_fails_with_erofs(
+        self, tmp_path: Path, populated: tuple[Path, Path, list[str]]
+    ) -> None:
+        """write, create, rename, delete, truncate, chmod, mkdir, symlink: EROFS, no change."""
         repo, img, ids = populated
         with mounted(repo, tmp_path / "mnt") as mnt:
             d = mnt / "web" / ids[0]
@@ -140,18 +158,24 @@ class TestReadOnly:
 
 
 class TestStability:
-    def test_inodes_and_times_survive_remount(self, tmp_path: Path, populated: tuple[Path, Path, list[str]]) -> None:
+    def test_inodes_and_times_survive_remount(
+        self, tmp_path: Path, populated: tuple[Path, Path, list[str]]
+    ) -> None:
         """Inode numbers, mtimes and ctimes are identical after unmount and remount."""
         repo, _img, ids = populated
         with mounted(repo, tmp_path / "mnt") as mnt:
             first = _tree_inodes(mnt)
             st = (mnt / "web" / ids[0] / "disk0-flat.vmdk").stat()
             rp = json.loads(repofs("list", repo, "--json").stdout)[0]
-            assert st.st_mtime == pytest.approx(rp["created"], abs=1e-6) and st.st_ctime == st.st_mtime
+            assert (
+                st.st_mtime == pytest.approx(rp["created"], abs=1e-6) and st.st_ctime == st.st_mtime
+            )
         with mounted(repo, tmp_path / "mnt") as mnt:
             assert _tree_inodes(mnt) == first
 
-    def test_new_restore_point_appears_while_mounted(self, tmp_path: Path, populated: tuple[Path, Path, list[str]]) -> None:
+    def test_new_restore_point_appears_while_mounted(
+        self, tmp_path: Path, populated: tuple[Path, Path, list[str]]
+    ) -> None:
         """An ingest during a mount shows up within seconds, and open readers are undisturbed."""
         repo, img, ids = populated
         with mounted(repo, tmp_path / "mnt") as mnt:
@@ -171,19 +195,47 @@ class TestStability:
                 assert reader.read(4096) == head
             qemu_compare(img, mnt / "web" / new / "disk0.vmdk")
 
-    def test_tar_incremental_sweep_is_clean(self, tmp_path: Path, populated: tuple[Path, Path, list[str]]) -> None:
+    def test_tar_incremental_sweep_is_clean(
+        self, tmp_path: Path, populated: tuple[Path, Path, list[str]]
+    ) -> None:
         """GNU tar sweeps the mount with --listed-incremental twice without warnings;
         the second level only picks up the new restore point."""
         repo, img, _ids = populated
         snar = tmp_path / "sweep.snar"
         with mounted(repo, tmp_path / "mnt") as mnt:
-            p = subprocess.run(["tar", "-C", str(mnt), "--listed-incremental", str(snar), "--no-check-device", "-cf",
-                                str(tmp_path / "l0.tar"), "."], capture_output=True, text=True)
+            p = subprocess.run(
+                [
+                    "tar",
+                    "-C",
+                    str(mnt),
+                    "--listed-incremental",
+                    str(snar),
+                    "--no-check-device",
+                    "-cf",
+                    str(tmp_path / "l0.tar"),
+                    ".",
+                ],
+                capture_output=True,
+                text=True,
+            )
             assert p.returncode == 0 and p.stderr == "", p.stderr
         new = ingest(repo, "web", f"disk0={img}")
         with mounted(repo, tmp_path / "mnt") as mnt:
-            p = subprocess.run(["tar", "-C", str(mnt), "--listed-incremental", str(snar), "--no-check-device", "-cvf",
-                                str(tmp_path / "l1.tar"), "."], capture_output=True, text=True)
+            p = subprocess.run(
+                [
+                    "tar",
+                    "-C",
+                    str(mnt),
+                    "--listed-incremental",
+                    str(snar),
+                    "--no-check-device",
+                    "-cvf",
+                    str(tmp_path / "l1.tar"),
+                    ".",
+                ],
+                capture_output=True,
+                text=True,
+            )
             assert p.returncode == 0 and "changed as we read" not in p.stderr, p.stderr
             members = [ln for ln in p.stdout.splitlines() if ln.endswith(".vmdk")]
             assert members and all(new in m for m in members), members
@@ -194,7 +246,9 @@ class TestStability:
 
 
 class TestDaemonLife:
-    def test_killed_daemon_leaves_enotconn_not_an_empty_tree(self, tmp_path: Path, populated: tuple[Path, Path, list[str]]) -> None:
+    def test_killed_daemon_leaves_enotconn_not_an_empty_tree(
+        self, tmp_path: Path, populated: tuple[Path, Path, list[str]]
+    ) -> None:
         """After kill -9 of the daemon the mount point answers ENOTCONN until unmounted."""
         repo, _img, _ids = populated
         mnt = tmp_path / "mnt"
@@ -209,15 +263,19 @@ class TestDaemonLife:
 
     def test_mount_point_errors(self, tmp_path: Path, repo: Path) -> None:
         """A missing mount point, a file, an occupied one: one-line errors."""
-        assert_one_line_error(repofs("mount", repo, tmp_path / "nope", check=False), "does not exist")
+        assert_one_line_error(
+            repofs("mount", repo, tmp_path / "nope", check=False), "does not exist"
+        )
         f = tmp_path / "file"
         f.write_text("")
         assert_one_line_error(repofs("mount", repo, f, check=False), "not a directory")
         with mounted(repo, tmp_path / "mnt") as mnt:
             assert_one_line_error(repofs("mount", repo, mnt, check=False), "already mounted")
         assert_one_line_error(repofs("umount", tmp_path / "mnt", check=False), "not mounted")
-        assert_one_line_error(repofs("mount", tmp_path / "norepo", tmp_path / "mnt", check=False),
-                              "no such repository")
+        assert_one_line_error(
+            repofs("mount", tmp_path / "norepo", tmp_path / "mnt", check=False),
+            "no such repository",
+        )
 
     def test_umount_command(self, tmp_path: Path, repo: Path) -> None:
         """repofs umount unmounts and the daemon exits."""

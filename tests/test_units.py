@@ -61,8 +61,9 @@ class TestRecords:
         comp = Compressor("zstd", 3)
         for raw in (bytes(1000) + b"x", os.urandom(5000)):
             codec, payload = comp.compress(raw)
-            hdr = decode_header(encode_header(RecordType.CHUNK, codec, len(payload), len(raw),
-                                              digest_of(raw)), "t")
+            hdr = decode_header(
+                encode_header(RecordType.CHUNK, codec, len(payload), len(raw), digest_of(raw)), "t"
+            )
             assert decode_payload(hdr, payload, "t") == raw
         assert comp.compress(os.urandom(5000))[0] == Codec.NONE
 
@@ -93,9 +94,15 @@ def _build(refs: list[bytes], page_refs: int, store: dict[bytes, bytes]) -> MapB
 
 class TestMaps:
     @settings(max_examples=60, deadline=None)
-    @given(n=st.integers(1, 600), page_refs=st.sampled_from([4, 16, 32]),
-           zero_frac=st.floats(0, 1), seed=st.integers(0, 2**32))
-    def test_every_reference_reads_back(self, n: int, page_refs: int, zero_frac: float, seed: int) -> None:
+    @given(
+        n=st.integers(1, 600),
+        page_refs=st.sampled_from([4, 16, 32]),
+        zero_frac=st.floats(0, 1),
+        seed=st.integers(0, 2**32),
+    )
+    def test_every_reference_reads_back(
+        self, n: int, page_refs: int, zero_frac: float, seed: int
+    ) -> None:
         """Whatever the size and zero pattern, the tree returns each chunk's reference."""
         rng = random.Random(seed)
         refs = [Z if rng.random() < zero_frac else rng.randbytes(32) for _ in range(n)]
@@ -121,7 +128,9 @@ class TestMaps:
     def test_sparse_disk_costs_no_pages(self) -> None:
         """An all-zero map is the zero reference and stores nothing."""
         store: dict[bytes, bytes] = {}
-        b = MapBuilder(1 << 20, 1024, lambda raw: store.setdefault(digest_of(raw), raw) and digest_of(raw))
+        b = MapBuilder(
+            1 << 20, 1024, lambda raw: store.setdefault(digest_of(raw), raw) and digest_of(raw)
+        )
         b.add_zeros(1 << 20)
         assert b.finish().root == Z and not store
 

@@ -28,7 +28,7 @@ def view(tmp_path: Path, repo: Path) -> RepoView:
 class TestRepoView:
     def test_tree_shape(self, view: RepoView) -> None:
         """Root lists VMs; a VM lists its restore points and latest; a restore point its files."""
-        (vm_name, vm_attr), = view.listdir(ROOT_INODE)
+        ((vm_name, vm_attr),) = view.listdir(ROOT_INODE)
         assert vm_name == "vm" and stat.S_ISDIR(vm_attr.mode)
         names = [n for n, _ in view.listdir(vm_attr.ino)]
         assert names[-1] == "latest" and len(names) == 3
@@ -78,9 +78,15 @@ def test_progress_bar_on_a_terminal(tmp_path: Path, repo: Path) -> None:
     import sys
 
     cmd = f"{sys.executable} -m repofs ingest {repo} --vm v d={img}"
-    out = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        ["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True, env=env
+    )
     assert out.returncode == 0, out.stdout
     assert "MB/s" in out.stdout and "ETA" in out.stdout and "64.0 MiB" in out.stdout
-    piped = subprocess.run([sys.executable, "-m", "repofs", "ingest", str(repo), "--vm", "v", f"d={img}"],
-                           capture_output=True, text=True, env=env)
+    piped = subprocess.run(
+        [sys.executable, "-m", "repofs", "ingest", str(repo), "--vm", "v", f"d={img}"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert "ETA" not in piped.stderr

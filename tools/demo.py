@@ -10,13 +10,13 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tools.sample_disk import build, partition_offsets  # noqa: E402
+from tools.sample_disk import build, partition_offsets
 
 REPOFS = [sys.executable, "-m", "repofs"]
 
 
 def step(title: str, *cmd: str, show: bool = True) -> str:
-    words = ["repofs", *cmd[len(REPOFS):]] if list(cmd[: len(REPOFS)]) == REPOFS else list(cmd)
+    words = ["repofs", *cmd[len(REPOFS) :]] if list(cmd[: len(REPOFS)]) == REPOFS else list(cmd)
     shown = " ".join(shlex.quote(c) for c in words)
     print(f"\n== {title}\n$ {shown}", flush=True)
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -31,7 +31,8 @@ def tree(root: Path) -> None:
     print(f"\n== The mounted tree at {root}")
     for dirpath, dirnames, filenames in sorted(os.walk(root)):
         dirnames[:] = sorted(d for d in dirnames if not (Path(dirpath) / d).is_symlink()) + sorted(
-            d for d in dirnames if (Path(dirpath) / d).is_symlink())
+            d for d in dirnames if (Path(dirpath) / d).is_symlink()
+        )
         depth = len(Path(dirpath).relative_to(root).parts)
         print("    " * depth + (Path(dirpath).name or str(root)) + "/")
         links = [d for d in dirnames if (Path(dirpath) / d).is_symlink()]
@@ -41,7 +42,10 @@ def tree(root: Path) -> None:
                 print("    " * (depth + 1) + f"{name} -> {os.readlink(p)}")
             else:
                 st = p.stat()
-                print("    " * (depth + 1) + f"{name}  ({st.st_size} bytes, {st.st_blocks * 512} on disk)")
+                print(
+                    "    " * (depth + 1)
+                    + f"{name}  ({st.st_size} bytes, {st.st_blocks * 512} on disk)"
+                )
 
 
 def main() -> None:
@@ -51,11 +55,25 @@ def main() -> None:
     print(f"demo: working in {work}")
     build(disk, 1)
     step("Create a repository", *REPOFS, "init", str(repo))
-    step("Ingest day 1 of the sample VM (GPT: FAT, ext4, NTFS)", *REPOFS, "ingest", str(repo),
-         "--vm", "sample", f"disk0={disk}")
+    step(
+        "Ingest day 1 of the sample VM (GPT: FAT, ext4, NTFS)",
+        *REPOFS,
+        "ingest",
+        str(repo),
+        "--vm",
+        "sample",
+        f"disk0={disk}",
+    )
     build(disk, 2)
-    step("Ingest day 2, after a few files changed", *REPOFS, "ingest", str(repo), "--vm", "sample",
-         f"disk0={disk}")
+    step(
+        "Ingest day 2, after a few files changed",
+        *REPOFS,
+        "ingest",
+        str(repo),
+        "--vm",
+        "sample",
+        f"disk0={disk}",
+    )
     step("List restore points", *REPOFS, "list", str(repo))
     step("Repository statistics", *REPOFS, "stats", str(repo))
     step("Mount every restore point", *REPOFS, "mount", str(repo), str(mnt))
@@ -64,17 +82,43 @@ def main() -> None:
         latest = mnt / "sample" / "latest"
         flat = latest / "disk0-flat.vmdk"
         step("qemu reads the exposed VMDK", "qemu-img", "info", str(latest / "disk0.vmdk"))
-        step("qemu finds it identical to the source disk", "qemu-img", "compare", str(disk),
-             str(latest / "disk0.vmdk"))
+        step(
+            "qemu finds it identical to the source disk",
+            "qemu-img",
+            "compare",
+            str(disk),
+            str(latest / "disk0.vmdk"),
+        )
         fat, ext, _ntfs = partition_offsets(flat)
-        step("A file out of the FAT partition (mtools, offset from sfdisk -J)", "mtype", "-i",
-             f"{flat}@@{fat[0]}", "::/EFI/grub.cfg")
+        step(
+            "A file out of the FAT partition (mtools, offset from sfdisk -J)",
+            "mtype",
+            "-i",
+            f"{flat}@@{fat[0]}",
+            "::/EFI/grub.cfg",
+        )
         if os.geteuid() == 0:
-            dev = step("Attach the ext4 partition read-only", "losetup", "-f", "--show", "-r", "-o",
-                       str(ext[0]), "--sizelimit", str(ext[1]), str(flat)).strip()
+            dev = step(
+                "Attach the ext4 partition read-only",
+                "losetup",
+                "-f",
+                "--show",
+                "-r",
+                "-o",
+                str(ext[0]),
+                "--sizelimit",
+                str(ext[1]),
+                str(flat),
+            ).strip()
             try:
                 step("Check it", "e2fsck", "-fn", dev)
-                step("Read a file from it without mounting", "debugfs", "-R", "cat /etc/hostname", dev)
+                step(
+                    "Read a file from it without mounting",
+                    "debugfs",
+                    "-R",
+                    "cat /etc/hostname",
+                    dev,
+                )
             finally:
                 subprocess.run(["losetup", "-d", dev])
     finally:

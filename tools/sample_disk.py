@@ -21,9 +21,11 @@ MiB = 1 << 20
 DISK_SIZE = 256 * MiB
 # name, type, start MiB, size MiB
 PARTITIONS = [("efi", "vfat", 1, 32), ("root", "ext4", 33, 128), ("data", "ntfs", 161, 64)]
-GPT_TYPES = {"vfat": "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
-             "ext4": "0FC63DAF-8483-4772-8E79-3D69E4C47DE4",
-             "ntfs": "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"}
+GPT_TYPES = {
+    "vfat": "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
+    "ext4": "0FC63DAF-8483-4772-8E79-3D69E4C47DE4",
+    "ntfs": "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7",
+}
 
 
 def _run(*cmd: str, stdin: str | None = None) -> None:
@@ -52,7 +54,8 @@ def build(path: Path, version: int = 1) -> dict[str, dict[str, int]]:
         f.truncate(DISK_SIZE)
     script = "label: gpt\n" + "".join(
         f"start={start * 2048}, size={size * 2048}, type={GPT_TYPES[kind]}, name={name}\n"
-        for name, kind, start, size in PARTITIONS)
+        for name, kind, start, size in PARTITIONS
+    )
     _run("sfdisk", "--no-reread", "--no-tell-kernel", "-q", str(path), stdin=script)
     layout = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,13 +74,43 @@ def build(path: Path, version: int = 1) -> dict[str, dict[str, int]]:
                 tree = t / "tree"
                 _root_tree(tree, version)
                 env = dict(os.environ, E2FSPROGS_FAKE_TIME="1790000000")
-                subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(tree),
-                                "-U", "6b3e0b5e-2f0e-4a8e-9d57-5a3c1c0e0001",
-                                "-E", "hash_seed=6b3e0b5e-2f0e-4a8e-9d57-5a3c1c0e0002", str(fs)],
-                               check=True, capture_output=True, env=env)
+                subprocess.run(
+                    [
+                        "mkfs.ext4",
+                        "-q",
+                        "-F",
+                        "-L",
+                        "root",
+                        "-d",
+                        str(tree),
+                        "-U",
+                        "6b3e0b5e-2f0e-4a8e-9d57-5a3c1c0e0001",
+                        "-E",
+                        "hash_seed=6b3e0b5e-2f0e-4a8e-9d57-5a3c1c0e0002",
+                        str(fs),
+                    ],
+                    check=True,
+                    capture_output=True,
+                    env=env,
+                )
             else:
-                _run("mkntfs", "-F", "-Q", "-q", "-L", "data", "-s", "512", "-p", str(start * 2048),
-                     "-H", "255", "-S", "63", str(fs))
+                _run(
+                    "mkntfs",
+                    "-F",
+                    "-Q",
+                    "-q",
+                    "-L",
+                    "data",
+                    "-s",
+                    "512",
+                    "-p",
+                    str(start * 2048),
+                    "-H",
+                    "255",
+                    "-S",
+                    "63",
+                    str(fs),
+                )
                 note = t / "readme.txt"
                 note.write_text(f"NTFS data volume, version {version}\n")
                 _run("ntfscp", "-f", str(fs), str(note), "readme.txt")
@@ -93,8 +126,10 @@ def build(path: Path, version: int = 1) -> dict[str, dict[str, int]]:
 
 
 def partition_offsets(image: Path) -> list[tuple[int, int]]:
-    """(offset, size) in bytes of each partition, read back with ``sfdisk -J`` as the README shows."""
-    out = subprocess.run(["sfdisk", "-J", str(image)], capture_output=True, text=True, check=True).stdout
+    """(offset, size) in bytes of each partition, from ``sfdisk -J`` as the README shows."""
+    out = subprocess.run(
+        ["sfdisk", "-J", str(image)], capture_output=True, text=True, check=True
+    ).stdout
     table = json.loads(out)["partitiontable"]
     sector = table.get("sectorsize", 512)
     return [(p["start"] * sector, p["size"] * sector) for p in table["partitions"]]
