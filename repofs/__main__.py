@@ -1,0 +1,5 @@
+"""``python -m repofs``: the same as the ``repofs`` command."""
+
+from repofs.cli import main
+
+main()
