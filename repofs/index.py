@@ -108,6 +108,20 @@ class Index:
             raise RepositoryError(
                 f"{path}: the index is damaged ({exc}); run 'repofs rebuild-index'"
             ) from None
+        self._identity = self._file_identity()
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(os.path.join(self.path, "data.mdb"))
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _check_current(self) -> None:
+        """Refuse to write into an index that rebuild-index has replaced since we opened it."""
+        if self._file_identity() != self._identity:
+            raise RepositoryError(f"{self.path}: the index was replaced (by rebuild-index) while "
+                                  "this command had it open; run the command again")
 
     def close(self) -> None:
         self.env.close()
@@ -137,6 +151,7 @@ class Index:
 
     def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
         """Run ``fn`` in one write transaction, growing the map when it fills up."""
+        self._check_current()
         while True:
             try:
                 with self._resize.shared(), self.env.begin(write=True) as txn:
