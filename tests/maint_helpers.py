@@ -111,6 +111,20 @@ def read_disk(repo_path: Path, vm: str, rp_id: str, disk: str = "d0") -> bytes:
         return reader.read(0, info.capacity)
 
 
+def read_range(repo_path: Path, vm: str, rp_id: str, offset: int, size: int,
+               disk: str = "d0") -> bytes:
+    """Bytes ``[offset, offset+size)`` of a restore point's disk (offset clipped at 0)."""
+    from repofs.diskread import ChunkCache, DiskReader
+    from repofs.repository import Repository
+
+    if offset < 0:
+        size, offset = size + offset, 0
+    with Repository.open(str(repo_path)) as repo:
+        info = repo.resolve(vm, rp_id).disk(disk)
+        assert info is not None
+        return DiskReader(repo, info, ChunkCache(repo, 8 * MiB)).read(offset, size)
+
+
 def rp_ids(repo_path: Path, vm: str | None = None) -> list[str]:
     from repofs.repository import Repository
 
@@ -228,3 +242,23 @@ def ingest_here(repo_path: Path, vm: str, disks: dict[str, Path], *,
         finally:
             for r in requests:
                 r.source.close()
+
+
+def kill9(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL a spawned command and reap it, closing its pipes."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+
+
+def wait_for_line(proc: subprocess.Popen[str], needle: str, timeout: float = 60) -> None:
+    """Read the child's stderr until ``needle`` shows up (fault hooks announce themselves)."""
+    assert proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if needle in line:
+            return
+        if not line and proc.poll() is not None:
+            raise AssertionError(f"process ended ({proc.returncode}) before {needle!r}")
+    raise AssertionError(f"no {needle!r} within {timeout} s")
