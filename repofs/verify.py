@@ -501,8 +501,11 @@ def _without_index(path: str, config: RepoConfig, why: str, threads: int | None)
     live = sorted(f"{vm}/{rp_id}" for (vm, rp_id), seq in found.items()
                   if (vm, rp_id, seq) not in dead)
     result.restore_points = len(live)
+    result.vms = len({name.split("/")[0] for name in live})
+    hint = ("" if "rebuild-index" in why
+            else "; run 'repofs rebuild-index' to rebuild it from the packs")
     result.problems.append(Problem(
-        "index", f"{why}; run 'repofs rebuild-index' to rebuild it from the packs",
+        "index", f"{why}{hint}",
         [f"{name} (unreadable until the index is rebuilt)" for name in live]
         or ["no restore point was found in the packs"]))
     result.warnings.extend(permission_warnings(path))
