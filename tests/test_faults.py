@@ -124,7 +124,7 @@ class TestKills:
         for attempt in range(20):
             restamp(big, attempt + 1)
             proc = spawn("ingest", repo, "--vm", "vm", f"d0={big}")
-            time.sleep(rng.uniform(0, duration))
+            time.sleep(rng.uniform(0, duration * 0.9))  # the commit itself has its own kills
             kill9(proc)
             new = sorted(set(rp_ids(repo, "vm")) - set(committed))
             assert len(new) <= 1 and set(committed) <= set(rp_ids(repo, "vm")), attempt
@@ -199,7 +199,6 @@ class TestKills:
             again = collect_garbage(str(work))  # the job is finished: nothing left to do
             assert (again.packs_deleted, again.packs_rewritten, again.orphan_packs) == (0, 0, 0)
             shutil.rmtree(work)
-        print("GC KILL PHASES", phases)
         assert "partial" in phases
 
 
@@ -243,7 +242,6 @@ class TestFullDisk:
             proc = repofs("ingest", repo, "--vm", "vm", f"d0={big}", check=False)
             assert proc.returncode == 8, proc.stderr
             assert_one_line_error(proc, "no space left")
-            print("FULL DISK:", proc.stderr.strip())
             assert free_bytes(fs) < free_before / 2  # the published packs of the failed ingest
             assert_healthy(repo, committed)
             repofs("gc", repo)
@@ -339,7 +337,6 @@ class TestLmdbMapGrowth:
             _out, err = p.communicate(timeout=300)
             assert p.returncode == 0, err
         size = (repo / "index" / "data.mdb").stat().st_size
-        print("MAP SIZE:", size)
         assert size > 8 * 64 * 1024  # grew at least three doublings
         repofs("prune", repo, "--vm", "vm0", "--force", env=env)
         repofs("gc", repo, env=env)
