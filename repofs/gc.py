@@ -354,15 +354,16 @@ def _sweep(repo: Repository, marker: Marker, uses: dict[bytes, _PackUse], doomed
     # Spare doomed packs that now hold a live object (a late restore point deduplicated into them).
     live = marker.live
 
-    def spare(txn: lmdb.Transaction) -> set[bytes]:
-        keep = set()
+    def spare(txn: lmdb.Transaction) -> tuple[set[bytes], set[bytes]]:
+        keep, used = set(), set()
         for key, value in index.items(txn, "objects"):
             pack_id = value[:16]
+            used.add(pack_id)
             if pack_id in doomed and (key in live or key[0] == _TOMB):
                 keep.add(pack_id)
-        return keep
+        return keep, used
 
-    spared = index.read(spare)
+    spared, used = index.read(spare)
     result.packs_spared = len(spared)
     doomed = doomed - spared
 
@@ -383,7 +384,8 @@ def _sweep(repo: Repository, marker: Marker, uses: dict[bytes, _PackUse], doomed
         _pause()
     known = index.read(lambda t: {k for k, _ in index.items(t, "packs")})
     for pack_id in list(repo.packs.list()):
-        if pack_id not in known:
+        if pack_id not in known and pack_id not in used:
+            # not indexed: left by a killed ingest or gc (never a pack an entry points into)
             result.bytes_freed += _size(repo.packs, pack_id)
             repo.packs.delete(pack_id)
             result.orphan_packs += 1

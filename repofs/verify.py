@@ -146,7 +146,9 @@ class _Verifier:
         self.bad_chunks: dict[bytes, int] = {}
         self.bad_pages: dict[bytes, int] = {}
         self.bad_blobs: dict[bytes, int] = {}
-        self.bad_packs: dict[bytes, tuple[int, int]] = {}  # pack -> (problem, bytes still readable)
+        #: pack -> (what is wrong, bytes still readable); a problem is made when it matters
+        self.bad_packs: dict[bytes, tuple[str, int]] = {}
+        self._pack_problems: dict[bytes, int] = {}
         self.known_packs: set[bytes] = set()
         #: object keys (type byte + digest) reached from restore points; --vm and --sample only
         self.referenced: set[bytes] = set()
@@ -273,11 +275,10 @@ class _Verifier:
                 check_pack_header(header, self.repo.config.repository_id, name)
             except IntegrityError as exc:
                 message = str(exc).removeprefix(f"pack {name}: ").removeprefix(f"pack {name} ")
-                self.bad_packs[pack_id] = (self._problem(f"pack {name}", message), 0)
+                self.bad_packs[pack_id] = (message, 0)
                 continue
             if actual < size:
-                self.bad_packs[pack_id] = (self._problem(
-                    f"pack {name}", f"is truncated: {actual} of {size} bytes"), actual)
+                self.bad_packs[pack_id] = (f"is truncated: {actual} of {size} bytes", actual)
             elif actual > size:
                 self.result.warnings.append(f"pack {name} is {actual} bytes, the index says {size}")
 
@@ -286,8 +287,15 @@ class _Verifier:
         bad = self.bad_packs.get(loc.pack_id) if loc is not None else None
         if bad is not None and loc is not None and (
                 loc.offset + RECORD_HEADER_SIZE + loc.stored_len > bad[1]):
-            return bad[0]
+            return self._pack_problem(loc.pack_id)
         return None
+
+    def _pack_problem(self, pack_id: bytes) -> int:
+        label = self._pack_problems.get(pack_id)
+        if label is None:
+            label = self._pack_problems[pack_id] = self._problem(
+                f"pack {pack_id.hex()}", self.bad_packs[pack_id][0])
+        return label
 
     def _check_objects(self) -> None:
         by_pack: dict[bytes, list[_Entry]] = defaultdict(list)
@@ -306,6 +314,9 @@ class _Verifier:
                 elif (self.sample is None or e.rtype != RecordType.CHUNK
                         or rng.random() * 100 < self.sample):
                     work.append(e)
+        if self.vm is None:  # a damaged pack is a problem even if nothing we checked was in it
+            for pack_id in sorted(self.bad_packs):
+                self._pack_problem(pack_id)
         self._hash(work)
 
     def _mark_bad(self, entries: list[_Entry], problem: int) -> None:

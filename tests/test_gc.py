@@ -132,6 +132,19 @@ class TestSweep:
         assert_one_line_error(proc, "stopped before deleting anything")
         assert leftover.exists()
 
+    def test_never_deletes_a_pack_the_index_points_into(self, tmp_path: Path) -> None:
+        """Even if a pack's own index entry is lost, gc keeps the file while objects use it."""
+        repo = new_repo(tmp_path / "repo")
+        img = make_image(tmp_path / "a.img", 4 * MiB, [(0, noise(MiB, 1))])
+        rp = ingest_here(repo, "a", {"d0": img})
+        pack, _o, _s = chunk_record(repo, "a", rp, 0)
+        with Repository.open(str(repo)) as r:
+            r.index.write(lambda t: r.index.delete(t, "packs", bytes.fromhex(pack.stem)))
+        assert collect_garbage(str(repo)).orphan_packs == 0
+        assert pack.exists()
+        assert read_disk(repo, "a", rp) == img.read_bytes()
+        assert "not in the index's pack list" in repofs("verify", repo, check=False).stdout
+
     def test_one_gc_at_a_time(self, tmp_path: Path) -> None:
         """A second gc fails at once with a clear message instead of queueing for hours."""
         repo = new_repo(tmp_path / "repo")

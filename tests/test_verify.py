@@ -175,6 +175,9 @@ class TestDamage:
         assert verify_repository(str(repo), vm="a").ok
         assert not verify_repository(str(repo), vm="b").ok
         assert not verify_repository(str(repo)).ok
+        pack.unlink()  # a lost pack of VM b is b's problem too, not a's
+        assert verify_repository(str(repo), vm="a").ok
+        assert not verify_repository(str(repo), vm="b").ok
 
     def test_sample_rehashes_a_fraction(self, two_rps: Fixture) -> None:
         """--sample re-hashes about that share of the chunks and says it sampled."""
