@@ -75,4 +75,8 @@ def run_ingest(repo_path: str, vm: str, disk_specs: list[str], configs: list[str
                 latest = repo.latest(vm)
                 if (latest and parent and latest.id != parent.id) and not changed_by_disk:
                     job.parent = latest
+            if job.parent is not None and repo.get_rp(vm, job.parent.id) is None:
+                # Pruned (and perhaps collected) before we held the lock: its pages may be gone.
+                raise UsageError(f"parent restore point {vm}/{job.parent.id} was pruned while "
+                                 "this ingest started; run the ingest again")
             return job.run()

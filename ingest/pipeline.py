@@ -66,7 +66,7 @@ class _Workers:
         out: list[ChunkResult] = []
         index = self._repo.index
         comp = self._compressor()
-        with index.env.begin() as txn:
+        with index.reading() as txn:  # holds off a map resize while it reads
             for pos in range(0, len(data), chunk_size):
                 piece = data[pos : pos + chunk_size]  # a copy, but memcmp-fast, unlike memoryview ==
                 n = len(piece)

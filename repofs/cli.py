@@ -186,3 +186,8 @@ def stats(repo: str, as_json: bool) -> None:
     ]
     for k, v in rows:
         click.echo(f"{k:<20} {v}")
+
+
+from repofs.cli_maintenance import register as _register_maintenance  # noqa: E402 - after main
+
+_register_maintenance(main)

@@ -29,9 +29,11 @@ byte order is numeric order):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -47,6 +49,7 @@ U64 = struct.Struct(">Q")
 LOCATION = struct.Struct(">16sQII")
 PACK_INFO = struct.Struct(">QI")
 DEFAULT_MAP_SIZE = 1 << 36  # 64 GiB of address space; grows on demand
+MAP_SIZE_ENV = "REPOFS_LMDB_MAP_SIZE"  # tests set a tiny initial map to exercise growth
 DATABASES = ("meta", "objects", "packs", "vms", "rps", "reservations", "seqs")
 
 
@@ -79,8 +82,11 @@ class Index:
     mounted tree shows a new restore point without a remount.
     """
 
-    def __init__(self, path: str, *, create: bool = False, map_size: int = DEFAULT_MAP_SIZE) -> None:
+    def __init__(self, path: str, *, create: bool = False, map_size: int | None = None) -> None:
         self.path = path
+        if map_size is None:
+            map_size = int(os.environ.get(MAP_SIZE_ENV) or DEFAULT_MAP_SIZE)
+        self._resize = _ResizeGate()
         if not create and not os.path.exists(os.path.join(path, "data.mdb")):
             raise RepositoryError(
                 f"{path}: the index is missing; run 'repofs rebuild-index' to rebuild it from the packs"
@@ -102,6 +108,20 @@ class Index:
             raise RepositoryError(
                 f"{path}: the index is damaged ({exc}); run 'repofs rebuild-index'"
             ) from None
+        self._identity = self._file_identity()
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(os.path.join(self.path, "data.mdb"))
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _check_current(self) -> None:
+        """Refuse to write into an index that rebuild-index has replaced since we opened it."""
+        if self._file_identity() != self._identity:
+            raise RepositoryError(f"{self.path}: the index was replaced (by rebuild-index) while "
+                                  "this command had it open; run the command again")
 
     def close(self) -> None:
         self.env.close()
@@ -109,28 +129,46 @@ class Index:
     # -- transactions ---------------------------------------------------------
 
     def read(self, fn: Callable[[lmdb.Transaction], T]) -> T:
-        try:
-            with self.env.begin(buffers=False) as txn:
-                return fn(txn)
-        except lmdb.MapResizedError:
-            self.env.set_mapsize(0)  # adopt the size another process grew it to
-            with self.env.begin(buffers=False) as txn:
-                return fn(txn)
+        with self.reading() as txn:
+            return fn(txn)
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[lmdb.Transaction]:
+        """A read transaction, also for callers that keep one open over many lookups."""
+        while True:
+            with self._resize.shared():
+                try:
+                    txn = self.env.begin(buffers=False)
+                except lmdb.MapResizedError:
+                    txn = None
+                if txn is not None:
+                    try:
+                        yield txn
+                    finally:
+                        txn.abort()
+                    return
+            self._set_mapsize(0)  # adopt the size another process grew it to
 
     def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
         """Run ``fn`` in one write transaction, growing the map when it fills up."""
+        self._check_current()
         while True:
             try:
-                with self.env.begin(write=True) as txn:
+                with self._resize.shared(), self.env.begin(write=True) as txn:
                     return fn(txn)
             except lmdb.MapFullError:
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                self._set_mapsize(self.env.info()["map_size"] * 2)
             except lmdb.MapResizedError:
-                self.env.set_mapsize(0)
+                self._set_mapsize(0)
             except lmdb.Error as exc:
                 if isinstance(exc.__context__, OSError) or "No space" in str(exc):
                     raise os_error(OSError(28, "No space left on device"), self.path) from None
                 raise
+
+    def _set_mapsize(self, size: int) -> None:
+        """Grow (or adopt) the map; LMDB requires that no transaction of this process is open."""
+        with self._resize.exclusive():
+            self.env.set_mapsize(size)
 
     def get(self, txn: lmdb.Transaction, db: str, key: bytes) -> bytes | None:
         return txn.get(key, db=self.dbs[db])
@@ -258,3 +296,54 @@ class Index:
             if found and cur.key().startswith(prefix):
                 return cur.key()[len(prefix):].decode()
         return None
+
+
+class _ResizeGate:
+    """Transactions hold it shared, a map resize holds it exclusive.
+
+    ``mdb_env_set_mapsize`` remaps the file; a transaction still open in
+    another thread of the same process would then read through a stale
+    mapping.  A waiting resize blocks new transactions so it cannot starve;
+    a thread that already holds the gate may nest transactions freely.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._holders = 0
+        self._resizing = False
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        depth = getattr(self._local, "depth", 0)
+        if depth == 0:
+            with self._cond:
+                while self._resizing:
+                    self._cond.wait()
+                self._holders += 1
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+            if depth == 0:
+                with self._cond:
+                    self._holders -= 1
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        if getattr(self._local, "depth", 0):
+            raise RuntimeError("cannot resize the LMDB map inside a transaction")
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._resizing = True
+            while self._holders:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._resizing = False
+                self._cond.notify_all()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -198,6 +199,7 @@ class Repository:
         writer.flush()
         rp.record = [loc.pack_id.hex(), loc.offset]
         doc = rp.to_doc()
+        _pause_for_fault_tests()
 
         def txn_fn(txn: Any) -> None:
             self.index.set_vm_seq(txn, rp.vm, rp.vm_seq)
@@ -252,3 +254,19 @@ class Repository:
             }
 
         return self.index.read(txn_fn)
+
+
+PAUSE_BEFORE_COMMIT_ENV = "REPOFS_TEST_PAUSE_BEFORE_COMMIT"
+
+
+def _pause_for_fault_tests() -> None:
+    """Fault-injection hook, unset in production: sleep between steps 2 and 3 of a commit.
+
+    ``REPOFS_TEST_PAUSE_BEFORE_COMMIT=SECONDS`` lets tests kill an ingest,
+    or run gc beside it, at the one moment where everything is durable but
+    nothing is visible yet.  The line on stderr tells them the moment came.
+    """
+    pause = os.environ.get(PAUSE_BEFORE_COMMIT_ENV)
+    if pause:
+        print("repofs: test hook: pausing before commit", file=sys.stderr, flush=True)
+        time.sleep(float(pause))

@@ -1,0 +1,484 @@
+"""``repofs gc``: mark from every live restore point, then sweep packs, beside running ingests.
+
+The phases and the lock each holds (``docs/maintenance.md`` explains why):
+
+1. **mark** (shared lock, beside ingests, prunes and mounts): walk the maps
+   of every committed restore point, each distinct page once; everything
+   they reach is live, with their config blobs, their own records and every
+   tombstone.  A referenced object that is missing or unreadable stops gc
+   before anything is written: sweeping then could destroy the only copy
+   of data that a rebuilt index would find again.
+2. **plan and copy** (shared lock): per pack, the bytes of live objects.
+   Packs with nothing live are doomed; packs below the threshold have their
+   live records copied, verbatim and verified, into new packs, which are
+   published and indexed (one LMDB transaction per new pack) before
+   anything is deleted.
+3. **sweep** (exclusive lock: no ingest, prune or verify runs): mark the
+   restore points committed since phase 1 - an ingest may have
+   deduplicated against an object that looked dead - and spare every
+   doomed pack that now holds a live object; tombstone restore point
+   records that were never committed (killed ingests) so rebuild-index
+   cannot resurrect them half-collected; then one LMDB transaction drops
+   the dead objects, the doomed packs and stale reservations, and only
+   after it is durable are the pack files deleted, with unindexed packs and
+   unfinished temporary packs.
+
+A kill at any moment leaves either the old pack or the new index entry (or
+both): never an index entry without its data.  Mount readers need no lock:
+a read that finds its pack gone asks the index again (see
+``Repository.read_object``) and gets the moved object or a clean EIO.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import lmdb
+
+from repofs.errors import BusyError, IntegrityError, NoSpaceError, UsageError
+from repofs.index import LOCATION, PACK_INFO, Index, Location, object_key
+from repofs.lock import repository_lock
+from repofs.mapwalk import MapWalker
+from repofs.packstore import PackStore
+from repofs.records import (
+    RECORD_HEADER_SIZE,
+    ZERO_DIGEST,
+    Codec,
+    RecordType,
+    decode_header,
+    decode_payload,
+)
+from repofs.repository import Repository
+from repofs.restorepoint import RestorePoint
+from repofs.rprecords import Tombstone, parse_rp_record, parse_tombstone, rp_record_digest
+
+GC_LOCK = "lock.gc"
+DEFAULT_THRESHOLD = 0.5
+SMALL_PACK = 1024 * 1024
+SMALL_PACKS_TO_MERGE = 8
+#: Fault-injection hook for tests, unset in production: seconds to sleep between gc steps,
+#: so that a kill -9 at a random moment can land in every phase.
+DELAY_ENV = "REPOFS_TEST_GC_DELAY"
+_TOMB = RecordType.TOMBSTONE
+
+
+@dataclass
+class GcResult:
+    dry_run: bool = False
+    restore_points: int = 0
+    late_restore_points: int = 0  #: committed while gc marked
+    pages: int = 0
+    live_objects: int = 0
+    packs_before: int = 0
+    packs_deleted: int = 0
+    packs_rewritten: int = 0
+    packs_spared: int = 0  #: doomed, but an ingest deduplicated against them meanwhile
+    orphan_packs: int = 0
+    bytes_freed: int = 0
+    bytes_written: int = 0
+    tmp_freed: int = 0
+    tombstones_written: int = 0
+    reservations_removed: int = 0
+    mark_seconds: float = 0.0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _PackUse:
+    size: int
+    live_bytes: int = 0
+    live: list[tuple[bytes, Location]] = field(default_factory=list)
+
+
+class Marker:
+    """The live set: object keys reached from restore points, each shared page walked once."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.live: set[bytes] = set()
+        self.marked: set[tuple[str, str, int]] = set()
+        self.walker = MapWalker(repo.config.page_refs,
+                                lambda d: repo.read_object(RecordType.PAGE, d))
+        self.warnings: list[str] = []
+        self._chunk = bytes((RecordType.CHUNK,))
+
+    def _on_chunks(self, page: bytes, _first: int) -> None:
+        live, prefix = self.live, self._chunk
+        for k in range(0, len(page), 32):
+            ref = page[k : k + 32]
+            if ref != ZERO_DIGEST:
+                live.add(prefix + ref)
+
+    def mark(self, doc: dict[str, Any]) -> None:
+        rp = RestorePoint.from_doc(doc)
+        self.marked.add((rp.vm, rp.id, rp.seq))
+        record = object_key(RecordType.RESTORE_POINT, rp_record_digest(doc))
+        if self.repo.index.read(lambda t: self.repo.index.get(t, "objects", record)) is not None:
+            self.live.add(record)
+        else:
+            self.warnings.append(f"restore point {rp.vm}/{rp.id} has no record of its own in the "
+                                 "packs: rebuild-index could not restore it")
+        for cfg in rp.configs:
+            self.live.add(object_key(RecordType.BLOB, bytes.fromhex(cfg.digest)))
+        for disk in rp.disks:
+            self.walker.walk(disk.map, self._on_chunks)
+
+    def mark_all(self) -> int:
+        """Mark every committed restore point not marked yet; returns how many were new."""
+        index = self.repo.index
+        docs = index.read(lambda t: list(index.rp_docs(t)))
+        new = 0
+        for doc in docs:
+            if (doc["vm"], doc["id"], doc["seq"]) not in self.marked:
+                self.mark(doc)
+                new += 1
+        self.absorb_pages()
+        return new
+
+    def absorb_pages(self) -> None:
+        """Add every page the walker visited to the live set."""
+        page = bytes((RecordType.PAGE,))
+        self.live.update(page + key[:32] for key in self.walker.seen)
+
+    def check(self) -> None:
+        """Refuse to sweep from a mark that could not see everything."""
+        faults = self.walker.faults
+        if faults:
+            f = faults[0]
+            raise IntegrityError(
+                f"gc stopped before deleting anything: {len(faults)} map page(s) of live restore "
+                f"points are missing or damaged (first: {f.message}); run 'repofs verify', and "
+                "prune the damaged restore points or rebuild the index")
+
+
+def collect_garbage(path: str, *, threshold: float = DEFAULT_THRESHOLD,
+                    dry_run: bool = False) -> GcResult:
+    """Run all three phases; see the module docstring for what runs beside what."""
+    if not 0 <= threshold <= 1:
+        raise UsageError(f"--threshold {threshold * 100:g} must be a percentage from 0 to 100")
+    t0 = time.monotonic()
+    result = GcResult(dry_run=dry_run)
+    with Repository.open(path) as repo, _gc_lock(path):
+        with repository_lock(path, exclusive=False):
+            marker = Marker(repo)
+            result.restore_points = marker.mark_all()
+            marker.check()
+            result.mark_seconds = time.monotonic() - t0
+            uses, missing = _scan(repo, marker.live)
+            if missing:
+                raise IntegrityError(
+                    f"gc stopped before deleting anything: {len(missing)} object(s) that restore "
+                    f"points reference are not in the index (first: {_describe(missing[0])}); run "
+                    "'repofs verify', and prune the damaged restore points or rebuild the index")
+            result.packs_before = len(uses)
+            doomed = {p for p, u in uses.items() if u.live_bytes == 0}
+            sparse = {p for p, u in uses.items()
+                      if u.live_bytes and u.live_bytes < threshold * u.size}
+            small = {p for p, u in uses.items()
+                     if u.live_bytes and p not in sparse and u.size < SMALL_PACK}
+            if len(small) >= SMALL_PACKS_TO_MERGE:
+                sparse |= small  # every ingest ends with a tiny pack holding its record
+            if dry_run:
+                result.packs_deleted = len(doomed)
+                result.packs_rewritten = len(sparse)
+                result.bytes_freed = sum(uses[p].size for p in doomed) + sum(
+                    uses[p].size - uses[p].live_bytes for p in sparse)
+                result.live_objects = len(marker.live)
+                result.pages = marker.walker.pages_loaded
+                result.warnings = marker.warnings
+                result.seconds = time.monotonic() - t0
+                return result
+            copied = _copy(repo, uses, sparse, marker, result)
+            doomed |= copied
+            result.packs_rewritten = len(copied)
+            _pause()
+        with repository_lock(path, exclusive=True):
+            _sweep(repo, marker, uses, doomed, result)
+        result.pages = marker.walker.pages_loaded
+        result.live_objects = len(marker.live)
+        result.warnings = marker.warnings + result.warnings
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+@contextlib.contextmanager
+def _gc_lock(path: str) -> Iterator[None]:
+    """One gc at a time; a second one fails at once rather than waiting for hours."""
+    fd = os.open(os.path.join(path, GC_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BusyError("another gc is running on this repository") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _pause() -> None:
+    delay = os.environ.get(DELAY_ENV)
+    if delay:
+        time.sleep(float(delay))
+
+
+def _describe(key: bytes) -> str:
+    return f"{RecordType(key[0]).name.lower()} {key[1:].hex()[:16]}"
+
+
+def _scan(repo: Repository, live: set[bytes]) -> tuple[dict[bytes, _PackUse], list[bytes]]:
+    """Live bytes and live objects per pack; and live keys the index lacks."""
+    index = repo.index
+
+    def txn_fn(txn: lmdb.Transaction) -> tuple[dict[bytes, _PackUse], int]:
+        uses = {k: _PackUse(PACK_INFO.unpack(v)[0]) for k, v in index.items(txn, "packs")}
+        found = 0
+        for key, value in index.items(txn, "objects"):
+            in_live = key in live
+            if not (in_live or key[0] == _TOMB):
+                continue
+            found += in_live
+            loc = Location(*LOCATION.unpack(value))
+            use = uses.get(loc.pack_id)
+            if use is not None:
+                use.live_bytes += RECORD_HEADER_SIZE + loc.stored_len
+                use.live.append((key, loc))
+        return uses, found
+
+    uses, found = index.read(txn_fn)
+    missing: list[bytes] = []
+    if found < len(live):
+        with index.reading() as txn:
+            missing = sorted(k for k in live if index.get(txn, "objects", k) is None)
+    return uses, missing
+
+
+def _copy(repo: Repository, uses: dict[bytes, _PackUse], sparse: set[bytes], marker: Marker,
+          result: GcResult) -> set[bytes]:
+    """Copy the live records of sparse packs into new packs; returns the packs fully copied.
+
+    A source pack counts as copied only once every one of its records sits
+    in a published new pack.  Running out of space ends copying early: the
+    packs copied so far are still freed, and so are packs with nothing live.
+    """
+    writer = repo.writer()
+    copied: set[bytes] = set()
+    in_flight: list[bytes] = []
+    moved_records: set[bytes] = set()
+    try:
+        for pack_id in sorted(sparse):
+            try:
+                records = _read_live(repo.packs, pack_id, uses[pack_id])
+            except IntegrityError as exc:
+                result.warnings.append(f"pack {pack_id.hex()} kept as it is: {exc}")
+                continue
+            published = len(writer.packs_published)
+            for key, codec, raw_len, payload in records:
+                writer.put(RecordType(key[0]), key[1:], codec, raw_len, payload)
+                if key[0] == RecordType.RESTORE_POINT:
+                    moved_records.add(key)
+            if len(writer.packs_published) > published:  # everything put before this pack is out
+                copied.update(in_flight)
+                in_flight = []
+            in_flight.append(pack_id)
+            _pause()
+        writer.flush()
+        copied.update(in_flight)
+    except NoSpaceError as exc:
+        writer.abort()
+        result.warnings.append(f"stopped rewriting packs: {exc}; freeing what is dead")
+    except BaseException:
+        writer.abort()
+        raise
+    result.bytes_written += writer.bytes_stored
+    if moved_records:
+        _update_record_hints(repo, moved_records)
+    return copied
+
+
+def _read_live(store: PackStore, pack_id: bytes,
+               use: _PackUse) -> list[tuple[bytes, Codec, int, bytes]]:
+    """The live records of one pack, each verified before it is copied anywhere."""
+    data = memoryview(store.read(pack_id, 0, use.size))
+    out = []
+    for key, loc in sorted(use.live, key=lambda kl: kl[1].offset):
+        where = f"pack {pack_id.hex()} offset {loc.offset}"
+        end = loc.offset + RECORD_HEADER_SIZE + loc.stored_len
+        hdr = decode_header(data[loc.offset : loc.offset + RECORD_HEADER_SIZE], where)
+        if hdr.type != key[0] or hdr.digest != key[1:]:
+            raise IntegrityError(f"{where}: holds another object than the index says")
+        payload = data[loc.offset + RECORD_HEADER_SIZE : end]
+        decode_payload(hdr, payload, where)
+        out.append((key, hdr.codec, hdr.raw_len, bytes(payload)))
+    return out
+
+
+def _update_record_hints(repo: Repository, moved: set[bytes]) -> None:
+    """Point the ``record`` hint of restore points at their moved records (informational only)."""
+    index = repo.index
+
+    def txn_fn(txn: lmdb.Transaction) -> None:
+        for key, value in list(index.items(txn, "rps")):
+            doc = json.loads(value)
+            record = object_key(RecordType.RESTORE_POINT, rp_record_digest(doc))
+            if record in moved:
+                raw = index.get(txn, "objects", record)
+                if raw is not None:
+                    loc = Location(*LOCATION.unpack(raw))
+                    doc["record"] = [loc.pack_id.hex(), loc.offset]
+                    index.put(txn, "rps", key, json.dumps(doc, sort_keys=True).encode())
+
+    index.write(txn_fn)
+
+
+def _sweep(repo: Repository, marker: Marker, uses: dict[bytes, _PackUse], doomed: set[bytes],
+           result: GcResult) -> None:
+    """The exclusive phase: late marks, tombstones, one index transaction, then file deletions."""
+    index = repo.index
+    result.late_restore_points = marker.mark_all()
+    marker.check()
+    _, missing = _scan(repo, marker.live)
+    if missing:
+        raise IntegrityError(
+            f"gc stopped before deleting anything: {len(missing)} object(s) referenced by restore "
+            f"points committed during gc are not in the index (first: {_describe(missing[0])})")
+    _tombstone_orphans(repo, marker, result)
+
+    # Spare doomed packs that now hold a live object (a late restore point deduplicated into them).
+    live = marker.live
+
+    def spare(txn: lmdb.Transaction) -> tuple[set[bytes], set[bytes]]:
+        keep, used = set(), set()
+        for key, value in index.items(txn, "objects"):
+            pack_id = value[:16]
+            used.add(pack_id)
+            if pack_id in doomed and (key in live or key[0] == _TOMB):
+                keep.add(pack_id)
+        return keep, used
+
+    spared, used = index.read(spare)
+    result.packs_spared = len(spared)
+    doomed = doomed - spared
+
+    def drop(txn: lmdb.Transaction) -> int:
+        dead = [key for key, value in index.items(txn, "objects") if value[:16] in doomed]
+        for key in dead:
+            index.delete(txn, "objects", key)
+        for pack_id in doomed:
+            index.delete(txn, "packs", pack_id)
+        return _drop_stale_reservations(index, txn)
+
+    result.reservations_removed = index.write(drop)  # durable: no index entry points at them now
+    _pause()
+    for pack_id in sorted(doomed):
+        result.bytes_freed += _size(repo.packs, pack_id)
+        repo.packs.delete(pack_id)
+        result.packs_deleted += 1
+        _pause()
+    known = index.read(lambda t: {k for k, _ in index.items(t, "packs")})
+    for pack_id in list(repo.packs.list()):
+        if pack_id not in known and pack_id not in used:
+            # not indexed: left by a killed ingest or gc (never a pack an entry points into)
+            result.bytes_freed += _size(repo.packs, pack_id)
+            repo.packs.delete(pack_id)
+            result.orphan_packs += 1
+    result.tmp_freed = repo.packs.cleanup_unpublished()
+    result.bytes_freed += result.tmp_freed
+
+
+def _size(store: PackStore, pack_id: bytes) -> int:
+    try:
+        return store.size(pack_id)
+    except IntegrityError:
+        return 0
+
+
+def _tombstone_orphans(repo: Repository, marker: Marker, result: GcResult) -> None:
+    """Tombstone restore point records that were never committed (their ingest was killed).
+
+    Without a tombstone, rebuild-index would bring such a restore point back
+    after this gc deleted the data only it referenced.  If there is no space
+    for the tombstones, the orphans are marked live instead, for now.
+    """
+    index = repo.index
+    rp_type = bytes((RecordType.RESTORE_POINT,))
+    live = marker.live
+
+    def keys(txn: lmdb.Transaction) -> tuple[list[bytes], list[bytes]]:
+        records = [k for k, _ in index.items(txn, "objects", rp_type) if k not in live]
+        tombs = [k for k, _ in index.items(txn, "objects", bytes((_TOMB,)))]
+        return records, tombs
+
+    records, tombs = index.read(keys)
+    if not records:
+        return
+    buried = set()
+    for key in tombs:
+        with contextlib.suppress(IntegrityError):
+            t = parse_tombstone(repo.read_object(_TOMB, key[1:]))
+            if t is not None:
+                buried.add(t.target)
+    orphans = []
+    for key in records:
+        try:
+            doc = parse_rp_record(repo.read_object(RecordType.RESTORE_POINT, key[1:]))
+        except IntegrityError:
+            continue  # unreadable: rebuild-index cannot resurrect it either
+        if doc is not None and (doc["vm"], doc["id"], doc["seq"]) not in buried:
+            orphans.append(doc)
+    if not orphans:
+        return
+    writer = repo.writer()
+    try:
+        for doc in orphans:
+            tomb = Tombstone(doc["vm"], doc["id"], doc["seq"], doc["vm_seq"])
+            writer.put_new(_TOMB, tomb.body())
+        writer.flush()
+    except NoSpaceError as exc:
+        writer.abort()
+        result.warnings.append(f"kept {len(orphans)} uncommitted restore point record(s) and their "
+                               f"data: no space for their tombstones ({exc})")
+        for doc in orphans:
+            marker.mark(doc)
+        marker.absorb_pages()
+        return
+    except BaseException:
+        writer.abort()
+        raise
+    result.tombstones_written = len(orphans)
+    result.bytes_written += writer.bytes_stored
+
+
+def _drop_stale_reservations(index: Index, txn: lmdb.Transaction) -> int:
+    """Reservations of ingests whose process is gone (ingests hold the shared lock until done)."""
+    stale = []
+    for key, value in index.items(txn, "reservations"):
+        try:
+            pid = int(json.loads(value)["pid"])
+        except (ValueError, KeyError, TypeError):
+            stale.append(key)
+            continue
+        if not _alive(pid):
+            stale.append(key)
+    for key in stale:
+        index.delete(txn, "reservations", key)
+    return len(stale)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,75 @@
+"""The two record types that describe restore points themselves: their own record and tombstones.
+
+A restore point's record (``RESTORE_POINT``) is its JSON as committed, so
+``rebuild-index`` can find it without the index.  Its digest follows from
+the index's copy of the JSON (the ``record`` hint set to ``None``), which is
+how ``gc`` and ``verify`` find the record without trusting the hint: gc may
+move the record to another pack.
+
+A ``TOMBSTONE`` names a restore point that ``prune`` removed (or that gc
+found never committed).  It is written and made durable before the restore
+point leaves the index, so a later ``rebuild-index`` does not bring it back.
+Tombstones are tiny and gc keeps them forever.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from repofs.records import digest_of
+
+
+def rp_record_body(doc: dict[str, Any]) -> bytes:
+    """The exact bytes ``Repository.commit`` wrote for a restore point with this index document."""
+    return json.dumps({**doc, "record": None}, sort_keys=True).encode()
+
+
+def rp_record_digest(doc: dict[str, Any]) -> bytes:
+    return digest_of(rp_record_body(doc))
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    vm: str
+    id: str
+    seq: int
+    vm_seq: int | None = None  #: lets rebuild-index keep the VM directory's inode number
+
+    def body(self) -> bytes:
+        doc = {"vm": self.vm, "id": self.id, "seq": self.seq, "vm_seq": self.vm_seq,
+               "removed": time.time()}
+        return json.dumps(doc, sort_keys=True).encode()
+
+    @property
+    def target(self) -> tuple[str, str, int]:
+        return self.vm, self.id, self.seq
+
+
+def parse_tombstone(raw: bytes) -> Tombstone | None:
+    """A tombstone from its record content, or None if it is not one we can trust."""
+    try:
+        doc = json.loads(raw)
+        vm, rp_id, seq = doc["vm"], doc["id"], doc["seq"]
+        vm_seq = doc.get("vm_seq")
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not (isinstance(vm, str) and isinstance(rp_id, str) and isinstance(seq, int)):
+        return None
+    return Tombstone(vm, rp_id, seq, vm_seq if isinstance(vm_seq, int) else None)
+
+
+def parse_rp_record(raw: bytes) -> dict[str, Any] | None:
+    """A restore point's JSON from its record content, or None if it is malformed."""
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    ok = (isinstance(doc.get("vm"), str) and isinstance(doc.get("id"), str)
+          and isinstance(doc.get("seq"), int) and isinstance(doc.get("vm_seq"), int)
+          and isinstance(doc.get("disks"), list))
+    return doc if ok else None

@@ -1,0 +1,356 @@
+"""Faults, each automated: kill -9 anywhere, a full disk, damaged packs and index, a full LMDB map.
+
+The long ones are marked ``slow``; they are never skipped.  After every
+fault the same promises are checked: verify passes (or names exactly what
+was damaged), nothing half-made is listed or mounted, what was committed
+before reads back identical, and the next operation succeeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from repofs.errors import IntegrityError
+from repofs.gc import collect_garbage
+from repofs.rebuild import rebuild_index
+from repofs.records import RECORD_HEADER_SIZE
+from repofs.repository import Repository
+from repofs.verify import verify_repository
+from tests.maint_helpers import (
+    MiB,
+    assert_one_line_error,
+    chunk_record,
+    flip_byte,
+    ingest_here,
+    kill9,
+    make_image,
+    mounted,
+    new_repo,
+    noise,
+    qemu_compare,
+    read_disk,
+    read_range,
+    repofs,
+    rp_ids,
+    spawn,
+    wait_for_line,
+)
+
+CS = 64 * 1024
+
+
+def random_file(path: Path, size: int) -> Path:
+    with open(path, "wb") as f:
+        for _ in range(size // MiB):
+            f.write(os.urandom(MiB))
+    return path
+
+
+def restamp(path: Path, tag: int) -> None:
+    """Make every chunk of an image new (16 bytes at each chunk start) without rewriting it."""
+    size = path.stat().st_size
+    stamp = tag.to_bytes(8, "little")
+    with open(path, "r+b") as f:
+        for k, off in enumerate(range(0, size, CS)):
+            f.seek(off)
+            f.write(stamp + k.to_bytes(8, "little"))
+
+
+def assert_healthy(repo: Path, committed: dict[str, bytes], vm: str = "vm") -> None:
+    """verify passes and exactly the committed restore points exist, with their content."""
+    result = verify_repository(str(repo))
+    assert result.ok, [f"{p.subject}: {p.message}" for p in result.problems]
+    assert rp_ids(repo, vm) == sorted(committed)
+    for rp, digest in committed.items():
+        assert digest_of_disk(repo, vm, rp) == digest
+
+
+def digest_of_disk(repo: Path, vm: str, rp: str) -> bytes:
+    return hashlib.sha256(read_disk(repo, vm, rp)).digest()
+
+
+class TestMountEIO:
+    def test_flipped_byte_gives_eio_for_its_range_only_and_is_logged(self, tmp_path: Path) -> None:
+        """dd of the damaged chunk fails with EIO, other ranges read fine, and the daemon log
+        names the VM, restore point, disk and byte range."""
+        repo = new_repo(tmp_path / "repo")
+        data = noise(8 * MiB, 3)
+        img = make_image(tmp_path / "a.img", 8 * MiB, [(0, data)])
+        rp = ingest_here(repo, "web", {"d0": img})
+        pack, offset, _s = chunk_record(repo, "web", rp, 3 * MiB)
+        flip_byte(pack, offset + RECORD_HEADER_SIZE + 1000)
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            flat = mnt / "web" / rp / "d0-flat.vmdk"
+            bad = subprocess.run(["dd", f"if={flat}", "of=/dev/null", "bs=64K", "skip=48",
+                                  "count=1"], capture_output=True, text=True)
+            assert bad.returncode != 0 and "Input/output error" in bad.stderr
+            good = subprocess.run(["dd", f"if={flat}", "bs=64K", "skip=0", "count=16"],
+                                  capture_output=True)
+            assert good.returncode == 0 and good.stdout == data[: MiB]
+            tail = subprocess.run(["dd", f"if={flat}", "bs=64K", "skip=64", "count=64"],
+                                  capture_output=True)
+            assert tail.returncode == 0 and tail.stdout == data[4 * MiB :]
+        log = (tmp_path / "mnt.log").read_text()
+        assert f"I/O error reading web/{rp}/d0-flat.vmdk bytes {3 * MiB}-" in log
+
+
+@pytest.mark.slow
+class TestKills:
+    def test_kill_ingest_at_random_moments_and_during_commit(self, tmp_path: Path) -> None:
+        """SIGKILL of a 200 MiB ingest at 20 random moments and 5 times in its commit: no
+        partial restore point is ever listed or mounted, earlier ones stay intact, verify
+        passes, and the next ingest succeeds."""
+        repo = new_repo(tmp_path / "repo")
+        base = make_image(tmp_path / "base.img", 8 * MiB, [(0, noise(4 * MiB, 1))])
+        first = ingest_here(repo, "vm", {"d0": base})
+        committed = {first: digest_of_disk(repo, "vm", first)}
+        big = random_file(tmp_path / "big.img", 200 * MiB)
+        scratch = new_repo(tmp_path / "scratch")
+        t0 = time.monotonic()
+        repofs("ingest", scratch, "--vm", "x", f"d0={big}")
+        duration = time.monotonic() - t0
+        shutil.rmtree(scratch)
+        rng = random.Random(20261124)
+        for attempt in range(20):
+            restamp(big, attempt + 1)
+            proc = spawn("ingest", repo, "--vm", "vm", f"d0={big}")
+            time.sleep(rng.uniform(0, duration * 0.9))  # the commit itself has its own kills
+            kill9(proc)
+            new = sorted(set(rp_ids(repo, "vm")) - set(committed))
+            assert len(new) <= 1 and set(committed) <= set(rp_ids(repo, "vm")), attempt
+            if new:  # killed after its commit (or it finished): then it must be whole
+                digest = digest_of_disk(repo, "vm", new[0])
+                assert digest == hashlib.sha256(big.read_bytes()).digest(), attempt
+                committed[new[0]] = digest
+            if attempt % 7 == 6:
+                collect_garbage(str(repo))
+        small = make_image(tmp_path / "small.img", 4 * MiB, [(0, noise(MiB, 2))])
+        for attempt in range(5):
+            restamp(small, 100 + attempt)
+            proc = spawn("ingest", repo, "--vm", "vm", f"d0={small}",
+                         env={"REPOFS_TEST_PAUSE_BEFORE_COMMIT": "60"})
+            wait_for_line(proc, "pausing before commit")
+            kill9(proc)
+            assert rp_ids(repo, "vm") == sorted(committed)
+        assert_healthy(repo, committed)
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            listed = sorted(p.name for p in (mnt / "vm").iterdir())
+            assert listed == sorted([*committed, "latest"])
+            qemu_compare(base, mnt / "vm" / first / "d0.vmdk")
+        restamp(small, 999)
+        last = repofs("ingest", repo, "--vm", "vm", f"d0={small}").stdout.strip().splitlines()[-1]
+        committed[last] = digest_of_disk(repo, "vm", last)
+        out = repofs("gc", repo).stdout
+        assert "5 stale reservation(s)" in out or "stale reservation" in out
+        assert_healthy(repo, committed)
+        rebuild_index(str(repo))
+        assert_healthy(repo, committed)
+
+    def test_kill_gc_at_random_moments(self, tmp_path: Path) -> None:
+        """SIGKILL of gc (slowed down so kills land in every phase) at random moments: verify
+        passes after each, the kept restore points read back identical, nothing pruned comes
+        back after a rebuild, and the next gc finishes the job."""
+        template = new_repo(tmp_path / "template")
+        img = make_image(tmp_path / "a.img", 12 * MiB, [(0, noise(12 * MiB, 1))])
+        for k in range(4):
+            with open(img, "r+b") as f:
+                f.seek(k * 3 * MiB)
+                f.write(noise(3 * MiB, 10 + k))
+            ingest_here(template, "vm", {"d0": img}, now=1_700_000_000 + k * 100)
+        ingest_here(template, "vm", {"d0": img}, now=1_700_001_000)  # only a new record
+        repofs("prune", template, "--keep-last", "2")
+        committed = {rp: digest_of_disk(template, "vm", rp) for rp in rp_ids(template, "vm")}
+        env = {"REPOFS_TEST_GC_DELAY": "0.05"}
+        probe = tmp_path / "probe"
+        shutil.copytree(template, probe)
+        t0 = time.monotonic()
+        out = repofs("gc", probe, env=env).stdout
+        duration = time.monotonic() - t0
+        assert "rewrote" in out and "deleted" in out
+        shutil.rmtree(probe)
+        rng = random.Random(4242)
+        template_packs = {p.name for p in template.glob("packs/??/*.pack")}
+        phases: set[str] = set()
+        for attempt in range(14):
+            work = tmp_path / f"w{attempt}"
+            shutil.copytree(template, work)
+            proc = spawn("gc", work, env=env)
+            time.sleep(rng.uniform(0, duration))
+            kill9(proc)
+            packs = {p.name for p in work.glob("packs/??/*.pack")}
+            phases.add("untouched" if packs == template_packs else
+                       "done" if proc.returncode == 0 else "partial")
+            assert_healthy(work, committed)
+            if attempt % 3 == 0:
+                rebuild_index(str(work))
+                assert_healthy(work, committed)
+            collect_garbage(str(work))
+            assert_healthy(work, committed)
+            again = collect_garbage(str(work))  # the job is finished: nothing left to do
+            assert (again.packs_deleted, again.packs_rewritten, again.orphan_packs) == (0, 0, 0)
+            shutil.rmtree(work)
+        assert "partial" in phases
+
+
+@contextlib.contextmanager
+def small_filesystem(tmp_path: Path, size_mib: int = 64) -> Iterator[Path]:
+    """A fresh ext4 filesystem on a loop device, always unmounted afterwards."""
+    image = tmp_path / "fs.img"
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(size_mib * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        for _ in range(20):
+            if subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.2)
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+@pytest.mark.slow
+class TestFullDisk:
+    def test_full_disk_during_ingest(self, tmp_path: Path) -> None:
+        """An ingest larger than the filesystem fails with one line and exit 8; what was
+        committed is unharmed, gc gives the space back, and the next ingest works."""
+        with small_filesystem(tmp_path) as fs:
+            repo = fs / "repo"
+            repofs("init", repo)
+            small = make_image(tmp_path / "small.img", 4 * MiB, [(0, noise(2 * MiB, 1))])
+            first = repofs("ingest", repo, "--vm", "vm", f"d0={small}").stdout.split()[-1]
+            committed = {first: digest_of_disk(repo, "vm", first)}
+            free_before = free_bytes(fs)
+            big = random_file(tmp_path / "big.img", 100 * MiB)
+            proc = repofs("ingest", repo, "--vm", "vm", f"d0={big}", check=False)
+            assert proc.returncode == 8, proc.stderr
+            assert_one_line_error(proc, "no space left")
+            assert free_bytes(fs) < free_before / 2  # the published packs of the failed ingest
+            assert_healthy(repo, committed)
+            repofs("gc", repo)
+            assert free_bytes(fs) > free_before - 2 * MiB
+            assert_healthy(repo, committed)
+            small2 = make_image(tmp_path / "small2.img", 4 * MiB, [(0, noise(2 * MiB, 2))])
+            second = repofs("ingest", repo, "--vm", "vm", f"d0={small2}").stdout.split()[-1]
+            committed[second] = digest_of_disk(repo, "vm", second)
+            assert_healthy(repo, committed)
+
+
+@pytest.fixture
+def damaged_repo(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
+    """Three restore points of one VM, each in its own packs, with their source images."""
+    repo = new_repo(tmp_path / "repo")
+    sources = {}
+    for k in range(3):
+        img = make_image(tmp_path / f"{k}.img", 4 * MiB, [(0, noise(4 * MiB, 50 + k))])
+        sources[ingest_here(repo, "vm", {"d0": img}, now=1_700_000_000 + k)] = img
+    return repo, sources
+
+
+class TestDamageAndRecovery:
+    @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+    def test_pack_damage(self, damaged_repo: tuple[Path, dict[str, Path]], damage: str) -> None:
+        """verify names the hurt restore point; its damaged bytes read as errors, never wrong
+        data; rebuild-index keeps everything the packs still hold."""
+        repo, sources = damaged_repo
+        ids = sorted(sources)
+        hurt = ids[1]
+        pack, offset, _s = chunk_record(repo, "vm", hurt, 2 * MiB)
+        if damage == "flip":
+            flip_byte(pack, offset + RECORD_HEADER_SIZE + 5)
+        elif damage == "truncate":
+            os.truncate(pack, offset + 5)
+        else:
+            pack.unlink()
+        proc = repofs("verify", repo, check=False)
+        assert proc.returncode == 5
+        assert f"affects vm/{hurt} d0-flat.vmdk bytes" in proc.stdout
+        for rp in ids:
+            if rp != hurt:
+                assert f"vm/{rp}" not in proc.stdout
+        with pytest.raises(IntegrityError):
+            read_range(repo, "vm", hurt, 2 * MiB, 4096)
+        repofs("rebuild-index", repo)
+        for rp in ids:
+            if rp != hurt:
+                assert read_disk(repo, "vm", rp) == sources[rp].read_bytes()
+        with pytest.raises(IntegrityError):
+            read_range(repo, "vm", hurt, 2 * MiB, 4096)
+        if damage == "flip":  # only that chunk is lost
+            assert read_range(repo, "vm", hurt, 0, 2 * MiB) == sources[hurt].read_bytes()[: 2 * MiB]
+        assert f"vm/{hurt}" in repofs("verify", repo, check=False).stdout
+
+    @pytest.mark.parametrize("damage", ["overwrite", "delete"])
+    def test_index_damage(self, tmp_path: Path, damaged_repo: tuple[Path, dict[str, Path]],
+                          damage: str) -> None:
+        """A damaged or deleted data.mdb: verify names every restore point, mount and list
+        refuse in one line, rebuild-index brings everything back."""
+        repo, sources = damaged_repo
+        data = repo / "index" / "data.mdb"
+        if damage == "overwrite":
+            size = data.stat().st_size
+            with open(data, "r+b") as f:
+                f.seek(8192)
+                f.write(noise(size - 8192, 77))
+        else:
+            data.unlink()
+        proc = repofs("verify", repo, check=False)
+        assert proc.returncode == 5
+        for rp in sources:
+            assert f"vm/{rp} (unreadable until the index is rebuilt)" in proc.stdout
+        assert_one_line_error(repofs("list", repo, check=False), "rebuild-index")
+        (tmp_path / "mnt").mkdir()
+        assert_one_line_error(repofs("mount", repo, tmp_path / "mnt", check=False), "rebuild-index")
+        repofs("rebuild-index", repo)
+        committed = {rp: digest_of_disk(repo, "vm", rp) for rp in sources}
+        assert_healthy(repo, committed)
+        for rp, src in sources.items():
+            assert read_disk(repo, "vm", rp) == src.read_bytes()
+
+
+class TestLmdbMapGrowth:
+    def test_tiny_map_grows_instead_of_failing(self, tmp_path: Path) -> None:
+        """With a 64 KiB initial map, ingests and gc grow it several times and never fail."""
+        env = {"REPOFS_LMDB_MAP_SIZE": str(64 * 1024)}
+        repo = tmp_path / "repo"
+        repofs("init", repo, "--chunk-size", "4K", env=env)
+        img = make_image(tmp_path / "a.img", 24 * MiB, [(0, noise(24 * MiB, 8))])
+        procs = [spawn("ingest", repo, "--vm", f"vm{k}", f"d0={img}", env=env) for k in range(2)]
+        for p in procs:
+            _out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err
+        size = (repo / "index" / "data.mdb").stat().st_size
+        assert size > 8 * 64 * 1024  # grew at least three doublings
+        repofs("prune", repo, "--vm", "vm0", "--force", env=env)
+        repofs("gc", repo, env=env)
+        repofs("verify", repo, env=env)
+        assert read_disk(repo, "vm1", rp_ids(repo, "vm1")[0]) == img.read_bytes()
+
+
+def test_gc_after_rebuild_keeps_everything(damaged_repo: tuple[Path, dict[str, Path]]) -> None:
+    """A rebuilt index is a complete index: gc after it deletes nothing that is used."""
+    repo, sources = damaged_repo
+    (repo / "index" / "data.mdb").unlink()
+    rebuild_index(str(repo))
+    collect_garbage(str(repo))
+    for rp, src in sources.items():
+        assert read_disk(repo, "vm", rp) == src.read_bytes()
+    with Repository.open(str(repo)) as r:
+        assert len(r.restore_points()) == 3

@@ -1,0 +1,290 @@
+"""gc: mark from live restore points, sweep and compact packs, beside ingests and mounts."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from repofs.gc import collect_garbage
+from repofs.index import rp_key
+from repofs.repository import Repository
+from tests.maint_helpers import (
+    MiB,
+    assert_one_line_error,
+    chunk_record,
+    ingest_here,
+    kill9,
+    make_image,
+    mounted,
+    new_repo,
+    noise,
+    pack_files,
+    read_disk,
+    read_range,
+    repofs,
+    rp_ids,
+    spawn,
+    wait_for_line,
+)
+
+PAUSE = {"REPOFS_TEST_PAUSE_BEFORE_COMMIT": "4"}
+
+
+def packs_bytes(repo: Path) -> int:
+    return sum(p.stat().st_size for p in pack_files(repo))
+
+
+class TestSweep:
+    def test_frees_what_prune_released(self, tmp_path: Path) -> None:
+        """After prune, gc deletes what only the pruned restore point used; the rest reads back."""
+        repo = new_repo(tmp_path / "repo")
+        img = make_image(tmp_path / "a.img", 16 * MiB, [(0, noise(12 * MiB, 1))])
+        ingest_here(repo, "a", {"d0": img}, now=1_700_000_000)
+        make_image(img, 16 * MiB, [(0, noise(2 * MiB, 2))])
+        keep = ingest_here(repo, "a", {"d0": img}, now=1_700_000_100)
+        expected = read_disk(repo, "a", keep)
+        repofs("prune", repo, "--keep-last", "1")
+        before = packs_bytes(repo)
+        out = repofs("gc", repo).stdout
+        after = packs_bytes(repo)
+        assert before - after > 11 * MiB, out
+        assert "freed 1" in out  # 1x.x MiB
+        repofs("verify", repo)
+        assert read_disk(repo, "a", keep) == expected
+
+    def test_rewrites_sparse_packs_and_honours_threshold(self, tmp_path: Path) -> None:
+        """A pack with a quarter live is rewritten (live records copied, old pack gone)."""
+        repo = new_repo(tmp_path / "repo")
+        img = make_image(tmp_path / "a.img", 8 * MiB, [(0, noise(4 * MiB, 1))])
+        first = ingest_here(repo, "a", {"d0": img}, now=1_700_000_000)
+        old_pack, _o, _s = chunk_record(repo, "a", first, 0)
+        # the first three quarters change, the last quarter stays as it was
+        make_image(img, 8 * MiB, [(0, noise(3 * MiB, 2)), (3 * MiB, noise(4 * MiB, 1)[3 * MiB :])])
+        second = ingest_here(repo, "a", {"d0": img}, now=1_700_000_100)
+        expected = read_disk(repo, "a", second)
+        repofs("prune", repo, "--keep-last", "1")
+        dry = collect_garbage(str(repo), threshold=0.0, dry_run=True)
+        assert dry.packs_rewritten == 0
+        result = collect_garbage(str(repo))
+        assert result.packs_rewritten >= 1 and not old_pack.exists()
+        assert result.bytes_freed - result.bytes_written > 2 * MiB
+        repofs("verify", repo)
+        assert read_disk(repo, "a", second) == expected
+        with Repository.open(str(repo)) as r:  # the record hint follows a moved record
+            rp = r.resolve("a", second)
+            assert rp.record is not None
+            assert Path(r.packs.path_of(bytes.fromhex(rp.record[0]))).exists()
+
+    def test_dry_run_deletes_nothing(self, tmp_path: Path) -> None:
+        """--dry-run reports what it would free and leaves every pack in place."""
+        repo = new_repo(tmp_path / "repo")
+        img = make_image(tmp_path / "a.img", 4 * MiB, [(0, noise(3 * MiB, 1))])
+        ingest_here(repo, "a", {"d0": img})
+        repofs("prune", repo, "--force")
+        packs = pack_files(repo)
+        out = repofs("gc", repo, "--dry-run").stdout
+        assert "dry run: would delete" in out
+        assert pack_files(repo) == packs
+
+    def test_cleans_leftovers(self, tmp_path: Path) -> None:
+        """Unfinished packs, unindexed packs and reservations of dead ingests go away."""
+        repo = new_repo(tmp_path / "repo")
+        img = make_image(tmp_path / "a.img", 4 * MiB, [(0, noise(MiB, 1))])
+        rp = ingest_here(repo, "a", {"d0": img})
+        (repo / "packs" / "tmp" / "deadbeef.123.tmp").write_bytes(b"x" * 5000)
+        (repo / "packs" / "cd").mkdir(mode=0o700, exist_ok=True)
+        stray = repo / "packs" / "cd" / ("cd" * 16 + ".pack")
+        shutil.copy(pack_files(repo)[0], stray)
+        child = subprocess.Popen(["true"])
+        child.wait()
+        with Repository.open(str(repo)) as r:
+            doc = json.dumps({"seq": 999, "pid": child.pid, "started": 0}).encode()
+            key = rp_key("a", "2000-01-01T000000Z")
+            r.index.write(lambda t: r.index.put(t, "reservations", key, doc))
+        result = collect_garbage(str(repo))
+        assert result.orphan_packs == 1 and not stray.exists()
+        assert result.tmp_freed == 5000 and not os.listdir(repo / "packs" / "tmp")
+        assert result.reservations_removed == 1
+        out = repofs("verify", repo).stdout
+        assert "warning" not in out
+        assert rp_ids(repo) == [rp]
+
+    def test_refuses_to_sweep_when_referenced_data_is_missing(self, tmp_path: Path) -> None:
+        """A live restore point with a lost pack stops gc before it deletes anything."""
+        repo = new_repo(tmp_path / "repo")
+        img = make_image(tmp_path / "a.img", 4 * MiB, [(0, noise(MiB, 1))])
+        rp = ingest_here(repo, "a", {"d0": img})
+        pack, _o, _s = chunk_record(repo, "a", rp, 0)
+        pack.unlink()
+        leftover = repo / "packs" / "tmp" / "x.1.tmp"
+        leftover.write_bytes(b"x")
+        proc = repofs("gc", repo, check=False)
+        assert proc.returncode == 5
+        assert_one_line_error(proc, "stopped before deleting anything")
+        assert leftover.exists()
+
+    def test_never_deletes_a_pack_the_index_points_into(self, tmp_path: Path) -> None:
+        """Even if a pack's own index entry is lost, gc keeps the file while objects use it."""
+        repo = new_repo(tmp_path / "repo")
+        img = make_image(tmp_path / "a.img", 4 * MiB, [(0, noise(MiB, 1))])
+        rp = ingest_here(repo, "a", {"d0": img})
+        pack, _o, _s = chunk_record(repo, "a", rp, 0)
+        with Repository.open(str(repo)) as r:
+            r.index.write(lambda t: r.index.delete(t, "packs", bytes.fromhex(pack.stem)))
+        assert collect_garbage(str(repo)).orphan_packs == 0
+        assert pack.exists()
+        assert read_disk(repo, "a", rp) == img.read_bytes()
+        assert "not in the index's pack list" in repofs("verify", repo, check=False).stdout
+
+    def test_one_gc_at_a_time(self, tmp_path: Path) -> None:
+        """A second gc fails at once with a clear message instead of queueing for hours."""
+        repo = new_repo(tmp_path / "repo")
+        fd = os.open(repo / "lock.gc", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            assert_one_line_error(repofs("gc", repo, check=False), "another gc is running")
+        finally:
+            os.close(fd)
+
+    def test_bad_threshold(self, tmp_path: Path) -> None:
+        """A threshold outside 0..100 is a one-line usage error."""
+        repo = new_repo(tmp_path / "repo")
+        assert_one_line_error(repofs("gc", repo, "--threshold", "150", check=False), "150")
+        assert_one_line_error(repofs("gc", tmp_path / "none", check=False), "no such repository")
+
+
+class TestUncommittedRecords:
+    def test_killed_commit_is_tombstoned_and_never_resurrected(self, tmp_path: Path) -> None:
+        """An ingest killed after writing its record but before committing never appears,
+        not even after gc and a rebuild from packs that still hold that record."""
+        repo = new_repo(tmp_path / "repo")
+        img = make_image(tmp_path / "a.img", 4 * MiB, [(0, noise(2 * MiB, 1))])
+        good = ingest_here(repo, "a", {"d0": img}, now=1_700_000_000)
+        proc = spawn("ingest", repo, "--vm", "a", f"d0={img}", env=PAUSE)
+        wait_for_line(proc, "pausing before commit")
+        kill9(proc)
+        saved = {p: p.read_bytes() for p in pack_files(repo)}
+        assert rp_ids(repo) == [good]
+        result = collect_garbage(str(repo))
+        assert result.tombstones_written == 1
+        for p, data in saved.items():  # as if gc had died before deleting the files
+            if not p.exists():
+                p.write_bytes(data)
+                os.chmod(p, 0o600)
+        out = repofs("rebuild-index", repo).stdout
+        assert "1 pruned one(s) left out" in out
+        assert rp_ids(repo) == [good]
+        repofs("gc", repo)
+        repofs("verify", repo)
+
+
+class TestRaces:
+    def test_gc_beside_a_paused_ingest_reusing_garbage(self, tmp_path: Path) -> None:
+        """The ingest reuses chunks that looked dead when gc marked; gc waits, then spares them."""
+        repo = new_repo(tmp_path / "repo")
+        img = make_image(tmp_path / "a.img", 8 * MiB, [(0, noise(6 * MiB, 1))])
+        ingest_here(repo, "old", {"d0": img})
+        repofs("prune", repo, "--vm", "old", "--force")  # its chunks are garbage now, still indexed
+        ingest = spawn("ingest", repo, "--vm", "new", f"d0={img}", env=PAUSE)
+        wait_for_line(ingest, "pausing before commit")
+        gc = spawn("gc", repo)
+        out, err = gc.communicate(timeout=120)
+        i_out, _ = ingest.communicate(timeout=120)
+        assert gc.returncode == 0 and ingest.returncode == 0, (out, err)
+        assert "repofs: waiting: the repository is in use" in err
+        assert "committed during gc" in out and "1 committed during gc" in out
+        rp = i_out.strip().splitlines()[-1]
+        repofs("verify", repo)
+        assert read_disk(repo, "new", rp) == img.read_bytes()
+
+    @pytest.mark.slow
+    def test_gc_beside_running_ingests_of_a_sparse_image(self, tmp_path: Path) -> None:
+        """Unhooked ingests of a large sparse image (half of it garbage the ingest will reuse,
+        half new) run while gc runs, started before and after it; every restore point
+        verifies and reads back.  gc is slowed down so that the runs overlap for sure."""
+        repo = new_repo(tmp_path / "repo")
+        writes = [(k * 32 * MiB, noise(4 * MiB, k)) for k in range(32)]
+        img = make_image(tmp_path / "big.img", 1024 * MiB, writes)
+        overlapped = 0
+        for round_, gc_first in enumerate((False, True)):
+            ingest_here(repo, "seed", {"d0": img})
+            repofs("prune", repo, "--force")  # all of it is garbage the ingest can reuse
+            for k in range(0, len(writes), 2):  # and half of the image changes
+                writes[k] = (writes[k][0], noise(4 * MiB, 1000 * (round_ + 1) + k))
+            make_image(img, 1024 * MiB, writes)
+            slow_gc = {"REPOFS_TEST_GC_DELAY": "0.15"}
+            if gc_first:
+                gc = spawn("gc", repo, env=slow_gc)
+                time.sleep(0.1)
+                ingest = spawn("ingest", repo, "--vm", "vm", f"d0={img}")
+            else:
+                ingest = spawn("ingest", repo, "--vm", "vm", f"d0={img}")
+                time.sleep(0.15)
+                gc = spawn("gc", repo, env=slow_gc)
+            gc_out, gc_err = gc.communicate(timeout=300)
+            out, err = ingest.communicate(timeout=300)
+            assert ingest.returncode == 0 and gc.returncode == 0, err + gc_err
+            overlapped += "waiting" in gc_err or "(1 committed during gc)" in gc_out
+            rp = out.strip().splitlines()[-1]
+            repofs("verify", repo, "--vm", "vm")
+            for offset, data in writes:
+                got = read_range(repo, "vm", rp, offset - 4096, len(data) + 8192)
+                assert got == (bytes(4096) if offset else b"") + data + bytes(4096)
+        assert overlapped, "gc never ran beside the ingest; the test proved nothing"
+
+    def test_reader_of_a_pruned_restore_point_gets_bytes_or_eio(self, tmp_path: Path) -> None:
+        """A reader keeps reading a restore point while prune and gc remove it: every read
+        returns the ingested bytes or EIO, never other bytes."""
+        repo = new_repo(tmp_path / "repo")
+        img = make_image(tmp_path / "a.img", 32 * MiB, [(0, noise(32 * MiB, 1))])
+        old = ingest_here(repo, "a", {"d0": img}, now=1_700_000_000)
+        expected = img.read_bytes()
+        make_image(img, 32 * MiB, [(0, noise(32 * MiB, 2))])
+        ingest_here(repo, "a", {"d0": img}, now=1_700_000_100)
+        outcomes = {"ok": 0, "eio": 0}
+        bad: list[int] = []
+        stop = threading.Event()
+        with mounted(repo, tmp_path / "mnt", "--cache-size", "1M") as mnt:
+            flat = mnt / "a" / old / "d0-flat.vmdk"
+            fd = os.open(flat, os.O_RDONLY)
+
+            def reader() -> None:
+                step = 128 * 1024
+                offsets = list(range(0, 32 * MiB, step))
+                while not stop.is_set():
+                    for off in offsets:
+                        try:
+                            data = os.pread(fd, step, off)
+                        except OSError as exc:
+                            if exc.errno != errno.EIO:
+                                bad.append(off)
+                            outcomes["eio"] += 1
+                            continue
+                        if data != expected[off : off + step]:
+                            bad.append(off)
+                        outcomes["ok"] += 1
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # drop the page cache
+
+            thread = threading.Thread(target=reader)
+            thread.start()
+            try:
+                time.sleep(0.3)
+                repofs("prune", repo, "--keep-last", "1")
+                repofs("gc", repo)
+                time.sleep(0.5)
+            finally:
+                stop.set()
+                thread.join()
+                os.close(fd)
+        assert not bad, f"wrong bytes at offsets {bad[:5]}"
+        assert outcomes["ok"] > 0
+        repofs("verify", repo)

@@ -1,0 +1,268 @@
+"""verify: every chunk re-hashed, every map resolved, every problem mapped to the bytes it harms."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from repofs.packstore import LocalPackStore
+from repofs.records import RECORD_HEADER_SIZE, RecordType
+from repofs.repository import Repository
+from repofs.verify import verify_repository
+from tests.maint_helpers import (
+    MiB,
+    assert_one_line_error,
+    chunk_record,
+    flip_byte,
+    ingest_here,
+    make_image,
+    new_repo,
+    noise,
+    pack_files,
+    repofs,
+    rp_ids,
+)
+
+CS = 64 * 1024
+Fixture = tuple[Path, Path, list[str]]
+
+
+@pytest.fixture
+def two_rps(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """VM web with two restore points of an 8 MiB disk that differ in [1 MiB, 2 MiB)."""
+    repo = new_repo(tmp_path / "repo")
+    img = make_image(tmp_path / "web.img", 8 * MiB, [(0, noise(4 * MiB, 1))])
+    first = ingest_here(repo, "web", {"d0": img}, now=1_700_000_000)
+    with open(img, "r+b") as f:
+        f.seek(MiB)
+        f.write(noise(MiB, 2))
+    second = ingest_here(repo, "web", {"d0": img}, now=1_700_003_600)
+    return repo, img, [first, second]
+
+
+class TestCleanRepository:
+    def test_passes_and_counts(self, two_rps: Fixture) -> None:
+        """A healthy repository verifies with exit 0 and a summary of what was read."""
+        repo, _img, _ids = two_rps
+        proc = repofs("verify", repo)
+        assert "no problems found" in proc.stdout
+        assert re.search(r"checked 2 restore point\(s\) of 1 VM\(s\)", proc.stdout), proc.stdout
+
+    def test_each_shared_page_is_read_once(self, tmp_path: Path) -> None:
+        """Ten restore points sharing most pages cost the distinct pages, not 10 walks."""
+        repo = new_repo(tmp_path / "repo", chunk_size=4096)
+        writes = [(i * MiB, noise(8192, i)) for i in range(24)]
+        img = make_image(tmp_path / "a.img", 24 * MiB, writes)
+        for k in range(10):
+            with open(img, "r+b") as f:
+                f.seek(k * 3 * MiB + 4096 * 7)
+                f.write(noise(4096, 100 + k))
+            ingest_here(repo, "vm", {"d0": img}, now=1_700_000_000 + k)
+        with Repository.open(str(repo)) as r:
+            pages = r.stats()["page_count"]
+        result = verify_repository(str(repo))
+        assert result.ok and result.restore_points == 10
+        assert result.pages == pages  # every distinct page once, no more
+
+    def test_reads_each_pack_once_in_offset_order(self, two_rps: tuple[Path, Path, list[str]],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+        """Objects are read sorted by pack and offset, in windows much larger than a chunk."""
+        repo, _img, _ids = two_rps
+        reads: list[tuple[bytes, int, int]] = []
+        real = LocalPackStore.read
+
+        def spy(self: LocalPackStore, pack_id: bytes, offset: int, length: int) -> bytes:
+            reads.append((pack_id, offset, length))
+            return real(self, pack_id, offset, length)
+
+        monkeypatch.setattr(LocalPackStore, "read", spy)
+        assert verify_repository(str(repo), threads=2).ok
+        big = [r for r in reads if r[2] > 4 * CS]  # the sequential pass, not header or page reads
+        assert big, reads
+        order = [p for p, _o, _n in big]
+        runs = [p for i, p in enumerate(order) if i == 0 or order[i - 1] != p]
+        assert len(runs) == len(set(runs))  # each pack visited in one run
+        for p in set(order):
+            offsets = [o for q, o, _n in big if q == p]
+            assert offsets == sorted(offsets)
+
+    def test_progress_bar_on_a_terminal(self, two_rps: tuple[Path, Path, list[str]],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+        """With a terminal (forced here), verify draws a progress line on stderr."""
+        repo, _img, _ids = two_rps
+        assert verify_repository(str(repo), progress=True).ok
+        assert "verify: " in capsys.readouterr().err
+
+
+class TestDamage:
+    def test_flipped_chunk_names_every_restore_point_and_range(
+            self, two_rps: tuple[Path, Path, list[str]]) -> None:
+        """A corrupt chunk shared by two restore points is reported with both, at its byte range."""
+        repo, _img, ids = two_rps
+        pack, offset, _stored = chunk_record(repo, "web", ids[0], 2 * MiB + 5)
+        flip_byte(pack, offset + RECORD_HEADER_SIZE + 100)
+        proc = repofs("verify", repo, check=False)
+        assert proc.returncode == 5
+        assert_one_line_error(proc, "verify found 1 problem")
+        assert "PROBLEM chunk" in proc.stdout and "does not match its digest" in proc.stdout
+        for rp in ids:
+            want = f"affects web/{rp} d0-flat.vmdk bytes {2 * MiB}-{2 * MiB + CS - 1}"
+            assert want in proc.stdout
+
+    def test_damaged_map_page_affects_its_whole_range(
+            self, two_rps: tuple[Path, Path, list[str]]) -> None:
+        """A damaged map page makes every chunk below it unreadable, and verify says so."""
+        repo, _img, ids = two_rps
+        with Repository.open(str(repo)) as r:
+            rp = r.resolve("web", ids[1])
+            root = rp.disks[0].map.root
+            loc = r.index.locate(RecordType.PAGE, root)
+            assert loc is not None
+            pack = Path(r.packs.path_of(loc.pack_id))
+        flip_byte(pack, loc.offset + RECORD_HEADER_SIZE + 10)
+        proc = repofs("verify", repo, check=False)
+        assert proc.returncode == 5
+        assert "PROBLEM map page" in proc.stdout
+        assert f"affects web/{ids[1]} d0-flat.vmdk bytes 0-{8 * MiB - 1}" in proc.stdout
+        assert f"affects web/{ids[0]}" not in proc.stdout  # its own root page is fine
+
+    def test_missing_and_truncated_packs(self, two_rps: Fixture) -> None:
+        """A deleted pack and a truncated pack are named, with the ranges they take away."""
+        repo, _img, ids = two_rps
+        pack_a, _o, _s = chunk_record(repo, "web", ids[0], 0)
+        pack_b, off_b, _s = chunk_record(repo, "web", ids[1], MiB)
+        assert pack_a != pack_b
+        pack_a.unlink()
+        os.truncate(pack_b, off_b + 10)
+        proc = repofs("verify", repo, check=False)
+        assert proc.returncode == 5
+        out = proc.stdout
+        assert re.search(rf"PROBLEM pack {pack_a.stem}: is missing\n"
+                         rf"    affects web/{ids[0]} d0-flat.vmdk bytes 0-", out), out
+        assert re.search(rf"PROBLEM pack {pack_b.stem}: is truncated.*\n"
+                         rf"    affects web/{ids[1]} d0-flat.vmdk bytes 0-", out), out
+
+    def test_corrupt_config_blob_names_the_file(self, tmp_path: Path) -> None:
+        """A damaged VM configuration file is reported by restore point and file name."""
+        repo = new_repo(tmp_path / "repo")
+        img = make_image(tmp_path / "a.img", MiB, [(0, noise(4096, 1))])
+        vmx = tmp_path / "app.vmx"
+        vmx.write_text('displayName = "app"\n' * 50)
+        rp = ingest_here(repo, "app", {"d0": img}, configs=(vmx,))
+        with Repository.open(str(repo)) as r:
+            digest = bytes.fromhex(r.resolve("app", rp).configs[0].digest)
+            loc = r.index.locate(RecordType.BLOB, digest)
+            assert loc is not None
+            pack = Path(r.packs.path_of(loc.pack_id))
+        flip_byte(pack, loc.offset + RECORD_HEADER_SIZE + 3)
+        result = verify_repository(str(repo))
+        assert not result.ok
+        assert any(f"app/{rp} config file app.vmx" in a for p in result.problems for a in p.affects)
+
+    def test_vm_option_checks_only_that_vm(self, tmp_path: Path) -> None:
+        """--vm re-hashes only what that VM reaches; damage elsewhere does not fail it."""
+        repo = new_repo(tmp_path / "repo")
+        a = make_image(tmp_path / "a.img", MiB, [(0, noise(MiB, 1))])
+        b = make_image(tmp_path / "b.img", MiB, [(0, noise(MiB, 2))])
+        ingest_here(repo, "a", {"d0": a})
+        rp_b = ingest_here(repo, "b", {"d0": b})
+        pack, offset, _s = chunk_record(repo, "b", rp_b, 0)
+        flip_byte(pack, offset + RECORD_HEADER_SIZE + 1)
+        assert verify_repository(str(repo), vm="a").ok
+        assert not verify_repository(str(repo), vm="b").ok
+        assert not verify_repository(str(repo)).ok
+        pack.unlink()  # a lost pack of VM b is b's problem too, not a's
+        assert verify_repository(str(repo), vm="a").ok
+        assert not verify_repository(str(repo), vm="b").ok
+
+    def test_sample_rehashes_a_fraction(self, two_rps: Fixture) -> None:
+        """--sample re-hashes about that share of the chunks and says it sampled."""
+        repo, _img, _ids = two_rps
+        full = verify_repository(str(repo))
+        part = verify_repository(str(repo), sample=20)
+        assert part.ok and 0 < part.objects_checked < full.objects_checked
+        assert "20% sample" in repofs("verify", repo, "--sample", "20").stdout
+
+    def test_unreferenced_corrupt_chunk_still_fails(self, two_rps: Fixture) -> None:
+        """Damage in garbage matters too: a later ingest could deduplicate against it."""
+        repo, _img, ids = two_rps
+        pack, offset, _s = chunk_record(repo, "web", ids[0], MiB)  # changed in the second
+        repofs("prune", repo, "--keep-last", "1")
+        flip_byte(pack, offset + RECORD_HEADER_SIZE + 1)
+        proc = repofs("verify", repo, check=False)
+        assert proc.returncode == 5
+        assert "no restore point reaches it" in proc.stdout
+
+    def test_leftovers_and_permissions_are_warnings(self, two_rps: Fixture) -> None:
+        """An unindexed pack and a world-readable file are reported but do not fail verify."""
+        repo, _img, _ids = two_rps
+        src = pack_files(repo)[0]
+        stray = src.parent / ("ab" * 16 + ".pack")
+        shutil.copy(src, stray)
+        os.chmod(repo / "config.json", 0o644)
+        proc = repofs("verify", repo)
+        assert f"warning: pack {stray.stem} is not in the index" in proc.stdout
+        assert "config.json is accessible to others" in proc.stdout
+
+
+class TestBrokenIndex:
+    def test_missing_index_names_the_restore_points(self, two_rps: Fixture) -> None:
+        """Without data.mdb, verify scans the packs and names what cannot be read now."""
+        repo, _img, ids = two_rps
+        (repo / "index" / "data.mdb").unlink()
+        proc = repofs("verify", repo, check=False)
+        assert proc.returncode == 5
+        assert "PROBLEM index" in proc.stdout and "rebuild-index" in proc.stdout
+        for rp in ids:
+            assert f"affects web/{rp} (unreadable until the index is rebuilt)" in proc.stdout
+
+    def test_overwritten_index_names_the_restore_points(
+            self, two_rps: tuple[Path, Path, list[str]]) -> None:
+        """Garbage over LMDB's meta pages: verify still names every restore point the packs hold."""
+        repo, _img, ids = two_rps
+        with open(repo / "index" / "data.mdb", "r+b") as f:
+            f.write(noise(8192, 9))
+        proc = repofs("verify", repo, check=False)
+        assert_one_line_error(proc, "verify found 1 problem")
+        assert "PROBLEM index" in proc.stdout
+        for rp in ids:
+            assert f"web/{rp}" in proc.stdout
+
+    def test_pruned_restore_points_are_not_named(self, two_rps: Fixture) -> None:
+        """The pack scan honours tombstones: a pruned restore point is not listed as lost."""
+        repo, _img, ids = two_rps
+        repofs("prune", repo, "--keep-last", "1")
+        (repo / "index" / "data.mdb").unlink()
+        out = repofs("verify", repo, check=False).stdout
+        assert f"web/{ids[1]}" in out and f"web/{ids[0]}" not in out
+
+
+class TestBadInput:
+    @pytest.mark.parametrize("args,needle", [
+        (["--sample", "0"], "--sample"),
+        (["--sample", "101"], "--sample"),
+        (["--sample", "lots"], "lots"),
+        (["--vm", "a/b"], "must not contain"),
+        (["--vm", "ghost"], "unknown VM"),
+    ])
+    def test_one_line_errors(self, two_rps: tuple[Path, Path, list[str]], args: list[str],
+                             needle: str) -> None:
+        """Bad options get one line and a non-zero exit, never a traceback."""
+        repo, _img, _ids = two_rps
+        assert_one_line_error(repofs("verify", repo, *args, check=False), needle)
+
+    def test_not_a_repository(self, tmp_path: Path) -> None:
+        """verify of a directory that is no repository says so in one line."""
+        assert_one_line_error(repofs("verify", tmp_path, check=False), "not a repofs repository")
+        proc = repofs("verify", tmp_path / "nope", check=False)
+        assert_one_line_error(proc, "no such repository")
+
+    def test_ids_unchanged_by_verify(self, two_rps: Fixture) -> None:
+        """verify writes nothing: the restore points are what they were."""
+        repo, _img, ids = two_rps
+        repofs("verify", repo)
+        assert rp_ids(repo) == ids
