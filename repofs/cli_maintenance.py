@@ -23,8 +23,13 @@ def register(main: click.Group) -> None:
 @click.command()
 @click.argument("repo")
 @click.option("--vm", default=None, metavar="NAME", help="Check only this VM's restore points.")
-@click.option("--sample", type=float, default=None, metavar="PERCENT",
-              help="Re-hash only this percentage of the chunks (maps are always checked whole).")
+@click.option(
+    "--sample",
+    type=float,
+    default=None,
+    metavar="PERCENT",
+    help="Re-hash only this percentage of the chunks (maps are always checked whole).",
+)
 def verify(repo: str, vm: str | None, sample: float | None) -> None:
     """Re-read and re-hash stored data; name every damaged VM, restore point, disk and byte range.
 
@@ -41,9 +46,11 @@ def verify(repo: str, vm: str | None, sample: float | None) -> None:
         click.echo(f"warning: {w}")
     rate = r.bytes_checked / r.elapsed / 1e6 if r.elapsed > 0 else 0.0
     what = f"{r.sample:g}% sample of the chunks, " if r.sample is not None else ""
-    click.echo(f"checked {r.restore_points} restore point(s) of {r.vms} VM(s), "
-               f"{r.pages} map pages, {what}{r.objects_checked} objects "
-               f"({human_bytes(r.bytes_checked)}) in {r.elapsed:.1f} s ({rate:.0f} MB/s)")
+    click.echo(
+        f"checked {r.restore_points} restore point(s) of {r.vms} VM(s), "
+        f"{r.pages} map pages, {what}{r.objects_checked} objects "
+        f"({human_bytes(r.bytes_checked)}) in {r.elapsed:.1f} s ({rate:.0f} MB/s)"
+    )
     if r.problems:
         raise IntegrityError(f"verify found {len(r.problems)} problem(s); see the lines above")
     click.echo("no problems found")
@@ -52,23 +59,62 @@ def verify(repo: str, vm: str | None, sample: float | None) -> None:
 @click.command()
 @click.argument("repo")
 @click.option("--vm", default=None, metavar="NAME", help="Prune only this VM (default: every VM).")
-@click.option("--keep-last", type=click.IntRange(min=0), default=0, metavar="N",
-              help="Keep the N newest restore points.")
-@click.option("--keep-hourly", type=click.IntRange(min=0), default=0, metavar="N",
-              help="Keep the newest restore point of each of the last N hours that have one.")
-@click.option("--keep-daily", type=click.IntRange(min=0), default=0, metavar="N",
-              help="... of each of the last N days (UTC).")
-@click.option("--keep-weekly", type=click.IntRange(min=0), default=0, metavar="N",
-              help="... of each of the last N ISO weeks.")
-@click.option("--keep-monthly", type=click.IntRange(min=0), default=0, metavar="N",
-              help="... of each of the last N months.")
-@click.option("--keep-yearly", type=click.IntRange(min=0), default=0, metavar="N",
-              help="... of each of the last N years.")
+@click.option(
+    "--keep-last",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="N",
+    help="Keep the N newest restore points.",
+)
+@click.option(
+    "--keep-hourly",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="N",
+    help="Keep the newest restore point of each of the last N hours that have one.",
+)
+@click.option(
+    "--keep-daily",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="N",
+    help="... of each of the last N days (UTC).",
+)
+@click.option(
+    "--keep-weekly",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="N",
+    help="... of each of the last N ISO weeks.",
+)
+@click.option(
+    "--keep-monthly",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="N",
+    help="... of each of the last N months.",
+)
+@click.option(
+    "--keep-yearly",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="N",
+    help="... of each of the last N years.",
+)
 @click.option("--dry-run", "-n", is_flag=True, help="Only show what would be kept and removed.")
 @click.option("--force", is_flag=True, help="Allow a policy that keeps nothing.")
-def prune(repo: str, vm: str | None, keep_last: int, keep_hourly: int, keep_daily: int,
-          keep_weekly: int, keep_monthly: int, keep_yearly: int, dry_run: bool,
-          force: bool) -> None:
+def prune(
+    repo: str,
+    vm: str | None,
+    keep_last: int,
+    keep_hourly: int,
+    keep_daily: int,
+    keep_weekly: int,
+    keep_monthly: int,
+    keep_yearly: int,
+    dry_run: bool,
+    force: bool,
+) -> None:
     """Remove restore points that a retention policy does not keep (run gc to free the space)."""
     from repofs.prune import Policy, prune_repository
 
@@ -82,19 +128,27 @@ def prune(repo: str, vm: str | None, keep_last: int, keep_hourly: int, keep_dail
             click.echo(f"{name:<16} {d.rp.id:<19} {action}{why}")
     count = len(r.to_remove)
     if dry_run:
-        click.echo(f"dry run: would remove {count} restore point(s); policy keeps "
-                   f"{policy.describe()}")
+        click.echo(
+            f"dry run: would remove {count} restore point(s); policy keeps {policy.describe()}"
+        )
     elif count:
-        click.echo(f"removed {r.removed} restore point(s); "
-                   f"run 'repofs gc {repo}' to free their space")
+        click.echo(
+            f"removed {r.removed} restore point(s); run 'repofs gc {repo}' to free their space"
+        )
     else:
         click.echo("nothing to remove")
 
 
 @click.command()
 @click.argument("repo")
-@click.option("--threshold", type=click.FloatRange(0, 100), default=50.0, show_default=True,
-              metavar="PERCENT", help="Rewrite packs whose live data is below this percentage.")
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0, 100),
+    default=50.0,
+    show_default=True,
+    metavar="PERCENT",
+    help="Rewrite packs whose live data is below this percentage.",
+)
 @click.option("--dry-run", "-n", is_flag=True, help="Mark and plan only; delete nothing.")
 def gc(repo: str, threshold: float, dry_run: bool) -> None:
     """Free the space of data no restore point references; may run beside ingests and mounts."""
@@ -103,19 +157,27 @@ def gc(repo: str, threshold: float, dry_run: bool) -> None:
     r = collect_garbage(repo, threshold=threshold / 100, dry_run=dry_run)
     for w in r.warnings:
         click.echo(f"warning: {w}")
-    click.echo(f"marked {r.restore_points + r.late_restore_points} restore point(s) "
-               f"({r.late_restore_points} committed during gc), {r.pages} map pages, "
-               f"{r.live_objects} live objects in {r.mark_seconds:.1f} s")
+    click.echo(
+        f"marked {r.restore_points + r.late_restore_points} restore point(s) "
+        f"({r.late_restore_points} committed during gc), {r.pages} map pages, "
+        f"{r.live_objects} live objects in {r.mark_seconds:.1f} s"
+    )
     if dry_run:
-        click.echo(f"dry run: would delete {r.packs_deleted} pack(s) and rewrite "
-                   f"{r.packs_rewritten}, freeing about {human_bytes(r.bytes_freed)}")
+        click.echo(
+            f"dry run: would delete {r.packs_deleted} pack(s) and rewrite "
+            f"{r.packs_rewritten}, freeing about {human_bytes(r.bytes_freed)}"
+        )
         return
-    click.echo(f"deleted {r.packs_deleted} pack(s), rewrote {r.packs_rewritten}, removed "
-               f"{r.orphan_packs} unindexed pack(s), {r.reservations_removed} stale "
-               f"reservation(s); spared {r.packs_spared} pack(s) a running ingest used")
+    click.echo(
+        f"deleted {r.packs_deleted} pack(s), rewrote {r.packs_rewritten}, removed "
+        f"{r.orphan_packs} unindexed pack(s), {r.reservations_removed} stale "
+        f"reservation(s); spared {r.packs_spared} pack(s) a running ingest used"
+    )
     net = r.bytes_freed - r.bytes_written
-    click.echo(f"freed {human_bytes(max(net, 0))} ({human_bytes(r.bytes_freed)} deleted, "
-               f"{human_bytes(r.bytes_written)} rewritten) in {r.seconds:.1f} s")
+    click.echo(
+        f"freed {human_bytes(max(net, 0))} ({human_bytes(r.bytes_freed)} deleted, "
+        f"{human_bytes(r.bytes_written)} rewritten) in {r.seconds:.1f} s"
+    )
 
 
 @click.command(name="rebuild-index")
@@ -131,8 +193,10 @@ def rebuild_index(repo: str) -> None:
         click.echo(f"damaged: {line}")
     for line in r.incomplete:
         click.echo(f"incomplete: {line}")
-    click.echo(f"rebuilt the index from {r.packs} pack(s) ({human_bytes(r.bytes_scanned)}, "
-               f"{r.records} records): {r.restore_points} restore point(s) of {r.vms} VM(s), "
-               f"{r.tombstoned} pruned one(s) left out, in {r.seconds:.1f} s")
+    click.echo(
+        f"rebuilt the index from {r.packs} pack(s) ({human_bytes(r.bytes_scanned)}, "
+        f"{r.records} records): {r.restore_points} restore point(s) of {r.vms} VM(s), "
+        f"{r.tombstoned} pruned one(s) left out, in {r.seconds:.1f} s"
+    )
     if r.damaged or r.incomplete:
         click.echo("some data could not be recovered; run 'repofs verify' for the affected ranges")

@@ -105,8 +105,9 @@ class Marker:
         self.repo = repo
         self.live: set[bytes] = set()
         self.marked: set[tuple[str, str, int]] = set()
-        self.walker = MapWalker(repo.config.page_refs,
-                                lambda d: repo.read_object(RecordType.PAGE, d))
+        self.walker = MapWalker(
+            repo.config.page_refs, lambda d: repo.read_object(RecordType.PAGE, d)
+        )
         self.warnings: list[str] = []
         self._chunk = bytes((RecordType.CHUNK,))
 
@@ -124,8 +125,10 @@ class Marker:
         if self.repo.index.read(lambda t: self.repo.index.get(t, "objects", record)) is not None:
             self.live.add(record)
         else:
-            self.warnings.append(f"restore point {rp.vm}/{rp.id} has no record of its own in the "
-                                 "packs: rebuild-index could not restore it")
+            self.warnings.append(
+                f"restore point {rp.vm}/{rp.id} has no record of its own in the "
+                "packs: rebuild-index could not restore it"
+            )
         for cfg in rp.configs:
             self.live.add(object_key(RecordType.BLOB, bytes.fromhex(cfg.digest)))
         for disk in rp.disks:
@@ -156,11 +159,13 @@ class Marker:
             raise IntegrityError(
                 f"gc stopped before deleting anything: {len(faults)} map page(s) of live restore "
                 f"points are missing or damaged (first: {f.message}); run 'repofs verify', and "
-                "prune the damaged restore points or rebuild the index")
+                "prune the damaged restore points or rebuild the index"
+            )
 
 
-def collect_garbage(path: str, *, threshold: float = DEFAULT_THRESHOLD,
-                    dry_run: bool = False) -> GcResult:
+def collect_garbage(
+    path: str, *, threshold: float = DEFAULT_THRESHOLD, dry_run: bool = False
+) -> GcResult:
     """Run all three phases; see the module docstring for what runs beside what."""
     if not 0 <= threshold <= 1:
         raise UsageError(f"--threshold {threshold * 100:g} must be a percentage from 0 to 100")
@@ -177,20 +182,26 @@ def collect_garbage(path: str, *, threshold: float = DEFAULT_THRESHOLD,
                 raise IntegrityError(
                     f"gc stopped before deleting anything: {len(missing)} object(s) that restore "
                     f"points reference are not in the index (first: {_describe(missing[0])}); run "
-                    "'repofs verify', and prune the damaged restore points or rebuild the index")
+                    "'repofs verify', and prune the damaged restore points or rebuild the index"
+                )
             result.packs_before = len(uses)
             doomed = {p for p, u in uses.items() if u.live_bytes == 0}
-            sparse = {p for p, u in uses.items()
-                      if u.live_bytes and u.live_bytes < threshold * u.size}
-            small = {p for p, u in uses.items()
-                     if u.live_bytes and p not in sparse and u.size < SMALL_PACK}
+            sparse = {
+                p for p, u in uses.items() if u.live_bytes and u.live_bytes < threshold * u.size
+            }
+            small = {
+                p
+                for p, u in uses.items()
+                if u.live_bytes and p not in sparse and u.size < SMALL_PACK
+            }
             if len(small) >= SMALL_PACKS_TO_MERGE:
                 sparse |= small  # every ingest ends with a tiny pack holding its record
             if dry_run:
                 result.packs_deleted = len(doomed)
                 result.packs_rewritten = len(sparse)
                 result.bytes_freed = sum(uses[p].size for p in doomed) + sum(
-                    uses[p].size - uses[p].live_bytes for p in sparse)
+                    uses[p].size - uses[p].live_bytes for p in sparse
+                )
                 result.live_objects = len(marker.live)
                 result.pages = marker.walker.pages_loaded
                 result.warnings = marker.warnings
@@ -260,8 +271,13 @@ def _scan(repo: Repository, live: set[bytes]) -> tuple[dict[bytes, _PackUse], li
     return uses, missing
 
 
-def _copy(repo: Repository, uses: dict[bytes, _PackUse], sparse: set[bytes], marker: Marker,
-          result: GcResult) -> set[bytes]:
+def _copy(
+    repo: Repository,
+    uses: dict[bytes, _PackUse],
+    sparse: set[bytes],
+    marker: Marker,
+    result: GcResult,
+) -> set[bytes]:
     """Copy the live records of sparse packs into new packs; returns the packs fully copied.
 
     A source pack counts as copied only once every one of its records sits
@@ -303,8 +319,9 @@ def _copy(repo: Repository, uses: dict[bytes, _PackUse], sparse: set[bytes], mar
     return copied
 
 
-def _read_live(store: PackStore, pack_id: bytes,
-               use: _PackUse) -> list[tuple[bytes, Codec, int, bytes]]:
+def _read_live(
+    store: PackStore, pack_id: bytes, use: _PackUse
+) -> list[tuple[bytes, Codec, int, bytes]]:
     """The live records of one pack, each verified before it is copied anywhere."""
     data = memoryview(store.read(pack_id, 0, use.size))
     out = []
@@ -338,8 +355,13 @@ def _update_record_hints(repo: Repository, moved: set[bytes]) -> None:
     index.write(txn_fn)
 
 
-def _sweep(repo: Repository, marker: Marker, uses: dict[bytes, _PackUse], doomed: set[bytes],
-           result: GcResult) -> None:
+def _sweep(
+    repo: Repository,
+    marker: Marker,
+    uses: dict[bytes, _PackUse],
+    doomed: set[bytes],
+    result: GcResult,
+) -> None:
     """The exclusive phase: late marks, tombstones, one index transaction, then file deletions."""
     index = repo.index
     result.late_restore_points = marker.mark_all()
@@ -348,7 +370,8 @@ def _sweep(repo: Repository, marker: Marker, uses: dict[bytes, _PackUse], doomed
     if missing:
         raise IntegrityError(
             f"gc stopped before deleting anything: {len(missing)} object(s) referenced by restore "
-            f"points committed during gc are not in the index (first: {_describe(missing[0])})")
+            f"points committed during gc are not in the index (first: {_describe(missing[0])})"
+        )
     _tombstone_orphans(repo, marker, result)
 
     # Spare doomed packs that now hold a live object (a late restore point deduplicated into them).
@@ -443,8 +466,10 @@ def _tombstone_orphans(repo: Repository, marker: Marker, result: GcResult) -> No
         writer.flush()
     except NoSpaceError as exc:
         writer.abort()
-        result.warnings.append(f"kept {len(orphans)} uncommitted restore point record(s) and their "
-                               f"data: no space for their tombstones ({exc})")
+        result.warnings.append(
+            f"kept {len(orphans)} uncommitted restore point record(s) and their "
+            f"data: no space for their tombstones ({exc})"
+        )
         for doc in orphans:
             marker.mark(doc)
         marker.absorb_pages()

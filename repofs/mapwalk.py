@@ -59,9 +59,16 @@ class MapWalker:
         p = self.page_refs
         if root.n_chunks <= 0 or root.depth != depth_for(root.n_chunks, p):
             needed = depth_for(max(root.n_chunks, 1), p)
-            self.faults.append(PageFault(root.root, root.depth - 1, 0, max(root.n_chunks, 0),
-                                         f"map root has depth {root.depth}, a disk of "
-                                         f"{root.n_chunks} chunks needs {needed}"))
+            self.faults.append(
+                PageFault(
+                    root.root,
+                    root.depth - 1,
+                    0,
+                    max(root.n_chunks, 0),
+                    f"map root has depth {root.depth}, a disk of "
+                    f"{root.n_chunks} chunks needs {needed}",
+                )
+            )
             return
         stack = [(root.root, root.depth - 1, 0)]
         while stack:
@@ -82,10 +89,16 @@ class MapWalker:
             self.pages_loaded += 1
             expected = -(-count // span)
             if len(page) != expected * REF:
-                self.faults.append(PageFault(
-                    ref, level, first, count,
-                    f"map page {ref.hex()} at level {level} has {len(page)} bytes, "
-                    f"expected {expected} references"))
+                self.faults.append(
+                    PageFault(
+                        ref,
+                        level,
+                        first,
+                        count,
+                        f"map page {ref.hex()} at level {level} has {len(page)} bytes, "
+                        f"expected {expected} references",
+                    )
+                )
                 continue
             if level == 0:
                 if on_chunks is not None:
@@ -106,8 +119,13 @@ class DamageMapper:
     is wrong.
     """
 
-    def __init__(self, page_refs: int, load_page: LoadPage, bad_chunks: dict[bytes, int],
-                 bad_pages: dict[bytes, int]) -> None:
+    def __init__(
+        self,
+        page_refs: int,
+        load_page: LoadPage,
+        bad_chunks: dict[bytes, int],
+        bad_pages: dict[bytes, int],
+    ) -> None:
         self.page_refs = page_refs
         self._load = load_page
         self.bad_chunks = bad_chunks

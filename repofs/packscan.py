@@ -118,8 +118,9 @@ def scan_pack(store: LocalPackStore, pack_id: bytes, repository_id: str) -> Pack
 Checked = tuple[ScannedRecord, bytes | None, str | None]
 
 
-def check_payloads(scan: PackScan, pool: Executor, keep: frozenset[RecordType] = frozenset(),
-                   batch: int = 64) -> Iterator[Checked]:
+def check_payloads(
+    scan: PackScan, pool: Executor, keep: frozenset[RecordType] = frozenset(), batch: int = 64
+) -> Iterator[Checked]:
     """Yield ``(record, content or None, None)`` or ``(record, None, error)`` in pack order.
 
     The content is kept only for record types in ``keep`` (restore points

@@ -116,14 +116,17 @@ class PruneResult:
         return [d for ds in self.decisions.values() for d in ds if not d.keep]
 
 
-def prune_repository(path: str, policy: Policy, *, vm: str | None = None, dry_run: bool = False,
-                     force: bool = False) -> PruneResult:
+def prune_repository(
+    path: str, policy: Policy, *, vm: str | None = None, dry_run: bool = False, force: bool = False
+) -> PruneResult:
     """Apply ``policy`` to one VM or all; write tombstones, then drop the restore points."""
     if vm is not None:
         validate_vm_name(vm)
     if policy.keeps_nothing() and not force:
-        raise UsageError("this policy keeps nothing: give at least one --keep-* option above zero, "
-                         "or --force to remove every restore point")
+        raise UsageError(
+            "this policy keeps nothing: give at least one --keep-* option above zero, "
+            "or --force to remove every restore point"
+        )
     with Repository.open(path) as repo, repository_lock(path, exclusive=False):
         rps = repo.restore_points(vm)
         if vm is not None and not rps:

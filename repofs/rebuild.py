@@ -67,8 +67,9 @@ class _Found:
     loc: Location
 
 
-def rebuild_index(path: str, *, threads: int | None = None,
-                  progress: bool | None = None) -> RebuildResult:
+def rebuild_index(
+    path: str, *, threads: int | None = None, progress: bool | None = None
+) -> RebuildResult:
     t0 = time.monotonic()
     config = RepoConfig.load(path)
     result = RebuildResult()
@@ -93,8 +94,14 @@ def rebuild_index(path: str, *, threads: int | None = None,
     return result
 
 
-def _scan_all(store: LocalPackStore, index: Index, config: RepoConfig, result: RebuildResult,
-              threads: int | None, progress: bool | None) -> tuple[list[_Found], dict[Any, Any]]:
+def _scan_all(
+    store: LocalPackStore,
+    index: Index,
+    config: RepoConfig,
+    result: RebuildResult,
+    threads: int | None,
+    progress: bool | None,
+) -> tuple[list[_Found], dict[Any, Any]]:
     pack_ids = list(store.list())
     sizes = {}
     for p in pack_ids:
@@ -119,33 +126,41 @@ def _scan_all(store: LocalPackStore, index: Index, config: RepoConfig, result: R
             for rec, raw, err in check_payloads(scan, pool, _KEEP):
                 h = rec.header
                 if err is not None:
-                    result.damaged.append(f"pack {name} offset {rec.offset}: "
-                                          f"{err.split(': ', 1)[-1]} (record dropped)")
+                    result.damaged.append(
+                        f"pack {name} offset {rec.offset}: "
+                        f"{err.split(': ', 1)[-1]} (record dropped)"
+                    )
                     continue
                 entries.append((h.type, h.digest, rec.offset, h.stored_len, h.raw_len))
                 if h.type == RecordType.RESTORE_POINT and raw is not None:
                     doc = parse_rp_record(raw)
                     if doc is None:
-                        result.damaged.append(f"pack {name} offset {rec.offset}: restore point "
-                                              "record is not valid JSON of a restore point")
+                        result.damaged.append(
+                            f"pack {name} offset {rec.offset}: restore point "
+                            "record is not valid JSON of a restore point"
+                        )
                         continue
-                    found.append(_Found(doc, Location(pack_id, rec.offset, h.stored_len,
-                                                      h.raw_len)))
+                    found.append(
+                        _Found(doc, Location(pack_id, rec.offset, h.stored_len, h.raw_len))
+                    )
                 elif h.type == RecordType.TOMBSTONE and raw is not None:
                     t = parse_tombstone(raw)
                     if t is not None:
                         tombs[t.target] = t.vm_seq
             for area in scan.damaged:
-                result.damaged.append(f"pack {name}: {area.length} bytes at offset {area.offset} "
-                                      f"skipped: {area.reason}")
+                result.damaged.append(
+                    f"pack {name}: {area.length} bytes at offset {area.offset} "
+                    f"skipped: {area.reason}"
+                )
             result.records += len(entries)
             index.write(lambda txn, p=pack_id, s=scan.size, e=entries: index.add_pack(txn, p, s, e))
     bar.finish()
     return found, tombs
 
 
-def _restore_points(index: Index, found: list[_Found], tombs: dict[Any, Any],
-                    result: RebuildResult) -> None:
+def _restore_points(
+    index: Index, found: list[_Found], tombs: dict[Any, Any], result: RebuildResult
+) -> None:
     """Index the restore points no tombstone names; restore every sequence number."""
     chosen: dict[tuple[str, str], _Found] = {}
     top = 0
@@ -192,11 +207,14 @@ def _check_complete(repo: Repository, result: RebuildResult) -> None:
             with index.reading() as missing.txn:
                 walker.walk(disk.map, missing)
         lost = missing.count + len(walker.faults) - faults_before
-        lost += sum(1 for c in rp.configs
-                    if index.locate(RecordType.BLOB, bytes.fromhex(c.digest)) is None)
+        lost += sum(
+            1 for c in rp.configs if index.locate(RecordType.BLOB, bytes.fromhex(c.digest)) is None
+        )
         if lost:
-            result.incomplete.append(f"{rp.vm}/{rp.id}: {lost} chunk(s), page(s) or config "
-                                     "file(s) missing; 'repofs verify' shows the byte ranges")
+            result.incomplete.append(
+                f"{rp.vm}/{rp.id}: {lost} chunk(s), page(s) or config "
+                "file(s) missing; 'repofs verify' shows the byte ranges"
+            )
 
 
 class _MissingChunks:

@@ -39,8 +39,13 @@ class Tombstone:
     vm_seq: int | None = None  #: lets rebuild-index keep the VM directory's inode number
 
     def body(self) -> bytes:
-        doc = {"vm": self.vm, "id": self.id, "seq": self.seq, "vm_seq": self.vm_seq,
-               "removed": time.time()}
+        doc = {
+            "vm": self.vm,
+            "id": self.id,
+            "seq": self.seq,
+            "vm_seq": self.vm_seq,
+            "removed": time.time(),
+        }
         return json.dumps(doc, sort_keys=True).encode()
 
     @property
@@ -69,7 +74,11 @@ def parse_rp_record(raw: bytes) -> dict[str, Any] | None:
         return None
     if not isinstance(doc, dict):
         return None
-    ok = (isinstance(doc.get("vm"), str) and isinstance(doc.get("id"), str)
-          and isinstance(doc.get("seq"), int) and isinstance(doc.get("vm_seq"), int)
-          and isinstance(doc.get("disks"), list))
+    ok = (
+        isinstance(doc.get("vm"), str)
+        and isinstance(doc.get("id"), str)
+        and isinstance(doc.get("seq"), int)
+        and isinstance(doc.get("vm_seq"), int)
+        and isinstance(doc.get("disks"), list)
+    )
     return doc if ok else None

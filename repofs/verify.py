@@ -106,8 +106,14 @@ class _Entry:
     loc: Location
 
 
-def verify_repository(path: str, *, vm: str | None = None, sample: float | None = None,
-                      progress: bool | None = None, threads: int | None = None) -> VerifyResult:
+def verify_repository(
+    path: str,
+    *,
+    vm: str | None = None,
+    sample: float | None = None,
+    progress: bool | None = None,
+    threads: int | None = None,
+) -> VerifyResult:
     """Check ``path`` and return what is wrong; raises only for bad arguments or no repository."""
     if vm is not None:
         validate_vm_name(vm)
@@ -132,8 +138,14 @@ def verify_repository(path: str, *, vm: str | None = None, sample: float | None 
 
 
 class _Verifier:
-    def __init__(self, repo: Repository, vm: str | None, sample: float | None,
-                 progress: bool | None, threads: int | None) -> None:
+    def __init__(
+        self,
+        repo: Repository,
+        vm: str | None,
+        sample: float | None,
+        progress: bool | None,
+        threads: int | None,
+    ) -> None:
         self.repo = repo
         self.index = repo.index
         self.cs = repo.config.chunk_size
@@ -176,7 +188,8 @@ class _Verifier:
         self.result.restore_points = len(rps)
         self.result.vms = len({rp.vm for rp in rps})
         docs = self.index.read(
-            lambda t: {(d["vm"], d["id"]): d for d in self.index.rp_docs(t, self.vm)})
+            lambda t: {(d["vm"], d["id"]): d for d in self.index.rp_docs(t, self.vm)}
+        )
         self._check_packs()
         for rp in rps:
             self._check_rp(rp, docs.get((rp.vm, rp.id)))
@@ -199,26 +212,34 @@ class _Verifier:
         if doc is not None:
             digest = rp_record_digest(doc)
             if self.index.locate(RecordType.RESTORE_POINT, digest) is None:
-                self.result.problems.append(Problem(
-                    f"restore point {name}", "its own record is not in the index, so "
-                    "rebuild-index could not restore it", [name]))
+                self.result.problems.append(
+                    Problem(
+                        f"restore point {name}",
+                        "its own record is not in the index, so rebuild-index could not restore it",
+                        [name],
+                    )
+                )
             else:
                 self.referenced.add(bytes((RecordType.RESTORE_POINT,)) + digest)
         for cfg in rp.configs:
             digest = bytes.fromhex(cfg.digest)
             if self.index.locate(RecordType.BLOB, digest) is None:
-                n = self.bad_blobs.setdefault(digest, self._problem(
-                    f"config blob {self._short(digest)}", "is not in the index"))
+                n = self.bad_blobs.setdefault(
+                    digest,
+                    self._problem(f"config blob {self._short(digest)}", "is not in the index"),
+                )
                 self.result.problems[n].affects.append(f"{name} config file {cfg.name}")
             else:
                 self.referenced.add(bytes((RecordType.BLOB,)) + digest)
         for disk in rp.disks:
             with self.index.reading() as txn:
-                self.walker.walk(disk.map, functools.partial(self._check_chunk_refs, txn,
-                                                             capacity=disk.capacity))
+                self.walker.walk(
+                    disk.map, functools.partial(self._check_chunk_refs, txn, capacity=disk.capacity)
+                )
 
-    def _check_chunk_refs(self, txn: lmdb.Transaction, page: bytes, first: int, *,
-                          capacity: int) -> None:
+    def _check_chunk_refs(
+        self, txn: lmdb.Transaction, page: bytes, first: int, *, capacity: int
+    ) -> None:
         cs = self.cs
         chunk_key = bytes((RecordType.CHUNK,))
         track = self.vm is not None or self.sample is not None
@@ -228,8 +249,9 @@ class _Verifier:
                 continue
             raw = txn.get(chunk_key + ref, db=self.index.dbs["objects"])
             if raw is None:
-                self.bad_chunks[ref] = self._problem(f"chunk {self._short(ref)}",
-                                                     "is not in the index")
+                self.bad_chunks[ref] = self._problem(
+                    f"chunk {self._short(ref)}", "is not in the index"
+                )
                 continue
             loc = Location(*LOCATION.unpack(raw))
             i = first + k
@@ -237,7 +259,8 @@ class _Verifier:
             if loc.raw_len != expected:
                 self.bad_chunks[ref] = self._problem(
                     f"chunk {self._short(ref)}",
-                    f"is {loc.raw_len} bytes long where the map needs {expected}")
+                    f"is {loc.raw_len} bytes long where the map needs {expected}",
+                )
             elif track:
                 self.referenced.add(chunk_key + ref)
 
@@ -265,7 +288,8 @@ class _Verifier:
         """Pack-level checks of every pack the index names, before any object is read."""
         store = self.repo.packs
         packs = self.index.read(
-            lambda t: {k: PACK_INFO.unpack(v)[0] for k, v in self.index.items(t, "packs")})
+            lambda t: {k: PACK_INFO.unpack(v)[0] for k, v in self.index.items(t, "packs")}
+        )
         self.known_packs = set(packs)
         for pack_id, size in sorted(packs.items()):
             name = pack_id.hex()
@@ -285,8 +309,11 @@ class _Verifier:
     def _lost_with_pack(self, loc: Location | None) -> int | None:
         """The problem number of a bad pack that takes this object with it, if any."""
         bad = self.bad_packs.get(loc.pack_id) if loc is not None else None
-        if bad is not None and loc is not None and (
-                loc.offset + RECORD_HEADER_SIZE + loc.stored_len > bad[1]):
+        if (
+            bad is not None
+            and loc is not None
+            and (loc.offset + RECORD_HEADER_SIZE + loc.stored_len > bad[1])
+        ):
             return self._pack_problem(loc.pack_id)
         return None
 
@@ -294,7 +321,8 @@ class _Verifier:
         label = self._pack_problems.get(pack_id)
         if label is None:
             label = self._pack_problems[pack_id] = self._problem(
-                f"pack {pack_id.hex()}", self.bad_packs[pack_id][0])
+                f"pack {pack_id.hex()}", self.bad_packs[pack_id][0]
+            )
         return label
 
     def _check_objects(self) -> None:
@@ -305,14 +333,19 @@ class _Verifier:
         work: list[_Entry] = []
         for pack_id in sorted(by_pack):
             if pack_id not in self.known_packs:
-                self._problem(f"pack {pack_id.hex()}",
-                              "holds indexed objects but is not in the index's pack list")
+                self._problem(
+                    f"pack {pack_id.hex()}",
+                    "holds indexed objects but is not in the index's pack list",
+                )
             for e in sorted(by_pack[pack_id], key=lambda e: e.loc.offset):
                 lost = self._lost_with_pack(e.loc)
                 if lost is not None:
                     self._mark_bad([e], lost)
-                elif (self.sample is None or e.rtype != RecordType.CHUNK
-                        or rng.random() * 100 < self.sample):
+                elif (
+                    self.sample is None
+                    or e.rtype != RecordType.CHUNK
+                    or rng.random() * 100 < self.sample
+                ):
                     work.append(e)
         if self.vm is None:  # a damaged pack is a problem even if nothing we checked was in it
             for pack_id in sorted(self.bad_packs):
@@ -321,8 +354,11 @@ class _Verifier:
 
     def _mark_bad(self, entries: list[_Entry], problem: int) -> None:
         for e in entries:
-            target = {RecordType.CHUNK: self.bad_chunks, RecordType.PAGE: self.bad_pages,
-                      RecordType.BLOB: self.bad_blobs}.get(e.rtype)
+            target = {
+                RecordType.CHUNK: self.bad_chunks,
+                RecordType.PAGE: self.bad_pages,
+                RecordType.BLOB: self.bad_blobs,
+            }.get(e.rtype)
             if target is not None:
                 target.setdefault(e.digest, problem)
 
@@ -382,10 +418,12 @@ class _Verifier:
             self._mark_bad([e], n)
             if e.rtype == RecordType.RESTORE_POINT:
                 self.result.problems[n].affects.append(
-                    "a restore point's own record: rebuild-index could not restore it")
+                    "a restore point's own record: rebuild-index could not restore it"
+                )
             elif e.rtype == RecordType.TOMBSTONE:
-                self.result.problems[n].affects.append("a tombstone: rebuild-index could bring a "
-                                                       "pruned restore point back")
+                self.result.problems[n].affects.append(
+                    "a tombstone: rebuild-index could bring a pruned restore point back"
+                )
 
     # -- leftovers and permissions --------------------------------------------------
 
@@ -395,12 +433,14 @@ class _Verifier:
             if pack_id not in known:
                 self.result.warnings.append(
                     f"pack {pack_id.hex()} is not in the index "
-                    "(left by an interrupted ingest or gc; gc removes it)")
+                    "(left by an interrupted ingest or gc; gc removes it)"
+                )
         tmp = self.repo.packs.tmp_dir
         leftovers = os.listdir(tmp) if os.path.isdir(tmp) else []
         if leftovers:
-            self.result.warnings.append(f"{len(leftovers)} unfinished pack(s) in {tmp} "
-                                        "(gc removes them)")
+            self.result.warnings.append(
+                f"{len(leftovers)} unfinished pack(s) in {tmp} (gc removes them)"
+            )
 
     def _permissions(self) -> None:
         self.result.warnings.extend(permission_warnings(self.repo.path))
@@ -410,21 +450,27 @@ class _Verifier:
     def _map_damage(self, rps: list[RestorePoint]) -> None:
         problems = self.result.problems
         if self.bad_chunks or self.bad_pages:
-            mapper = DamageMapper(self.repo.config.page_refs, self._load_page, self.bad_chunks,
-                                  self.bad_pages)
+            mapper = DamageMapper(
+                self.repo.config.page_refs, self._load_page, self.bad_chunks, self.bad_pages
+            )
             unlabelled = -1
             for rp in rps:
                 for disk in rp.disks:
                     for label, ranges in sorted(mapper.chunk_ranges(disk.map).items()):
                         if label == unlabelled:
                             label = unlabelled = self._problem(
-                                "map pages", "became unreadable while verify ran")
+                                "map pages", "became unreadable while verify ran"
+                            )
                         spans = byte_ranges(ranges, self.cs, disk.capacity)
                         shown = ", ".join(f"{a}-{b - 1}" for a, b in spans[:MAX_RANGES_SHOWN])
-                        more = (f" and {len(spans) - MAX_RANGES_SHOWN} more ranges"
-                                if len(spans) > MAX_RANGES_SHOWN else "")
+                        more = (
+                            f" and {len(spans) - MAX_RANGES_SHOWN} more ranges"
+                            if len(spans) > MAX_RANGES_SHOWN
+                            else ""
+                        )
                         problems[label].affects.append(
-                            f"{rp.vm}/{rp.id} {disk.name}-flat.vmdk bytes {shown}{more}")
+                            f"{rp.vm}/{rp.id} {disk.name}-flat.vmdk bytes {shown}{more}"
+                        )
         for digest, label in self.bad_blobs.items():
             for rp in rps:
                 for cfg in rp.configs:
@@ -433,9 +479,11 @@ class _Verifier:
                         problems[label].affects.append(entry)
         for p in problems:
             if not p.affects:
-                p.affects.append("no restore point reaches it through a readable map, but a later "
-                                 "ingest could deduplicate against it: 'repofs rebuild-index' "
-                                 "drops what is damaged from the index")
+                p.affects.append(
+                    "no restore point reaches it through a readable map, but a later "
+                    "ingest could deduplicate against it: 'repofs rebuild-index' "
+                    "drops what is damaged from the index"
+                )
 
 
 def _check_window(window: _Window, batch: list[_Entry]) -> list[tuple[_Entry, str | None]]:
@@ -507,8 +555,10 @@ def permission_warnings(repo_path: str) -> list[str]:
             if stat.S_ISLNK(mode):
                 continue
             if mode & 0o077:
-                out.append(f"{p} is accessible to others than its owner "
-                           f"(mode {stat.S_IMODE(mode):04o}; repositories are owner-only)")
+                out.append(
+                    f"{p} is accessible to others than its owner "
+                    f"(mode {stat.S_IMODE(mode):04o}; repositories are owner-only)"
+                )
     return out
 
 
@@ -538,15 +588,23 @@ def _without_index(path: str, config: RepoConfig, why: str, threads: int | None)
                         key = (doc["vm"], doc["id"])
                         found[key] = max(found.get(key, 0), doc["seq"])
     store.close()
-    live = sorted(f"{vm}/{rp_id}" for (vm, rp_id), seq in found.items()
-                  if (vm, rp_id, seq) not in dead)
+    live = sorted(
+        f"{vm}/{rp_id}" for (vm, rp_id), seq in found.items() if (vm, rp_id, seq) not in dead
+    )
     result.restore_points = len(live)
     result.vms = len({name.split("/")[0] for name in live})
-    hint = ("" if "rebuild-index" in why
-            else "; run 'repofs rebuild-index' to rebuild it from the packs")
-    result.problems.append(Problem(
-        "index", f"{why}{hint}",
-        [f"{name} (unreadable until the index is rebuilt)" for name in live]
-        or ["no restore point was found in the packs"]))
+    hint = (
+        ""
+        if "rebuild-index" in why
+        else "; run 'repofs rebuild-index' to rebuild it from the packs"
+    )
+    result.problems.append(
+        Problem(
+            "index",
+            f"{why}{hint}",
+            [f"{name} (unreadable until the index is rebuilt)" for name in live]
+            or ["no restore point was found in the packs"],
+        )
+    )
     result.warnings.extend(permission_warnings(path))
     return result

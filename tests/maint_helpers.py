@@ -35,22 +35,41 @@ def cli_argv(*args: str | os.PathLike[str]) -> list[str]:
     return [sys.executable, "-m", "repofs", *map(str, args)]
 
 
-def repofs(*args: str | os.PathLike[str], check: bool = True, timeout: float = 300,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def repofs(
+    *args: str | os.PathLike[str],
+    check: bool = True,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run the real ``repofs`` CLI of this tree in a subprocess."""
-    proc = subprocess.run(cli_argv(*args), capture_output=True, text=True, timeout=timeout,
-                          env=cli_env(env), stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        cli_argv(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(env),
+        stdin=subprocess.DEVNULL,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"repofs {' '.join(map(str, args))} failed ({proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"repofs {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+            f"{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
-def spawn(*args: str | os.PathLike[str],
-          env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def spawn(
+    *args: str | os.PathLike[str], env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     """Start the CLI without waiting (for races and kills)."""
-    return subprocess.Popen(cli_argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=cli_env(env), stdin=subprocess.DEVNULL)
+    return subprocess.Popen(
+        cli_argv(*args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(env),
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def ingest(repo: Path, vm: str, *disks: str, env: dict[str, str] | None = None) -> str:
@@ -90,8 +109,9 @@ def flip_byte(path: Path | str, offset: int) -> None:
 
 
 def qemu_compare(a: Path | str, b: Path | str) -> None:
-    proc = subprocess.run(["qemu-img", "compare", "-f", "raw", str(a), str(b)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", str(a), str(b)], capture_output=True, text=True
+    )
     assert proc.returncode == 0 and "identical" in proc.stdout, proc.stdout + proc.stderr
 
 
@@ -111,8 +131,9 @@ def read_disk(repo_path: Path, vm: str, rp_id: str, disk: str = "d0") -> bytes:
         return reader.read(0, info.capacity)
 
 
-def read_range(repo_path: Path, vm: str, rp_id: str, offset: int, size: int,
-               disk: str = "d0") -> bytes:
+def read_range(
+    repo_path: Path, vm: str, rp_id: str, offset: int, size: int, disk: str = "d0"
+) -> bytes:
     """Bytes ``[offset, offset+size)`` of a restore point's disk (offset clipped at 0)."""
     from repofs.diskread import ChunkCache, DiskReader
     from repofs.repository import Repository
@@ -132,8 +153,9 @@ def rp_ids(repo_path: Path, vm: str | None = None) -> list[str]:
         return [rp.id for rp in repo.restore_points(vm)]
 
 
-def chunk_record(repo_path: Path, vm: str, rp_id: str, offset: int,
-                 disk: str = "d0") -> tuple[Path, int, int]:
+def chunk_record(
+    repo_path: Path, vm: str, rp_id: str, offset: int, disk: str = "d0"
+) -> tuple[Path, int, int]:
     """(pack file, record offset, stored length) of the chunk holding ``offset`` of a disk."""
     from repofs.records import RecordType
     from repofs.repository import Repository
@@ -169,8 +191,11 @@ def _daemon_pids(mountpoint: Path) -> list[int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if (b"mount" in argv and str(mountpoint).encode() in argv
-                and any(b"repofs" in a for a in argv)):
+        if (
+            b"mount" in argv
+            and str(mountpoint).encode() in argv
+            and any(b"repofs" in a for a in argv)
+        ):
             pids.append(int(entry))
     return pids
 
@@ -218,10 +243,15 @@ def new_repo(path: Path, chunk_size: int = 64 * 1024) -> Path:
     return path
 
 
-def ingest_here(repo_path: Path, vm: str, disks: dict[str, Path], *,
-                configs: tuple[Path, ...] = (),
-                changed: dict[str, list[tuple[int, int]]] | None = None,
-                now: float | None = None) -> str:
+def ingest_here(
+    repo_path: Path,
+    vm: str,
+    disks: dict[str, Path],
+    *,
+    configs: tuple[Path, ...] = (),
+    changed: dict[str, list[tuple[int, int]]] | None = None,
+    now: float | None = None,
+) -> str:
     """Ingest in this process, like the CLI does (shared lock, latest as parent); returns the id.
 
     ``changed`` gives byte extents per disk for a CBT ingest against the latest restore point.
@@ -232,12 +262,21 @@ def ingest_here(repo_path: Path, vm: str, disks: dict[str, Path], *,
     from repofs.repository import Repository
 
     with Repository.open(str(repo_path)) as repo:
-        requests = [DiskRequest(name, open_source(str(path)), (changed or {}).get(name))
-                    for name, path in disks.items()]
+        requests = [
+            DiskRequest(name, open_source(str(path)), (changed or {}).get(name))
+            for name, path in disks.items()
+        ]
         try:
             with repository_lock(str(repo_path), exclusive=False):
-                job = Ingest(repo, vm, requests, [str(c) for c in configs],
-                             parent=repo.latest(vm), progress=False, threads=2)
+                job = Ingest(
+                    repo,
+                    vm,
+                    requests,
+                    [str(c) for c in configs],
+                    parent=repo.latest(vm),
+                    progress=False,
+                    threads=2,
+                )
                 return job.run(now).id
         finally:
             for r in requests:

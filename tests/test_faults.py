@@ -91,14 +91,19 @@ class TestMountEIO:
         flip_byte(pack, offset + RECORD_HEADER_SIZE + 1000)
         with mounted(repo, tmp_path / "mnt") as mnt:
             flat = mnt / "web" / rp / "d0-flat.vmdk"
-            bad = subprocess.run(["dd", f"if={flat}", "of=/dev/null", "bs=64K", "skip=48",
-                                  "count=1"], capture_output=True, text=True)
+            bad = subprocess.run(
+                ["dd", f"if={flat}", "of=/dev/null", "bs=64K", "skip=48", "count=1"],
+                capture_output=True,
+                text=True,
+            )
             assert bad.returncode != 0 and "Input/output error" in bad.stderr
-            good = subprocess.run(["dd", f"if={flat}", "bs=64K", "skip=0", "count=16"],
-                                  capture_output=True)
-            assert good.returncode == 0 and good.stdout == data[: MiB]
-            tail = subprocess.run(["dd", f"if={flat}", "bs=64K", "skip=64", "count=64"],
-                                  capture_output=True)
+            good = subprocess.run(
+                ["dd", f"if={flat}", "bs=64K", "skip=0", "count=16"], capture_output=True
+            )
+            assert good.returncode == 0 and good.stdout == data[:MiB]
+            tail = subprocess.run(
+                ["dd", f"if={flat}", "bs=64K", "skip=64", "count=64"], capture_output=True
+            )
             assert tail.returncode == 0 and tail.stdout == data[4 * MiB :]
         log = (tmp_path / "mnt.log").read_text()
         assert f"I/O error reading web/{rp}/d0-flat.vmdk bytes {3 * MiB}-" in log
@@ -137,8 +142,14 @@ class TestKills:
         small = make_image(tmp_path / "small.img", 4 * MiB, [(0, noise(MiB, 2))])
         for attempt in range(5):
             restamp(small, 100 + attempt)
-            proc = spawn("ingest", repo, "--vm", "vm", f"d0={small}",
-                         env={"REPOFS_TEST_PAUSE_BEFORE_COMMIT": "60"})
+            proc = spawn(
+                "ingest",
+                repo,
+                "--vm",
+                "vm",
+                f"d0={small}",
+                env={"REPOFS_TEST_PAUSE_BEFORE_COMMIT": "60"},
+            )
             wait_for_line(proc, "pausing before commit")
             kill9(proc)
             assert rp_ids(repo, "vm") == sorted(committed)
@@ -188,8 +199,13 @@ class TestKills:
             time.sleep(rng.uniform(0, duration))
             kill9(proc)
             packs = {p.name for p in work.glob("packs/??/*.pack")}
-            phases.add("untouched" if packs == template_packs else
-                       "done" if proc.returncode == 0 else "partial")
+            phases.add(
+                "untouched"
+                if packs == template_packs
+                else "done"
+                if proc.returncode == 0
+                else "partial"
+            )
             assert_healthy(work, committed)
             if attempt % 3 == 0:
                 rebuild_index(str(work))
@@ -298,8 +314,9 @@ class TestDamageAndRecovery:
         assert f"vm/{hurt}" in repofs("verify", repo, check=False).stdout
 
     @pytest.mark.parametrize("damage", ["overwrite", "delete"])
-    def test_index_damage(self, tmp_path: Path, damaged_repo: tuple[Path, dict[str, Path]],
-                          damage: str) -> None:
+    def test_index_damage(
+        self, tmp_path: Path, damaged_repo: tuple[Path, dict[str, Path]], damage: str
+    ) -> None:
         """A damaged or deleted data.mdb: verify names every restore point, mount and list
         refuse in one line, rebuild-index brings everything back."""
         repo, sources = damaged_repo

@@ -29,8 +29,10 @@ class TestSharing:
         repo = new_repo(tmp_path / "repo")
         a = make_image(tmp_path / "a.img", 32 * MiB, [(0, noise(24 * MiB, 1))])
         b = make_image(tmp_path / "b.img", 32 * MiB, [(0, noise(24 * MiB, 2))])
-        procs = [spawn("ingest", repo, "--vm", vm, f"d0={img}")
-                 for vm, img in (("a", a), ("b", b), ("b", a))]
+        procs = [
+            spawn("ingest", repo, "--vm", vm, f"d0={img}")
+            for vm, img in (("a", a), ("b", b), ("b", a))
+        ]
         ids = []
         for p in procs:
             out, err = p.communicate(timeout=120)
@@ -75,8 +77,9 @@ class TestExclusion:
         """gc's exclusive phase waits for a paused ingest and says so on stderr."""
         repo = new_repo(tmp_path / "repo")
         img = make_image(tmp_path / "a.img", MiB, [(0, noise(MiB, 1))])
-        ingest = spawn("ingest", repo, "--vm", "a", f"d0={img}",
-                       env={"REPOFS_TEST_PAUSE_BEFORE_COMMIT": "2"})
+        ingest = spawn(
+            "ingest", repo, "--vm", "a", f"d0={img}", env={"REPOFS_TEST_PAUSE_BEFORE_COMMIT": "2"}
+        )
         wait_for_line(ingest, "pausing before commit")
         gc = repofs("gc", repo)
         assert "repofs: waiting: the repository is in use by an ingest, prune or gc" in gc.stderr
@@ -92,8 +95,9 @@ class TestKilledHolders:
         repo = new_repo(tmp_path / "repo")
         img = make_image(tmp_path / "a.img", MiB, [(0, noise(MiB, 1))])
         ingest_here(repo, "a", {"d0": img})
-        proc = spawn("ingest", repo, "--vm", "a", f"d0={img}",
-                     env={"REPOFS_TEST_PAUSE_BEFORE_COMMIT": "60"})
+        proc = spawn(
+            "ingest", repo, "--vm", "a", f"d0={img}", env={"REPOFS_TEST_PAUSE_BEFORE_COMMIT": "60"}
+        )
         wait_for_line(proc, "pausing before commit")
         kill9(proc)
         t0 = time.monotonic()

@@ -50,8 +50,15 @@ class TestRepositoryFiles:
                 assert mode == 0o600, (dirpath, name, oct(mode))
                 seen.add(name if not name.endswith(".pack") else "*.pack")
             del dirnames
-        assert {"config.json", "data.mdb", "lock.mdb", "lock.gate", "lock.main", "lock.gc",
-                "*.pack"} <= seen
+        assert {
+            "config.json",
+            "data.mdb",
+            "lock.mdb",
+            "lock.gate",
+            "lock.main",
+            "lock.gc",
+            "*.pack",
+        } <= seen
         assert permission_warnings(str(repo)) == []
 
     def test_verify_warns_about_loosened_modes(self, tmp_path: Path) -> None:
@@ -75,8 +82,9 @@ def public_dir() -> Iterator[Path]:
 
 
 class TestMountAccess:
-    def test_only_the_mounting_user_unless_allow_other(self, tmp_path: Path,
-                                                       public_dir: Path) -> None:
+    def test_only_the_mounting_user_unless_allow_other(
+        self, tmp_path: Path, public_dir: Path
+    ) -> None:
         """Without --allow-other another user gets EACCES; with it, they can list and read."""
         if shutil.which("setpriv") is None:
             raise AssertionError("setpriv is required (util-linux)")
@@ -93,6 +101,7 @@ class TestMountAccess:
             proc = subprocess.run([*NOBODY, "ls", str(mnt)], capture_output=True, text=True)
             assert proc.returncode == 0 and proc.stdout.split() == ["web"], proc
             flat = mnt / "web" / "latest" / "d0-flat.vmdk"
-            proc = subprocess.run([*NOBODY, "sh", "-c", f"cat {flat} | wc -c"],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [*NOBODY, "sh", "-c", f"cat {flat} | wc -c"], capture_output=True, text=True
+            )
             assert proc.stdout.strip() == str(MiB), proc

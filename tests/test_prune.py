@@ -38,8 +38,17 @@ def utc(text: str) -> float:
 
 
 def rps_at(*times: float) -> list[RestorePoint]:
-    return [RestorePoint(vm="vm", id=time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime(t)), seq=i + 10,
-                         vm_seq=1, created=t, chunk_size=65536) for i, t in enumerate(times)]
+    return [
+        RestorePoint(
+            vm="vm",
+            id=time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime(t)),
+            seq=i + 10,
+            vm_seq=1,
+            created=t,
+            chunk_size=65536,
+        )
+        for i, t in enumerate(times)
+    ]
 
 
 def kept(decisions: list[Decision]) -> list[str]:
@@ -56,8 +65,13 @@ class TestPolicy:
 
     def test_daily_keeps_the_newest_of_each_day_in_utc(self) -> None:
         """Several restore points a day: only the day's newest counts, days are UTC days."""
-        rps = rps_at(utc("2026-03-01 01:00"), utc("2026-03-01 23:30"), utc("2026-03-02 00:10"),
-                     utc("2026-03-02 12:00"), utc("2026-03-03 09:00"))
+        rps = rps_at(
+            utc("2026-03-01 01:00"),
+            utc("2026-03-01 23:30"),
+            utc("2026-03-02 00:10"),
+            utc("2026-03-02 12:00"),
+            utc("2026-03-03 09:00"),
+        )
         ds = plan(rps, Policy(daily=2))
         assert kept(ds) == [rps[4].id, rps[3].id]
 
@@ -78,14 +92,20 @@ class TestPolicy:
 
     def test_hourly_and_yearly(self) -> None:
         """Hourly buckets by UTC hour, yearly by UTC year."""
-        rps = rps_at(utc("2024-06-01 10:05"), utc("2025-06-01 10:05"), utc("2025-06-01 10:55"),
-                     utc("2025-06-01 11:01"))
+        rps = rps_at(
+            utc("2024-06-01 10:05"),
+            utc("2025-06-01 10:05"),
+            utc("2025-06-01 10:55"),
+            utc("2025-06-01 11:01"),
+        )
         assert kept(plan(rps, Policy(hourly=2))) == [rps[3].id, rps[2].id]
         assert kept(plan(rps, Policy(yearly=5))) == [rps[3].id, rps[0].id]
 
     @settings(max_examples=200, deadline=None)
-    @given(times=st.lists(st.integers(0, 3 * 365 * DAY), min_size=0, max_size=40, unique=True),
-           counts=st.tuples(*[st.integers(0, 4)] * 6))
+    @given(
+        times=st.lists(st.integers(0, 3 * 365 * DAY), min_size=0, max_size=40, unique=True),
+        counts=st.tuples(*[st.integers(0, 4)] * 6),
+    )
     def test_properties(self, times: list[int], counts: tuple[int, ...]) -> None:
         """Any policy: the newest survives if anything is kept, --keep-last is exact, and
         applying the policy again to what it kept removes nothing more."""
@@ -113,8 +133,9 @@ def history(tmp_path: Path) -> History:
     repo = new_repo(tmp_path / "repo")
     img = make_image(tmp_path / "web.img", 4 * MiB, [(0, noise(MiB, 1))])
     ids = []
-    for k, when in enumerate(["2026-01-01 10:00", "2026-01-02 09:00", "2026-01-02 18:00",
-                              "2026-01-03 07:00"]):
+    for k, when in enumerate(
+        ["2026-01-01 10:00", "2026-01-02 09:00", "2026-01-02 18:00", "2026-01-03 07:00"]
+    ):
         with open(img, "r+b") as f:
             f.seek(2 * MiB)
             f.write(noise(256 * 1024, 10 + k))
@@ -161,21 +182,24 @@ class TestPruneCommand:
         with Repository.open(str(repo)) as r:  # the VM keeps its sequence number (inode)
             assert r.index.read(lambda t: r.index.vm_seq(t, "web")) is not None
 
-    @pytest.mark.parametrize("args,needle", [
-        (["--keep-last", "-1"], "-1"),
-        (["--keep-daily", "many"], "many"),
-        (["--vm", "ghost", "--keep-last", "1"], "unknown VM"),
-        (["--vm", "..", "--keep-last", "1"], "not allowed"),
-    ])
-    def test_bad_input(self, history: History, args: list[str],
-                       needle: str) -> None:
+    @pytest.mark.parametrize(
+        "args,needle",
+        [
+            (["--keep-last", "-1"], "-1"),
+            (["--keep-daily", "many"], "many"),
+            (["--vm", "ghost", "--keep-last", "1"], "unknown VM"),
+            (["--vm", "..", "--keep-last", "1"], "not allowed"),
+        ],
+    )
+    def test_bad_input(self, history: History, args: list[str], needle: str) -> None:
         """Bad options: one line, non-zero exit, nothing removed."""
         repo, _img, ids = history
         assert_one_line_error(repofs("prune", repo, *args, check=False), needle)
         assert rp_ids(repo, "web") == ids
 
     def test_pruned_restore_point_leaves_the_mount_and_others_read_back(
-            self, tmp_path: Path, history: History) -> None:
+        self, tmp_path: Path, history: History
+    ) -> None:
         """After prune and gc, the mount lists only what was kept and reads it back intact."""
         repo, img, ids = history
         expected = read_disk(repo, "web", ids[3])
@@ -192,14 +216,20 @@ class TestCbtChildren:
     def test_child_survives_parent_prune_and_gc(self, tmp_path: Path) -> None:
         """A CBT child shares pages with its parent; pruning the parent and gc leave it whole."""
         repo = new_repo(tmp_path / "repo")
-        img = make_image(tmp_path / "vm.img", 96 * MiB,
-                         [(k * 8 * MiB, noise(MiB, k)) for k in range(12)])
+        img = make_image(
+            tmp_path / "vm.img", 96 * MiB, [(k * 8 * MiB, noise(MiB, k)) for k in range(12)]
+        )
         parent = ingest_here(repo, "app", {"d0": img}, now=utc("2026-02-01 00:00"))
         with open(img, "r+b") as f:
             f.seek(17 * MiB)
             f.write(noise(300_000, 99))
-        child = ingest_here(repo, "app", {"d0": img}, changed={"d0": [(17 * MiB, 300_000)]},
-                            now=utc("2026-02-02 00:00"))
+        child = ingest_here(
+            repo,
+            "app",
+            {"d0": img},
+            changed={"d0": [(17 * MiB, 300_000)]},
+            now=utc("2026-02-02 00:00"),
+        )
         with Repository.open(str(repo)) as r:
             rp = r.resolve("app", child)
             assert rp.kind == "cbt" and rp.parent == parent

@@ -64,7 +64,8 @@ def populated(tmp_path: Path) -> tuple[Path, dict[tuple[str, str], Path]]:
 
 class TestRebuild:
     def test_rebuilt_repository_mounts_and_reads_identically(
-            self, tmp_path: Path, populated: tuple[Path, dict[tuple[str, str], Path]]) -> None:
+        self, tmp_path: Path, populated: tuple[Path, dict[tuple[str, str], Path]]
+    ) -> None:
         """Same listing, same inode numbers and times, same bytes (qemu-img compare) after a
         rebuild from the packs alone; the next ingest gets a new, higher sequence number."""
         repo, sources = populated
@@ -83,15 +84,17 @@ class TestRebuild:
             assert tree(mnt) == before
             for (vm, rp), src in sources.items():
                 qemu_compare(src, mnt / vm / rp / "d0.vmdk")
-            assert (mnt / "web" / max(rp for vm, rp in sources if vm == "web") / "web.vmx"
-                    ).read_text() == "memsize = 4096\n"
+            assert (
+                mnt / "web" / max(rp for vm, rp in sources if vm == "web") / "web.vmx"
+            ).read_text() == "memsize = 4096\n"
         img = make_image(tmp_path / "new.img", MiB, [(0, noise(4096, 3))])
         new = ingest_here(repo, "web", {"d0": img})
         with Repository.open(str(repo)) as r:
             assert r.resolve("web", new).seq > old_max
 
-    def test_ignores_packs_of_another_repository(self, tmp_path: Path,
-                                                 populated: tuple[Path, dict]) -> None:  # type: ignore[type-arg]
+    def test_ignores_packs_of_another_repository(
+        self, tmp_path: Path, populated: tuple[Path, dict]
+    ) -> None:  # type: ignore[type-arg]
         """A pack copied in from another repository is reported and left out."""
         repo, sources = populated
         other = new_repo(tmp_path / "other")
@@ -156,8 +159,9 @@ class TestRebuild:
 
         repo = new_repo(tmp_path / "repo")
         img = make_image(tmp_path / "a.img", MiB, [(0, noise(MiB, 1))])
-        ingest = spawn("ingest", repo, "--vm", "a", f"d0={img}",
-                       env={"REPOFS_TEST_PAUSE_BEFORE_COMMIT": "2"})
+        ingest = spawn(
+            "ingest", repo, "--vm", "a", f"d0={img}", env={"REPOFS_TEST_PAUSE_BEFORE_COMMIT": "2"}
+        )
         wait_for_line(ingest, "pausing before commit")
         proc = repofs("rebuild-index", repo)
         out, _err = ingest.communicate(timeout=60)
@@ -175,5 +179,6 @@ class TestRebuild:
 
     def test_not_a_repository(self, tmp_path: Path) -> None:
         """rebuild-index refuses a directory without a config, in one line."""
-        assert_one_line_error(repofs("rebuild-index", tmp_path, check=False),
-                              "not a repofs repository")
+        assert_one_line_error(
+            repofs("rebuild-index", tmp_path, check=False), "not a repofs repository"
+        )

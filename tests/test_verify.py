@@ -68,8 +68,9 @@ class TestCleanRepository:
         assert result.ok and result.restore_points == 10
         assert result.pages == pages  # every distinct page once, no more
 
-    def test_reads_each_pack_once_in_offset_order(self, two_rps: tuple[Path, Path, list[str]],
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_reads_each_pack_once_in_offset_order(
+        self, two_rps: tuple[Path, Path, list[str]], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         """Objects are read sorted by pack and offset, in windows much larger than a chunk."""
         repo, _img, _ids = two_rps
         reads: list[tuple[bytes, int, int]] = []
@@ -90,8 +91,9 @@ class TestCleanRepository:
             offsets = [o for q, o, _n in big if q == p]
             assert offsets == sorted(offsets)
 
-    def test_progress_bar_on_a_terminal(self, two_rps: tuple[Path, Path, list[str]],
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+    def test_progress_bar_on_a_terminal(
+        self, two_rps: tuple[Path, Path, list[str]], capsys: pytest.CaptureFixture[str]
+    ) -> None:
         """With a terminal (forced here), verify draws a progress line on stderr."""
         repo, _img, _ids = two_rps
         assert verify_repository(str(repo), progress=True).ok
@@ -100,7 +102,8 @@ class TestCleanRepository:
 
 class TestDamage:
     def test_flipped_chunk_names_every_restore_point_and_range(
-            self, two_rps: tuple[Path, Path, list[str]]) -> None:
+        self, two_rps: tuple[Path, Path, list[str]]
+    ) -> None:
         """A corrupt chunk shared by two restore points is reported with both, at its byte range."""
         repo, _img, ids = two_rps
         pack, offset, _stored = chunk_record(repo, "web", ids[0], 2 * MiB + 5)
@@ -114,7 +117,8 @@ class TestDamage:
             assert want in proc.stdout
 
     def test_damaged_map_page_affects_its_whole_range(
-            self, two_rps: tuple[Path, Path, list[str]]) -> None:
+        self, two_rps: tuple[Path, Path, list[str]]
+    ) -> None:
         """A damaged map page makes every chunk below it unreadable, and verify says so."""
         repo, _img, ids = two_rps
         with Repository.open(str(repo)) as r:
@@ -141,10 +145,16 @@ class TestDamage:
         proc = repofs("verify", repo, check=False)
         assert proc.returncode == 5
         out = proc.stdout
-        assert re.search(rf"PROBLEM pack {pack_a.stem}: is missing\n"
-                         rf"    affects web/{ids[0]} d0-flat.vmdk bytes 0-", out), out
-        assert re.search(rf"PROBLEM pack {pack_b.stem}: is truncated.*\n"
-                         rf"    affects web/{ids[1]} d0-flat.vmdk bytes 0-", out), out
+        assert re.search(
+            rf"PROBLEM pack {pack_a.stem}: is missing\n"
+            rf"    affects web/{ids[0]} d0-flat.vmdk bytes 0-",
+            out,
+        ), out
+        assert re.search(
+            rf"PROBLEM pack {pack_b.stem}: is truncated.*\n"
+            rf"    affects web/{ids[1]} d0-flat.vmdk bytes 0-",
+            out,
+        ), out
 
     def test_corrupt_config_blob_names_the_file(self, tmp_path: Path) -> None:
         """A damaged VM configuration file is reported by restore point and file name."""
@@ -221,7 +231,8 @@ class TestBrokenIndex:
             assert f"affects web/{rp} (unreadable until the index is rebuilt)" in proc.stdout
 
     def test_overwritten_index_names_the_restore_points(
-            self, two_rps: tuple[Path, Path, list[str]]) -> None:
+        self, two_rps: tuple[Path, Path, list[str]]
+    ) -> None:
         """Garbage over LMDB's meta pages: verify still names every restore point the packs hold."""
         repo, _img, ids = two_rps
         with open(repo / "index" / "data.mdb", "r+b") as f:
@@ -242,15 +253,19 @@ class TestBrokenIndex:
 
 
 class TestBadInput:
-    @pytest.mark.parametrize("args,needle", [
-        (["--sample", "0"], "--sample"),
-        (["--sample", "101"], "--sample"),
-        (["--sample", "lots"], "lots"),
-        (["--vm", "a/b"], "must not contain"),
-        (["--vm", "ghost"], "unknown VM"),
-    ])
-    def test_one_line_errors(self, two_rps: tuple[Path, Path, list[str]], args: list[str],
-                             needle: str) -> None:
+    @pytest.mark.parametrize(
+        "args,needle",
+        [
+            (["--sample", "0"], "--sample"),
+            (["--sample", "101"], "--sample"),
+            (["--sample", "lots"], "lots"),
+            (["--vm", "a/b"], "must not contain"),
+            (["--vm", "ghost"], "unknown VM"),
+        ],
+    )
+    def test_one_line_errors(
+        self, two_rps: tuple[Path, Path, list[str]], args: list[str], needle: str
+    ) -> None:
         """Bad options get one line and a non-zero exit, never a traceback."""
         repo, _img, _ids = two_rps
         assert_one_line_error(repofs("verify", repo, *args, check=False), needle)

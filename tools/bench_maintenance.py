@@ -49,8 +49,13 @@ def drop_caches() -> bool:
 
 def cli(*args: str | os.PathLike[str]) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    subprocess.run([sys.executable, "-m", "repofs", *map(str, args)], check=True, env=env,
-                   stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "repofs", *map(str, args)],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def make_vm_like_image(path: Path, size: int, seed: int) -> None:
@@ -125,8 +130,14 @@ def bench_mark(work: Path, runs: int) -> dict[str, object]:
                     f.write(rng.randbytes(64 * 1024))
             src = open_source(str(img))
             try:
-                Ingest(repo, "vm", [DiskRequest("d0", src)], [], parent=repo.latest("vm"),
-                       progress=False).run(1_700_000_000.0 + n)
+                Ingest(
+                    repo,
+                    "vm",
+                    [DiskRequest("d0", src)],
+                    [],
+                    parent=repo.latest("vm"),
+                    progress=False,
+                ).run(1_700_000_000.0 + n)
             finally:
                 src.close()
             if n in (10, 100):
@@ -150,21 +161,27 @@ def _time_marks(repo: Repository, runs: int) -> dict[str, float]:
         loaded = marker.walker.pages_loaded
         t0 = time.monotonic()
         for rp in rps:  # what mark would cost without the visited set
-            walker = MapWalker(repo.config.page_refs,
-                               lambda d: repo.read_object(RecordType.PAGE, d))
+            walker = MapWalker(
+                repo.config.page_refs, lambda d: repo.read_object(RecordType.PAGE, d)
+            )
             for disk in rp.disks:
                 walker.walk(disk.map, lambda page, first: None)
             pages += walker.pages_loaded
         naive.append(time.monotonic() - t0)
-    return {"restore_points": len(rps), "distinct_pages_loaded": loaded,
-            "naive_pages_loaded": pages // runs, "mark_s": statistics.median(times),
-            "naive_walk_s": statistics.median(naive)}
+    return {
+        "restore_points": len(rps),
+        "distinct_pages_loaded": loaded,
+        "naive_pages_loaded": pages // runs,
+        "mark_s": statistics.median(times),
+        "naive_walk_s": statistics.median(naive),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--dir", default=None,
-                    help="scratch directory (default: a new one in /var/tmp)")
+    ap.add_argument(
+        "--dir", default=None, help="scratch directory (default: a new one in /var/tmp)"
+    )
     ap.add_argument("--runs", type=int, default=3, help="runs per figure; medians are reported")
     ap.add_argument("--verify-gib", type=int, default=2, help="size of the verify test image")
     args = ap.parse_args()
@@ -172,20 +189,29 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     try:
         v = bench_verify(work, args.verify_gib, args.runs)
-        print(f"verify: {v['pack_bytes'] / MiB:.0f} MiB of packs, cache "
-              f"{'dropped' if v['cold_cache'] else 'WARM (could not drop)'}; medians of {args.runs}")
+        cache = "dropped" if v["cold_cache"] else "WARM (could not drop)"
+        print(
+            f"verify: {v['pack_bytes'] / MiB:.0f} MiB of packs, cache {cache}; "
+            f"medians of {args.runs}"
+        )
         print(f"  cat packs > /dev/null : {v['cat_s']:.2f} s  {v['cat_mb_s']:.0f} MB/s")
-        print(f"  repofs verify         : {v['verify_s']:.2f} s  {v['verify_mb_s']:.0f} MB/s "
-              f"({100 * float(v['verify_mb_s']) / float(v['cat_mb_s']):.0f}% of cat)")
+        print(
+            f"  repofs verify         : {v['verify_s']:.2f} s  {v['verify_mb_s']:.0f} MB/s "
+            f"({100 * float(v['verify_mb_s']) / float(v['cat_mb_s']):.0f}% of cat)"
+        )
         m = bench_mark(work, args.runs)
-        print("gc mark: 8 GiB sparse disk, two chunks changed per restore point; "
-              f"medians of {args.runs}")
+        print(
+            "gc mark: 8 GiB sparse disk, two chunks changed per restore point; "
+            f"medians of {args.runs}"
+        )
         for n in (10, 100):
             r = m[n]
             assert isinstance(r, dict)
-            print(f"  {r['restore_points']:>3} restore points: mark {r['mark_s'] * 1000:.1f} ms, "
-                  f"{r['distinct_pages_loaded']} distinct pages; naive walk "
-                  f"{r['naive_walk_s'] * 1000:.1f} ms, {r['naive_pages_loaded']} pages")
+            print(
+                f"  {r['restore_points']:>3} restore points: mark {r['mark_s'] * 1000:.1f} ms, "
+                f"{r['distinct_pages_loaded']} distinct pages; naive walk "
+                f"{r['naive_walk_s'] * 1000:.1f} ms, {r['naive_pages_loaded']} pages"
+            )
     finally:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)
