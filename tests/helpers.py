@@ -14,6 +14,35 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a CLI run: this tree's code, and no test hook left switched on."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    env.pop("REPOFS_TEST_PAUSE_BEFORE_COMMIT", None)
+    env.pop("REPOFS_TEST_GC_DELAY", None)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def cli_argv(*args: str | os.PathLike[str]) -> list[str]:
+    return [sys.executable, "-m", "repofs", *map(str, args)]
+
+
+def spawn(
+    *args: str | os.PathLike[str], env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """Start the CLI without waiting (for races and kills)."""
+    return subprocess.Popen(
+        cli_argv(*args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(env),
+        stdin=subprocess.DEVNULL,
+    )
+
+
 def repofs(
     *args: str | os.PathLike[str],
     check: bool = True,
@@ -21,16 +50,12 @@ def repofs(
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run the real ``repofs`` CLI in a subprocess, as an administrator would."""
-    full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = str(REPO_ROOT)
-    if env:
-        full_env.update(env)
     proc = subprocess.run(
-        [sys.executable, "-m", "repofs", *map(str, args)],
+        cli_argv(*args),
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=full_env,
+        env=cli_env(env),
         stdin=subprocess.DEVNULL,
     )
     if check and proc.returncode != 0:
@@ -41,9 +66,15 @@ def repofs(
     return proc
 
 
-def ingest(repo: Path, vm: str, *disks: str, extra: tuple[str, ...] = ()) -> str:
+def ingest(
+    repo: Path,
+    vm: str,
+    *disks: str,
+    extra: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> str:
     """Ingest and return the new restore point id (the last line of stdout)."""
-    out = repofs("ingest", repo, "--vm", vm, *disks, *extra).stdout
+    out = repofs("ingest", repo, "--vm", vm, *disks, *extra, env=env).stdout
     return out.strip().splitlines()[-1]
 
 
@@ -56,11 +87,11 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str)
         assert needle in errors[0], errors[0]
 
 
-def make_image(path: Path, size: int, writes: list[tuple[int, bytes]] = ()) -> Path:  # type: ignore[assignment]
+def make_image(path: Path, size: int, writes: list[tuple[int, bytes]] | None = None) -> Path:
     """A sparse raw image of ``size`` bytes with ``writes`` placed at their offsets."""
     with open(path, "wb") as f:
         f.truncate(size)
-        for offset, data in writes:
+        for offset, data in writes or []:
             f.seek(offset)
             f.write(data)
     return path

@@ -14,6 +14,13 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ingest import imgutil
+from ingest.detect import detect_format, open_source
+from ingest.qcow2 import Qcow2Source
+from repofs.errors import SourceError
 from tests._imgfmt_helpers import (
     KiB,
     MiB,
@@ -28,13 +35,6 @@ from tests._imgfmt_helpers import (
     requires_qemu,
     run,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from ingest import imgutil
-from ingest.detect import detect_format, open_source
-from ingest.qcow2 import Qcow2Source
-from repofs.errors import SourceError
 
 pytestmark = requires_qemu
 

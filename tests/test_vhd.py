@@ -18,6 +18,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ingest import vhd as vhdmod
+from ingest.detect import detect_format, open_source
+from ingest.vhdx import crc32c
+from repofs.errors import SourceError
 from tests._imgfmt_helpers import (
     KiB,
     MiB,
@@ -36,13 +43,6 @@ from tests._imgfmt_helpers import (
     run,
     vhd_checksum,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from ingest import vhd as vhdmod
-from ingest.detect import detect_format, open_source
-from ingest.vhdx import crc32c
-from repofs.errors import SourceError
 
 pytestmark = requires_qemu
 

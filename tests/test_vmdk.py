@@ -22,15 +22,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.vmdk_builders import (
-    SESPARSE_UNMAPPED,
-    SESPARSE_ZERO,
-    descriptor,
-    sparse_header,
-    write_cowd,
-    write_sesparse,
-    write_stream_optimized,
-)
 
 from ingest.detect import FORMATS, detect_format, open_source
 from ingest.source import DiskSource
@@ -41,6 +32,15 @@ from ingest.vmdk_extent import DATA
 from ingest.vmdk_sesparse import parse_sesparse_header
 from ingest.vmdk_sparse import parse_sparse_header
 from repofs.errors import SourceError
+from tests.vmdk_builders import (
+    SESPARSE_UNMAPPED,
+    SESPARSE_ZERO,
+    descriptor,
+    sparse_header,
+    write_cowd,
+    write_sesparse,
+    write_stream_optimized,
+)
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
