@@ -724,6 +724,15 @@ def write_doc(path: Path, block: str) -> None:
 # -- main ------------------------------------------------------------------------------------
 
 
+def save(args: argparse.Namespace, res: Results, peers: list[str], steps: list[Step],
+         sweep: list[dict[str, Any]], plotted: bool, elapsed: float) -> None:
+    """Write the raw samples and the report; called after every round, so partial runs count."""
+    res.info["load_end"] = loadavg()
+    (args.out / "results.json").write_text(json.dumps(
+        {"samples": res.samples, "info": res.info, "sweep": sweep}, indent=1, default=str))
+    write_doc(args.doc, render(res, args, steps, peers, sweep, plotted, elapsed))
+
+
 def ensure_peers() -> list[str]:
     missing = [p for p, exe in (("borgbackup", "borg"), ("restic", "restic"))
                if shutil.which(exe) is None]
@@ -751,6 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", default=None, help="chunk sizes for the plot, comma-separated")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "performance.md")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "chunk-size.png")
+    ap.add_argument("--no-plot", action="store_true", help="skip the plot (no matplotlib)")
     ap.add_argument("--max-load", type=float, default=1.0,
                     help="wait (up to 10 min) for the load average to fall below this")
     args = ap.parse_args(argv)
@@ -813,6 +823,7 @@ def main(argv: list[str] | None = None) -> int:
         measure_scale(tools[0].repo, work, res, "big")
         for t in tools:
             shutil.rmtree(t.repo, ignore_errors=True)
+        save(args, res, peers, steps, [], False, time.monotonic() - t_start)
     scale_repo = args.out / f"scale-{args.scale_rps}"
     log(f"scale repository with {args.scale_rps} restore points")
     build_scale_repo(scale_repo, args.scale_rps)
@@ -821,13 +832,10 @@ def main(argv: list[str] | None = None) -> int:
 
     sweep = chunk_sweep(steps, work, sweep_sizes) if sweep_sizes != [""] else []
     data = res.info.get("allocated_bytes", 1)
-    plotted = bool(sweep) and plot_sweep(sweep, res.info["logical_bytes"], data, args.plot)
-    res.info["load_end"] = loadavg()
+    plotted = bool(sweep) and not args.no_plot and plot_sweep(
+        sweep, res.info["logical_bytes"], data, args.plot)
     elapsed = time.monotonic() - t_start
-    (args.out / "results.json").write_text(json.dumps(
-        {"samples": res.samples, "info": res.info, "sweep": sweep}, indent=1, default=str))
-    block = render(res, args, steps, peers, sweep, plotted, elapsed)
-    write_doc(args.doc, block)
+    save(args, res, peers, steps, sweep, plotted, elapsed)
     shutil.rmtree(work, ignore_errors=True)
     log(f"done in {elapsed:.0f} s: {args.doc}")
     return 0
