@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,6 +12,22 @@ from repofs.maps import MapReader
 from repofs.records import ZERO_DIGEST, RecordType
 from repofs.repository import Repository
 from repofs.restorepoint import DiskInfo
+
+_ZEROS: dict[int, bytes] = {}
+
+
+def zeros(n: int) -> bytes:
+    """``bytes(n)``, shared for the few sizes that recur (chunk and request sizes).
+
+    A fresh ``bytes(n)`` of 1 MiB is a calloc whose pages fault in when
+    pyfuse3 copies them to the kernel; a shared one is faulted in once.
+    """
+    z = _ZEROS.get(n)
+    if z is None:
+        z = bytes(n)
+        if len(_ZEROS) < 64:
+            _ZEROS[n] = z
+    return z
 
 
 class ChunkCache:
@@ -81,10 +98,8 @@ class Prefetcher:
             self._pool.submit(self._load, digest)
 
     def _load(self, digest: bytes) -> None:
-        try:
+        with contextlib.suppress(Exception):  # the foreground read reports it
             self._cache.get(digest)
-        except Exception:  # noqa: BLE001 - the foreground read reports it
-            pass
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -138,7 +153,7 @@ class DiskReader:
         length = min(cs, self.disk.capacity - i * cs)
         ref = self.map.ref_at(i)
         if ref == ZERO_DIGEST:
-            return bytes(length)
+            return zeros(length)
         data = self._cache.get(ref)
         if len(data) != length:
             raise IntegrityError(f"chunk {ref.hex()} has {len(data)} bytes where {length} belong")
@@ -149,19 +164,26 @@ class DiskReader:
         end = min(offset + size, self.disk.capacity)
         if offset >= end:
             return b""
-        self._readahead(offset, end)
         cs = self.chunk_size
         first, last = offset // cs, (end - 1) // cs
+        refs = self.map.refs(first, last - first + 1)
+        if all(ref == ZERO_DIGEST for ref in refs):
+            # Most of a thin disk: no readahead to schedule, no bytes to build.
+            with self._lock:
+                self._next_offset = end
+            return zeros(end - offset)
+        self._readahead(offset, end)
         parts = []
-        for i, ref in enumerate(self.map.refs(first, last - first + 1), start=first):
+        for i, ref in enumerate(refs, start=first):
             lo = max(offset, i * cs) - i * cs
             hi = min(end, (i + 1) * cs) - i * cs
             length = min(cs, self.disk.capacity - i * cs)
             if ref == ZERO_DIGEST:
-                parts.append(bytes(hi - lo))
+                parts.append(zeros(hi - lo))
                 continue
             data = self._cache.get(ref)
             if len(data) != length:
-                raise IntegrityError(f"chunk {ref.hex()} has {len(data)} bytes where {length} belong")
+                raise IntegrityError(
+                    f"chunk {ref.hex()} has {len(data)} bytes where {length} belong")
             parts.append(data[lo:hi] if (lo, hi) != (0, len(data)) else data)
         return parts[0] if len(parts) == 1 else b"".join(parts)

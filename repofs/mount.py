@@ -93,12 +93,13 @@ def mount(repo_path: str, mountpoint: str, *, foreground: bool = False, allow_ot
         raise MountError("/dev/fuse is missing: load the fuse module or install fuse3")
     if foreground:
         _setup_logging(log_file, True)
-        _serve(repo_path, mountpoint, allow_other, cache_bytes, None)
+        _serve(repo_path, mountpoint, allow_other, cache_bytes, [])
         return
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
         os.close(read_fd)
+        ready = [write_fd]
         code = 1
         try:
             os.setsid()
@@ -106,13 +107,13 @@ def mount(repo_path: str, mountpoint: str, *, foreground: bool = False, allow_ot
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
             _setup_logging(log_file, False)
-            _serve(repo_path, mountpoint, allow_other, cache_bytes, write_fd)
+            _serve(repo_path, mountpoint, allow_other, cache_bytes, ready)
             code = 0
         except RepofsError as exc:
-            _report(write_fd, f"error:{exc}")
+            _report(ready, f"error:{exc}")
         except BaseException as exc:  # the parent must hear something, whatever happened
             log.exception("daemon failed")
-            _report(write_fd, f"error:daemon failed: {exc}")
+            _report(ready, f"error:daemon failed: {exc}")
         finally:
             os._exit(code)
     os.close(write_fd)
@@ -126,9 +127,11 @@ def mount(repo_path: str, mountpoint: str, *, foreground: bool = False, allow_ot
     raise MountError("the mount daemon exited during start-up")
 
 
-def _report(fd: int | None, message: str) -> None:
-    if fd is None:
+def _report(ready: list[int], message: str) -> None:
+    """Send the one start-up message to the parent, at most once (the fd is then closed)."""
+    if not ready:
         return
+    fd = ready.pop()
     try:
         os.write(fd, message.encode() + b"\n")
         os.close(fd)
@@ -137,7 +140,7 @@ def _report(fd: int | None, message: str) -> None:
 
 
 def _serve(repo_path: str, mountpoint: str, allow_other: bool, cache_bytes: int,
-           ready_fd: int | None) -> None:
+           ready: list[int]) -> None:
     resolved = os.path.realpath(mountpoint)  # before mounting: afterwards only we could answer
     repo = Repository.open(repo_path)
     view = RepoView(repo, cache_bytes)
@@ -152,11 +155,9 @@ def _serve(repo_path: str, mountpoint: str, allow_other: bool, cache_bytes: int,
         pyfuse3.init(ops, mountpoint, options)
     except RuntimeError as exc:
         raise MountError(f"{mountpoint}: cannot mount: {exc}") from None
-    _tune_readahead(resolved)
-    _report(ready_fd, "ready")
     log.info("mounted %s on %s", repo_path, mountpoint)
     try:
-        trio.run(_main)
+        trio.run(_main, resolved, ready)
     except BaseException:
         log.exception("daemon crashed; leaving the mount point to answer ENOTCONN")
         pyfuse3.close(unmount=False)
@@ -173,9 +174,13 @@ READAHEAD_KB = 1024
 def _tune_readahead(resolved_mountpoint: str) -> None:
     """Raise the kernel's readahead for this mount from 128 KiB to 1 MiB.
 
-    Measured on an 8 GiB image (docs/performance.md): 1 MiB doubles
-    sequential throughput; 8 MiB is slower again, as the kernel then waits on
-    fewer, larger requests.  Only root may write it; others keep the default.
+    The kernel sets the readahead when it processes the answer to FUSE_INIT,
+    to the smaller of its value and the one libfuse asks for (128 KiB), so
+    this must run after the INIT exchange, never straight after mounting.
+    With it, the kernel sends 1 MiB read requests (libfuse negotiates
+    max_pages 256) and keeps several in flight: measured in
+    docs/performance.md, 1 MiB more than doubles sequential throughput and
+    4 MiB gains nothing more.  Only root may write it; others keep the default.
     """
     device = _mount_device(resolved_mountpoint)  # never stat our own mount: nobody serves it yet
     if device is None:
@@ -188,11 +193,27 @@ def _tune_readahead(resolved_mountpoint: str) -> None:
         log.info("cannot raise readahead (%s): %s", path, exc.strerror)
 
 
-async def _main() -> None:
+async def _main(resolved_mountpoint: str, ready: list[int]) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal)
+        nursery.start_soon(_when_answering, resolved_mountpoint, ready)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _when_answering(resolved_mountpoint: str, ready: list[int]) -> None:
+    """Once the kernel has finished FUSE_INIT: tune the readahead, then report "ready".
+
+    A ``stat`` of the mount point from a worker thread returns only after
+    the INIT exchange, served by :func:`pyfuse3.main` on this thread.  The
+    parent therefore returns only when the mount answers, with its final
+    readahead already in place.
+    """
+    try:
+        await trio.to_thread.run_sync(os.stat, resolved_mountpoint)
+        _tune_readahead(resolved_mountpoint)
+    finally:
+        _report(ready, "ready")
 
 
 async def _stop_on_signal() -> None:

@@ -1,0 +1,43 @@
+"""The benchmark harness runs end to end, so it cannot rot (no peers, no timing checks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+    reason="the benchmark needs root (loop devices, drop_caches) and FUSE",
+)
+
+
+class TestBenchSmoke:
+    def test_quick_mode_writes_the_report(self, tmp_path: Path) -> None:
+        """``tools/bench --quick --no-peers`` on a tiny corpus fills the report and raw results."""
+        doc = tmp_path / "performance.md"
+        doc.write_text("# Performance\n\nprose kept\n\n<!-- bench:begin -->\nold\n"
+                       "<!-- bench:end -->\n\nmore prose\n")
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "tools" / "bench.py"), "--quick", "--no-peers",
+             "--out", str(tmp_path / "out"), "--doc", str(doc), "--no-plot",
+             "--size", "64M", "--data", "12M", "--scale-rps", "5", "--sweep", "64K"],
+            env=env, capture_output=True, text=True, timeout=180,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        text = doc.read_text()
+        assert "prose kept" in text and "more prose" in text and "\nold\n" not in text
+        for figure in ("full ingest, s", "incremental day 1", "sequential read through the mount",
+                       "random 4 KiB read p99", "mount ready", "pass-through"):
+            assert figure in text, figure
+        results = json.loads((tmp_path / "out" / "results.json").read_text())
+        assert results["samples"]["repofs.full_s"]
+        assert not list((tmp_path / "out").glob("work")), "work directory left behind"
