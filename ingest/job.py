@@ -17,6 +17,7 @@ from repofs.names import validate_disk_name, validate_vm_name
 from repofs.repository import Repository
 from repofs.restorepoint import RestorePoint
 
+
 def split_assignment(spec: str, what: str) -> tuple[str, str]:
     """``NAME=VALUE`` -> (NAME, VALUE), with a clear error for anything else."""
     name, sep, value = spec.partition("=")
@@ -25,10 +26,18 @@ def split_assignment(spec: str, what: str) -> tuple[str, str]:
     return name, value
 
 
-def run_ingest(repo_path: str, vm: str, disk_specs: list[str], configs: list[str], *,
-               fmt: str | None = None, parent_spec: str | None = None,
-               changed_specs: list[str] | None = None, cbt_check: int = 0,
-               progress: bool | None = None) -> RestorePoint:
+def run_ingest(
+    repo_path: str,
+    vm: str,
+    disk_specs: list[str],
+    configs: list[str],
+    *,
+    fmt: str | None = None,
+    parent_spec: str | None = None,
+    changed_specs: list[str] | None = None,
+    cbt_check: int = 0,
+    progress: bool | None = None,
+) -> RestorePoint:
     validate_vm_name(vm)
     pairs = [split_assignment(s, "disk") for s in disk_specs]
     if not pairs:
@@ -77,6 +86,8 @@ def run_ingest(repo_path: str, vm: str, disk_specs: list[str], configs: list[str
                     job.parent = latest
             if job.parent is not None and repo.get_rp(vm, job.parent.id) is None:
                 # Pruned (and perhaps collected) before we held the lock: its pages may be gone.
-                raise UsageError(f"parent restore point {vm}/{job.parent.id} was pruned while "
-                                 "this ingest started; run the ingest again")
+                raise UsageError(
+                    f"parent restore point {vm}/{job.parent.id} was pruned while "
+                    "this ingest started; run the ingest again"
+                )
             return job.run()

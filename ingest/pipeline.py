@@ -10,6 +10,7 @@ bounded, so memory stays flat whatever the disk size.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import random
 import threading
@@ -68,7 +69,9 @@ class _Workers:
         comp = self._compressor()
         with index.reading() as txn:  # holds off a map resize while it reads
             for pos in range(0, len(data), chunk_size):
-                piece = data[pos : pos + chunk_size]  # a copy, but memcmp-fast, unlike memoryview ==
+                piece = data[
+                    pos : pos + chunk_size
+                ]  # a copy, but memcmp-fast, unlike memoryview ==
                 n = len(piece)
                 if piece == (self._zero if n == chunk_size else self._zero[:n]):
                     out.append((ZERO_DIGEST, None, n, None))
@@ -92,7 +95,9 @@ def chunk_length(i: int, chunk_size: int, capacity: int) -> int:
     return min(chunk_size, capacity - i * chunk_size)
 
 
-def _forced_changes(capacity: int, parent: DiskInfo, chunk_size: int, n: int) -> list[tuple[int, int]]:
+def _forced_changes(
+    capacity: int, parent: DiskInfo, chunk_size: int, n: int
+) -> list[tuple[int, int]]:
     """Chunks a parent cannot supply: beyond its end, or of a different length than ours."""
     forced = []
     first_bad = min(parent.n_chunks, n)
@@ -117,8 +122,10 @@ def _copy_parent(builder: MapBuilder, preader: MapReader, start: int, count: int
         level = builder.largest_subtree(end - pos)
         while level >= 0:
             span = page_refs ** (level + 1)
-            if level <= preader.root.depth - 1 and (pos // span + 1) * span <= pn and (
-                level < preader.root.depth - 1 or pos == 0
+            if (
+                level <= preader.root.depth - 1
+                and (pos // span + 1) * span <= pn
+                and (level < preader.root.depth - 1 or pos == 0)
             ):
                 break
             level -= 1
@@ -132,7 +139,9 @@ def _copy_parent(builder: MapBuilder, preader: MapReader, start: int, count: int
             pos += step
 
 
-def _nonzero_bytes(preader: MapReader, start: int, count: int, chunk_size: int, capacity: int) -> int:
+def _nonzero_bytes(
+    preader: MapReader, start: int, count: int, chunk_size: int, capacity: int
+) -> int:
     total = 0
     for k, ref in enumerate(preader.refs(start, count)):
         if ref != ZERO_DIGEST:
@@ -143,9 +152,17 @@ def _nonzero_bytes(preader: MapReader, start: int, count: int, chunk_size: int, 
 class Ingest:
     """One ingest of one VM's disks into one restore point."""
 
-    def __init__(self, repo: Repository, vm: str, disks: list[DiskRequest], configs: list[str],
-                 *, parent: RestorePoint | None, progress: bool | None = None,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self,
+        repo: Repository,
+        vm: str,
+        disks: list[DiskRequest],
+        configs: list[str],
+        *,
+        parent: RestorePoint | None,
+        progress: bool | None = None,
+        threads: int | None = None,
+    ) -> None:
         self.repo = repo
         self.vm = validate_vm_name(vm)
         self.disks = disks
@@ -192,7 +209,7 @@ class Ingest:
     # -- CBT sanity check -----------------------------------------------------------
 
     def check_cbt(self, samples: int, seed: int | None = None) -> None:
-        """Compare ``samples`` chunks the lists call unchanged with the parent; fail loudly on any difference.
+        """Compare ``samples`` chunks the list calls unchanged with the parent; fail if one differs.
 
         CBT bugs (VMware's after a disk grew is the famous one) silently
         corrupt every later backup; a few sampled reads catch them.
@@ -205,7 +222,7 @@ class Ingest:
             pdisk = self.parent.disk(d.name)
             if d.changed is None or pdisk is None:
                 continue
-            n, runs, _ = self._plan(d)
+            _n, runs, _ = self._plan(d)
             unchanged = [(start, count) for kind, start, count in runs if kind is Run.PARENT]
             total = sum(c for _, c in unchanged)
             if not total:
@@ -240,29 +257,42 @@ class Ingest:
     def run(self, now: float | None = None) -> RestorePoint:
         repo = self.repo
         plans = [self._plan(d) for d in self.disks]
-        total = sum(count * repo.config.chunk_size for _n, runs, _m in plans
-                    for kind, _s, count in runs if kind is Run.READ)
+        total = sum(
+            count * repo.config.chunk_size
+            for _n, runs, _m in plans
+            for kind, _s, count in runs
+            if kind is Run.READ
+        )
         progress = Progress(total, enabled=self.progress_enabled)
         config_blobs = self._read_configs()
         res = repo.reserve(self.vm, now)
         writer = repo.writer()
         workers = _Workers(repo, self.threads)
         try:
-            disks = [self._ingest_disk(d, plan, writer, workers, progress)
-                     for d, plan in zip(self.disks, plans, strict=True)]
-            configs = [ConfigFile(name, writer.put_raw(RecordType.BLOB, data).hex(), len(data))
-                       for name, data in config_blobs]
-            rp = RestorePoint(vm=self.vm, id=res.rp_id, seq=res.seq, vm_seq=res.vm_seq,
-                              created=res.created, chunk_size=repo.config.chunk_size,
-                              parent=self.parent.id if self.parent else None,
-                              disks=disks, configs=configs)
+            disks = [
+                self._ingest_disk(d, plan, writer, workers, progress)
+                for d, plan in zip(self.disks, plans, strict=True)
+            ]
+            configs = [
+                ConfigFile(name, writer.put_raw(RecordType.BLOB, data).hex(), len(data))
+                for name, data in config_blobs
+            ]
+            rp = RestorePoint(
+                vm=self.vm,
+                id=res.rp_id,
+                seq=res.seq,
+                vm_seq=res.vm_seq,
+                created=res.created,
+                chunk_size=repo.config.chunk_size,
+                parent=self.parent.id if self.parent else None,
+                disks=disks,
+                configs=configs,
+            )
             repo.commit(writer, rp)
         except BaseException:
             writer.abort()
-            try:
+            with contextlib.suppress(Exception):  # the original error matters more
                 repo.release(res)
-            except Exception:  # the original error matters more; the reservation is harmless
-                pass
             raise
         finally:
             workers.close()
@@ -275,7 +305,9 @@ class Ingest:
             try:
                 size = os.path.getsize(path)
                 if size > MAX_CONFIG_BYTES:
-                    raise UsageError(f"{path}: config file is {size} bytes; at most {MAX_CONFIG_BYTES}")
+                    raise UsageError(
+                        f"{path}: config file is {size} bytes; at most {MAX_CONFIG_BYTES}"
+                    )
                 with open(path, "rb") as f:
                     out.append((os.path.basename(path), f.read()))
             except FileNotFoundError:
@@ -286,14 +318,21 @@ class Ingest:
                 raise UsageError(f"{path}: cannot read config file: {exc.strerror}") from None
         return out
 
-    def _ingest_disk(self, d: DiskRequest, plan: tuple[int, list[tuple[Run, int, int]], str],
-                     writer: ObjectWriter, workers: _Workers, progress: Progress) -> DiskInfo:
+    def _ingest_disk(
+        self,
+        d: DiskRequest,
+        plan: tuple[int, list[tuple[Run, int, int]], str],
+        writer: ObjectWriter,
+        workers: _Workers,
+        progress: Progress,
+    ) -> DiskInfo:
         repo = self.repo
         cs = repo.config.chunk_size
         capacity = d.source.size
         n, runs, mode = plan
-        builder = MapBuilder(n, repo.config.page_refs,
-                             lambda raw: writer.put_raw(RecordType.PAGE, raw))
+        builder = MapBuilder(
+            n, repo.config.page_refs, lambda raw: writer.put_raw(RecordType.PAGE, raw)
+        )
         pdisk = self.parent.disk(d.name) if self.parent else None
         preader = repo.map_reader(pdisk) if (pdisk is not None and mode == "cbt") else None
         stats = {"read": 0, "new": 0, "chunks": 0, "allocated": 0}
@@ -305,7 +344,9 @@ class Ingest:
                     c = min(count, pdisk.n_chunks - start)
                     stats["allocated"] -= _nonzero_bytes(preader, start, c, cs, pdisk.capacity)
             if pdisk.n_chunks > n:
-                stats["allocated"] -= _nonzero_bytes(preader, n, pdisk.n_chunks - n, cs, pdisk.capacity)
+                stats["allocated"] -= _nonzero_bytes(
+                    preader, n, pdisk.n_chunks - n, cs, pdisk.capacity
+                )
 
         queue: collections.deque[Callable[[], None] | tuple[Future[list[ChunkResult]], int]] = (
             collections.deque()
@@ -354,9 +395,16 @@ class Ingest:
         drain(0)
         root = builder.finish()
         return DiskInfo(
-            name=d.name, capacity=capacity, map_root=root.root.hex(), map_depth=root.depth,
-            n_chunks=root.n_chunks, allocated_bytes=stats["allocated"],
-            source_format=d.source.format_name, source_chain=[os.path.abspath(p) for p in d.source.chain()],
-            read_mode=mode, bytes_read=stats["read"], bytes_new=stats["new"], chunks_read=stats["chunks"],
+            name=d.name,
+            capacity=capacity,
+            map_root=root.root.hex(),
+            map_depth=root.depth,
+            n_chunks=root.n_chunks,
+            allocated_bytes=stats["allocated"],
+            source_format=d.source.format_name,
+            source_chain=[os.path.abspath(p) for p in d.source.chain()],
+            read_mode=mode,
+            bytes_read=stats["read"],
+            bytes_new=stats["new"],
+            chunks_read=stats["chunks"],
         )
-

@@ -58,45 +58,91 @@ def main() -> None:
 
 @main.command()
 @click.argument("repo")
-@click.option("--chunk-size", default="64K", show_default=True,
-              help="Chunk size: a power of two from 4K to 4M.")
-@click.option("--compression", default=DEFAULT_COMPRESSION, show_default=True,
-              help="zstd:LEVEL or none.")
+@click.option(
+    "--chunk-size",
+    default="64K",
+    show_default=True,
+    help="Chunk size: a power of two from 4K to 4M.",
+)
+@click.option(
+    "--compression", default=DEFAULT_COMPRESSION, show_default=True, help="zstd:LEVEL or none."
+)
 def init(repo: str, chunk_size: str, compression: str) -> None:
     """Create a new, empty repository in REPO."""
     size = parse_size(chunk_size) if chunk_size else DEFAULT_CHUNK
     with Repository.init(repo, size, compression) as r:
-        click.echo(f"created repository {repo} (id {r.config.repository_id}, "
-                   f"chunk size {human_bytes(size)}, {r.config.compression})")
+        click.echo(
+            f"created repository {repo} (id {r.config.repository_id}, "
+            f"chunk size {human_bytes(size)}, {r.config.compression})"
+        )
 
 
 @main.command()
 @click.argument("repo")
 @click.argument("disks", nargs=-1, metavar="DISK=SOURCE...")
 @click.option("--vm", "vm", required=True, help="VM name.")
-@click.option("--config", "configs", multiple=True, metavar="FILE",
-              help="VM configuration file (.vmx, .ovf, libvirt XML) to keep with the restore point.")
+@click.option(
+    "--config",
+    "configs",
+    multiple=True,
+    metavar="FILE",
+    help="VM configuration file (.vmx, .ovf, libvirt XML) to keep with the restore point.",
+)
 @click.option("--format", "fmt", default=None, help="Source format (default: detect from content).")
-@click.option("--parent", default=None, metavar="RP|latest",
-              help="Restore point to take unchanged blocks from (default: the VM's latest).")
-@click.option("--changed-blocks", "changed", multiple=True, metavar="DISK=CBT",
-              help="Changed-block list for a disk: a JSON file or qemu-bitmap:NAME.")
-@click.option("--cbt-check", default=0, type=int, metavar="N",
-              help="Compare N chunks the list calls unchanged with the parent; fail on a difference.")
-def ingest(repo: str, disks: tuple[str, ...], vm: str, configs: tuple[str, ...], fmt: str | None,
-           parent: str | None, changed: tuple[str, ...], cbt_check: int) -> None:
+@click.option(
+    "--parent",
+    default=None,
+    metavar="RP|latest",
+    help="Restore point to take unchanged blocks from (default: the VM's latest).",
+)
+@click.option(
+    "--changed-blocks",
+    "changed",
+    multiple=True,
+    metavar="DISK=CBT",
+    help="Changed-block list for a disk: a JSON file or qemu-bitmap:NAME.",
+)
+@click.option(
+    "--cbt-check",
+    default=0,
+    type=int,
+    metavar="N",
+    help="Compare N chunks the list calls unchanged with the parent; fail on a difference.",
+)
+def ingest(
+    repo: str,
+    disks: tuple[str, ...],
+    vm: str,
+    configs: tuple[str, ...],
+    fmt: str | None,
+    parent: str | None,
+    changed: tuple[str, ...],
+    cbt_check: int,
+) -> None:
     """Ingest the disks of one VM as one new restore point; print its id last."""
     from ingest.job import run_ingest
 
     t0 = time.monotonic()
-    rp = run_ingest(repo, vm, list(disks), list(configs), fmt=fmt, parent_spec=parent,
-                    changed_specs=list(changed), cbt_check=cbt_check)
+    rp = run_ingest(
+        repo,
+        vm,
+        list(disks),
+        list(configs),
+        fmt=fmt,
+        parent_spec=parent,
+        changed_specs=list(changed),
+        cbt_check=cbt_check,
+    )
     elapsed = time.monotonic() - t0
     for d in rp.disks:
-        click.echo(f"{d.name}: {human_bytes(d.capacity)} {d.source_format}, {d.read_mode}: "
-                   f"read {human_bytes(d.bytes_read)}, stored {human_bytes(d.bytes_new)} new")
-    click.echo(f"restore point {rp.vm}/{rp.id} committed in {elapsed:.1f} s "
-               f"({rp.bytes_read / max(elapsed, 1e-6) / 1e6:.0f} MB/s read)")
+        click.echo(
+            f"{d.name}: {human_bytes(d.capacity)} {d.source_format}, {d.read_mode}: "
+            f"read {human_bytes(d.bytes_read)}, stored {human_bytes(d.bytes_new)} new"
+        )
+    click.echo(
+        f"restore point {rp.vm}/{rp.id} committed in {elapsed:.1f} s "
+        f"({rp.bytes_read / max(elapsed, 1e-6) / 1e6:.0f} MB/s read)"
+    )
     click.echo(rp.id)
 
 
@@ -113,26 +159,48 @@ def list_cmd(repo: str, vm: str | None, as_json: bool) -> None:
         if vm is not None and not rps:
             raise UsageError(f"unknown VM {vm!r}: it has no restore points")
     if as_json:
-        out = [{
-            "vm": p.vm, "id": p.id, "created": p.created, "kind": p.kind, "parent": p.parent,
-            "capacity": p.capacity, "bytes_read": p.bytes_read, "bytes_new": p.bytes_new,
-            "disks": [{"name": d.name, "capacity": d.capacity, "format": d.source_format,
-                       "read_mode": d.read_mode, "bytes_read": d.bytes_read, "bytes_new": d.bytes_new,
-                       "allocated": d.allocated_bytes} for d in p.disks],
-            "configs": [c.name for c in p.configs],
-        } for p in rps]
+        out = [
+            {
+                "vm": p.vm,
+                "id": p.id,
+                "created": p.created,
+                "kind": p.kind,
+                "parent": p.parent,
+                "capacity": p.capacity,
+                "bytes_read": p.bytes_read,
+                "bytes_new": p.bytes_new,
+                "disks": [
+                    {
+                        "name": d.name,
+                        "capacity": d.capacity,
+                        "format": d.source_format,
+                        "read_mode": d.read_mode,
+                        "bytes_read": d.bytes_read,
+                        "bytes_new": d.bytes_new,
+                        "allocated": d.allocated_bytes,
+                    }
+                    for d in p.disks
+                ],
+                "configs": [c.name for c in p.configs],
+            }
+            for p in rps
+        ]
         click.echo(json.dumps(out, indent=2))
         return
     if not rps:
         click.echo("no restore points")
         return
-    header = f"{'VM':<16} {'RESTORE POINT':<19} {'KIND':<11} {'DISKS':>5} {'CAPACITY':>10} " \
-             f"{'READ':>10} {'NEW':>10}  PARENT"
+    header = (
+        f"{'VM':<16} {'RESTORE POINT':<19} {'KIND':<11} {'DISKS':>5} {'CAPACITY':>10} "
+        f"{'READ':>10} {'NEW':>10}  PARENT"
+    )
     click.echo(header)
     for p in rps:
-        click.echo(f"{p.vm:<16} {p.id:<19} {p.kind:<11} {len(p.disks):>5} "
-                   f"{human_bytes(p.capacity):>10} {human_bytes(p.bytes_read):>10} "
-                   f"{human_bytes(p.bytes_new):>10}  {p.parent or '-'}")
+        click.echo(
+            f"{p.vm:<16} {p.id:<19} {p.kind:<11} {len(p.disks):>5} "
+            f"{human_bytes(p.capacity):>10} {human_bytes(p.bytes_read):>10} "
+            f"{human_bytes(p.bytes_new):>10}  {p.parent or '-'}"
+        )
 
 
 @main.command()
@@ -142,13 +210,25 @@ def list_cmd(repo: str, vm: str | None, as_json: bool) -> None:
 @click.option("--allow-other", is_flag=True, help="Let other users read the mount.")
 @click.option("--cache-size", default="256M", show_default=True, help="Chunk cache size.")
 @click.option("--log", "log_file", default=None, metavar="FILE", help="Daemon log file.")
-def mount(repo: str, mountpoint: str, foreground: bool, allow_other: bool, cache_size: str,
-          log_file: str | None) -> None:
+def mount(
+    repo: str,
+    mountpoint: str,
+    foreground: bool,
+    allow_other: bool,
+    cache_size: str,
+    log_file: str | None,
+) -> None:
     """Mount every restore point of REPO read-only at MOUNTPOINT."""
     from repofs.mount import mount as do_mount
 
-    do_mount(repo, mountpoint, foreground=foreground, allow_other=allow_other,
-             cache_bytes=parse_size(cache_size), log_file=log_file)
+    do_mount(
+        repo,
+        mountpoint,
+        foreground=foreground,
+        allow_other=allow_other,
+        cache_bytes=parse_size(cache_size),
+        log_file=log_file,
+    )
 
 
 @main.command()

@@ -115,8 +115,13 @@ class DiskReader:
 
     MAX_WINDOW_BYTES = 8 * 1024 * 1024
 
-    def __init__(self, repo: Repository, disk: DiskInfo, cache: ChunkCache,
-                 prefetcher: Prefetcher | None = None) -> None:
+    def __init__(
+        self,
+        repo: Repository,
+        disk: DiskInfo,
+        cache: ChunkCache,
+        prefetcher: Prefetcher | None = None,
+    ) -> None:
         self.disk = disk
         self.chunk_size = repo.config.chunk_size
         self.map: MapReader = repo.map_reader(disk)
@@ -184,6 +189,7 @@ class DiskReader:
             data = self._cache.get(ref)
             if len(data) != length:
                 raise IntegrityError(
-                    f"chunk {ref.hex()} has {len(data)} bytes where {length} belong")
+                    f"chunk {ref.hex()} has {len(data)} bytes where {length} belong"
+                )
             parts.append(data[lo:hi] if (lo, hi) != (0, len(data)) else data)
         return parts[0] if len(parts) == 1 else b"".join(parts)

@@ -75,8 +75,9 @@ class RepoFS(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
         return self._entry(await self._run(self.view.getattr, inode))
 
-    async def lookup(self, parent_inode: int, name: bytes,
-                     ctx: Any = None) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: Any = None
+    ) -> pyfuse3.EntryAttributes:
         try:
             text = os.fsdecode(name)
         except UnicodeDecodeError:

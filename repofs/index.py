@@ -89,7 +89,8 @@ class Index:
         self._resize = _ResizeGate()
         if not create and not os.path.exists(os.path.join(path, "data.mdb")):
             raise RepositoryError(
-                f"{path}: the index is missing; run 'repofs rebuild-index' to rebuild it from the packs"
+                f"{path}: the index is missing; "
+                "run 'repofs rebuild-index' to rebuild it from the packs"
             )
         try:
             self.env = lmdb.open(
@@ -120,8 +121,10 @@ class Index:
     def _check_current(self) -> None:
         """Refuse to write into an index that rebuild-index has replaced since we opened it."""
         if self._file_identity() != self._identity:
-            raise RepositoryError(f"{self.path}: the index was replaced (by rebuild-index) while "
-                                  "this command had it open; run the command again")
+            raise RepositoryError(
+                f"{self.path}: the index was replaced (by rebuild-index) while "
+                "this command had it open; run the command again"
+            )
 
     def close(self) -> None:
         self.env.close()
@@ -179,7 +182,9 @@ class Index:
     def delete(self, txn: lmdb.Transaction, db: str, key: bytes) -> None:
         txn.delete(key, db=self.dbs[db])
 
-    def items(self, txn: lmdb.Transaction, db: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+    def items(
+        self, txn: lmdb.Transaction, db: str, prefix: bytes = b""
+    ) -> Iterator[tuple[bytes, bytes]]:
         with txn.cursor(db=self.dbs[db]) as cur:
             if not cur.set_range(prefix):
                 return
@@ -190,7 +195,9 @@ class Index:
 
     # -- objects --------------------------------------------------------------
 
-    def locate(self, rtype: RecordType, digest: bytes, txn: lmdb.Transaction | None = None) -> Location | None:
+    def locate(
+        self, rtype: RecordType, digest: bytes, txn: lmdb.Transaction | None = None
+    ) -> Location | None:
         if txn is None:
             return self.read(lambda t: self.locate(rtype, digest, t))
         value = txn.get(object_key(rtype, digest), db=self.dbs["objects"])
@@ -209,7 +216,9 @@ class Index:
         """Index a published pack: ``entries`` are (type, digest, offset, stored, raw)."""
         objects = self.dbs["objects"]
         for rtype, digest, offset, stored, raw in entries:
-            txn.put(object_key(rtype, digest), LOCATION.pack(pack_id, offset, stored, raw), db=objects)
+            txn.put(
+                object_key(rtype, digest), LOCATION.pack(pack_id, offset, stored, raw), db=objects
+            )
         txn.put(pack_id, PACK_INFO.pack(size, len(entries)), db=self.dbs["packs"])
 
     # -- sequence numbers ----------------------------------------------------
@@ -245,7 +254,9 @@ class Index:
 
     # -- restore points ------------------------------------------------------
 
-    def put_rp(self, txn: lmdb.Transaction, vm: str, rp_id: str, seq: int, doc: dict[str, Any]) -> None:
+    def put_rp(
+        self, txn: lmdb.Transaction, vm: str, rp_id: str, seq: int, doc: dict[str, Any]
+    ) -> None:
         key = rp_key(vm, rp_id)
         txn.put(key, json.dumps(doc, sort_keys=True).encode(), db=self.dbs["rps"])
         txn.put(U64.pack(seq), b"R" + key, db=self.dbs["seqs"])
@@ -283,18 +294,15 @@ class Index:
                 for key in cur.iternext(keys=True, values=False):
                     if not key.startswith(prefix):
                         break
-                    out.append(key[len(prefix):].decode())
+                    out.append(key[len(prefix) :].decode())
         return out
 
     def latest_rp_id(self, txn: lmdb.Transaction, vm: str) -> str | None:
         prefix = vm.encode() + b"\0"
         with txn.cursor(db=self.dbs["rps"]) as cur:
-            if cur.set_range(vm.encode() + b"\x01"):
-                found = cur.prev()
-            else:
-                found = cur.last()
+            found = cur.prev() if cur.set_range(vm.encode() + b"\x01") else cur.last()
             if found and cur.key().startswith(prefix):
-                return cur.key()[len(prefix):].decode()
+                return cur.key()[len(prefix) :].decode()
         return None
 
 

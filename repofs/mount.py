@@ -55,8 +55,12 @@ def _mount_device(resolved_path: str) -> str | None:
 
 
 def _unescape(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace(
-        "\\134", "\\")
+    return (
+        field.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+    )
 
 
 def check_mountpoint(mountpoint: str) -> None:
@@ -83,8 +87,15 @@ def _setup_logging(log_file: str | None, foreground: bool) -> None:
     root.addHandler(handler)
 
 
-def mount(repo_path: str, mountpoint: str, *, foreground: bool = False, allow_other: bool = False,
-          cache_bytes: int = 256 * 1024 * 1024, log_file: str | None = None) -> None:
+def mount(
+    repo_path: str,
+    mountpoint: str,
+    *,
+    foreground: bool = False,
+    allow_other: bool = False,
+    cache_bytes: int = 256 * 1024 * 1024,
+    log_file: str | None = None,
+) -> None:
     RepoConfig.load(repo_path)  # a clear error now, before forking
     if not os.path.exists(os.path.join(repo_path, INDEX_DIR, "data.mdb")):
         raise MountError(f"{repo_path}: the index is missing; run 'repofs rebuild-index'")
@@ -122,7 +133,7 @@ def mount(repo_path: str, mountpoint: str, *, foreground: bool = False, allow_ot
     if answer == "ready":
         return
     if answer.startswith("error:"):
-        raise MountError(answer[len("error:"):])
+        raise MountError(answer[len("error:") :])
     os.waitpid(pid, 0)
     raise MountError("the mount daemon exited during start-up")
 
@@ -139,16 +150,22 @@ def _report(ready: list[int], message: str) -> None:
         pass
 
 
-def _serve(repo_path: str, mountpoint: str, allow_other: bool, cache_bytes: int,
-           ready: list[int]) -> None:
+def _serve(
+    repo_path: str, mountpoint: str, allow_other: bool, cache_bytes: int, ready: list[int]
+) -> None:
     resolved = os.path.realpath(mountpoint)  # before mounting: afterwards only we could answer
     repo = Repository.open(repo_path)
     view = RepoView(repo, cache_bytes)
     ops = RepoFS(view)
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")
-    options |= {f"fsname=repofs:{os.path.abspath(repo_path)}", "subtype=repofs", "ro",
-                "default_permissions", "noatime"}
+    options |= {
+        f"fsname=repofs:{os.path.abspath(repo_path)}",
+        "subtype=repofs",
+        "ro",
+        "default_permissions",
+        "noatime",
+    }
     if allow_other:
         options.add("allow_other")
     try:

@@ -76,8 +76,9 @@ def check_pack_header(data: bytes, repository_id: str, name: str) -> None:
         raise IntegrityError(f"pack {name}: belongs to repository {repo.hex()}, not this one")
 
 
-def encode_header(rtype: RecordType, codec: Codec, stored_len: int, raw_len: int,
-                  digest: bytes) -> bytes:
+def encode_header(
+    rtype: RecordType, codec: Codec, stored_len: int, raw_len: int, digest: bytes
+) -> bytes:
     body = RECORD_HEADER.pack(RECORD_MAGIC, rtype, codec, 0, stored_len, raw_len, digest, 0)
     crc = zlib.crc32(body[:-4])
     return body[:-4] + struct.pack("<I", crc)
@@ -139,7 +140,8 @@ def decode_payload(hdr: RecordHeader, payload: bytes, where: str) -> bytes:
     """
     if len(payload) != hdr.stored_len:
         raise IntegrityError(
-            f"{where}: payload truncated ({len(payload)} of {hdr.stored_len} bytes)")
+            f"{where}: payload truncated ({len(payload)} of {hdr.stored_len} bytes)"
+        )
     if hdr.codec == Codec.ZSTD:
         try:
             raw = _decompressor().decompress(payload, max_output_size=hdr.raw_len)

@@ -126,7 +126,9 @@ class Repository:
         return self.index.read(self.index.vm_names)
 
     def restore_points(self, vm: str | None = None) -> list[RestorePoint]:
-        return self.index.read(lambda t: [RestorePoint.from_doc(d) for d in self.index.rp_docs(t, vm)])
+        return self.index.read(
+            lambda t: [RestorePoint.from_doc(d) for d in self.index.rp_docs(t, vm)]
+        )
 
     def get_rp(self, vm: str, rp_id: str) -> RestorePoint | None:
         doc = self.index.read(lambda t: self.index.get_rp(t, vm, rp_id))
@@ -149,8 +151,9 @@ class Repository:
 
     def writer(self) -> ObjectWriter:
         cfg = self.config
-        return ObjectWriter(self.index, self.packs, cfg.repository_id, cfg.pack_target_size,
-                            (cfg.codec, cfg.level))
+        return ObjectWriter(
+            self.index, self.packs, cfg.repository_id, cfg.pack_target_size, (cfg.codec, cfg.level)
+        )
 
     def reserve(self, vm: str, now: float | None = None) -> Reservation:
         """Take the restore point id (its UTC start time, to the second) and a sequence number.
@@ -169,7 +172,10 @@ class Repository:
             while True:
                 rp_id = rp_id_for(second)
                 key = rp_key(vm, rp_id)
-                if self.index.get(txn, "rps", key) is None and self.index.get(txn, "reservations", key) is None:
+                if (
+                    self.index.get(txn, "rps", key) is None
+                    and self.index.get(txn, "reservations", key) is None
+                ):
                     break
                 second += 1
             seq = self.index.next_seq(txn)
@@ -181,7 +187,9 @@ class Repository:
 
     def release(self, res: Reservation) -> None:
         """Give back a reservation of an ingest that failed."""
-        self.index.write(lambda txn: txn.delete(rp_key(res.vm, res.rp_id), db=self.index.dbs["reservations"]))
+        self.index.write(
+            lambda txn: txn.delete(rp_key(res.vm, res.rp_id), db=self.index.dbs["reservations"])
+        )
 
     def commit(self, writer: ObjectWriter, rp: RestorePoint) -> None:
         """Make ``rp`` visible, in the one durability order that keeps invariant 2.
@@ -241,15 +249,19 @@ class Repository:
                 "allocated_bytes": allocated,
                 "unique_bytes": raw_bytes[RecordType.CHUNK],
                 "stored_chunk_bytes": stored_bytes[RecordType.CHUNK],
-                "metadata_bytes": stored_bytes[RecordType.PAGE] + stored_bytes[RecordType.BLOB]
+                "metadata_bytes": stored_bytes[RecordType.PAGE]
+                + stored_bytes[RecordType.BLOB]
                 + stored_bytes[RecordType.RESTORE_POINT],
                 "chunk_count": counts[RecordType.CHUNK],
                 "page_count": counts[RecordType.PAGE],
                 "pack_count": pack_count,
                 "pack_bytes": pack_bytes,
-                "dedup_ratio": (allocated / raw_bytes[RecordType.CHUNK]) if raw_bytes[RecordType.CHUNK] else 0.0,
+                "dedup_ratio": (allocated / raw_bytes[RecordType.CHUNK])
+                if raw_bytes[RecordType.CHUNK]
+                else 0.0,
                 "compression_ratio": (raw_bytes[RecordType.CHUNK] / stored_bytes[RecordType.CHUNK])
-                if stored_bytes[RecordType.CHUNK] else 0.0,
+                if stored_bytes[RecordType.CHUNK]
+                else 0.0,
                 "chunk_size": self.config.chunk_size,
             }
 

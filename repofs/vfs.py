@@ -68,7 +68,9 @@ class RepoView:
         self.cache = ChunkCache(repo, cache_bytes)
         self.prefetcher = Prefetcher(self.cache, threads=max(2, os.cpu_count() or 2))
         self._rps: collections.OrderedDict[int, _Rp] = collections.OrderedDict()
-        self._readers: collections.OrderedDict[tuple[int, int], DiskReader] = collections.OrderedDict()
+        self._readers: collections.OrderedDict[tuple[int, int], DiskReader] = (
+            collections.OrderedDict()
+        )
         self._lock = threading.Lock()
         self._logged: set[str] = set()
         self.root_mtime = os.stat(os.path.join(repo.path, "config.json")).st_mtime
@@ -146,15 +148,33 @@ class RepoView:
             disk = rp.disks[(slot - 2) // 2]
             if slot % 2 == 0:
                 size = len(descriptor_text(rp.vm, rp.id, disk.name, disk.capacity))
-                return Attr(ino, stat.S_IFREG | 0o444, size, rp.created, blocks=(size + 511) // 512,
-                            immutable=True)
-            return Attr(ino, stat.S_IFREG | 0o444, disk.capacity, rp.created,
-                        blocks=(disk.allocated_bytes + 511) // 512, immutable=True)
+                return Attr(
+                    ino,
+                    stat.S_IFREG | 0o444,
+                    size,
+                    rp.created,
+                    blocks=(size + 511) // 512,
+                    immutable=True,
+                )
+            return Attr(
+                ino,
+                stat.S_IFREG | 0o444,
+                disk.capacity,
+                rp.created,
+                blocks=(disk.allocated_bytes + 511) // 512,
+                immutable=True,
+            )
         j = slot - 2 - 2 * nd
         if 0 <= j < len(rp.configs):
             size = rp.configs[j].size
-            return Attr(ino, stat.S_IFREG | 0o444, size, rp.created, blocks=(size + 511) // 512,
-                        immutable=True)
+            return Attr(
+                ino,
+                stat.S_IFREG | 0o444,
+                size,
+                rp.created,
+                blocks=(size + 511) // 512,
+                immutable=True,
+            )
         raise NotFound(ino)
 
     # -- directories -----------------------------------------------------------------
@@ -191,9 +211,13 @@ class RepoView:
     def listdir(self, ino: int) -> list[tuple[str, Attr]]:
         idx = self.repo.index
         if ino == ROOT_INODE:
+
             def vms(txn: object) -> list[tuple[str, int]]:
-                return [(vm, U64.unpack(idx.get(txn, "vms", vm.encode()))[0])  # type: ignore[arg-type]
-                        for vm in idx.vm_names(txn)]
+                return [
+                    (vm, U64.unpack(idx.get(txn, "vms", vm.encode()))[0])  # type: ignore[arg-type]
+                    for vm in idx.vm_names(txn)
+                ]
+
             return [(vm, self.getattr(seq << SLOT_BITS)) for vm, seq in idx.read(vms)]
         seq, slot = ino >> SLOT_BITS, ino & ((1 << SLOT_BITS) - 1)
         target = self._seq_target(seq)
@@ -204,10 +228,31 @@ class RepoView:
             docs = idx.read(lambda t: list(idx.rp_docs(t, vm)))
             if not docs:
                 raise NotFound(ino)
-            out = [(d["id"], Attr(d["seq"] << SLOT_BITS, stat.S_IFDIR | 0o555, 0, d["created"],
-                                  nlink=2, immutable=True)) for d in docs]
-            out.append(("latest", Attr((seq << SLOT_BITS) | SLOT_LATEST, stat.S_IFLNK | 0o777,
-                                       len(docs[-1]["id"]), docs[-1]["created"])))
+            out = [
+                (
+                    d["id"],
+                    Attr(
+                        d["seq"] << SLOT_BITS,
+                        stat.S_IFDIR | 0o555,
+                        0,
+                        d["created"],
+                        nlink=2,
+                        immutable=True,
+                    ),
+                )
+                for d in docs
+            ]
+            out.append(
+                (
+                    "latest",
+                    Attr(
+                        (seq << SLOT_BITS) | SLOT_LATEST,
+                        stat.S_IFLNK | 0o777,
+                        len(docs[-1]["id"]),
+                        docs[-1]["created"],
+                    ),
+                )
+            )
             return out
         entry = self._rp_by_seq(seq)
         return [(name, self.getattr((seq << SLOT_BITS) | s)) for name, s in entry.names.items()]
@@ -237,7 +282,9 @@ class RepoView:
             if 2 <= slot < 2 + 2 * nd:
                 disk = rp.disks[(slot - 2) // 2]
                 if slot % 2 == 0:
-                    return descriptor_text(rp.vm, rp.id, disk.name, disk.capacity)[offset : offset + size]
+                    return descriptor_text(rp.vm, rp.id, disk.name, disk.capacity)[
+                        offset : offset + size
+                    ]
                 return self._reader(seq, slot, rp).read(offset, size)
             j = slot - 2 - 2 * nd
             if 0 <= j < len(rp.configs):
