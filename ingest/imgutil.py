@@ -239,11 +239,13 @@ class LayeredSource(DiskSource):
     """Base for readers whose format maps virtual ranges to file data, zeros or a parent.
 
     Subclasses set :attr:`format_name`, ``self._size`` and optionally
-    ``self._backing`` during ``__init__``, and implement :meth:`_map` (exact,
+    ``self._backing`` in :meth:`_parse`, and implement :meth:`_map` (exact,
     for reads) and :meth:`_segments` (whole-disk walk, for the allocation map).
+    The constructor closes every file it opened when :meth:`_parse` fails, so
+    no reader has to repeat that.
     """
 
-    def __init__(self, path: str, fd: int | None) -> None:
+    def __init__(self, path: str, fd: int | None = None) -> None:
         self.path = path
         self._fd = open_readonly(path) if fd is None else fd
         self._backing: DiskSource | None = None
@@ -259,6 +261,11 @@ class LayeredSource(DiskSource):
         self._data_fd = self._fd
         self._data_path = path
         self._data_size = self.file_size
+        try:
+            self._parse()
+        except BaseException:
+            self.close()
+            raise
 
     # -- helpers for subclasses -------------------------------------------
 
@@ -273,6 +280,10 @@ class LayeredSource(DiskSource):
         return SourceError(f"{self.path}: {message}")
 
     # -- subclass interface ----------------------------------------------
+
+    @abc.abstractmethod
+    def _parse(self) -> None:
+        """Read and check the image's headers and tables (and open its parent)."""
 
     @abc.abstractmethod
     def _map(self, offset: int, length: int) -> Iterable[Run]:

@@ -84,14 +84,9 @@ class Qcow2Source(LayeredSource):
 
     format_name = "qcow2"
 
-    def __init__(self, path: str, fd: int | None = None) -> None:
-        super().__init__(path, fd)
-        try:
-            self._parse_header()
-            self._open_backing()
-        except BaseException:
-            self.close()
-            raise
+    def _parse(self) -> None:
+        self._parse_header()
+        self._open_backing()
 
     # -- header ---------------------------------------------------------------
 

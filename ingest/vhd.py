@@ -105,14 +105,6 @@ def has_fixed_footer(path: str) -> bool:
 class VhdSource(LayeredSource):
     """A VHD image; a differencing disk reads through its parent."""
 
-    def __init__(self, path: str, fd: int | None = None) -> None:
-        super().__init__(path, fd)
-        try:
-            self._parse()
-        except BaseException:
-            self.close()
-            raise
-
     def _parse(self) -> None:
         if self.file_size < 512:
             raise self.fail(f"too small to be a VHD image ({self.file_size} bytes)")

@@ -144,14 +144,6 @@ def _checked(buf: bytes, field: int) -> bool:
 class VhdxSource(LayeredSource):
     """A VHDX image; a differencing disk reads through its parent."""
 
-    def __init__(self, path: str, fd: int | None = None) -> None:
-        super().__init__(path, fd)
-        try:
-            self._parse()
-        except BaseException:
-            self.close()
-            raise
-
     # -- structures -----------------------------------------------------------
 
     def _parse(self) -> None:
