@@ -14,7 +14,7 @@ import contextlib
 import os
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -373,26 +373,42 @@ class Ingest:
                     consume(fut.result())
                     progress.update(nbytes)
 
-        for kind, start, count in runs:
-            if kind is Run.ZERO:
-                queue.append(lambda c=count: builder.add_zeros(c))
-            elif kind is Run.PARENT:
-                assert preader is not None
-                queue.append(lambda s=start, c=count: _copy_parent(builder, preader, s, c))
-            else:
-                per_batch = max(1, BATCH_BYTES // cs)
-                for first in range(start, start + count, per_batch):
-                    k = min(per_batch, start + count - first)
-                    offset = first * cs
-                    length = min(k * cs, capacity - offset)
-                    data = d.source.read(offset, length)
-                    stats["read"] += length
-                    stats["chunks"] += k
-                    queue.append((workers.submit(data, cs), length))
+        per_batch = max(1, BATCH_BYTES // cs)
+
+        def batches() -> Iterator[tuple[int, int]]:
+            """(first chunk, chunk count) of every read, in disk order."""
+            for kind, start, count in runs:
+                if kind is Run.READ:
+                    for first in range(start, start + count, per_batch):
+                        yield first, min(per_batch, start + count - first)
+
+        def ranges() -> Iterator[Extent]:
+            for first, k in batches():
+                yield first * cs, min(k * cs, capacity - first * cs)
+
+        reads = d.source.read_sequence(ranges())
+        try:
+            for kind, start, count in runs:
+                if kind is Run.ZERO:
+                    queue.append(lambda c=count: builder.add_zeros(c))
+                elif kind is Run.PARENT:
+                    assert preader is not None
+                    queue.append(lambda s=start, c=count: _copy_parent(builder, preader, s, c))
+                else:
+                    for first in range(start, start + count, per_batch):
+                        k = min(per_batch, start + count - first)
+                        data = next(reads)
+                        stats["read"] += len(data)
+                        stats["chunks"] += k
+                        queue.append((workers.submit(data, cs), len(data)))
+                        drain(limit)
+                if len(queue) > limit:
                     drain(limit)
-            if len(queue) > limit:
-                drain(limit)
-        drain(0)
+            drain(0)
+        finally:
+            close = getattr(reads, "close", None)
+            if close is not None:
+                close()
         root = builder.finish()
         return DiskInfo(
             name=d.name,

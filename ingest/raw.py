@@ -5,9 +5,10 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from ingest.source import DiskSource, Extent, pread_exact
+from repofs.directio import SequentialReader
 from repofs.errors import SourceError
 
 
@@ -93,6 +94,25 @@ class RawSource(DiskSource):
         if file_part < length:
             data += bytes(length - file_part)
         return data
+
+    def read_sequence(self, ranges: Iterable[Extent]) -> Iterator[bytes]:
+        with SequentialReader(self._fd, ranges) as reader:
+            try:
+                for offset, length, data in reader:
+                    file_part = max(0, min(length, self._file_size - offset))
+                    if len(data) < file_part:
+                        raise SourceError(
+                            f"{self.path}: file is truncated: needed {file_part} bytes "
+                            f"at offset {offset}, got {len(data)}"
+                        )
+                    if file_part < length:  # the padding to whole sectors
+                        data = data[:file_part] + bytes(length - file_part)
+                    yield data
+            except OSError as exc:
+                at = getattr(exc, "read_offset", 0)
+                raise SourceError(
+                    f"{self.path}: read error at offset {at}: {exc.strerror}"
+                ) from exc
 
     def close(self) -> None:
         if self._fd >= 0:

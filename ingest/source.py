@@ -10,7 +10,7 @@ as zeros and are never read, which is what makes a 1 TiB thin disk with
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 
 from repofs.errors import SourceError
@@ -55,6 +55,15 @@ class DiskSource(abc.ABC):
         read as zeros.  A short read of the underlying file is a
         :class:`SourceError`, never silently padded.
         """
+
+    def read_sequence(self, ranges: Iterable[Extent]) -> Iterator[bytes]:
+        """Yield :meth:`read` of each range in order; readers of plain files read ahead.
+
+        Ingest knows every range it will read before it starts, so a reader
+        may fetch the next ones while the pipeline hashes and compresses.
+        """
+        for offset, length in ranges:
+            yield self.read(offset, length)
 
     def chain(self) -> list[str]:
         """Files this source reads, child first (for the restore point record)."""

@@ -1,0 +1,152 @@
+"""Reading a planned sequence of large file ranges ahead of the consumer, around the page cache.
+
+Ingest reads a source image once, front to back, and verify reads packs the
+same way.  Through the page cache every byte costs the kernel a page
+allocation, a zero-fill and a copy: on the 2-core benchmark machine that was
+7-9 s of system time for 2.2 GiB, a third of a full ingest.  ``O_DIRECT``
+reads land straight in our buffer (system time fell to 2 s) and leave the
+hypervisor's own page cache alone, which is what a backup of a running host
+should do.  A thread reads ahead so the consumer never waits for the disk.
+
+Files that refuse ``O_DIRECT`` (tmpfs, some FUSE and network file systems)
+and ranges that are not block-aligned are read through the page cache,
+with the same result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+
+ALIGN = 4096  # a multiple of every logical block size Linux accepts for O_DIRECT
+_DONE = object()
+
+
+def _open_direct(fd: int) -> int | None:
+    """A second descriptor of the same open file with ``O_DIRECT``, or None where refused.
+
+    Reopening through ``/proc/self/fd`` (not the path) guarantees the same
+    inode even if the path was replaced meanwhile.
+    """
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+    except OSError:
+        return None
+
+
+class SequentialReader:
+    """Yields ``(offset, length, data)`` for each range in ``ranges``, read ahead on a thread.
+
+    ``data`` is shorter than ``length`` only where the file ends, like
+    ``pread``; an ``OSError`` of the reading thread is raised from the
+    iterator at the position it happened, with the range's offset in its
+    ``read_offset``.  ``depth`` bounds the ranges held
+    ahead (memory is ``depth`` times the largest range).
+    """
+
+    def __init__(self, fd: int, ranges: Iterable[tuple[int, int]], *, depth: int = 3) -> None:
+        self._fd = fd
+        self._ranges = ranges
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._direct_fd = _open_direct(fd)
+        self.direct = self._direct_fd is not None
+        self._thread = threading.Thread(target=self._run, name="repofs-read", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        buf: mmap.mmap | None = None
+        offset = 0
+        try:
+            for offset, length in self._ranges:
+                if self._stop.is_set():
+                    return
+                if self._direct_fd is not None and offset % ALIGN == 0:
+                    aligned = -(-length // ALIGN) * ALIGN
+                    if buf is None or len(buf) < aligned:
+                        if buf is not None:
+                            buf.close()
+                        buf = mmap.mmap(-1, aligned)  # page-aligned, as O_DIRECT wants
+                    data = self._read_direct(buf, offset, length, aligned)
+                else:
+                    data = self._read_buffered(self._fd, offset, length)
+                self._put((offset, length, data))
+        except OSError as exc:
+            exc.read_offset = offset  # type: ignore[attr-defined]
+            self._put(exc)
+        finally:
+            if buf is not None:
+                buf.close()
+            self._put(_DONE)
+
+    def _read_direct(self, buf: mmap.mmap, offset: int, length: int, aligned: int) -> bytes:
+        view = memoryview(buf)
+        try:
+            got = 0
+            while got < length:
+                try:
+                    n = os.preadv(self._direct_fd, [view[got:aligned]], offset + got)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL or got:
+                        raise
+                    # The file system took the open but not this read: go buffered for good.
+                    self._close_direct()
+                    return self._read_buffered(self._fd, offset, length)
+                if n == 0:
+                    break
+                got += n
+                if got % ALIGN:  # the end of the file
+                    break
+            return bytes(view[: min(got, length)])
+        finally:
+            view.release()
+
+    @staticmethod
+    def _read_buffered(fd: int, offset: int, length: int) -> bytes:
+        parts = []
+        got = 0
+        while got < length:
+            piece = os.pread(fd, length - got, offset + got)
+            if not piece:
+                break
+            parts.append(piece)
+            got += len(piece)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _put(self, item: object) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(queue.Full):
+                self._queue.put(item, timeout=0.1)
+                return
+
+    def _close_direct(self) -> None:
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
+            self.direct = False
+
+    def __iter__(self) -> Iterator[tuple[int, int, bytes]]:
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, OSError):
+                raise item
+            yield item  # type: ignore[misc]
+
+    def close(self) -> None:
+        """Stop reading ahead and release the descriptor; safe to call twice."""
+        self._stop.set()
+        self._thread.join()
+        self._close_direct()
+
+    def __enter__(self) -> SequentialReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
