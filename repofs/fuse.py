@@ -114,6 +114,9 @@ class RepoFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        data = self.view.read_cached(fh, off, size)  # memory only: never blocks the loop
+        if data is not None:
+            return data
         return await self._run(self.view.read, fh, off, size)
 
     async def release(self, fh: int) -> None:

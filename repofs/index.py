@@ -203,6 +203,11 @@ class Index:
         value = txn.get(object_key(rtype, digest), db=self.dbs["objects"])
         return Location(*LOCATION.unpack(value)) if value is not None else None
 
+    def locate_all(self, rtype: RecordType, digests: list[bytes]) -> list[Location | None]:
+        """:meth:`locate` of many objects in one read transaction."""
+        with self.reading() as txn:
+            return [self.locate(rtype, d, txn) for d in digests]
+
     def has(self, txn: lmdb.Transaction, rtype: RecordType, digest: bytes) -> bool:
         return txn.get(object_key(rtype, digest), db=self.dbs["objects"]) is not None
 

@@ -136,6 +136,10 @@ class MapBuilder:
         return MapRoot(self._root, self.depth, self.n_chunks)
 
 
+class NotCached(Exception):
+    """A memory-only lookup (``load=False``) needed a page that is not cached."""
+
+
 class MapReader:
     """Resolves chunk indexes to references, caching decoded pages.
 
@@ -149,13 +153,13 @@ class MapReader:
         self.page_refs = page_refs
         self._cache = cache
 
-    def _entries(self, digest: bytes, level: int) -> bytes:
-        page = self._cache.get(digest)
+    def _entries(self, digest: bytes, level: int, load: bool = True) -> bytes:
+        page = self._cache.get(digest, load=load)
         if len(page) % REF or len(page) > self.page_refs * REF:
             raise IntegrityError(f"map page {digest.hex()[:16]} at level {level} is malformed")
         return page
 
-    def subtree_ref(self, level: int, index: int) -> bytes:
+    def subtree_ref(self, level: int, index: int, load: bool = True) -> bytes:
         """Reference of the level-``level`` node covering chunk group ``index``.
 
         Level ``-1`` is a chunk; level 0 a page of chunk references, and so on.
@@ -167,7 +171,7 @@ class MapReader:
                 return ZERO_DIGEST
             span = self.page_refs ** (node_level - 1 - level)
             slot = (index // span) % self.page_refs
-            page = self._entries(ref, node_level)
+            page = self._entries(ref, node_level, load)
             if (slot + 1) * REF > len(page):
                 raise IntegrityError(
                     f"map page {ref.hex()[:16]} has {len(page) // REF} entries, needed slot {slot}"
@@ -180,19 +184,22 @@ class MapReader:
             raise IndexError(chunk_index)
         return self.subtree_ref(-1, chunk_index)
 
-    def refs(self, first: int, count: int) -> list[bytes]:
-        """References of ``count`` consecutive chunks, walking each page once."""
+    def refs(self, first: int, count: int, load: bool = True) -> list[bytes]:
+        """References of ``count`` consecutive chunks, walking each page once.
+
+        With ``load=False`` only cached pages are used, else :class:`NotCached`.
+        """
         out: list[bytes] = []
         i = first
         end = min(first + count, self.root.n_chunks)
         while i < end:
-            page_ref = self.subtree_ref(0, i // self.page_refs)
+            page_ref = self.subtree_ref(0, i // self.page_refs, load)
             page_start = (i // self.page_refs) * self.page_refs
             stop = min(end, page_start + self.page_refs)
             if page_ref == ZERO_DIGEST:
                 out.extend([ZERO_DIGEST] * (stop - i))
             else:
-                page = self._entries(page_ref, 0)
+                page = self._entries(page_ref, 0, load)
                 for j in range(i - page_start, stop - page_start):
                     if (j + 1) * REF > len(page):
                         raise IntegrityError(f"map page {page_ref.hex()[:16]} is short")
@@ -210,12 +217,14 @@ class PageCache:
         self._pages: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, digest: bytes) -> bytes:
+    def get(self, digest: bytes, load: bool = True) -> bytes:
         with self._lock:
             page = self._pages.get(digest)
             if page is not None:
                 self._pages.move_to_end(digest)
                 return page
+        if not load:
+            raise NotCached(digest.hex())
         page = self._load(digest)
         with self._lock:
             self._pages[digest] = page

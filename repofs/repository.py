@@ -91,8 +91,12 @@ class Repository:
 
     def read_at(self, rtype: RecordType, digest: bytes, loc: Location) -> bytes:
         """Read one record at a known location and check it is the object asked for."""
-        where = f"pack {loc.pack_id.hex()} offset {loc.offset}"
         data = self.packs.read(loc.pack_id, loc.offset, RECORD_HEADER_SIZE + loc.stored_len)
+        return self.decode_at(rtype, digest, loc, data)
+
+    def decode_at(self, rtype: RecordType, digest: bytes, loc: Location, data: bytes) -> bytes:
+        """Check and decode the record ``data`` read from ``loc`` (header and payload)."""
+        where = f"pack {loc.pack_id.hex()} offset {loc.offset}"
         hdr = decode_header(data, where)
         if hdr.type != rtype or hdr.digest != digest:
             raise IntegrityError(f"{where}: holds another object than the index says")

@@ -302,6 +302,15 @@ class RepoView:
             raise
         raise NotFound(ino)
 
+    def read_cached(self, ino: int, offset: int, size: int) -> bytes | None:
+        """:meth:`read` of a disk already open, from memory only; None if that needs the disk.
+
+        Safe to call on the event loop: it takes no I/O and never raises.
+        """
+        with self._lock:
+            reader = self._readers.get((ino >> SLOT_BITS, ino & ((1 << SLOT_BITS) - 1)))
+        return None if reader is None else reader.read_cached(offset, size)
+
     def close(self) -> None:
         self.prefetcher.close()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from repofs.errors import IntegrityError
+from repofs.records import RecordType
 from repofs.repository import Repository
 from repofs.vfs import ROOT_INODE, NotFound, RepoView
 from tests.helpers import ingest, make_image
@@ -90,3 +91,43 @@ def test_progress_bar_on_a_terminal(tmp_path: Path, repo: Path) -> None:
         env=env,
     )
     assert "ETA" not in piped.stderr
+
+
+def test_prefetched_runs_skip_a_damaged_chunk_only(tmp_path: Path, repo: Path) -> None:
+    """A sequential reader's coalesced pack reads: a bad chunk mid-run fails alone.
+
+    The chunks around it, loaded by the same pack read, return their bytes;
+    the memory-only path answers nothing it has not verified.
+    """
+    payload = os.urandom(4 * MiB)
+    img = make_image(tmp_path / "d.img", 4 * MiB, [(0, payload)])
+    ingest(repo, "vm", f"d={img}")
+    r = Repository.open(str(repo))
+    (rp,) = r.restore_points()
+    bad = 20  # chunk index in the middle of the first 2 MiB run
+    loc = r.index.locate(RecordType.CHUNK, r.map_reader(rp.disks[0]).ref_at(bad))
+    assert loc is not None
+    pack = r.packs.path_of(loc.pack_id)
+    with open(pack, "r+b") as f:
+        f.seek(loc.offset + 100)
+        byte = f.read(1)
+        f.seek(loc.offset + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    view = RepoView(r, cache_bytes=64 * MiB)
+    try:
+        vm = view.lookup(ROOT_INODE, "vm")
+        flat = view.lookup(view.lookup(vm.ino, rp.id).ino, "d-flat.vmdk")
+        assert view.read_cached(flat.ino, 0, MiB) is None  # nothing opened or loaded yet
+        cs = 65536
+        for i in range(64):
+            if i == bad:
+                with pytest.raises(IntegrityError):
+                    view.read(flat.ino, i * cs, cs)
+            else:
+                assert view.read(flat.ino, i * cs, cs) == payload[i * cs : (i + 1) * cs], i
+        # sequential reads loaded the chunks ahead: memory answers them, never the bad one
+        assert view.read_cached(flat.ino, (bad + 1) * cs, cs) == payload[(bad + 1) * cs :][:cs]
+        assert view.read_cached(flat.ino, bad * cs, cs) is None
+    finally:
+        view.close()
+        r.close()
