@@ -169,7 +169,7 @@ class Ingest:
         self.configs = configs
         self.parent = parent
         self.progress_enabled = progress
-        self.threads = threads or int(os.environ.get("XTHREADS", 0)) or max(1, os.cpu_count() or 1)
+        self.threads = threads or max(1, os.cpu_count() or 1)
         names = [validate_disk_name(d.name) for d in disks]
         if not names:
             raise UsageError("no disks given: name at least one DISK=SOURCE")
