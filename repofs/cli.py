@@ -121,7 +121,9 @@ def ingest(
 ) -> None:
     """Ingest the disks of one VM as one new restore point; print its id last."""
     from ingest.job import run_ingest
+    from repofs.malloc import keep_freed_memory
 
+    keep_freed_memory()
     t0 = time.monotonic()
     rp = run_ingest(
         repo,

@@ -24,6 +24,7 @@ import trio
 from repofs.config import RepoConfig
 from repofs.errors import MountError, RepofsError
 from repofs.fuse import RepoFS
+from repofs.malloc import keep_freed_memory
 from repofs.repository import INDEX_DIR, Repository
 from repofs.vfs import RepoView
 
@@ -154,6 +155,7 @@ def _serve(
     repo_path: str, mountpoint: str, allow_other: bool, cache_bytes: int, ready: list[int]
 ) -> None:
     resolved = os.path.realpath(mountpoint)  # before mounting: afterwards only we could answer
+    keep_freed_memory()
     repo = Repository.open(repo_path)
     view = RepoView(repo, cache_bytes)
     ops = RepoFS(view)

@@ -146,3 +146,10 @@ class TestPlan:
         """With a changed list, unchanged chunks come from the parent."""
         runs = list(plan_runs(10, [(0, 10)], [(3, 5)]))
         assert runs == [(Run.PARENT, 0, 3), (Run.READ, 3, 2), (Run.PARENT, 5, 5)]
+
+
+def test_malloc_tuning_applies_on_glibc() -> None:
+    """Debian's glibc takes both thresholds (ingest and the mount daemon call this first)."""
+    from repofs.malloc import keep_freed_memory
+
+    assert keep_freed_memory() is True
