@@ -111,6 +111,7 @@ class RepoFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if not await self._run(self.view.is_file, inode):
             raise pyfuse3.FUSEError(errno.EISDIR)
+        self.view.warm(inode)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:

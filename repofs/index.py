@@ -111,6 +111,26 @@ class Index:
             ) from None
         self._identity = self._file_identity()
 
+    def warm(self, budget: int) -> bool:
+        """Ask the kernel to read the whole index into the page cache, if it is under ``budget``.
+
+        The environment is opened without readahead (right for random
+        lookups in a large index), so after a cold start every lookup of a
+        mount's first reads would wait for a few B-tree pages from disk.
+        A small index is cheaper read once, in the background.
+        """
+        try:
+            fd = os.open(os.path.join(self.path, "data.mdb"), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            if os.fstat(fd).st_size > budget:
+                return False
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            return True
+        finally:
+            os.close(fd)
+
     def _file_identity(self) -> tuple[int, int] | None:
         try:
             st = os.stat(os.path.join(self.path, "data.mdb"))

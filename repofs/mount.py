@@ -158,6 +158,7 @@ def _serve(
     keep_freed_memory()
     repo = Repository.open(repo_path)
     view = RepoView(repo, cache_bytes)
+    view.prefetcher.submit(repo.index.warm, INDEX_WARM_BYTES)
     ops = RepoFS(view)
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")
@@ -188,6 +189,7 @@ def _serve(
 
 
 READAHEAD_KB = 1024
+INDEX_WARM_BYTES = 512 * 1024 * 1024  # read a smaller index whole at mount (see Index.warm)
 
 
 def _tune_readahead(resolved_mountpoint: str) -> None:

@@ -19,6 +19,7 @@ disk i; then the config files).
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import stat
@@ -58,6 +59,9 @@ class Attr:
 class _Rp:
     rp: RestorePoint
     names: dict[str, int]  # file name -> slot
+
+
+WARM_MAP_PAGES = 1024  # 32 MiB of references: the whole map of a disk up to 64 GiB
 
 
 class RepoView:
@@ -301,6 +305,17 @@ class RepoView:
                 log.error("I/O error reading %s bytes %d-%d: %s", where, offset, offset + size, exc)
             raise
         raise NotFound(ino)
+
+    def warm(self, ino: int) -> None:
+        """Start loading an opened disk's map in the background; never blocks, never raises."""
+        self.prefetcher.submit(self._warm, ino)
+
+    def _warm(self, ino: int) -> None:
+        seq, slot = ino >> SLOT_BITS, ino & ((1 << SLOT_BITS) - 1)
+        with contextlib.suppress(Exception):  # a read of the same range reports any damage
+            rp = self._rp_by_seq(seq).rp
+            if 3 <= slot < 2 + 2 * len(rp.disks) and slot % 2 == 1:
+                self._reader(seq, slot, rp).warm_map(WARM_MAP_PAGES)
 
     def read_cached(self, ino: int, offset: int, size: int) -> bytes | None:
         """:meth:`read` of a disk already open, from memory only; None if that needs the disk.

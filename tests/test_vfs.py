@@ -131,3 +131,18 @@ def test_prefetched_runs_skip_a_damaged_chunk_only(tmp_path: Path, repo: Path) -
     finally:
         view.close()
         r.close()
+
+
+def test_opening_a_disk_warms_its_map_and_the_index(view: RepoView) -> None:
+    """warm() loads the opened disk's map pages in the background; the index warms whole."""
+    vm = view.lookup(ROOT_INODE, "vm")
+    rp = view.lookup(vm.ino, view.readlink(view.lookup(vm.ino, "latest").ino))
+    flat = view.lookup(rp.ino, "d-flat.vmdk")
+    desc = view.lookup(rp.ino, "d.vmdk")
+    view.warm(desc.ino)  # a descriptor has no map: nothing to do, nothing raised
+    view.warm(flat.ino)
+    view.prefetcher._pool.shutdown(wait=True)  # let the background work finish
+    reader = next(iter(view._readers.values()))
+    assert reader.map.refs(0, reader.disk.n_chunks, load=False)  # every page is cached now
+    assert view.repo.index.warm(1 << 30) is True
+    assert view.repo.index.warm(1) is False  # larger than the budget: left to the kernel
