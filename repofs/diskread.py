@@ -218,6 +218,7 @@ class DiskReader:
     """
 
     MAX_WINDOW_BYTES = 8 * 1024 * 1024
+    SEQUENTIAL_SLACK = 2 * 1024 * 1024  # two of the kernel's largest requests
 
     def __init__(
         self,
@@ -249,7 +250,7 @@ class DiskReader:
             return
         cs = self.chunk_size
         with self._lock:
-            if abs(offset - self._next_offset) > self.MAX_WINDOW_BYTES:
+            if abs(offset - self._next_offset) > self.SEQUENTIAL_SLACK:
                 self._window = 0
                 self._ahead_to = 0
                 self._next_offset = end
