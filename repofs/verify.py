@@ -70,6 +70,8 @@ WINDOW = 8 * 1024 * 1024  # one sequential read
 GAP = 1024 * 1024  # read through holes smaller than this rather than seek
 MAX_RANGES_SHOWN = 8
 _Window = tuple[bytes, int]  # bytes read, and the pack offset they start at
+_RAW_LEN = struct.Struct(">I")  # the last field of index.LOCATION
+assert LOCATION.size == 32 and LOCATION.format.endswith("I")
 INDEX_DAMAGE = (lmdb.Error, json.JSONDecodeError, struct.error, UnicodeDecodeError)
 
 
@@ -238,6 +240,36 @@ class _Verifier:
                 )
 
     def _check_chunk_refs(
+        self, txn: lmdb.Transaction, page: bytes, first: int, *, capacity: int
+    ) -> None:
+        """Every chunk a level-0 page references is indexed, with the length its position needs.
+
+        A page's references are looked up in one LMDB call, and a page whose
+        chunks are all present and full-sized (nearly all of them) is done
+        without a Python step per reference; anything else goes through
+        :meth:`_check_chunk_refs_one_by_one`, which says what is wrong.
+        """
+        cs = self.cs
+        n = len(page) // 32
+        last = (capacity - 1) // cs  # the disk's last chunk: the only one that may be short
+        if capacity % cs and first <= last < first + n:
+            self._check_chunk_refs_one_by_one(txn, page, first, capacity=capacity)
+            return
+        chunk_key = bytes((RecordType.CHUNK,))
+        zero_key = chunk_key + ZERO_DIGEST
+        keys = [chunk_key + page[i : i + 32] for i in range(0, n * 32, 32)]
+        keys = [k for k in keys if k != zero_key]
+        if self.bad_chunks:
+            keys = [k for k in keys if k[1:] not in self.bad_chunks]
+        with txn.cursor(db=self.index.dbs["objects"]) as cur:
+            found = cur.getmulti(keys)
+        full = _RAW_LEN.pack(cs)  # a full chunk's raw length as its location stores it
+        if len(found) != len(keys) or any(v[-4:] != full for _k, v in found):
+            self._check_chunk_refs_one_by_one(txn, page, first, capacity=capacity)
+        elif self.vm is not None or self.sample is not None:
+            self.referenced.update(keys)
+
+    def _check_chunk_refs_one_by_one(
         self, txn: lmdb.Transaction, page: bytes, first: int, *, capacity: int
     ) -> None:
         cs = self.cs

@@ -7,8 +7,10 @@ import re
 import shutil
 from pathlib import Path
 
+import lmdb
 import pytest
 
+from repofs.index import LOCATION, object_key
 from repofs.packstore import LocalPackStore
 from repofs.records import RECORD_HEADER_SIZE, RecordType
 from repofs.repository import Repository
@@ -115,6 +117,39 @@ class TestDamage:
         for rp in ids:
             want = f"affects web/{rp} d0-flat.vmdk bytes {2 * MiB}-{2 * MiB + CS - 1}"
             assert want in proc.stdout
+
+    def test_chunk_missing_from_the_index_or_of_the_wrong_length(self, tmp_path: Path) -> None:
+        """Map references are checked against the index: a lost entry and a wrong length are named.
+
+        Small chunks give the disk several map pages, and it ends in a short
+        chunk, which must pass as it is.
+        """
+        cs = 4096
+        repo = new_repo(tmp_path / "repo", chunk_size=cs)
+        size = 8 * MiB + 512
+        img = make_image(tmp_path / "a.img", size, [(0, noise(size, 6))])
+        rp = ingest_here(repo, "a", {"d0": img})
+        clean = verify_repository(str(repo))
+        assert clean.ok and clean.pages > 2
+        with Repository.open(str(repo)) as r:
+            info = r.resolve("a", rp).disk("d0")
+            assert info is not None
+            refs = r.map_reader(info)
+            lost = object_key(RecordType.CHUNK, refs.ref_at(1))
+            short = object_key(RecordType.CHUNK, refs.ref_at(5))
+            objects = r.index.dbs["objects"]
+
+            def damage(t: lmdb.Transaction) -> None:
+                t.delete(lost, db=objects)
+                pack, offset, stored, _raw = LOCATION.unpack(t.get(short, db=objects))
+                t.put(short, LOCATION.pack(pack, offset, stored, cs - 1), db=objects)
+
+            r.index.write(damage)
+        result = verify_repository(str(repo))
+        found = {p.message: p.affects for p in result.problems}
+        assert found.get("is not in the index") == [f"a/{rp} d0-flat.vmdk bytes {cs}-{2 * cs - 1}"]
+        wrong = f"is {cs - 1} bytes long where the map needs {cs}"
+        assert found.get(wrong) == [f"a/{rp} d0-flat.vmdk bytes {5 * cs}-{6 * cs - 1}"]
 
     def test_damaged_map_page_affects_its_whole_range(
         self, two_rps: tuple[Path, Path, list[str]]
