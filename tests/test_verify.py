@@ -5,14 +5,18 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
+from typing import Any
 
+import lmdb
 import pytest
 
-from repofs.packstore import LocalPackStore
+import repofs.verify as verify_module
+from repofs.index import LOCATION, object_key
 from repofs.records import RECORD_HEADER_SIZE, RecordType
 from repofs.repository import Repository
-from repofs.verify import verify_repository
+from repofs.verify import PackReader, plan_windows, verify_repository
 from tests.maint_helpers import (
     MiB,
     assert_one_line_error,
@@ -44,6 +48,20 @@ def two_rps(tmp_path: Path) -> tuple[Path, Path, list[str]]:
     return repo, img, [first, second]
 
 
+@pytest.fixture
+def pack_readers(monkeypatch: pytest.MonkeyPatch) -> list[PackReader]:
+    """Every PackReader that verify makes in this test, to see what it read and how."""
+    made: list[PackReader] = []
+
+    class Recording(PackReader):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(verify_module, "PackReader", Recording)
+    return made
+
+
 class TestCleanRepository:
     def test_passes_and_counts(self, two_rps: Fixture) -> None:
         """A healthy repository verifies with exit 0 and a summary of what was read."""
@@ -69,27 +87,47 @@ class TestCleanRepository:
         assert result.pages == pages  # every distinct page once, no more
 
     def test_reads_each_pack_once_in_offset_order(
-        self, two_rps: tuple[Path, Path, list[str]], monkeypatch: pytest.MonkeyPatch
+        self, two_rps: Fixture, pack_readers: list[PackReader]
     ) -> None:
-        """Objects are read sorted by pack and offset, in windows much larger than a chunk."""
+        """Objects are read sorted by pack and offset, in large block-aligned O_DIRECT windows."""
         repo, _img, _ids = two_rps
-        reads: list[tuple[bytes, int, int]] = []
-        real = LocalPackStore.read
-
-        def spy(self: LocalPackStore, pack_id: bytes, offset: int, length: int) -> bytes:
-            reads.append((pack_id, offset, length))
-            return real(self, pack_id, offset, length)
-
-        monkeypatch.setattr(LocalPackStore, "read", spy)
         assert verify_repository(str(repo), threads=2).ok
-        big = [r for r in reads if r[2] > 4 * CS]  # the sequential pass, not header or page reads
-        assert big, reads
-        order = [p for p, _o, _n in big]
+        (reader,) = pack_readers
+        # ext4 takes O_DIRECT: the fast path is the one tested
+        assert reader.direct_packs == len(pack_files(repo)) and reader.buffered_packs == 0
+        reads = [(w.pack_id, w.start, w.length) for w in reader.windows]
+        assert any(n > 4 * CS for _p, _o, n in reads), reads
+        assert all(offset % 4096 == 0 for _p, offset, _n in reads)
+        order = [p for p, _o, _n in reads]
         runs = [p for i, p in enumerate(order) if i == 0 or order[i - 1] != p]
         assert len(runs) == len(set(runs))  # each pack visited in one run
         for p in set(order):
-            offsets = [o for q, o, _n in big if q == p]
+            offsets = [o for q, o, _n in reads if q == p]
             assert offsets == sorted(offsets)
+
+    def test_reader_returns_what_ranged_reads_return(self, tmp_path: Path) -> None:
+        """PackReader (O_DIRECT, reused buffers) and a store's ranged reads see the same bytes."""
+        repo = new_repo(tmp_path / "repo")
+        img = make_image(tmp_path / "a.img", 20 * MiB, [(0, noise(20 * MiB, 3))])
+        ingest_here(repo, "a", {"d0": img})
+        with Repository.open(str(repo)) as r:
+            entries = sorted(
+                verify_module._Entry(*LOCATION.unpack(v), k[0], k[1:])
+                for k, v in r.index.read(lambda t: list(r.index.items(t, "objects")))
+            )
+            windows = plan_windows(entries)
+            assert len(windows) >= 3  # 20 MiB of chunks: several windows in one pack
+            want = [
+                bytes(data) for _w, data, _n in verify_module._read_from_store(r.packs, windows)
+            ]
+            with PackReader(r.packs, windows, 2) as reader:  # two buffers: reuse is exercised
+                got = []
+                for _window, buf, n in reader:
+                    assert buf is not None, n
+                    got.append(buf[: int(n)])
+                    reader.release(buf)
+            assert reader.direct_packs >= 1
+        assert got == want
 
     def test_progress_bar_on_a_terminal(
         self, two_rps: tuple[Path, Path, list[str]], capsys: pytest.CaptureFixture[str]
@@ -115,6 +153,116 @@ class TestDamage:
         for rp in ids:
             want = f"affects web/{rp} d0-flat.vmdk bytes {2 * MiB}-{2 * MiB + CS - 1}"
             assert want in proc.stdout
+
+    def test_damage_at_the_edges_of_read_windows(
+        self, tmp_path: Path, pack_readers: list[PackReader]
+    ) -> None:
+        """Records first and last in a read window, and a damaged header, are each found."""
+        repo = new_repo(tmp_path / "repo")
+        img = make_image(tmp_path / "a.img", 20 * MiB, [(0, noise(20 * MiB, 4))])
+        rp = ingest_here(repo, "a", {"d0": img})
+        assert verify_repository(str(repo)).ok
+        chunks = [
+            e for w in pack_readers[0].windows for e in w.entries if e.rtype == RecordType.CHUNK
+        ]
+        windows = [w for w in pack_readers[0].windows if len(w.entries) > 1]
+        assert len(windows) >= 2
+        edges = {windows[0].entries[0], windows[0].entries[-1], windows[1].entries[0]}
+        with Repository.open(str(repo)) as r:
+            pack_of = {e: Path(r.packs.path_of(e.pack_id)) for e in chunks}
+        for e in edges:
+            flip_byte(pack_of[e], e.offset + RECORD_HEADER_SIZE + e.stored_len - 1)  # last byte
+        header_hit = chunks[len(chunks) // 2]
+        assert header_hit not in edges
+        flip_byte(pack_of[header_hit], header_hit.offset + 10)  # in the lengths: the CRC fails
+        result = verify_repository(str(repo))
+        messages = sorted(p.message for p in result.problems)
+        assert len(messages) == 4, messages
+        assert sum("does not match its digest" in m for m in messages) == 3
+        assert sum("record header checksum mismatch" in m for m in messages) == 1
+        for e in [*edges, header_hit]:
+            assert any(f"offset {e.offset}:" in m for m in messages), (e.offset, messages)
+        affected = {a for p in result.problems for a in p.affects}
+        assert all(a.startswith(f"a/{rp} d0-flat.vmdk bytes ") for a in affected), affected
+
+    def test_pack_without_o_direct_is_read_through_the_page_cache(
+        self, tmp_path: Path, pack_readers: list[PackReader]
+    ) -> None:
+        """On a file system that refuses O_DIRECT (ramfs), verify reads and still finds damage."""
+        if os.geteuid() != 0:
+            pytest.skip("mounting ramfs needs root")
+        mnt = tmp_path / "ramfs"
+        mnt.mkdir()
+        if subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mnt)]).returncode != 0:
+            pytest.skip("cannot mount ramfs here")
+        try:
+            repo = new_repo(mnt / "repo")
+            img = make_image(tmp_path / "a.img", 4 * MiB, [(0, noise(4 * MiB, 5))])
+            rp = ingest_here(repo, "a", {"d0": img})
+            pack, offset, _s = chunk_record(repo, "a", rp, 3 * MiB)
+            flip_byte(pack, offset + RECORD_HEADER_SIZE + 7)
+            result = verify_repository(str(repo))
+            (reader,) = pack_readers
+            assert reader.buffered_packs == len(pack_files(repo)) and reader.direct_packs == 0
+            assert [p.affects for p in result.problems] == [
+                [f"a/{rp} d0-flat.vmdk bytes {3 * MiB}-{3 * MiB + CS - 1}"]
+            ]
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+
+    def test_index_location_past_the_end_of_its_pack(self, two_rps: Fixture) -> None:
+        """A record the index places across the pack's end is named as cut short, not read on."""
+        repo, _img, ids = two_rps
+        pack, _offset, stored = chunk_record(repo, "web", ids[0], 3 * MiB)
+        end = pack.stat().st_size
+        with Repository.open(str(repo)) as r:
+            info = r.resolve("web", ids[0]).disk("d0")
+            assert info is not None
+            ref = r.map_reader(info).ref_at(3 * MiB // CS)
+            key = object_key(RecordType.CHUNK, ref)
+            moved = LOCATION.pack(bytes.fromhex(pack.stem), end - 100, stored, CS)
+            r.index.write(lambda t: t.put(key, moved, db=r.index.dbs["objects"]))
+        result = verify_repository(str(repo))
+        (problem,) = result.problems
+        needs = RECORD_HEADER_SIZE + stored
+        assert f"offset {end - 100}: truncated: the record needs {needs} bytes" in problem.message
+        assert f"the pack ends at {end}" in problem.message
+        for rp in ids:
+            want = f"web/{rp} d0-flat.vmdk bytes {3 * MiB}-{3 * MiB + CS - 1}"
+            assert want in problem.affects
+
+    def test_chunk_missing_from_the_index_or_of_the_wrong_length(self, tmp_path: Path) -> None:
+        """Map references are checked against the index: a lost entry and a wrong length are named.
+
+        Small chunks give the disk several map pages, and it ends in a short
+        chunk, which must pass as it is.
+        """
+        cs = 4096
+        repo = new_repo(tmp_path / "repo", chunk_size=cs)
+        size = 8 * MiB + 512
+        img = make_image(tmp_path / "a.img", size, [(0, noise(size, 6))])
+        rp = ingest_here(repo, "a", {"d0": img})
+        clean = verify_repository(str(repo))
+        assert clean.ok and clean.pages > 2
+        with Repository.open(str(repo)) as r:
+            info = r.resolve("a", rp).disk("d0")
+            assert info is not None
+            refs = r.map_reader(info)
+            lost = object_key(RecordType.CHUNK, refs.ref_at(1))
+            short = object_key(RecordType.CHUNK, refs.ref_at(5))
+            objects = r.index.dbs["objects"]
+
+            def damage(t: lmdb.Transaction) -> None:
+                t.delete(lost, db=objects)
+                pack, offset, stored, _raw = LOCATION.unpack(t.get(short, db=objects))
+                t.put(short, LOCATION.pack(pack, offset, stored, cs - 1), db=objects)
+
+            r.index.write(damage)
+        result = verify_repository(str(repo))
+        found = {p.message: p.affects for p in result.problems}
+        assert found.get("is not in the index") == [f"a/{rp} d0-flat.vmdk bytes {cs}-{2 * cs - 1}"]
+        wrong = f"is {cs - 1} bytes long where the map needs {cs}"
+        assert found.get(wrong) == [f"a/{rp} d0-flat.vmdk bytes {5 * cs}-{6 * cs - 1}"]
 
     def test_damaged_map_page_affects_its_whole_range(
         self, two_rps: tuple[Path, Path, list[str]]
