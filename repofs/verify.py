@@ -56,7 +56,7 @@ import zstandard
 
 from ingest.progress import Progress
 from repofs.config import RepoConfig
-from repofs.directio import ALIGN
+from repofs.directio import ALIGN, HUGE_PAGE, direct_buffer, read_into
 from repofs.errors import IntegrityError, RepositoryError, UsageError
 from repofs.index import LOCATION, PACK_INFO, Location
 from repofs.lock import repository_lock
@@ -82,7 +82,6 @@ from repofs.rprecords import parse_rp_record, parse_tombstone, rp_record_digest
 WINDOW = 8 * 1024 * 1024  # one sequential read
 GAP = 1024 * 1024  # read through holes smaller than this rather than seek
 MAX_RANGES_SHOWN = 8
-HUGE_PAGE = 2 * 1024 * 1024  # read buffers are whole huge pages (see _buffer)
 _RAW_LEN = struct.Struct(">I")  # the last field of index.LOCATION
 assert LOCATION.size == 32 and LOCATION.format.endswith("I")
 INDEX_DAMAGE = (lmdb.Error, json.JSONDecodeError, struct.error, UnicodeDecodeError)
@@ -611,7 +610,7 @@ class PackReader:
     def __init__(self, store: LocalPackStore, windows: list[_Window], buffers: int) -> None:
         size = max((w.length for w in windows), default=0)
         size = max(HUGE_PAGE, -(-size // HUGE_PAGE) * HUGE_PAGE)
-        self._buffers = [_buffer(size) for _ in range(buffers)]
+        self._buffers = [direct_buffer(size) for _ in range(buffers)]
         self._free: queue.SimpleQueue[mmap.mmap | None] = queue.SimpleQueue()
         for buf in self._buffers:
             self._free.put(buf)
@@ -690,7 +689,7 @@ class PackReader:
                     return False
                 try:
                     try:
-                        n = _read_into(fd, buf, w.start, w.length, direct)
+                        n = read_into(fd, buf, w.start, w.length, direct)
                     except OSError as exc:
                         if not direct or exc.errno != errno.EINVAL:
                             raise
@@ -698,7 +697,7 @@ class PackReader:
                         os.close(fd)
                         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                         direct = False
-                        n = _read_into(fd, buf, w.start, w.length, direct)
+                        n = read_into(fd, buf, w.start, w.length, direct)
                 except OSError as exc:
                     self._free.put(buf)
                     error = f"pack {name}: read error at offset {w.start}: {exc.strerror}"
@@ -712,39 +711,6 @@ class PackReader:
             else:
                 self.buffered_packs += 1
         return True
-
-
-def _buffer(size: int) -> mmap.mmap:
-    """A page-aligned private buffer (as O_DIRECT wants), in huge pages where the kernel allows.
-
-    An O_DIRECT request carries at most ``max_segments`` (254 on virtio)
-    pieces of physically contiguous memory: with 4 KiB pages that is under
-    1 MiB per request, and 8 MiB reads ran at 560-660 MB/s where ``cat``
-    reads 1.1-1.4 GB/s.  From 2 MiB pages the same reads ran at 1.4 GB/s.
-    Without transparent huge pages the buffer still works, only slower.
-    """
-    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        with contextlib.suppress(OSError):  # THP compiled out or switched off
-            buf.madvise(mmap.MADV_HUGEPAGE)
-    return buf
-
-
-def _read_into(fd: int, buf: mmap.mmap, offset: int, length: int, direct: bool) -> int:
-    """Read ``length`` bytes at ``offset`` into ``buf``; fewer only where the file ends."""
-    aligned = -(-length // ALIGN) * ALIGN  # O_DIRECT reads whole blocks
-    view = memoryview(buf)
-    try:
-        got = 0
-        while got < length:
-            n = os.preadv(fd, [view[got:aligned]], offset + got)
-            if n == 0 or (direct and n % ALIGN):  # the end of the file
-                got += n
-                break
-            got += n
-        return min(got, length)
-    finally:
-        view.release()
 
 
 def _read_from_store(
