@@ -22,13 +22,17 @@ MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's maximum: every batch and reply come
 TRIM_THRESHOLD = 256 * 1024 * 1024  # free memory at the heap top kept before trimming
 
 
-def keep_freed_memory() -> bool:
-    """Tune glibc's malloc as above; False (and no change) on another C library."""
+def keep_freed_memory(trim_threshold: int = TRIM_THRESHOLD) -> bool:
+    """Tune glibc's malloc as above; False (and no change) on another C library.
+
+    ``trim_threshold`` is about the most freed memory kept: part of the
+    process's RSS bound.
+    """
     with contextlib.suppress(OSError, AttributeError, TypeError):
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
         mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         return bool(
-            mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+            mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, trim_threshold)
         )
     return False

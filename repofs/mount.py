@@ -155,7 +155,7 @@ def _serve(
     repo_path: str, mountpoint: str, allow_other: bool, cache_bytes: int, ready: list[int]
 ) -> None:
     resolved = os.path.realpath(mountpoint)  # before mounting: afterwards only we could answer
-    keep_freed_memory()
+    keep_freed_memory(DAEMON_TRIM_THRESHOLD)
     repo = Repository.open(repo_path)
     view = RepoView(repo, cache_bytes)
     view.prefetcher.submit(repo.index.warm, INDEX_WARM_BYTES)
@@ -189,6 +189,7 @@ def _serve(
 
 
 READAHEAD_KB = 1024
+DAEMON_TRIM_THRESHOLD = 64 * 1024 * 1024  # freed memory kept: part of the RSS bound
 INDEX_WARM_BYTES = 512 * 1024 * 1024  # read a smaller index whole at mount (see Index.warm)
 
 
