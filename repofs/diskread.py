@@ -217,7 +217,7 @@ class DiskReader:
     window on each sequential read up to :attr:`MAX_WINDOW` chunks.
     """
 
-    MAX_WINDOW_BYTES = 8 * 1024 * 1024
+    MAX_WINDOW_BYTES = 32 * 1024 * 1024
     SEQUENTIAL_SLACK = 2 * 1024 * 1024  # two of the kernel's largest requests
 
     def __init__(
