@@ -20,6 +20,20 @@ READERS = {
 FORMATS = ("raw", *READERS)
 
 
+def _could_be_vmdk(head: bytes) -> bool:
+    """A cheap superset of :func:`ingest.vmdk.looks_like_vmdk`.
+
+    Sparse, COWD and SEsparse files start with their magic; a descriptor
+    is text, so a head holding NUL bytes before its padding (every disk
+    image with a partition table) is none of them.
+    """
+    return (
+        head[:4] in (b"KDMV", b"COWD")
+        or head[:8] == (0xCAFEBABE).to_bytes(8, "little")
+        or b"\0" not in head.rstrip(b"\0")
+    )
+
+
 def detect_format(path: str, head: bytes) -> str:
     """Name the format of ``path`` from its content; ``raw`` when nothing matches.
 
@@ -32,10 +46,11 @@ def detect_format(path: str, head: bytes) -> str:
         return "vhdx"
     if head[:8] == b"conectix":  # dynamic/differencing VHD: footer copy at offset 0
         return "vhd"
-    from ingest.vmdk import looks_like_vmdk
+    if _could_be_vmdk(head):
+        from ingest.vmdk import looks_like_vmdk  # 50 ms of imports: only when it may be one
 
-    if looks_like_vmdk(head):
-        return "vmdk"
+        if looks_like_vmdk(head):
+            return "vmdk"
     from ingest.vhd import has_fixed_footer
 
     if has_fixed_footer(path):

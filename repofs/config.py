@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 from dataclasses import asdict, dataclass
 
 from repofs.errors import RepositoryError, UsageError
@@ -70,7 +69,7 @@ class RepoConfig:
         return cls(
             format=FORMAT_NAME,
             version=FORMAT_VERSION,
-            repository_id=secrets.token_hex(16),
+            repository_id=os.urandom(16).hex(),
             chunk_size=chunk_size,
             compression=f"zstd:{level}" if codec == "zstd" else "none",
             page_refs=PAGE_REFS,

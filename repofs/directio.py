@@ -22,6 +22,7 @@ import os
 import queue
 import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 ALIGN = 4096  # a multiple of every logical block size Linux accepts for O_DIRECT
 HUGE_PAGE = 2 * 1024 * 1024  # read buffers are whole huge pages (see direct_buffer)
@@ -41,58 +42,72 @@ def _open_direct(fd: int) -> int | None:
 
 
 class SequentialReader:
-    """Yields ``(offset, length, data)`` for each range in ``ranges``, read ahead on a thread.
+    """Yields ``(offset, length, data)`` for each range in ``ranges``, in order, read ahead.
 
     ``data`` is shorter than ``length`` only where the file ends, like
-    ``pread``; an ``OSError`` of the reading thread is raised from the
-    iterator at the position it happened, with the range's offset in its
-    ``read_offset``.  ``depth`` bounds the ranges held
-    ahead (memory is ``depth`` times the largest range).
+    ``pread``; an ``OSError`` of a read is raised from the iterator at the
+    position it happened, with the range's offset in its ``read_offset``.
+    Up to ``depth`` ranges are read at once on as many threads: an
+    incremental's changed blocks are scattered small reads, and one at a
+    time each waited for the disk alone.  Memory is about ``2 * depth``
+    times the largest range.
     """
 
-    def __init__(self, fd: int, ranges: Iterable[tuple[int, int]], *, depth: int = 3) -> None:
+    def __init__(self, fd: int, ranges: Iterable[tuple[int, int]], *, depth: int = 4) -> None:
         self._fd = fd
         self._ranges = ranges
         self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._direct_fd = _open_direct(fd)
         self.direct = self._direct_fd is not None
-        self._thread = threading.Thread(target=self._run, name="repofs-read", daemon=True)
+        self._local = threading.local()
+        self._buffers: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(depth, thread_name_prefix="repofs-read")
+        self._thread = threading.Thread(target=self._run, name="repofs-read-plan", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        buf: mmap.mmap | None = None
-        offset = 0
         try:
             for offset, length in self._ranges:
                 if self._stop.is_set():
                     return
-                if self._direct_fd is not None and offset % ALIGN == 0:
-                    if buf is None or len(buf) < length + ALIGN:
-                        if buf is not None:
-                            buf.close()
-                        buf = direct_buffer(-(-(length + ALIGN) // HUGE_PAGE) * HUGE_PAGE)
-                    data = self._read_direct(buf, offset, length)
-                else:
-                    data = self._read_buffered(self._fd, offset, length)
-                self._put((offset, length, data))
-        except OSError as exc:
-            exc.read_offset = offset  # type: ignore[attr-defined]
+                self._put(self._pool.submit(self._read_one, offset, length))
+        except BaseException as exc:  # the ranges' own iterator failed: end the stream with it
             self._put(exc)
         finally:
-            if buf is not None:
-                buf.close()
             self._put(_DONE)
 
-    def _read_direct(self, buf: mmap.mmap, offset: int, length: int) -> bytes:
+    def _read_one(self, offset: int, length: int) -> tuple[int, int, bytes]:
+        try:
+            if self.direct and offset % ALIGN == 0:
+                return offset, length, self._read_direct(offset, length)
+            return offset, length, self._read_buffered(self._fd, offset, length)
+        except OSError as exc:
+            exc.read_offset = offset  # type: ignore[attr-defined]
+            raise
+
+    def _buffer(self, length: int) -> mmap.mmap:
+        """This thread's read buffer, grown to whole huge pages as needed."""
+        buf: mmap.mmap | None = getattr(self._local, "buf", None)
+        need = -(-length // ALIGN) * ALIGN  # what read_into asks the disk for
+        if buf is None or len(buf) < need:
+            buf = direct_buffer(-(-need // HUGE_PAGE) * HUGE_PAGE)
+            self._local.buf = buf
+            with self._lock:
+                self._buffers.append(buf)
+        return buf
+
+    def _read_direct(self, offset: int, length: int) -> bytes:
         assert self._direct_fd is not None
+        buf = self._buffer(length)
         try:
             n = read_into(self._direct_fd, buf, offset, length, direct=True)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
             # The file system took the open but not this read: go buffered for good.
-            self._close_direct()
+            self.direct = False
             return self._read_buffered(self._fd, offset, length)
         with memoryview(buf) as view:
             return bytes(view[:n])
@@ -115,26 +130,29 @@ class SequentialReader:
                 self._queue.put(item, timeout=0.1)
                 return
 
-    def _close_direct(self) -> None:
-        if self._direct_fd is not None:
-            os.close(self._direct_fd)
-            self._direct_fd = None
-            self.direct = False
-
     def __iter__(self) -> Iterator[tuple[int, int, bytes]]:
         while True:
             item = self._queue.get()
             if item is _DONE:
                 return
-            if isinstance(item, OSError):
+            if isinstance(item, BaseException):
                 raise item
-            yield item  # type: ignore[misc]
+            assert isinstance(item, Future)
+            yield item.result()
 
     def close(self) -> None:
-        """Stop reading ahead and release the descriptor; safe to call twice."""
+        """Stop reading ahead and release the descriptor and buffers; safe to call twice."""
         self._stop.set()
         self._thread.join()
-        self._close_direct()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
+        with self._lock:
+            for buf in self._buffers:
+                with contextlib.suppress(BufferError):
+                    buf.close()
+            self._buffers.clear()
 
     def __enter__(self) -> SequentialReader:
         return self

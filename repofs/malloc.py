@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -29,7 +28,7 @@ def keep_freed_memory(trim_threshold: int = TRIM_THRESHOLD) -> bool:
     process's RSS bound.
     """
     with contextlib.suppress(OSError, AttributeError, TypeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL("libc.so.6")  # glibc's soname; find_library would spawn ldconfig
         mallopt = libc.mallopt
         mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         return bool(

@@ -158,7 +158,7 @@ def _serve(
     keep_freed_memory(DAEMON_TRIM_THRESHOLD)
     repo = Repository.open(repo_path)
     view = RepoView(repo, cache_bytes)
-    view.prefetcher.submit(repo.index.warm, INDEX_WARM_BYTES)
+    view.prefetcher.submit(repo.index.warm, MOUNT_INDEX_WARM_BYTES)
     ops = RepoFS(view)
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")
@@ -190,7 +190,7 @@ def _serve(
 
 READAHEAD_KB = 1024
 DAEMON_TRIM_THRESHOLD = 64 * 1024 * 1024  # freed memory kept: part of the RSS bound
-INDEX_WARM_BYTES = 512 * 1024 * 1024  # read a smaller index whole at mount (see Index.warm)
+MOUNT_INDEX_WARM_BYTES = 512 * 1024 * 1024  # read a smaller index whole (see Index.warm)
 
 
 def _tune_readahead(resolved_mountpoint: str) -> None:

@@ -13,7 +13,6 @@ import abc
 import collections
 import contextlib
 import os
-import secrets
 import threading
 from collections.abc import Iterator
 
@@ -25,7 +24,7 @@ PACK_ID_BYTES = 16
 
 def new_pack_id() -> bytes:
     """Random ids: concurrent writers never collide and need no coordination."""
-    return secrets.token_bytes(PACK_ID_BYTES)
+    return os.urandom(PACK_ID_BYTES)  # what secrets.token_bytes does, without its imports
 
 
 class PackSink(abc.ABC):

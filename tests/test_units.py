@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -153,3 +154,18 @@ def test_malloc_tuning_applies_on_glibc() -> None:
     from repofs.malloc import keep_freed_memory
 
     assert keep_freed_memory() is True
+
+
+def test_raw_detection_leaves_the_vmdk_reader_unimported(tmp_path: Path) -> None:
+    """A disk image with a partition table is raw without importing the VMDK reader (50 ms)."""
+    import subprocess
+    import sys
+
+    img = tmp_path / "d.img"
+    img.write_bytes(b"\xeb\x63\x90" + bytes(507) + b"\x55\xaa" + os.urandom(1 << 16))
+    code = (
+        "import sys; from ingest.detect import open_source; "
+        f"s = open_source({str(img)!r}); print(s.format_name, 'ingest.vmdk' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["raw", "False"]
