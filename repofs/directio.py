@@ -1,4 +1,4 @@
-"""Reading a planned sequence of large file ranges ahead of the consumer, around the page cache.
+"""Reading large file ranges around the page cache: ingest's sources, verify's packs.
 
 Ingest reads a source image once, front to back, and verify reads packs the
 same way.  Through the page cache every byte costs the kernel a page
@@ -6,7 +6,9 @@ allocation, a zero-fill and a copy: on the 2-core benchmark machine that was
 7-9 s of system time for 2.2 GiB, a third of a full ingest.  ``O_DIRECT``
 reads land straight in our buffer (system time fell to 2 s) and leave the
 hypervisor's own page cache alone, which is what a backup of a running host
-should do.  A thread reads ahead so the consumer never waits for the disk.
+should do.  :class:`SequentialReader` reads ahead on a few threads so the
+consumer never waits for the disk; verify's ``PackReader`` uses the same
+buffers and read loop (:func:`direct_buffer`, :func:`read_into`).
 
 Files that refuse ``O_DIRECT`` (tmpfs, some FUSE and network file systems)
 and ranges that are not block-aligned are read through the page cache,
