@@ -141,6 +141,7 @@ def test_opening_a_disk_warms_its_map_and_the_index(view: RepoView) -> None:
     desc = view.lookup(rp.ino, "d.vmdk")
     view.warm(desc.ino)  # a descriptor has no map: nothing to do, nothing raised
     view.warm(flat.ino)
+    assert view.read(flat.ino, 0, 4096)  # the first read starts the warm-up
     view.prefetcher._pool.shutdown(wait=True)  # let the background work finish
     reader = next(iter(view._readers.values()))
     assert reader.map.refs(0, reader.disk.n_chunks, load=False)  # every page is cached now
