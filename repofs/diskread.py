@@ -54,13 +54,19 @@ class ChunkCache:
         self.hits = 0
         self.misses = 0
 
+    def _hit(self, digest: bytes) -> bytes | None:
+        """The cached chunk, marked recently used; the caller holds the lock."""
+        data = self._items.get(digest)
+        if data is not None:
+            self._items.move_to_end(digest)
+            self.hits += 1
+        return data
+
     def get(self, digest: bytes) -> bytes:
         while True:
             with self._lock:
-                data = self._items.get(digest)
+                data = self._hit(digest)
                 if data is not None:
-                    self._items.move_to_end(digest)
-                    self.hits += 1
                     return data
                 waiting = self._loading.get(digest)
                 if waiting is None:
@@ -80,11 +86,7 @@ class ChunkCache:
     def peek(self, digest: bytes) -> bytes | None:
         """The chunk if it is cached, without loading or waiting."""
         with self._lock:
-            data = self._items.get(digest)
-            if data is not None:
-                self._items.move_to_end(digest)
-                self.hits += 1
-            return data
+            return self._hit(digest)
 
     def _insert(self, digest: bytes, data: bytes) -> None:
         with self._lock:
