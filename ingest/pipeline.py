@@ -380,16 +380,13 @@ class Ingest:
 
         per_batch = max(1, BATCH_BYTES // cs)
 
-        def batches() -> Iterator[tuple[int, int]]:
-            """(first chunk, chunk count) of every read, in disk order."""
+        def ranges() -> Iterator[Extent]:
+            """Every read of the loop below, in its order, for the source to fetch ahead."""
             for kind, start, count in runs:
                 if kind is Run.READ:
                     for first in range(start, start + count, per_batch):
-                        yield first, min(per_batch, start + count - first)
-
-        def ranges() -> Iterator[Extent]:
-            for first, k in batches():
-                yield first * cs, min(k * cs, capacity - first * cs)
+                        k = min(per_batch, start + count - first)
+                        yield first * cs, min(k * cs, capacity - first * cs)
 
         reads = d.source.read_sequence(ranges())
         try:
