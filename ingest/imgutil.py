@@ -17,7 +17,7 @@ import os
 import stat
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from sys import byteorder
 from typing import Any
 
@@ -278,6 +278,27 @@ class LayeredSource(DiskSource):
     def fail(self, message: str) -> SourceError:
         """Build the one-line error for this file."""
         return SourceError(f"{self.path}: {message}")
+
+    @staticmethod
+    def map_by_blocks(
+        offset: int,
+        length: int,
+        block_size: int,
+        block_runs: Callable[[int, int, int], Iterable[tuple[int, int, int, int | None]]],
+    ) -> Iterator[Run]:
+        """:meth:`_map` for formats of fixed-size blocks (VHD, VHDX).
+
+        ``block_runs(block, start, end)`` yields ``(offset_in_block, length,
+        kind, host)`` for bytes ``start..end`` of one block.
+        """
+        pos, end = offset, offset + length
+        while pos < end:
+            block = pos // block_size
+            base = block * block_size
+            stop = min(end, base + block_size)
+            for _a, n, kind, host in block_runs(block, pos - base, stop - base):
+                yield kind, n, host
+            pos = stop
 
     # -- subclass interface ----------------------------------------------
 

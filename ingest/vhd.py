@@ -265,15 +265,7 @@ class VhdSource(LayeredSource):
         if self._type == FIXED:
             yield DATA, length, offset
             return
-        bs = self._block_size
-        pos, end = offset, offset + length
-        while pos < end:
-            index = pos // bs
-            base = index * bs
-            stop = min(end, base + bs)
-            for _a, n, kind, host in self._block_runs(index, pos - base, stop - base):
-                yield kind, n, host
-            pos = stop
+        yield from self.map_by_blocks(offset, length, self._block_size, self._block_runs)
 
     def _segments(self) -> Iterable[Segment]:
         if self._type == FIXED:

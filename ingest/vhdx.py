@@ -420,15 +420,7 @@ class VhdxSource(LayeredSource):
             raise self.fail(f"BAT entry for block {block} has reserved state {state}")
 
     def _map(self, offset: int, length: int) -> Iterable[Run]:
-        bs = self._block_size
-        pos, end = offset, offset + length
-        while pos < end:
-            block = pos // bs
-            base = block * bs
-            stop = min(end, base + bs)
-            for _a, n, kind, host in self._block_runs(block, pos - base, stop - base):
-                yield kind, n, host
-            pos = stop
+        return self.map_by_blocks(offset, length, self._block_size, self._block_runs)
 
     def _segments(self) -> Iterable[Segment]:
         bs = self._block_size
