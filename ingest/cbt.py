@@ -93,6 +93,25 @@ class ExtentView(Sequence[Extent]):
         return repr(list(self))
 
 
+def _merge_sorted(ranges: Iterable[tuple[int, int]]) -> tuple[array[int], array[int]]:
+    """Merge ``(start, end)`` ranges sorted by start, touching ones too, into two columns."""
+    starts: array[int] = array("q")
+    ends: array[int] = array("q")
+    cur_start = cur_end = -1
+    for start, end in ranges:
+        if start <= cur_end:
+            cur_end = max(cur_end, end)
+            continue
+        if cur_end > cur_start:
+            starts.append(cur_start)
+            ends.append(cur_end)
+        cur_start, cur_end = start, end
+    if cur_end > cur_start:
+        starts.append(cur_start)
+        ends.append(cur_end)
+    return starts, ends
+
+
 class ChangedBlocks:
     """The byte ranges of one disk that may have changed since its parent.
 
@@ -129,26 +148,16 @@ class ChangedBlocks:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
             raise ValueError(f"capacity must be a non-negative integer, not {capacity!r}")
         _check_chunk_size(granularity, "granularity")
-        ordered = sorted(extents)
-        starts: array[int] = array("q")
-        ends: array[int] = array("q")
-        cur_start = cur_end = -1
-        for off, length in ordered:
-            if length <= 0 or off < 0 or off + length > capacity:
-                raise ValueError(
-                    f"extent ({off}, {length}) is empty or outside a disk of {capacity} bytes"
-                )
-            end = off + length
-            if off <= cur_end:
-                cur_end = max(cur_end, end)
-                continue
-            if cur_end > cur_start:
-                starts.append(cur_start)
-                ends.append(cur_end)
-            cur_start, cur_end = off, end
-        if cur_end > cur_start:
-            starts.append(cur_start)
-            ends.append(cur_end)
+
+        def checked() -> Iterator[tuple[int, int]]:
+            for off, length in sorted(extents):
+                if length <= 0 or off < 0 or off + length > capacity:
+                    raise ValueError(
+                        f"extent ({off}, {length}) is empty or outside a disk of {capacity} bytes"
+                    )
+                yield off, off + length
+
+        starts, ends = _merge_sorted(checked())
         self._init(capacity, starts, ends, granularity, origin)
 
     def _init(
@@ -224,23 +233,11 @@ class ChangedBlocks:
         widening are merged.
         """
         _check_chunk_size(chunk_size)
-        starts: array[int] = array("q")
-        ends: array[int] = array("q")
         capacity = self.capacity
-        cur_start = cur_end = -1
-        for start, end in zip(self._starts, self._ends, strict=True):
-            start -= start % chunk_size
-            end = min(capacity, -(-end // chunk_size) * chunk_size)
-            if start <= cur_end:
-                cur_end = max(cur_end, end)
-                continue
-            if cur_end > cur_start:
-                starts.append(cur_start)
-                ends.append(cur_end)
-            cur_start, cur_end = start, end
-        if cur_end > cur_start:
-            starts.append(cur_start)
-            ends.append(cur_end)
+        starts, ends = _merge_sorted(
+            (start - start % chunk_size, min(capacity, -(-end // chunk_size) * chunk_size))
+            for start, end in zip(self._starts, self._ends, strict=True)
+        )
         return ChangedBlocks._from_columns(capacity, starts, ends, chunk_size, self.origin)
 
     def chunk_ranges(self, chunk_size: int) -> Iterator[tuple[int, int]]:
