@@ -4,8 +4,9 @@ Handlers run as trio tasks on one thread, so everything that touches LMDB
 or a pack runs in a worker thread (``trio.to_thread``), bounded by one
 capacity limiter.  Only ``FUSEError`` may leave a handler.  Restore point
 contents are immutable, so their attributes and entries get long kernel
-timeouts and open files keep their page cache; directories that gain new
-restore points get short ones, so new restore points appear within a second.
+timeouts and open files keep their page cache (unless the mount bypasses it,
+``direct_io``); directories that gain new restore points get short ones, so
+new restore points appear within a second.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ CHANGING_TIMEOUT = 1.0
 
 
 class RepoFS(pyfuse3.Operations):
-    def __init__(self, view: RepoView, threads: int = 8) -> None:
+    def __init__(self, view: RepoView, threads: int = 8, direct_io: bool = False) -> None:
         super().__init__()
         self.view = view
+        self._direct_io = direct_io
         self._limiter = trio.CapacityLimiter(threads)
         self._dirs: dict[int, list[tuple[bytes, Attr]]] = {}
         self._next_fh = 1
@@ -112,6 +114,8 @@ class RepoFS(pyfuse3.Operations):
         if not await self._run(self.view.is_file, inode):
             raise pyfuse3.FUSEError(errno.EISDIR)
         self.view.warm(inode)
+        if self._direct_io:
+            return pyfuse3.FileInfo(fh=inode, direct_io=True)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -96,6 +96,7 @@ def mount(
     allow_other: bool = False,
     cache_bytes: int = 256 * 1024 * 1024,
     log_file: str | None = None,
+    direct_io: bool = False,
 ) -> None:
     RepoConfig.load(repo_path)  # a clear error now, before forking
     if not os.path.exists(os.path.join(repo_path, INDEX_DIR, "data.mdb")):
@@ -105,7 +106,7 @@ def mount(
         raise MountError("/dev/fuse is missing: load the fuse module or install fuse3")
     if foreground:
         _setup_logging(log_file, True)
-        _serve(repo_path, mountpoint, allow_other, cache_bytes, [])
+        _serve(repo_path, mountpoint, allow_other, cache_bytes, direct_io, [])
         return
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -119,7 +120,7 @@ def mount(
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
             _setup_logging(log_file, False)
-            _serve(repo_path, mountpoint, allow_other, cache_bytes, ready)
+            _serve(repo_path, mountpoint, allow_other, cache_bytes, direct_io, ready)
             code = 0
         except RepofsError as exc:
             _report(ready, f"error:{exc}")
@@ -152,14 +153,19 @@ def _report(ready: list[int], message: str) -> None:
 
 
 def _serve(
-    repo_path: str, mountpoint: str, allow_other: bool, cache_bytes: int, ready: list[int]
+    repo_path: str,
+    mountpoint: str,
+    allow_other: bool,
+    cache_bytes: int,
+    direct_io: bool,
+    ready: list[int],
 ) -> None:
     resolved = os.path.realpath(mountpoint)  # before mounting: afterwards only we could answer
     keep_freed_memory(DAEMON_TRIM_THRESHOLD)
     repo = Repository.open(repo_path)
     view = RepoView(repo, cache_bytes)
     view.prefetcher.submit(repo.index.warm, MOUNT_INDEX_WARM_BYTES)
-    ops = RepoFS(view)
+    ops = RepoFS(view, direct_io=direct_io)
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")
     options |= {

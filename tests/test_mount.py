@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import random
 import signal
@@ -81,14 +82,15 @@ class TestReading:
             assert proc.returncode == 1  # the first restore point is the older content
             assert os.readlink(mnt / "web" / "latest") == ids[1]
 
+    @pytest.mark.parametrize("options", [(), ("--direct-io",)], ids=["page-cache", "direct-io"])
     def test_unaligned_reads_match_source(
-        self, tmp_path: Path, populated: tuple[Path, Path, list[str]]
+        self, tmp_path: Path, populated: tuple[Path, Path, list[str]], options: tuple[str, ...]
     ) -> None:
         """Reads at odd offsets and sizes return exactly the source bytes, never padding."""
         repo, img, ids = populated
         src = img.read_bytes()
         rng = random.Random(7)
-        with mounted(repo, tmp_path / "mnt") as mnt:
+        with mounted(repo, tmp_path / "mnt", *options) as mnt:
             flat = mnt / "web" / ids[1] / "disk0-flat.vmdk"
             assert flat.stat().st_size == len(src)
             fd = os.open(flat, os.O_RDONLY)
@@ -100,6 +102,42 @@ class TestReading:
                 assert os.pread(fd, 4096, len(src)) == b""
             finally:
                 os.close(fd)
+
+    def test_direct_io_mount_leaves_the_page_cache_alone(
+        self, tmp_path: Path, populated: tuple[Path, Path, list[str]]
+    ) -> None:
+        """--direct-io: a whole-disk sweep reads the source's bytes and caches none of them.
+
+        util-linux ``fincore`` counts the file's pages in the kernel's page
+        cache; the default mount, read the same way, keeps them.
+        """
+        repo, img, ids = populated
+
+        def sweep_and_count(mnt: Path) -> int:
+            flat = mnt / "web" / ids[1] / "disk0-flat.vmdk"
+            out = subprocess.run(
+                ["dd", f"if={flat}", "bs=1M", "status=none"], capture_output=True, check=True
+            ).stdout
+            assert out == img.read_bytes()
+            res = subprocess.run(
+                ["fincore", "--bytes", "--noheadings", "--output", "RES", str(flat)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            return int(res.stdout.strip())
+
+        with mounted(repo, tmp_path / "direct", "--direct-io") as mnt:
+            assert sweep_and_count(mnt) == 0
+            flat = mnt / "web" / ids[1] / "disk0-flat.vmdk"
+            fd = os.open(flat, os.O_RDONLY)
+            try:  # a private map still works (read-only, copy on write); a shared one does not
+                with mmap.mmap(fd, MiB, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ) as m:
+                    assert m[: 4 * 4096] == img.read_bytes()[: 4 * 4096]
+            finally:
+                os.close(fd)
+        with mounted(repo, tmp_path / "cached") as mnt:
+            assert sweep_and_count(mnt) > 0
 
     def test_holes_of_a_sparse_disk_read_as_zeros(self, tmp_path: Path, repo: Path) -> None:
         """A 64 GiB sparse disk reads back zeros in its holes and data where it was written."""
@@ -195,14 +233,24 @@ class TestStability:
                 assert reader.read(4096) == head
             qemu_compare(img, mnt / "web" / new / "disk0.vmdk")
 
+    @pytest.mark.parametrize(
+        ("mount_opts", "tar_opts"),
+        [((), ()), (("--direct-io",), ("-b", "2048"))],
+        ids=["default", "direct-io-1MiB-records"],
+    )
     def test_tar_incremental_sweep_is_clean(
-        self, tmp_path: Path, populated: tuple[Path, Path, list[str]]
+        self,
+        tmp_path: Path,
+        populated: tuple[Path, Path, list[str]],
+        mount_opts: tuple[str, ...],
+        tar_opts: tuple[str, ...],
     ) -> None:
         """GNU tar sweeps the mount with --listed-incremental twice without warnings;
-        the second level only picks up the new restore point."""
+        the second level only picks up the new restore point.  Also as the README
+        recommends for tape: a --direct-io mount and 1 MiB records."""
         repo, img, _ids = populated
         snar = tmp_path / "sweep.snar"
-        with mounted(repo, tmp_path / "mnt") as mnt:
+        with mounted(repo, tmp_path / "mnt", *mount_opts) as mnt:
             p = subprocess.run(
                 [
                     "tar",
@@ -211,6 +259,7 @@ class TestStability:
                     "--listed-incremental",
                     str(snar),
                     "--no-check-device",
+                    *tar_opts,
                     "-cf",
                     str(tmp_path / "l0.tar"),
                     ".",
@@ -220,7 +269,7 @@ class TestStability:
             )
             assert p.returncode == 0 and p.stderr == "", p.stderr
         new = ingest(repo, "web", f"disk0={img}")
-        with mounted(repo, tmp_path / "mnt") as mnt:
+        with mounted(repo, tmp_path / "mnt", *mount_opts) as mnt:
             p = subprocess.run(
                 [
                     "tar",
@@ -229,6 +278,7 @@ class TestStability:
                     "--listed-incremental",
                     str(snar),
                     "--no-check-device",
+                    *tar_opts,
                     "-cvf",
                     str(tmp_path / "l1.tar"),
                     ".",
