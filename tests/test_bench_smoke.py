@@ -39,5 +39,7 @@ class TestBenchSmoke:
                        "random 4 KiB read p99", "mount ready", "pass-through"):
             assert figure in text, figure
         results = json.loads((tmp_path / "out" / "results.json").read_text())
-        assert results["samples"]["repofs.full_s"]
+        for key in ("repofs.full_s", "repofs.seq_direct_MBps", "repofs.seq_dio_mount_MBps",
+                    "passthrough_direct_cold_MBps"):
+            assert results["samples"][key], key
         assert not list((tmp_path / "out").glob("work")), "work directory left behind"

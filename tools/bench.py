@@ -128,13 +128,14 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def read_through(path: str, drop: bool) -> float:
-    """Sequential read of a whole file with dd bs=1M; returns MB/s."""
+def read_through(path: str, drop: bool, direct: bool = False) -> float:
+    """Sequential read of a whole file with dd bs=1M (``direct``: iflag=direct); MB/s."""
     if drop:
         drop_caches()
     size = os.path.getsize(path)
     t0 = time.perf_counter()
-    subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M"], check=True,
+    flags = ["iflag=direct"] if direct else []
+    subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M", *flags], check=True,
                    capture_output=True)
     return size / (time.perf_counter() - t0) / 1e6
 
@@ -213,9 +214,9 @@ class Tool:
                 subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True)
 
     @contextlib.contextmanager
-    def mounted(self, step_index: int) -> Iterator[tuple[str, int]]:
+    def mounted(self, step_index: int, *options: str) -> Iterator[tuple[str, int]]:
         """The exposed disk of backup ``step_index`` through a fresh mount, and the daemon's pid."""
-        proc, path = self._mount(step_index)
+        proc, path = self._mount(step_index, *options)
         try:
             deadline = time.monotonic() + 120
             while not os.path.exists(path):
@@ -269,8 +270,9 @@ class Repofs(Tool):
         r = timed_rss(self.cli(*args))
         return r
 
-    def _mount(self, step_index: int) -> tuple[subprocess.Popen[str], str]:
-        proc = self._popen(self.cli("mount", "--foreground", str(self.repo), str(self.mnt)))
+    def _mount(self, step_index: int, *options: str) -> tuple[subprocess.Popen[str], str]:
+        proc = self._popen(self.cli("mount", "--foreground", *options, str(self.repo),
+                                    str(self.mnt)))
         rps = sorted(self.repo_rps())
         return proc, str(self.mnt / "vm1" / rps[step_index] / "disk0-flat.vmdk")
 
@@ -293,8 +295,8 @@ class Borg(Tool):
         self.n += 1
         return r
 
-    def _mount(self, step_index: int) -> tuple[subprocess.Popen[str], str]:
-        proc = self._popen(["borg", "mount", "-f", f"{self.repo}::step{step_index}",
+    def _mount(self, step_index: int, *options: str) -> tuple[subprocess.Popen[str], str]:
+        proc = self._popen(["borg", "mount", *options, "-f", f"{self.repo}::step{step_index}",
                             str(self.mnt)])
         return proc, str(self.mnt / "disk0.img")
 
@@ -313,8 +315,8 @@ class Restic(Tool):
         self.snaps = [s["short_id"] for s in sorted(json.loads(out), key=lambda s: s["time"])]
         return r
 
-    def _mount(self, step_index: int) -> tuple[subprocess.Popen[str], str]:
-        proc = self._popen(["restic", "-r", str(self.repo), "mount", str(self.mnt)])
+    def _mount(self, step_index: int, *options: str) -> tuple[subprocess.Popen[str], str]:
+        proc = self._popen(["restic", "-r", str(self.repo), "mount", *options, str(self.mnt)])
         link = self.work / "src" / "disk0.img"
         return proc, str(self.mnt / "ids" / self.snaps[step_index] / str(link).lstrip("/"))
 
@@ -405,7 +407,9 @@ def measure_passthrough(image: str, res: Results, work: Path) -> None:
             raise RuntimeError(f"pass-through mount failed: {proc.stderr.read()[-500:]}")
         path = str(mnt / "disk.img")
         res.add("passthrough_cold_MBps", read_through(path, drop=True))
+        res.add("passthrough_direct_cold_MBps", read_through(path, drop=True, direct=True))
         subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)  # image cached
+        res.add("passthrough_direct_warm_MBps", read_through(path, drop=False, direct=True))
         subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
         proc.wait(30)
         proc = subprocess.Popen([PY, str(ROOT / "tools" / "bench_passthrough.py"), image,
@@ -446,6 +450,12 @@ def bench_tool(tool: Tool, steps: list[Step], res: Results, offsets: list[int],
     # kernel's page cache) over repository files that the previous reads left cached
     with tool.mounted(read_step) as (path, pid):
         res.add(f"{n}.seq_hot_MBps", read_through(path, drop=False))
+    # a reader that opens with O_DIRECT (every FUSE mount honours it): no page cache
+    with tool.mounted(read_step) as (path, pid):
+        res.add(f"{n}.seq_direct_MBps", read_through(path, drop=True, direct=True))
+    if isinstance(tool, Repofs):  # the same for plain readers: repofs mount --direct-io
+        with tool.mounted(read_step, "--direct-io") as (path, pid):
+            res.add(f"{n}.seq_dio_mount_MBps", read_through(path, drop=True))
     drop_caches()
     with tool.mounted(read_step) as (path, pid):
         lat = random_reads(path, offsets)
@@ -664,6 +674,11 @@ def render(res: Results, args: argparse.Namespace, steps: list[Step], peers: lis
     row("sequential read, fresh mount, repository files cached, MB/s", "seq_hot_MBps", 0,
         better="high")
     row("sequential read through the mount, warm, MB/s", "seq_warm_MBps", 0, better="high")
+    row("sequential read, cold, reader opens with O_DIRECT (`dd iflag=direct`), MB/s",
+        "seq_direct_MBps", 0, better="high")
+    lines.append("| " + " | ".join(["sequential read, cold, `repofs mount --direct-io`, MB/s",
+                                    fmt(m("repofs.seq_dio_mount_MBps"), 0),
+                                    *("-" for _ in peers), *("-" for _ in peers)]) + " |")
     row("random 4 KiB read p50, ms (cold)", "rand_p50_ms", 2)
     row("random 4 KiB read p99, ms (cold)", "rand_p99_ms", 2)
     row("first byte after open, ms (cold)", "rand_first_ms", 2)
@@ -682,7 +697,11 @@ def render(res: Results, args: argparse.Namespace, steps: list[Step], peers: lis
               f"| pyfuse3 pass-through of the raw image, sequential, image cold, MB/s | "
               f"{fmt(m('passthrough_cold_MBps'))} |",
               f"| pyfuse3 pass-through of the raw image, sequential, image cached, MB/s | "
-              f"{fmt(m('passthrough_warm_MBps'))} |", ""]
+              f"{fmt(m('passthrough_warm_MBps'))} |",
+              f"| the pass-through read with O_DIRECT, image cold, MB/s | "
+              f"{fmt(m('passthrough_direct_cold_MBps'))} |",
+              f"| the pass-through read with O_DIRECT, image cached, MB/s | "
+              f"{fmt(m('passthrough_direct_warm_MBps'))} |", ""]
     read_s = data / (m("limit_read_MBps") * 1e6)
     cpu_s = data / (m("limit_hashzstd_all_MBps") * 1e6)
     limit_s = max(read_s, cpu_s)
