@@ -35,8 +35,7 @@ import os
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import lmdb
 
@@ -53,8 +52,9 @@ MAP_SIZE_ENV = "REPOFS_LMDB_MAP_SIZE"  # tests set a tiny initial map to exercis
 DATABASES = ("meta", "objects", "packs", "vms", "rps", "reservations", "seqs")
 
 
-@dataclass(frozen=True, slots=True)
-class Location:
+class Location(NamedTuple):
+    """Where an object's record lies; a tuple because a sequential read makes thousands."""
+
     pack_id: bytes
     offset: int
     stored_len: int

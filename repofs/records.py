@@ -13,7 +13,7 @@ import enum
 import struct
 import threading
 import zlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import blake3
 import zstandard
@@ -47,8 +47,9 @@ class Codec(enum.IntEnum):
     ZSTD = 1
 
 
-@dataclass(frozen=True, slots=True)
-class RecordHeader:
+class RecordHeader(NamedTuple):
+    """A parsed record header; a tuple because every chunk read builds one."""
+
     type: RecordType
     codec: Codec
     stored_len: int
@@ -84,6 +85,10 @@ def encode_header(
     return body[:-4] + struct.pack("<I", crc)
 
 
+_RECORD_TYPES = {int(t): t for t in RecordType}
+_CODECS = {int(c): c for c in Codec}
+
+
 def decode_header(data: bytes | memoryview, where: str) -> RecordHeader:
     """Parse and check a record header; raise :class:`IntegrityError` naming ``where``."""
     if len(data) < RECORD_HEADER_SIZE:
@@ -91,12 +96,11 @@ def decode_header(data: bytes | memoryview, where: str) -> RecordHeader:
     magic, rtype, codec, _flags, stored, raw, digest, crc = RECORD_HEADER.unpack_from(data)
     if magic != RECORD_MAGIC:
         raise IntegrityError(f"{where}: bad record magic")
-    if zlib.crc32(bytes(data[: RECORD_HEADER_SIZE - 4])) != crc:
+    if zlib.crc32(data[: RECORD_HEADER_SIZE - 4]) != crc:
         raise IntegrityError(f"{where}: record header checksum mismatch")
-    try:
-        rt, cd = RecordType(rtype), Codec(codec)
-    except ValueError:
-        raise IntegrityError(f"{where}: unknown record type {rtype} or codec {codec}") from None
+    rt, cd = _RECORD_TYPES.get(rtype), _CODECS.get(codec)  # not Enum(): slow per chunk
+    if rt is None or cd is None:
+        raise IntegrityError(f"{where}: unknown record type {rtype} or codec {codec}")
     if stored > MAX_RECORD or raw > MAX_RECORD:
         raise IntegrityError(f"{where}: record length {max(stored, raw)} is absurd")
     return RecordHeader(rt, cd, stored, raw, digest)
