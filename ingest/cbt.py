@@ -22,14 +22,16 @@ second per pass.
 
 from __future__ import annotations
 
-import random
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
-from typing import overload
+from typing import TYPE_CHECKING, overload
 
 from ingest.source import Extent
 from repofs.errors import SourceError
+
+if TYPE_CHECKING:
+    import random
 
 #: Prefix of a ``--cbt`` spec that names a persistent qemu dirty bitmap.
 QEMU_BITMAP_PREFIX = "qemu-bitmap:"

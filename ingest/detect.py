@@ -51,11 +51,27 @@ def detect_format(path: str, head: bytes) -> str:
 
         if looks_like_vmdk(head):
             return "vmdk"
-    from ingest.vhd import has_fixed_footer
+    if _ends_with_vhd_cookie(path):
+        from ingest.vhd import has_fixed_footer  # imports uuid and urllib: only if it may be one
 
-    if has_fixed_footer(path):
-        return "vhd"
+        if has_fixed_footer(path):
+            return "vhd"
     return "raw"
+
+
+def _ends_with_vhd_cookie(path: str) -> bool:
+    """Whether the last 512 bytes start like a VHD footer (a raw disk's almost never do)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)  # block devices too, where st_size is 0
+        return size >= 1024 and os.pread(fd, 8, size - 512) == b"conectix"
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def open_source(path: str, fmt: str | None = None) -> DiskSource:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import random
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -217,6 +216,8 @@ class Ingest:
         """
         if samples <= 0 or self.parent is None:
             return
+        import random  # only for --cbt-check: not on every ingest's start-up
+
         rng = random.Random(seed)
         cs = self.repo.config.chunk_size
         for d in self.disks:
