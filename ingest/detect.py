@@ -51,25 +51,26 @@ def detect_format(path: str, head: bytes) -> str:
 
         if looks_like_vmdk(head):
             return "vmdk"
-    if _ends_with_vhd_cookie(path):
-        from ingest.vhd import has_fixed_footer  # imports uuid and urllib: only if it may be one
+    last = _last_sector(path)
+    if last[:8] == b"conectix":  # only then import the VHD reader (uuid, urllib)
+        from ingest.vhd import is_fixed_footer
 
-        if has_fixed_footer(path):
+        if is_fixed_footer(last):
             return "vhd"
     return "raw"
 
 
-def _ends_with_vhd_cookie(path: str) -> bool:
-    """Whether the last 512 bytes start like a VHD footer (a raw disk's almost never do)."""
+def _last_sector(path: str) -> bytes:
+    """The last 512 bytes of ``path`` (where a fixed VHD keeps its footer), or b""."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return False
+        return b""
     try:
         size = os.lseek(fd, 0, os.SEEK_END)  # block devices too, where st_size is 0
-        return size >= 1024 and os.pread(fd, 8, size - 512) == b"conectix"
+        return os.pread(fd, 512, size - 512) if size >= 1024 else b""
     except OSError:
-        return False
+        return b""
     finally:
         os.close(fd)
 

@@ -28,7 +28,6 @@ from ingest.imgutil import (
     Segment,
     TableCache,
     bit_runs,
-    file_size_of,
     msb_bitmap_to_int,
     open_backing,
 )
@@ -84,21 +83,9 @@ def virtual_size(footer: dict) -> int:
     return footer["chs"] * 512
 
 
-def has_fixed_footer(path: str) -> bool:
-    """Whether ``path`` ends with a valid VHD footer of a fixed disk (for detection)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        size = file_size_of(fd)
-        if size < 1024:
-            return False
-        footer = parse_footer(os.pread(fd, 512, size - 512))
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+def is_fixed_footer(buf: bytes) -> bool:
+    """Whether ``buf``, a file's last 512 bytes, is a valid footer of a fixed VHD."""
+    footer = parse_footer(buf)
     return footer is not None and footer["type"] == FIXED
 
 
