@@ -124,7 +124,7 @@ class Compressor:
 _LOCAL = threading.local()
 
 
-def _decompressor() -> zstandard.ZstdDecompressor:
+def thread_decompressor() -> zstandard.ZstdDecompressor:
     """This thread's zstd decompression context.
 
     Creating one costs more than decompressing a 64 KiB chunk (measured in
@@ -148,7 +148,7 @@ def decode_payload(hdr: RecordHeader, payload: bytes, where: str) -> bytes:
         )
     if hdr.codec == Codec.ZSTD:
         try:
-            raw = _decompressor().decompress(payload, max_output_size=hdr.raw_len)
+            raw = thread_decompressor().decompress(payload, max_output_size=hdr.raw_len)
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"{where}: cannot decompress: {exc}") from None
     else:

@@ -74,6 +74,7 @@ from repofs.records import (
     RecordType,
     check_pack_header,
     decode_header,
+    thread_decompressor,
 )
 from repofs.repository import PACKS_DIR, Repository
 from repofs.restorepoint import RestorePoint
@@ -730,17 +731,6 @@ def _keep(buf: _Buffer) -> None:
     """Buffers of other stores are plain bytes: nothing to give back."""
 
 
-_local = threading.local()
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    """This thread's zstd context: making one costs more than decompressing a chunk."""
-    dctx = getattr(_local, "dctx", None)
-    if dctx is None:
-        dctx = _local.dctx = zstandard.ZstdDecompressor()
-    return dctx
-
-
 def _check_window(data: memoryview, window: _Window) -> _Failures:
     """Check every record of one window: header, that it is the object indexed, its content.
 
@@ -755,7 +745,7 @@ def _check_window(data: memoryview, window: _Window) -> _Failures:
     hasher = blake3.blake3
     size = len(data)
     base = window.start
-    dctx = _decompressor()
+    dctx = thread_decompressor()
     zstd, raw_codec = int(Codec.ZSTD), int(Codec.NONE)
     failures: _Failures = []
     for e in window.entries:
