@@ -40,6 +40,11 @@ SLOT_LATEST = 1
 log = logging.getLogger("repofs.vfs")
 
 
+def split_ino(ino: int) -> tuple[int, int]:
+    """An inode number's (restore point sequence, slot) halves."""
+    return ino >> SLOT_BITS, ino & ((1 << SLOT_BITS) - 1)
+
+
 class NotFound(Exception):
     """No such entry (ENOENT)."""
 
@@ -130,7 +135,7 @@ class RepoView:
     def getattr(self, ino: int) -> Attr:
         if ino == ROOT_INODE:
             return Attr(ino, stat.S_IFDIR | 0o555, 0, self.root_mtime)
-        seq, slot = ino >> SLOT_BITS, ino & ((1 << SLOT_BITS) - 1)
+        seq, slot = split_ino(ino)
         target = self._seq_target(seq)
         if target is None:
             raise NotFound(ino)
@@ -191,7 +196,7 @@ class RepoView:
             if seq is None or self._latest(name) is None:
                 raise NotFound(name)
             return self.getattr(seq << SLOT_BITS)
-        seq, slot = parent >> SLOT_BITS, parent & ((1 << SLOT_BITS) - 1)
+        seq, slot = split_ino(parent)
         if slot != 0:
             raise NotFound(name)
         target = self._seq_target(seq)
@@ -224,7 +229,7 @@ class RepoView:
                 ]
 
             return [(vm, self.getattr(seq << SLOT_BITS)) for vm, seq in idx.read(vms)]
-        seq, slot = ino >> SLOT_BITS, ino & ((1 << SLOT_BITS) - 1)
+        seq, slot = split_ino(ino)
         target = self._seq_target(seq)
         if slot != 0 or target is None:
             raise NotFound(ino)
@@ -263,7 +268,7 @@ class RepoView:
         return [(name, self.getattr((seq << SLOT_BITS) | s)) for name, s in entry.names.items()]
 
     def readlink(self, ino: int) -> str:
-        seq, slot = ino >> SLOT_BITS, ino & ((1 << SLOT_BITS) - 1)
+        seq, slot = split_ino(ino)
         if slot != SLOT_LATEST:
             raise NotFound(ino)
         vm = self._vm_by_seq(seq)
@@ -279,7 +284,7 @@ class RepoView:
 
     def read(self, ino: int, offset: int, size: int) -> bytes:
         """File bytes, or :class:`IntegrityError` (logged once per problem) for damaged data."""
-        seq, slot = ino >> SLOT_BITS, ino & ((1 << SLOT_BITS) - 1)
+        seq, slot = split_ino(ino)
         entry = self._rp_by_seq(seq)
         rp = entry.rp
         nd = len(rp.disks)
@@ -327,7 +332,7 @@ class RepoView:
         self.prefetcher.submit(self._warm, ino)
 
     def _warm(self, ino: int) -> None:
-        seq, slot = ino >> SLOT_BITS, ino & ((1 << SLOT_BITS) - 1)
+        seq, slot = split_ino(ino)
         with contextlib.suppress(Exception):  # a read of the same range reports any damage
             rp = self._rp_by_seq(seq).rp
             if 3 <= slot < 2 + 2 * len(rp.disks) and slot % 2 == 1:
@@ -339,7 +344,7 @@ class RepoView:
         Safe to call on the event loop: it takes no I/O and never raises.
         """
         with self._lock:
-            reader = self._readers.get((ino >> SLOT_BITS, ino & ((1 << SLOT_BITS) - 1)))
+            reader = self._readers.get(split_ino(ino))
         return None if reader is None else reader.read_cached(offset, size)
 
     def close(self) -> None:
