@@ -303,17 +303,6 @@ class DiskReader:
                 done += 1
         return done
 
-    def chunk(self, i: int) -> bytes:
-        cs = self.chunk_size
-        length = min(cs, self.disk.capacity - i * cs)
-        ref = self.map.ref_at(i)
-        if ref == ZERO_DIGEST:
-            return zeros(length)
-        data = self._cache.get(ref)
-        if len(data) != length:
-            raise IntegrityError(f"chunk {ref.hex()} has {len(data)} bytes where {length} belong")
-        return data
-
     def read_cached(self, offset: int, size: int) -> bytes | None:
         """:meth:`read` from memory alone, or None where that would need the disk.
 
