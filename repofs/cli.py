@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from ingest.progress import human_bytes
-from repofs.config import DEFAULT_CHUNK, DEFAULT_COMPRESSION, parse_size
+from repofs.config import DEFAULT_CHUNK, DEFAULT_COMPRESSION, parse_size, size_label
 from repofs.errors import RepofsError, UsageError
 from repofs.names import validate_vm_name
 from repofs.repository import Repository
@@ -60,7 +60,7 @@ def main() -> None:
 @click.argument("repo")
 @click.option(
     "--chunk-size",
-    default="64K",
+    default=size_label(DEFAULT_CHUNK),
     show_default=True,
     help="Chunk size: a power of two from 4K to 4M.",
 )

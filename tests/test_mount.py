@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from repofs.config import DEFAULT_CHUNK
 from tests.helpers import (
     _daemon_pids,
     assert_one_line_error,
@@ -151,7 +152,7 @@ class TestReading:
                 assert f.read(MiB) == bytes(MiB)
                 f.seek((33 << 30) - 1000)
                 assert f.read(70000) == data
-            assert flat.stat().st_blocks * 512 <= 3 * 65536  # du shows data, not capacity
+            assert flat.stat().st_blocks * 512 <= 3 * DEFAULT_CHUNK  # du: data, not capacity
 
     def test_config_files_appear(self, tmp_path: Path, repo: Path) -> None:
         """--config files appear by their own names with their content."""

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingest.plan import Run, chunk_intervals, plan_runs
-from repofs.config import parse_size
+from repofs.config import parse_size, size_label
 from repofs.errors import IntegrityError, UsageError
 from repofs.maps import MapBuilder, MapReader, PageCache
 from repofs.names import rp_id_for, rp_id_seconds, validate_disk_name, validate_vm_name
@@ -54,6 +54,12 @@ class TestSizes:
         assert parse_size("4096") == 4096
         with pytest.raises(UsageError):
             parse_size("lots")
+
+    def test_labels_read_back(self) -> None:
+        """The CLI shows its default chunk size in the form it accepts."""
+        for n in (4096, 65536, 131072, 1 << 20, 4 << 20, 5000):
+            assert parse_size(size_label(n)) == n
+        assert size_label(131072) == "128K" and size_label(1 << 20) == "1M"
 
 
 class TestRecords:

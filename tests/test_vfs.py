@@ -104,7 +104,8 @@ def test_prefetched_runs_skip_a_damaged_chunk_only(tmp_path: Path, repo: Path) -
     ingest(repo, "vm", f"d={img}")
     r = Repository.open(str(repo))
     (rp,) = r.restore_points()
-    bad = 20  # chunk index in the middle of the first 2 MiB run
+    cs = r.config.chunk_size
+    bad = (MiB + MiB // 4) // cs  # a chunk in the middle of the first 2 MiB run
     loc = r.index.locate(RecordType.CHUNK, r.map_reader(rp.disks[0]).ref_at(bad))
     assert loc is not None
     pack = r.packs.path_of(loc.pack_id)
@@ -118,8 +119,7 @@ def test_prefetched_runs_skip_a_damaged_chunk_only(tmp_path: Path, repo: Path) -
         vm = view.lookup(ROOT_INODE, "vm")
         flat = view.lookup(view.lookup(vm.ino, rp.id).ino, "d-flat.vmdk")
         assert view.read_cached(flat.ino, 0, MiB) is None  # nothing opened or loaded yet
-        cs = 65536
-        for i in range(64):
+        for i in range(4 * MiB // cs):
             if i == bad:
                 with pytest.raises(IntegrityError):
                     view.read(flat.ino, i * cs, cs)

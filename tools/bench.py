@@ -43,6 +43,10 @@ PEER_ENV = {
 }
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
+from repofs.config import DEFAULT_CHUNK, size_label  # noqa: E402  (after sys.path)
+
+DEFAULT_CS = size_label(DEFAULT_CHUNK)
+
 
 def log(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
@@ -251,7 +255,7 @@ class Tool:
 class Repofs(Tool):
     name = "repofs"
 
-    def __init__(self, work: Path, chunk_size: str = "64K", name: str = "repofs") -> None:
+    def __init__(self, work: Path, chunk_size: str = DEFAULT_CS, name: str = "repofs") -> None:
         self.name = name
         super().__init__(work)
         self.chunk_size = chunk_size
@@ -358,7 +362,7 @@ def measure_limits(image: str, res: Results, sample_bytes: int) -> None:
             data += src.read(off, min(ln, sample_bytes - len(data)))
             if len(data) >= sample_bytes:
                 break
-    cs = 65536
+    cs = DEFAULT_CHUNK
     chunks = [bytes(data[i:i + cs]) for i in range(0, len(data), cs)]
     n = len(data)
     t0 = time.perf_counter()
@@ -493,7 +497,7 @@ def build_scale_repo(path: Path, count: int) -> None:
     rng = random.Random(7)
     with open(img, "wb") as f:
         f.write(rng.randbytes(4 * MiB))
-    repo = Repository.init(str(path), 65536, "zstd:3")
+    repo = Repository.init(str(path), DEFAULT_CHUNK, "zstd:3")
     base = 1_700_000_000
     try:
         for i in range(count):
@@ -548,7 +552,7 @@ def chunk_sweep(steps: list[Step], work: Path, sizes: list[str]) -> list[dict[st
 
 
 def plot_sweep(sweep: list[dict[str, Any]], logical: int, data_bytes: int, path: Path,
-               default: str = "64K") -> bool:
+               default: str = DEFAULT_CS) -> bool:
     try:
         import matplotlib
     except ImportError:
@@ -689,8 +693,10 @@ def render(res: Results, args: argparse.Namespace, steps: list[Step], peers: lis
     lines += ["Plain limits on the same data and machine:", "", "| limit | value |",
               "|---|---:|",
               f"| sequential read of the image's data, cold, MB/s | {fmt(m('limit_read_MBps'))} |",
-              f"| BLAKE3, one thread, 64 KiB pieces, MB/s | {fmt(m('limit_blake3_MBps'))} |",
-              f"| zstd -3, one thread, 64 KiB pieces, MB/s | {fmt(m('limit_zstd3_MBps'))} |",
+              f"| BLAKE3, one thread, {DEFAULT_CS}iB pieces, MB/s | "
+              f"{fmt(m('limit_blake3_MBps'))} |",
+              f"| zstd -3, one thread, {DEFAULT_CS}iB pieces, MB/s | "
+              f"{fmt(m('limit_zstd3_MBps'))} |",
               f"| zstd decompress, one thread, MB/s | {fmt(m('limit_unzstd_MBps'))} |",
               f"| BLAKE3 + zstd -3 on all {os.cpu_count()} cores, MB/s | "
               f"{fmt(m('limit_hashzstd_all_MBps'))} |",
@@ -796,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
     args.data = args.data or ("48M" if q else "2G")
     args.days = args.days if args.days is not None else (1 if q else 2)
     args.scale_rps = args.scale_rps or (20 if q else 1000)
-    sweep_sizes = (args.sweep or ("64K,1M" if q else "16K,64K,256K,1M")).split(",")
+    sweep_sizes = (args.sweep or (f"{DEFAULT_CS},1M" if q else "16K,64K,128K,256K,1M")).split(",")
     if os.geteuid() != 0:
         log("needs root (loop devices for the corpus, drop_caches, FUSE)")
         return 1
