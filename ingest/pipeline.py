@@ -195,15 +195,18 @@ class Ingest:
         cs = self.repo.config.chunk_size
         capacity = d.source.size
         n = -(-capacity // cs)
-        allocated = chunk_intervals(clip_extents(d.source.allocated_extents(), capacity), cs, n)
         parent_disk = self.parent.disk(d.name) if self.parent else None
         if d.changed is not None and parent_disk is not None:
             changed = chunk_intervals(sorted(d.changed), cs, n)
             changed = union(changed, _forced_changes(capacity, parent_disk, cs, n))
+            # Only changed chunks are read, so only their allocation matters.
+            extents = d.source.allocated_within((a * cs, (b - a) * cs) for a, b in changed)
             mode = "cbt"
         else:
             changed = None
+            extents = d.source.allocated_extents()
             mode = "dedup" if parent_disk is not None else "full"
+        allocated = chunk_intervals(clip_extents(extents, capacity), cs, n)
         return n, list(plan_runs(n, allocated, changed)), mode
 
     # -- CBT sanity check -----------------------------------------------------------

@@ -67,11 +67,18 @@ class RawSource(DiskSource):
         return self._size
 
     def allocated_extents(self) -> Iterator[Extent]:
+        yield from self._data_in(0, self._file_size)
+
+    def allocated_within(self, ranges: Iterable[Extent]) -> Iterator[Extent]:
+        for offset, length in ranges:
+            yield from self._data_in(offset, min(offset + length, self._file_size))
+
+    def _data_in(self, pos: int, end: int) -> Iterator[Extent]:
+        """The data (not holes) of ``[pos, end)`` of the file."""
         if self._is_block:
-            yield 0, self._file_size
+            if pos < end:
+                yield pos, end - pos
             return
-        pos = 0
-        end = self._file_size
         while pos < end:
             try:
                 data = os.lseek(self._fd, pos, os.SEEK_DATA)
@@ -82,8 +89,9 @@ class RawSource(DiskSource):
                     yield pos, end - pos  # filesystem cannot tell; read it all
                     return
                 raise SourceError(f"{self.path}: cannot map holes: {exc.strerror}") from None
-            hole = os.lseek(self._fd, data, os.SEEK_HOLE)
-            hole = min(hole, end)
+            if data >= end:
+                return
+            hole = min(os.lseek(self._fd, data, os.SEEK_HOLE), end)
             if hole > data:
                 yield data, hole - data
             pos = hole
