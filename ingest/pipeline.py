@@ -134,8 +134,7 @@ def _copy_parent(builder: MapBuilder, preader: MapReader, start: int, count: int
             pos += page_refs ** (level + 1)
         else:
             step = min(end - pos, page_refs - pos % page_refs)
-            for ref in preader.refs(pos, step):
-                builder.add(ref)
+            builder.extend(preader.refs(pos, step))
             pos += step
 
 

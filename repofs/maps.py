@@ -70,6 +70,19 @@ class MapBuilder:
         if len(self._levels[0]) == self.page_refs:
             self._flush(0)
 
+    def extend(self, refs: list[bytes]) -> None:
+        """:meth:`add` each of ``refs``, a page at a time (an incremental's partial pages)."""
+        if len(refs) > self.n_chunks - self._pos:
+            raise ValueError("more references than the map has room for")
+        i = 0
+        while i < len(refs):
+            take = refs[i : i + self.page_refs - len(self._levels[0])]
+            self._levels[0] += take
+            self._pos += len(take)
+            i += len(take)
+            if len(self._levels[0]) == self.page_refs:
+                self._flush(0)
+
     def add_subtree(self, level: int, ref: bytes) -> None:
         """Add a complete level-``level`` subtree (``P**(level+1)`` chunks) by its reference."""
         span = self.page_refs ** (level + 1)
@@ -200,10 +213,10 @@ class MapReader:
                 out.extend([ZERO_DIGEST] * (stop - i))
             else:
                 page = self._entries(page_ref, 0, load)
-                for j in range(i - page_start, stop - page_start):
-                    if (j + 1) * REF > len(page):
-                        raise IntegrityError(f"map page {page_ref.hex()[:16]} is short")
-                    out.append(page[j * REF : (j + 1) * REF])
+                if (stop - page_start) * REF > len(page):
+                    raise IntegrityError(f"map page {page_ref.hex()[:16]} is short")
+                lo, hi = (i - page_start) * REF, (stop - page_start) * REF
+                out += [page[j : j + REF] for j in range(lo, hi, REF)]
             i = stop
         return out
 

@@ -134,6 +134,24 @@ class TestMaps:
         _build(refs, 8, store).finish()
         assert len(store) - before == 3  # one leaf page, one inner page, a new root
 
+    @settings(max_examples=40, deadline=None)
+    @given(n=st.integers(1, 300), seed=st.integers(0, 2**32))
+    def test_extend_builds_what_add_builds(self, n: int, seed: int) -> None:
+        """References added in runs of any length give the map added one by one."""
+        rng = random.Random(seed)
+        refs = [rng.randbytes(32) for _ in range(n)]
+        store: dict[bytes, bytes] = {}
+        one_by_one = _build(refs, 8, store).finish()
+        b = MapBuilder(n, 8, lambda raw: store.setdefault(digest_of(raw), raw) and digest_of(raw))
+        i = 0
+        while i < n:
+            k = rng.randint(0, 30)
+            b.extend(refs[i : i + k])
+            i += k
+        assert b.finish() == one_by_one
+        with pytest.raises(ValueError):
+            b.extend([Z])
+
     def test_sparse_disk_costs_no_pages(self) -> None:
         """An all-zero map is the zero reference and stores nothing."""
         store: dict[bytes, bytes] = {}
