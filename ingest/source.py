@@ -13,6 +13,7 @@ import abc
 from collections.abc import Iterable, Iterator
 from types import TracebackType
 
+from ingest.plan import intersect
 from repofs.errors import SourceError
 
 Extent = tuple[int, int]
@@ -56,7 +57,10 @@ class DiskSource(abc.ABC):
         costs O(changes), not O(allocated extents): a fragmented 2 TiB disk
         has tens of thousands of those.
         """
-        yield from intersect_extents(self.allocated_extents(), ranges)
+        mine = [(off, off + n) for off, n in self.allocated_extents()]
+        wanted = [(off, off + n) for off, n in ranges]
+        for lo, hi in intersect(mine, wanted):
+            yield lo, hi - lo
 
     @abc.abstractmethod
     def read(self, offset: int, length: int) -> bytes:
@@ -114,21 +118,6 @@ def clip_extents(extents: Iterator[Extent], size: int) -> Iterator[Extent]:
         cur_start, cur_end = start, end
     if cur_end > cur_start:
         yield cur_start, cur_end - cur_start
-
-
-def intersect_extents(a: Iterable[Extent], b: Iterable[Extent]) -> Iterator[Extent]:
-    """The overlap of two sorted lists of non-overlapping ranges, streamed."""
-    ia, ib = iter(a), iter(b)
-    ea, eb = next(ia, None), next(ib, None)
-    while ea is not None and eb is not None:
-        lo = max(ea[0], eb[0])
-        hi = min(ea[0] + ea[1], eb[0] + eb[1])
-        if lo < hi:
-            yield lo, hi - lo
-        if ea[0] + ea[1] < eb[0] + eb[1]:
-            ea = next(ia, None)
-        else:
-            eb = next(ib, None)
 
 
 def pread_exact(fd: int, length: int, offset: int, path: str) -> bytes:

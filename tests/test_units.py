@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from ingest.plan import Run, chunk_intervals, plan_runs
 from ingest.raw import RawSource
-from ingest.source import DiskSource, intersect_extents
+from ingest.source import DiskSource
 from repofs.config import parse_size, size_label
 from repofs.errors import IntegrityError, UsageError
 from repofs.maps import MapBuilder, MapReader, PageCache
@@ -89,13 +90,19 @@ class TestRecords:
                 decode_payload(hdr, bytes(blob[RECORD_HEADER_SIZE:]), "t")
 
 
-def _build(refs: list[bytes], page_refs: int, store: dict[bytes, bytes]) -> MapBuilder:
+def _put_into(store: dict[bytes, bytes]) -> Callable[[bytes], bytes]:
+    """A map builder's page store that keeps pages in ``store``."""
+
     def put(raw: bytes) -> bytes:
         d = digest_of(raw)
         store[d] = raw
         return d
 
-    b = MapBuilder(len(refs), page_refs, put)
+    return put
+
+
+def _build(refs: list[bytes], page_refs: int, store: dict[bytes, bytes]) -> MapBuilder:
+    b = MapBuilder(len(refs), page_refs, _put_into(store))
     for r in refs:
         b.add(r)
     return b
@@ -142,7 +149,7 @@ class TestMaps:
         refs = [rng.randbytes(32) for _ in range(n)]
         store: dict[bytes, bytes] = {}
         one_by_one = _build(refs, 8, store).finish()
-        b = MapBuilder(n, 8, lambda raw: store.setdefault(digest_of(raw), raw) and digest_of(raw))
+        b = MapBuilder(n, 8, _put_into(store))
         i = 0
         while i < n:
             k = rng.randint(0, 30)
@@ -155,9 +162,7 @@ class TestMaps:
     def test_sparse_disk_costs_no_pages(self) -> None:
         """An all-zero map is the zero reference and stores nothing."""
         store: dict[bytes, bytes] = {}
-        b = MapBuilder(
-            1 << 20, 1024, lambda raw: store.setdefault(digest_of(raw), raw) and digest_of(raw)
-        )
+        b = MapBuilder(1 << 20, 1024, _put_into(store))
         b.add_zeros(1 << 20)
         assert b.finish().root == Z and not store
 
@@ -175,15 +180,6 @@ class TestPlan:
         assert runs == [(Run.PARENT, 0, 3), (Run.READ, 3, 2), (Run.PARENT, 5, 5)]
 
 
-    def test_extents_intersect(self) -> None:
-        assert list(intersect_extents([(0, 10), (20, 10)], [(5, 20), (29, 100)])) == [
-            (5, 5),
-            (20, 5),
-            (29, 1),
-        ]
-        assert list(intersect_extents([], [(0, 10)])) == []
-
-
 def test_raw_allocation_of_changed_ranges_matches_the_whole_map(tmp_path: Path) -> None:
     """An incremental asks a raw image about its changed ranges alone, with the same answer.
 
@@ -197,12 +193,16 @@ def test_raw_allocation_of_changed_ranges_matches_the_whole_map(tmp_path: Path) 
         for off in (0, 3 * MiB + 4096, 10 * MiB, 11 * MiB, 40 * MiB - 4096):
             f.seek(off)
             f.write(os.urandom(8192))
-    ranges = [(0, 4096), (MiB, 4 * MiB), (9 * MiB, 3 * MiB), (40 * MiB - 8192, 8192),
-              (63 * MiB, 2 * MiB)]  # the last one runs past the end of the file
+    ranges = [
+        (0, 4096),
+        (MiB, 4 * MiB),
+        (9 * MiB, 3 * MiB),
+        (40 * MiB - 8192, 8192),
+        (63 * MiB, 2 * MiB),
+    ]  # the last one runs past the end of the file
     with RawSource(str(img)) as src:
-        whole = list(intersect_extents(src.allocated_extents(), ranges))
+        whole = list(DiskSource.allocated_within(src, ranges))  # filters the whole map
         assert list(src.allocated_within(ranges)) == whole
-        assert list(DiskSource.allocated_within(src, ranges)) == whole
         covered = sum(n for _o, n in whole)
         assert 4096 + 8192 * 3 + 4096 <= covered < 12 * MiB
 
