@@ -383,11 +383,19 @@ def vhd_fuzz_seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]
     raw = d / "r.raw"
     raw.write_bytes(random.Random(2).randbytes(MiB))
     run("qemu-img", "convert", "-O", "vpc", "-o", "subformat=fixed", raw, d / "f.vhd")
-    return {
-        "dyn": (d / "p.vhd").read_bytes(),
-        "diff": (d / "c.vhd").read_bytes(),
-        "fixed": (d / "f.vhd").read_bytes(),
-    }
+    return _Seeds(
+        dyn=(d / "p.vhd").read_bytes(),
+        diff=(d / "c.vhd").read_bytes(),
+        fixed=(d / "f.vhd").read_bytes(),
+    )
+
+
+class _Seeds(dict):
+    """The seed images, with a short repr: Hypothesis prints a failing example's
+    arguments, and these are megabytes (a 20 MB repr, itself an error under -W error)."""
+
+    def __repr__(self) -> str:
+        return f"<VHD seed images {', '.join(self)}>"
 
 
 # -- VHDX: images qemu makes ---------------------------------------------------------
