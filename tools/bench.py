@@ -693,9 +693,9 @@ def render(res: Results, args: argparse.Namespace, steps: list[Step], peers: lis
     lines += ["Plain limits on the same data and machine:", "", "| limit | value |",
               "|---|---:|",
               f"| sequential read of the image's data, cold, MB/s | {fmt(m('limit_read_MBps'))} |",
-              f"| BLAKE3, one thread, {DEFAULT_CS}iB pieces, MB/s | "
+              f"| BLAKE3, one thread, {DEFAULT_CHUNK // 1024} KiB pieces, MB/s | "
               f"{fmt(m('limit_blake3_MBps'))} |",
-              f"| zstd -3, one thread, {DEFAULT_CS}iB pieces, MB/s | "
+              f"| zstd -3, one thread, {DEFAULT_CHUNK // 1024} KiB pieces, MB/s | "
               f"{fmt(m('limit_zstd3_MBps'))} |",
               f"| zstd decompress, one thread, MB/s | {fmt(m('limit_unzstd_MBps'))} |",
               f"| BLAKE3 + zstd -3 on all {os.cpu_count()} cores, MB/s | "
