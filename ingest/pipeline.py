@@ -359,7 +359,11 @@ class Ingest:
         queue: collections.deque[Callable[[], None] | tuple[Future[list[ChunkResult]], int]] = (
             collections.deque()
         )
-        limit = workers.threads * 2 + 2
+        # Bytes read but not yet consumed, not queue items: a CBT plan alternates
+        # tiny reads with parent runs, and counting items kept only a few chunks
+        # in flight, starving the workers.
+        budget = (workers.threads * 2 + 2) * BATCH_BYTES
+        inflight = 0
 
         def consume(results: list[ChunkResult]) -> None:
             for digest, codec, raw_len, payload in results:
@@ -371,14 +375,17 @@ class Ingest:
                         stats["new"] += len(payload)
                 builder.add(digest)
 
-        def drain(keep: int) -> None:
-            while len(queue) > keep:
+        def drain(keep_bytes: int) -> None:
+            """Consume queued work in order until at most ``keep_bytes`` are in flight."""
+            nonlocal inflight
+            while queue and (inflight > keep_bytes or keep_bytes < 0):
                 item = queue.popleft()
                 if callable(item):
                     item()
                 else:
                     fut, nbytes = item
                     consume(fut.result())
+                    inflight -= nbytes
                     progress.update(nbytes)
 
         per_batch = max(1, BATCH_BYTES // cs)
@@ -406,10 +413,9 @@ class Ingest:
                         stats["read"] += len(data)
                         stats["chunks"] += k
                         queue.append((workers.submit(data, cs), len(data)))
-                        drain(limit)
-                if len(queue) > limit:
-                    drain(limit)
-            drain(0)
+                        inflight += len(data)
+                        drain(budget)
+            drain(-1)
         finally:
             close = getattr(reads, "close", None)
             if close is not None:
