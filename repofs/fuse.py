@@ -91,8 +91,11 @@ class RepoFS(pyfuse3.Operations):
     async def readlink(self, inode: int, ctx: Any) -> bytes:
         return os.fsencode(await self._run(self.view.readlink, inode))
 
+    def _dir_entries(self, inode: int) -> list[tuple[str, Attr]]:
+        return self.view.dot_entries(inode) + self.view.listdir(inode)
+
     async def opendir(self, inode: int, ctx: Any) -> int:
-        entries = await self._run(self.view.listdir, inode)
+        entries = await self._run(self._dir_entries, inode)
         fh = self._next_fh
         self._next_fh += 1
         self._dirs[fh] = [(os.fsencode(n), a) for n, a in entries]

@@ -267,6 +267,26 @@ class RepoView:
         entry = self._rp_by_seq(seq)
         return [(name, self.getattr((seq << SLOT_BITS) | s)) for name, s in entry.names.items()]
 
+    def dot_entries(self, ino: int) -> list[tuple[str, Attr]]:
+        """``.`` and ``..`` of a directory, which readdir lists first like any file system's."""
+        if ino == ROOT_INODE:
+            parent = ROOT_INODE
+        else:
+            seq, _slot = split_ino(ino)
+            target = self._seq_target(seq)
+            if target is None:
+                raise NotFound(ino)
+            if target.startswith(b"V"):
+                parent = ROOT_INODE
+            else:
+                vm = self._rp_by_seq(seq).rp.vm
+                idx = self.repo.index
+                vm_seq = idx.read(lambda t: idx.vm_seq(t, vm))
+                if vm_seq is None:
+                    raise NotFound(ino)
+                parent = vm_seq << SLOT_BITS
+        return [(".", self.getattr(ino)), ("..", self.getattr(parent))]
+
     def readlink(self, ino: int) -> str:
         seq, slot = split_ino(ino)
         if slot != SLOT_LATEST:

@@ -164,6 +164,21 @@ class TestReading:
             assert sorted(os.listdir(mnt / "v" / rp)) == ["d-flat.vmdk", "d.vmdk", "vm.xml"]
             assert (mnt / "v" / rp / "vm.xml").read_text() == xml.read_text()
 
+    def test_every_directory_lists_dot_and_dotdot(self, tmp_path: Path, repo: Path) -> None:
+        """``ls -a`` shows . and .. with the inode numbers of the directory and its parent."""
+        img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
+        rp = ingest(repo, "v", f"d={img}")
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            for d, parent in ((mnt, mnt), (mnt / "v", mnt), (mnt / "v" / rp, mnt / "v")):
+                out = subprocess.run(
+                    ["ls", "-ai1", str(d)], capture_output=True, text=True, check=True
+                ).stdout.split("\n")
+                inos = dict(reversed(line.split(maxsplit=1)) for line in out if line.strip())
+                assert int(inos["."]) == os.stat(d).st_ino
+                if d != mnt:  # the kernel answers the mount root's .. from the parent mount
+                    assert int(inos[".."]) == os.stat(parent).st_ino
+                assert sorted(n for n in inos if n not in (".", "..")) == sorted(os.listdir(d))
+
 
 class TestReadOnly:
     def test_every_change_fails_with_erofs(
