@@ -23,14 +23,16 @@ FORMATS = ("raw", *READERS)
 def _could_be_vmdk(head: bytes) -> bool:
     """A cheap superset of :func:`ingest.vmdk.looks_like_vmdk`.
 
-    Sparse, COWD and SEsparse files start with their magic; a descriptor
-    is text, so a head holding NUL bytes before its padding (every disk
-    image with a partition table) is none of them.
+    Sparse, COWD and SEsparse files start with their magic; a descriptor's
+    text, up to its first NUL, holds its first line or a ``createType``
+    line.  A disk image's first bytes hold neither.
     """
+    text = head.partition(b"\0")[0]
     return (
         head[:4] in (b"KDMV", b"COWD")
         or head[:8] == (0xCAFEBABE).to_bytes(8, "little")
-        or b"\0" not in head.rstrip(b"\0")
+        or b"DescriptorFile" in text
+        or b"createType" in text
     )
 
 

@@ -18,6 +18,9 @@ from repofs.errors import SourceError
 #: A descriptor larger than this is not a descriptor (real ones are < 4 KiB);
 #: the bound keeps a mis-detected multi-gigabyte file from being read whole.
 MAX_DESCRIPTOR_BYTES = 1 << 20
+#: Non-NUL bytes after a descriptor's terminating NUL that still count as
+#: one (qemu's leftovers are at most eight: see looks_like_descriptor).
+MAX_STALE_TAIL = 64
 
 #: Largest virtual disk accepted: 1 PiB.  VMware's own limit is 62 TB, so a
 #: larger capacity is a damaged header, and bounding it keeps every table size
@@ -167,8 +170,9 @@ def _parse_extent(m: re.Match[str], path: str, lineno: int, line: str) -> Extent
 def parse_descriptor(data: bytes, path: str, *, embedded: bool = False) -> Descriptor:
     """Parse descriptor text, raising :class:`SourceError` naming ``path`` for anything wrong.
 
-    ``embedded`` descriptors (inside a sparse file) are NUL-padded C strings
-    and need no extent lines: the sparse file itself is the extent.  Text is
+    Every descriptor is read as a C string, up to its first NUL, as qemu
+    reads it.  ``embedded`` descriptors (inside a sparse file) need no
+    extent lines: the sparse file itself is the extent.  Text is
     decoded as UTF-8 with ``surrogateescape`` so that non-UTF-8 file names
     still map back to the exact bytes on disk.
     """
@@ -177,11 +181,7 @@ def parse_descriptor(data: bytes, path: str, *, embedded: bool = False) -> Descr
             f"{path}: descriptor is {len(data)} bytes, more than the "
             f"{MAX_DESCRIPTOR_BYTES} a descriptor can be"
         )
-    nul = data.find(b"\0")
-    if nul >= 0:
-        if not embedded and data[nul:].strip(b"\0"):
-            raise SourceError(f"{path}: descriptor contains NUL bytes (not a text descriptor)")
-        data = data[:nul]
+    data = data.partition(b"\0")[0]  # a C string: see looks_like_descriptor
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     text = data.decode("utf-8", "surrogateescape")
@@ -261,15 +261,19 @@ def parse_descriptor(data: bytes, path: str, *, embedded: bool = False) -> Descr
 def looks_like_descriptor(head: bytes) -> bool:
     """Whether the first bytes of a file are a VMDK text descriptor.
 
-    Text only (no NUL bytes except the padding qemu adds at the end), and
-    either the customary first line or a ``createType=`` line: enough to
-    never mistake a disk image for one.
+    A descriptor is text up to its first NUL (a C string, as qemu reads it)
+    with either the customary first line or a ``createType=`` line.  qemu
+    pads it with NULs, and when it rewrites the CID it prints the new one
+    without leading zeros, so a shorter text leaves the old one's last few
+    bytes after the NUL: about one qemu-written descriptor in sixteen.
+    More than :data:`MAX_STALE_TAIL` such bytes is binary data, which keeps
+    a disk image from ever being mistaken for a descriptor.
     """
-    head = head.rstrip(b"\0")
-    if b"\0" in head:
+    text, _nul, rest = head.partition(b"\0")
+    if len(rest) - rest.count(0) > MAX_STALE_TAIL:
         return False
-    if head.startswith(b"\xef\xbb\xbf"):
-        head = head[3:]
-    if head.lstrip().startswith(b"# Disk DescriptorFile"):
+    if text.startswith(b"\xef\xbb\xbf"):
+        text = text[3:]
+    if text.lstrip().startswith(b"# Disk DescriptorFile"):
         return True
-    return re.search(rb"(?m)^[ \t]*createType[ \t]*=", head) is not None
+    return re.search(rb"(?m)^[ \t]*createType[ \t]*=", text) is not None

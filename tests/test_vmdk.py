@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -797,6 +798,29 @@ class TestDetect:
         assert detect_format("x", tmp_path.joinpath("f-flat.vmdk").read_bytes()[:4096]) == "raw"
         assert not looks_like_vmdk(b"hello\0world createType=")
         assert looks_like_vmdk(b'version=1\ncreateType="vmfs"\n')
+        # descriptor-like text, then binary: a disk image, not qemu's few leftover bytes
+        assert not looks_like_vmdk(b'createType="vmfs"\n\0' + bytes(range(1, 200)))
+
+    def test_descriptor_with_qemus_leftovers_after_its_nul(
+        self, sample: Path, tmp_path: Path
+    ) -> None:
+        """A descriptor with bytes after its NUL, as qemu leaves it, is still that VMDK.
+
+        qemu rewrites the CID on the first write, printed without leading
+        zeros: one descriptor in sixteen gets shorter and keeps the old
+        text's last bytes after the new NUL.  These were detected as raw,
+        and their 512 bytes ingested as the disk.
+        """
+        path = convert(sample, tmp_path / "d.vmdk", "monolithicFlat")
+        text = path.read_bytes().rstrip(b"\0")
+        cid = re.search(rb"\nCID=[0-9a-f]{8}\n", text)  # qemu-img create writes eight digits
+        assert cid is not None, text
+        shorter = text.replace(cid.group(0), b"\nCID=b13b3\n", 1)  # what qemu writes for 0xb13b3
+        stale = text[len(shorter) + 1 :]  # the old text's tail, beyond the new one's NUL
+        path.write_bytes((shorter + b"\0" + stale).ljust(512, b"\0"))
+        assert path.read_bytes().rstrip(b"\0").count(b"\0") == 1
+        with check(path, "monolithicFlat") as src:  # qemu, the reference, reads it as a VMDK too
+            assert src.chain() == [str(path), str(tmp_path / "d-flat.vmdk")]
 
 
 # -- fuzzing ----------------------------------------------------------------------------------
