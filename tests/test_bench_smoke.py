@@ -46,15 +46,6 @@ class TestBenchSmoke:
 
     def test_cbt_reads_tool_reads_the_chunks_a_list_touches(self, tmp_path: Path) -> None:
         """``tools/bench_cbt_reads.py`` rounds the list out to whole chunks and reads them."""
-        sys.path.insert(0, str(ROOT / "tools"))
-        try:
-            from bench_cbt_reads import chunk_runs
-        finally:
-            sys.path.remove(str(ROOT / "tools"))
-        K = 1024
-        # two extents in one chunk, one straddling two chunks, one far away
-        assert chunk_runs([(0, 4 * K), (60 * K, 4 * K), (120 * K, 16 * K), (1024 * K, 1)],
-                          128 * K) == [(0, 256 * K), (1024 * K, 128 * K)]
         img = tmp_path / "d.img"
         img.write_bytes(os.urandom(2 << 20))
         cbt = tmp_path / "d.cbt.json"
@@ -67,5 +58,6 @@ class TestBenchSmoke:
             timeout=60,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
+        # chunk 0, and chunks 8-9 for the extent that straddles them: 384 KiB in two reads
         assert proc.stdout.startswith("2 reads, 0.4 MiB, chunk 128K"), proc.stdout
         assert "threads  1:" in proc.stdout and "threads  2:" in proc.stdout

@@ -22,20 +22,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ingest.cbt_json import load_json_changed_blocks
+from ingest.plan import chunk_intervals
 from repofs.config import parse_size
-
-
-def chunk_runs(extents: list[tuple[int, int]], chunk: int) -> list[tuple[int, int]]:
-    """The whole chunks the extents touch, merged into ``(offset, length)`` runs."""
-    runs: list[list[int]] = []
-    for off, length in extents:
-        first, last = off // chunk, (off + length - 1) // chunk
-        start, end = first * chunk, (last + 1) * chunk
-        if runs and start <= runs[-1][1]:
-            runs[-1][1] = max(runs[-1][1], end)
-        else:
-            runs.append([start, end])
-    return [(s, e - s) for s, e in runs]
 
 
 def read_all(path: str, runs: list[tuple[int, int]], threads: int) -> float:
@@ -71,7 +59,8 @@ def main() -> None:
     args = ap.parse_args()
     size = os.stat(args.image).st_size
     cbt = load_json_changed_blocks(args.cbt_json, size)
-    runs = chunk_runs(list(cbt), parse_size(args.chunk_size))
+    chunk = parse_size(args.chunk_size)
+    runs = [(a * chunk, (b - a) * chunk) for a, b in chunk_intervals(cbt, chunk, -(-size // chunk))]
     total = sum(min(n, size - o) for o, n in runs)
     print(f"{len(runs)} reads, {total / 2**20:.1f} MiB, chunk {args.chunk_size}")
     for threads in (int(t) for t in args.threads.split(",")):
