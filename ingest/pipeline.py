@@ -376,7 +376,11 @@ class Ingest:
                 builder.add(digest)
 
         def drain(keep_bytes: int) -> None:
-            """Consume queued work in order until at most ``keep_bytes`` are in flight."""
+            """Consume queued work in order until at most ``keep_bytes`` are in flight.
+
+            A negative ``keep_bytes`` consumes everything, the parent and zero
+            runs queued after the last read included (they carry no bytes).
+            """
             nonlocal inflight
             while queue and (inflight > keep_bytes or keep_bytes < 0):
                 item = queue.popleft()
