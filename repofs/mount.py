@@ -10,6 +10,7 @@ was deleted".
 
 from __future__ import annotations
 
+import errno
 import logging
 import logging.handlers
 import os
@@ -64,11 +65,31 @@ def _unescape(field: str) -> str:
     )
 
 
+def is_dead_mount(path: str) -> bool:
+    """A FUSE mount whose daemon is gone: the kernel fails every call there until it is unmounted.
+
+    With ENOTCONN, or ECONNABORTED while the daemon's exit is still being
+    torn down.  ``statvfs``, because the kernel answers ``stat`` of the mount's
+    root from its attribute cache without asking the daemon.
+    """
+    try:
+        os.statvfs(path)
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
 def check_mountpoint(mountpoint: str) -> None:
+    # Before lexists: a dead mount's lstat fails, and lexists would call it missing.
+    if is_mountpoint(mountpoint):
+        if is_dead_mount(mountpoint):
+            raise MountError(
+                f"{mountpoint}: the daemon of the mount there has died; "
+                f"run 'repofs umount {mountpoint}' first"
+            )
+        raise MountError(f"{mountpoint}: something is already mounted there")
     if not os.path.lexists(mountpoint):
         raise MountError(f"{mountpoint}: mount point does not exist")
-    if is_mountpoint(mountpoint):
-        raise MountError(f"{mountpoint}: something is already mounted there")
     if not os.path.isdir(mountpoint):
         raise MountError(f"{mountpoint}: mount point is not a directory")
 
@@ -252,9 +273,10 @@ async def _stop_on_signal() -> None:
 
 
 def umount(mountpoint: str) -> None:
-    if not os.path.isdir(mountpoint):
-        raise MountError(f"{mountpoint}: no such directory")
+    """Unmount, also a mount whose daemon died (its mount point cannot even be stat'ed)."""
     if not is_mountpoint(mountpoint):
+        if not os.path.isdir(mountpoint):
+            raise MountError(f"{mountpoint}: no such directory")
         raise MountError(f"{mountpoint}: is not mounted")
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool is None:
