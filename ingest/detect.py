@@ -99,4 +99,8 @@ def open_source(path: str, fmt: str | None = None) -> DiskSource:
     except BaseException:
         os.close(fd)
         raise
-    return reader(path, fd)
+    source: DiskSource = reader(path, fd)
+    if source.size == 0:  # qemu-img creates such images; there is nothing to back up
+        source.close()
+        raise SourceError(f"{path}: the disk's virtual size is 0 bytes")
+    return source

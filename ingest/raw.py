@@ -13,9 +13,13 @@ from repofs.errors import SourceError
 
 
 def open_readonly(path: str) -> int:
-    """Open ``path`` for reading, turning every OS failure into a one-line error."""
+    """Open a regular file or block device for reading; anything else is a one-line error.
+
+    Opened non-blocking, so a FIFO given by mistake is refused instead of
+    hanging the ingest until something writes to it.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise SourceError(f"{path}: no such file or device") from None
     except IsADirectoryError:
@@ -26,6 +30,10 @@ def open_readonly(path: str) -> int:
     if stat.S_ISDIR(st.st_mode):
         os.close(fd)
         raise SourceError(f"{path}: is a directory, not a disk image")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        os.close(fd)
+        raise SourceError(f"{path}: not a regular file or block device")
+    os.set_blocking(fd, True)
     return fd
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,24 @@ class TestBadInput:
         dev = tmp_path / "bogus"
         os.mknod(dev, 0o600 | stat.S_IFBLK, os.makedev(240, 77))
         assert_one_line_error(repofs("ingest", repo, "--vm", "v", f"d={dev}", check=False), "bogus")
+
+    def test_fifo_and_character_device_refused(self, repo: Path, tmp_path: Path) -> None:
+        """A FIFO is refused at once, not read forever (nor waited on); so is /dev/zero."""
+        fifo = tmp_path / "pipe"
+        os.mkfifo(fifo)
+        for source in (fifo, Path("/dev/zero")):
+            p = repofs("ingest", repo, "--vm", "v", f"d={source}", check=False, timeout=30)
+            assert_one_line_error(p, str(source), "not a regular file or block device")
+        assert self._count(repo) == 0
+
+    @pytest.mark.parametrize("fmt", ["qcow2", "vpc", "vhdx"])
+    def test_zero_size_image_refused(self, repo: Path, tmp_path: Path, fmt: str) -> None:
+        """qemu-img makes images of virtual size 0; they are refused, not half-stored."""
+        img = tmp_path / f"empty.{fmt}"
+        subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(img), "0"], check=True)
+        p = repofs("ingest", repo, "--vm", "v", f"d={img}", check=False)
+        assert_one_line_error(p, img.name, "virtual size is 0 bytes")
+        assert self._count(repo) == 0
 
     def test_duplicate_disk_and_bad_spec(self, repo: Path, tmp_path: Path) -> None:
         """DISK=SOURCE must be well formed and disk names unique."""
