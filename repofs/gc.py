@@ -310,10 +310,13 @@ def _copy(
     except NoSpaceError as exc:
         writer.abort()
         result.warnings.append(f"stopped rewriting packs: {exc}; freeing what is dead")
+        # Only published packs were written; the aborted one is gone again.
+        result.bytes_written += sum(repo.packs.size(p) for p in writer.packs_published)
     except BaseException:
         writer.abort()
         raise
-    result.bytes_written += writer.bytes_stored
+    else:
+        result.bytes_written += writer.bytes_stored
     if moved_records:
         _update_record_hints(repo, moved_records)
     return copied

@@ -268,6 +268,38 @@ class TestFullDisk:
             committed[second] = digest_of_disk(repo, "vm", second)
             assert_healthy(repo, committed)
 
+    def test_full_disk_during_gc(self, tmp_path: Path) -> None:
+        """gc that cannot write its rewritten pack stops rewriting with a warning, keeps
+        every committed byte, claims no bytes it did not write, and finishes the job once
+        there is room again."""
+        with small_filesystem(tmp_path) as fs:
+            repo = fs / "repo"
+            repofs("init", repo)
+            old = noise(24 * MiB, 7)
+            first = make_image(tmp_path / "a.img", 24 * MiB, [(0, old)])
+            repofs("ingest", repo, "--vm", "vm", f"d0={first}")
+            # The next keeps a third of the first's pack alive: gc must rewrite, not delete it.
+            keep = make_image(tmp_path / "b.img", 24 * MiB, [(0, old[: 8 * MiB])])
+            with open(keep, "r+b") as f:
+                f.seek(8 * MiB)
+                f.write(noise(16 * MiB, 8))
+            second = repofs("ingest", repo, "--vm", "vm", f"d0={keep}").stdout.split()[-1]
+            repofs("prune", repo, "--keep-last", "1")
+            committed = {second: digest_of_disk(repo, "vm", second)}
+            filler = fs / "filler"
+            subprocess.run(["fallocate", "-l", str(free_bytes(fs) - MiB), str(filler)], check=True)
+            proc = repofs("gc", repo)
+            assert "warning: stopped rewriting packs" in proc.stdout, proc.stdout
+            assert "no space left" in proc.stdout and "Traceback" not in proc.stderr
+            assert "rewrote 0" in proc.stdout and "0 B rewritten" in proc.stdout, proc.stdout
+            assert_healthy(repo, committed)
+            filler.unlink()
+            free_before = free_bytes(fs)
+            proc = repofs("gc", repo)
+            assert "rewrote 1" in proc.stdout, proc.stdout
+            assert free_bytes(fs) > free_before + 14 * MiB
+            assert_healthy(repo, committed)
+
 
 @pytest.fixture
 def damaged_repo(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
