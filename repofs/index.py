@@ -30,6 +30,7 @@ byte order is numeric order):
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import struct
@@ -48,6 +49,7 @@ U64 = struct.Struct(">Q")
 LOCATION = struct.Struct(">16sQII")
 PACK_INFO = struct.Struct(">QI")
 DEFAULT_MAP_SIZE = 1 << 36  # 64 GiB of address space; grows on demand
+NEARLY_FULL_BYTES = 1 << 20  # under this, a failed index write is taken for a full disk
 MAP_SIZE_ENV = "REPOFS_LMDB_MAP_SIZE"  # tests set a tiny initial map to exercise growth
 DATABASES = ("meta", "objects", "packs", "vms", "rps", "reservations", "seqs")
 
@@ -59,6 +61,15 @@ class Location(NamedTuple):
     offset: int
     stored_len: int
     raw_len: int
+
+
+def _nearly_full(path: str) -> bool:
+    """Whether the file system holding ``path`` has (next to) no space left for the index."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < NEARLY_FULL_BYTES
 
 
 def object_key(rtype: RecordType, digest: bytes) -> bytes:
@@ -184,9 +195,10 @@ class Index:
             except lmdb.MapResizedError:
                 self._set_mapsize(0)
             except lmdb.Error as exc:
-                if isinstance(exc.__context__, OSError) or "No space" in str(exc):
-                    raise os_error(OSError(28, "No space left on device"), self.path) from None
-                raise
+                # LMDB reports a short write (a disk that filled up meanwhile) as EIO.
+                if "No space" in str(exc) or _nearly_full(self.path):
+                    raise os_error(OSError(errno.ENOSPC, "No space"), self.path) from None
+                raise RepositoryError(f"{self.path}: cannot write the index: {exc}") from None
 
     def _set_mapsize(self, size: int) -> None:
         """Grow (or adopt) the map; LMDB requires that no transaction of this process is open."""

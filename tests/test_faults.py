@@ -300,6 +300,36 @@ class TestFullDisk:
             assert free_bytes(fs) > free_before + 14 * MiB
             assert_healthy(repo, committed)
 
+    def test_gc_on_a_filesystem_without_a_free_byte(self, tmp_path: Path) -> None:
+        """With not one byte free, gc cannot even commit to the index: one line, exit 8,
+        nothing harmed; with room again it frees what prune released."""
+        with small_filesystem(tmp_path) as fs:
+            repo = fs / "repo"
+            repofs("init", repo)
+            old = noise(24 * MiB, 20)
+            first = make_image(tmp_path / "a.img", 24 * MiB, [(0, old)])
+            second = make_image(
+                tmp_path / "b.img", 24 * MiB, [(0, old[: 8 * MiB]), (8 * MiB, noise(16 * MiB, 21))]
+            )
+            ids = [
+                repofs("ingest", repo, "--vm", "vm", f"d0={i}").stdout.split()[-1]
+                for i in (first, second, first)
+            ]
+            repofs("prune", repo, "--keep-last", "1")
+            committed = {ids[-1]: digest_of_disk(repo, "vm", ids[-1])}
+            fill = fs / "filler"
+            # dd, because root may also write ext4's reserved blocks that statvfs hides
+            subprocess.run(["dd", "if=/dev/zero", f"of={fill}", "bs=64k"], capture_output=True)
+            proc = repofs("gc", repo, check=False)
+            assert proc.returncode == 8, (proc.stdout, proc.stderr)
+            assert_one_line_error(proc, "no space left")
+            fill.unlink()
+            assert_healthy(repo, committed)
+            free_before = free_bytes(fs)
+            repofs("gc", repo)
+            assert free_bytes(fs) > free_before + 14 * MiB  # the second image's own data
+            assert_healthy(repo, committed)
+
 
 @pytest.fixture
 def damaged_repo(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
