@@ -132,6 +132,11 @@ def prune(
             f"dry run: would remove {count} restore point(s); policy keeps {policy.describe()}"
         )
     elif count:
+        if r.reserve_given_up:
+            click.echo(
+                f"warning: the file system was full: gave up the repository's reserve "
+                f"({human_bytes(r.reserve_given_up)}); gc sets it aside again"
+            )
         click.echo(
             f"removed {r.removed} restore point(s); run 'repofs gc {repo}' to free their space"
         )
@@ -178,6 +183,8 @@ def gc(repo: str, threshold: float, dry_run: bool) -> None:
         f"freed {human_bytes(max(net, 0))} ({human_bytes(r.bytes_freed)} deleted, "
         f"{human_bytes(r.bytes_written)} rewritten) in {r.seconds:.1f} s"
     )
+    for note in r.notes:
+        click.echo(note)
 
 
 @click.command(name="rebuild-index")

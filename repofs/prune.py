@@ -27,11 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from repofs.errors import UsageError
+from repofs.errors import NoSpaceError, UsageError
 from repofs.lock import repository_lock
 from repofs.names import validate_vm_name
 from repofs.records import RecordType
 from repofs.repository import Repository
+from repofs.reserve import give_up
 from repofs.restorepoint import RestorePoint
 from repofs.rprecords import Tombstone
 
@@ -110,6 +111,7 @@ class PruneResult:
     decisions: dict[str, list[Decision]]
     dry_run: bool
     removed: int = 0
+    reserve_given_up: int = 0  #: bytes of the repository's reserve used because the disk was full
 
     @property
     def to_remove(self) -> list[Decision]:
@@ -137,7 +139,14 @@ def prune_repository(
         result = PruneResult({name: plan(group, policy) for name, group in by_vm.items()}, dry_run)
         doomed = [d.rp for d in result.to_remove]
         if not dry_run and doomed:
-            result.removed = _remove(repo, doomed)
+            try:
+                result.removed = _remove(repo, doomed)
+            except NoSpaceError:
+                # Tombstones written twice are harmless; the second transaction finishes the job.
+                result.reserve_given_up = give_up(path)
+                if not result.reserve_given_up:
+                    raise
+                result.removed = _remove(repo, doomed)
     return result
 
 

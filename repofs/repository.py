@@ -17,6 +17,7 @@ from repofs.maps import MapReader, PageCache
 from repofs.names import rp_id_for
 from repofs.packstore import LocalPackStore
 from repofs.records import RECORD_HEADER_SIZE, RecordType, decode_header, decode_payload
+from repofs.reserve import set_aside
 from repofs.restorepoint import DiskInfo, RestorePoint
 from repofs.writer import ObjectWriter
 
@@ -68,6 +69,7 @@ class Repository:
         except OSError as exc:
             raise os_error(exc, path) from None
         Index(os.path.join(path, INDEX_DIR), create=True).close()
+        set_aside(path)
         write_file_atomic(os.path.join(path, CONFIG_FILE), config.to_json())  # last: marks it done
         return cls.open(path)
 

@@ -13,6 +13,7 @@ import hashlib
 import os
 import random
 import shutil
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from repofs.errors import IntegrityError
+from repofs import prune as prune_module
+from repofs.errors import IntegrityError, NoSpaceError
 from repofs.gc import collect_garbage
 from repofs.rebuild import rebuild_index
 from repofs.records import RECORD_HEADER_SIZE
@@ -237,9 +239,10 @@ def small_filesystem(tmp_path: Path, size_mib: int = 64) -> Iterator[Path]:
             time.sleep(0.2)
 
 
-def free_bytes(path: Path) -> int:
+def free_bytes(path: Path, root: bool = False) -> int:
+    """Free space for ordinary users, or (``root``) counting ext4's blocks reserved for root."""
     st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
+    return (st.f_bfree if root else st.f_bavail) * st.f_frsize
 
 
 @pytest.mark.slow
@@ -300,12 +303,16 @@ class TestFullDisk:
             assert free_bytes(fs) > free_before + 14 * MiB
             assert_healthy(repo, committed)
 
-    def test_gc_on_a_filesystem_without_a_free_byte(self, tmp_path: Path) -> None:
-        """With not one byte free, gc cannot even commit to the index: one line, exit 8,
-        nothing harmed; with room again it frees what prune released."""
+    def test_prune_and_gc_on_a_filesystem_without_a_free_byte(self, tmp_path: Path) -> None:
+        """With not one byte free, prune still works, and gc gives up the repository's
+        reserve to commit its sweep, frees what prune released and sets the reserve aside
+        again.  Without a reserve gc stops with one line and exit 8, harming nothing."""
         with small_filesystem(tmp_path) as fs:
             repo = fs / "repo"
             repofs("init", repo)
+            reserve = repo / "reserve"
+            assert reserve.stat().st_size >= 512 * 1024  # 1 % of this 64 MiB file system
+            assert stat.S_IMODE(reserve.stat().st_mode) == 0o600
             old = noise(24 * MiB, 20)
             first = make_image(tmp_path / "a.img", 24 * MiB, [(0, old)])
             second = make_image(
@@ -315,20 +322,63 @@ class TestFullDisk:
                 repofs("ingest", repo, "--vm", "vm", f"d0={i}").stdout.split()[-1]
                 for i in (first, second, first)
             ]
-            repofs("prune", repo, "--keep-last", "1")
             committed = {ids[-1]: digest_of_disk(repo, "vm", ids[-1])}
             fill = fs / "filler"
             # dd, because root may also write ext4's reserved blocks that statvfs hides
             subprocess.run(["dd", "if=/dev/zero", f"of={fill}", "bs=64k"], capture_output=True)
+            repofs("prune", repo, "--keep-last", "1")
+            assert rp_ids(repo, "vm") == [ids[-1]]
+
+            aside = fs / "reserve.elsewhere"  # same file system: its space stays used
+            reserve.rename(aside)
             proc = repofs("gc", repo, check=False)
             assert proc.returncode == 8, (proc.stdout, proc.stderr)
             assert_one_line_error(proc, "no space left")
+            assert_healthy(repo, committed)
+
+            aside.rename(reserve)
+            free_before = free_bytes(fs, root=True)
+            proc = repofs("gc", repo)
+            assert "gave up the repository's reserve" in proc.stdout, proc.stdout
+            assert "set aside" in proc.stdout and reserve.exists(), proc.stdout
+            assert free_bytes(fs, root=True) > free_before + 14 * MiB  # the second image's data
+            assert_healthy(repo, committed)
             fill.unlink()
-            assert_healthy(repo, committed)
-            free_before = free_bytes(fs)
-            repofs("gc", repo)
-            assert free_bytes(fs) > free_before + 14 * MiB  # the second image's own data
-            assert_healthy(repo, committed)
+
+
+def test_prune_gives_up_the_reserve_when_its_first_attempt_finds_no_space(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prune's retry after giving up the reserve.  A real full disk does not make prune
+    fail reliably (LMDB reuses free pages, ext4 keeps a few blocks), so the first attempt
+    is made to fail the way a full disk fails it."""
+    repo = new_repo(tmp_path / "repo")
+    ids = [
+        ingest_here(
+            repo,
+            "vm",
+            {"d0": make_image(tmp_path / f"{k}.img", MiB, [(0, noise(MiB, k))])},
+            now=1_700_000_000 + k,
+        )
+        for k in range(3)
+    ]
+    real_remove = prune_module._remove
+    calls = []
+
+    def full_once(*args: object) -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            raise NoSpaceError("writing pack x: no space left on the repository's filesystem")
+        return real_remove(*args)
+
+    monkeypatch.setattr(prune_module, "_remove", full_once)
+    held = (repo / "reserve").stat().st_size
+    result = prune_module.prune_repository(str(repo), prune_module.Policy(last=1))
+    assert result.removed == 2 and result.reserve_given_up == held
+    assert not (repo / "reserve").exists()
+    assert rp_ids(repo, "vm") == [ids[-1]]
+    assert collect_garbage(str(repo)).notes  # gc sets it aside again
+    assert (repo / "reserve").stat().st_size == held
 
 
 @pytest.fixture
