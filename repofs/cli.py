@@ -8,6 +8,7 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from typing import Any
@@ -21,6 +22,19 @@ from repofs.names import validate_vm_name
 from repofs.repository import Repository
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an interrupt so it cleans up exactly as Ctrl-C does.
+
+    Schedulers and systemd cancel a job with SIGTERM; by default that killed
+    Python on the spot, leaving an unpublished pack in ``packs/tmp`` and
+    the ingest's reservation for gc to find.
+    """
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    raise Terminated
+
+
 def _fail(message: str, code: int) -> None:
     one_line = " ".join(message.split())
     print(f"repofs: error: {one_line}", file=sys.stderr)
@@ -30,6 +44,8 @@ def _fail(message: str, code: int) -> None:
 class RepofsGroup(click.Group):
     def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         kwargs["standalone_mode"] = False
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # an inherited SIG_IGN stays
+            signal.signal(signal.SIGTERM, _terminate)
         try:
             rv = super().main(*args, **kwargs)
         except click.exceptions.NoArgsIsHelpError as exc:
@@ -37,12 +53,16 @@ class RepofsGroup(click.Group):
             sys.exit(2)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
-        except click.Abort:
+        except click.Abort as exc:  # click's wrapping of an interrupt inside a command
+            if isinstance(exc.__cause__, Terminated):
+                _fail("terminated", 143)
             _fail("interrupted", 130)
         except click.ClickException as exc:
             _fail(exc.format_message(), 2)
         except RepofsError as exc:
             _fail(str(exc), exc.exit_code)
+        except Terminated:
+            _fail("terminated", 143)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except BrokenPipeError:

@@ -13,6 +13,7 @@ import hashlib
 import os
 import random
 import shutil
+import signal
 import stat
 import subprocess
 import time
@@ -237,6 +238,44 @@ def small_filesystem(tmp_path: Path, size_mib: int = 64) -> Iterator[Path]:
             if subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
                 break
             time.sleep(0.2)
+
+
+class TestSignals:
+    @pytest.mark.parametrize(
+        ("sig", "code", "word"),
+        [
+            (signal.SIGINT, 130, "interrupted"),
+            (signal.SIGTERM, 143, "terminated"),
+        ],
+    )
+    def test_ctrl_c_and_sigterm_clean_up_an_ingest(
+        self, tmp_path: Path, sig: signal.Signals, code: int, word: str
+    ) -> None:
+        """Ctrl-C, or SIGTERM from a scheduler or systemd, in the middle of the commit: one
+        line, its own exit status, no restore point, no unpublished pack left behind, and
+        the next ingest works."""
+        repo = new_repo(tmp_path / "repo")
+        img = make_image(tmp_path / "a.img", 4 * MiB, [(0, noise(4 * MiB, 5))])
+        first = ingest_here(repo, "vm", {"d0": img})
+        committed = {first: digest_of_disk(repo, "vm", first)}
+        restamp(img, 1)
+        proc = spawn(
+            "ingest",
+            repo,
+            "--vm",
+            "vm",
+            f"d0={img}",
+            env={"REPOFS_TEST_PAUSE_BEFORE_COMMIT": "60"},
+        )
+        wait_for_line(proc, "pausing before commit")
+        proc.send_signal(sig)
+        _out, err = proc.communicate(timeout=60)
+        assert proc.returncode == code, err
+        assert [ln for ln in err.splitlines() if ln.strip()] == [f"repofs: error: {word}"], err
+        assert not list((repo / "packs" / "tmp").iterdir())
+        assert_healthy(repo, committed)
+        again = repofs("ingest", repo, "--vm", "vm", f"d0={img}").stdout.split()[-1]
+        assert rp_ids(repo, "vm") == sorted([first, again])
 
 
 def free_bytes(path: Path, root: bool = False) -> int:
