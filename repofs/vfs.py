@@ -269,23 +269,15 @@ class RepoView:
 
     def dot_entries(self, ino: int) -> list[tuple[str, Attr]]:
         """``.`` and ``..`` of a directory, which readdir lists first like any file system's."""
-        if ino == ROOT_INODE:
-            parent = ROOT_INODE
-        else:
+        parent = self.getattr(ROOT_INODE)  # of the root and of a VM's directory
+        if ino != ROOT_INODE:
             seq, _slot = split_ino(ino)
             target = self._seq_target(seq)
             if target is None:
                 raise NotFound(ino)
-            if target.startswith(b"V"):
-                parent = ROOT_INODE
-            else:
-                vm = self._rp_by_seq(seq).rp.vm
-                idx = self.repo.index
-                vm_seq = idx.read(lambda t: idx.vm_seq(t, vm))
-                if vm_seq is None:
-                    raise NotFound(ino)
-                parent = vm_seq << SLOT_BITS
-        return [(".", self.getattr(ino)), ("..", self.getattr(parent))]
+            if not target.startswith(b"V"):  # a restore point's: its VM's directory
+                parent = self.lookup(ROOT_INODE, self._rp_by_seq(seq).rp.vm)
+        return [(".", self.getattr(ino)), ("..", parent)]
 
     def readlink(self, ino: int) -> str:
         seq, slot = split_ino(ino)
