@@ -22,6 +22,15 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def free_bytes(path: str) -> int | None:
+    """Bytes an ordinary writer may still use on the file system holding ``path``."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 def os_error(exc: OSError, what: str) -> RepofsError:
     """Translate an OS error during a write into the error an administrator acts on."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):

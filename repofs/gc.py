@@ -56,7 +56,7 @@ from repofs.records import (
     decode_payload,
 )
 from repofs.repository import Repository
-from repofs.reserve import give_up, set_aside
+from repofs.reserve import retry_with_reserve, set_aside
 from repofs.restorepoint import RestorePoint
 from repofs.rprecords import Tombstone, parse_rp_record, parse_tombstone, rp_record_digest
 
@@ -214,18 +214,13 @@ def collect_garbage(
             result.packs_rewritten = len(copied)
             _pause()
         with repository_lock(path, exclusive=True):
-            try:
-                _sweep(repo, marker, uses, doomed, result)
-            except NoSpaceError:
-                # Safe to run again from the top: the sweep is built to survive a crash anywhere.
-                held = give_up(path)
-                if not held:
-                    raise
+            # Safe to run again from the top: the sweep is built to survive a crash anywhere.
+            _, held = retry_with_reserve(path, lambda: _sweep(repo, marker, uses, doomed, result))
+            if held:
                 result.warnings.append(
                     f"the file system was full: gave up the repository's reserve "
                     f"({held / 2**20:.1f} MiB) to sweep"
                 )
-                _sweep(repo, marker, uses, doomed, result)
         if not dry_run and (size := set_aside(path)):
             result.notes.append(f"set aside {size / 2**20:.1f} MiB as the repository's reserve")
         result.pages = marker.walker.pages_loaded

@@ -40,7 +40,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import lmdb
 
-from repofs.durable import os_error
+from repofs.durable import free_bytes, os_error
 from repofs.errors import RepositoryError
 from repofs.records import RecordType
 
@@ -61,15 +61,6 @@ class Location(NamedTuple):
     offset: int
     stored_len: int
     raw_len: int
-
-
-def _nearly_full(path: str) -> bool:
-    """Whether the file system holding ``path`` has (next to) no space left for the index."""
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < NEARLY_FULL_BYTES
 
 
 def object_key(rtype: RecordType, digest: bytes) -> bytes:
@@ -196,7 +187,8 @@ class Index:
                 self._set_mapsize(0)
             except lmdb.Error as exc:
                 # LMDB reports a short write (a disk that filled up meanwhile) as EIO.
-                if "No space" in str(exc) or _nearly_full(self.path):
+                free = free_bytes(self.path)
+                if "No space" in str(exc) or (free is not None and free < NEARLY_FULL_BYTES):
                     raise os_error(OSError(errno.ENOSPC, "No space"), self.path) from None
                 raise RepositoryError(f"{self.path}: cannot write the index: {exc}") from None
 

@@ -27,12 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from repofs.errors import NoSpaceError, UsageError
+from repofs.errors import UsageError
 from repofs.lock import repository_lock
 from repofs.names import validate_vm_name
 from repofs.records import RecordType
 from repofs.repository import Repository
-from repofs.reserve import give_up
+from repofs.reserve import retry_with_reserve
 from repofs.restorepoint import RestorePoint
 from repofs.rprecords import Tombstone
 
@@ -139,14 +139,10 @@ def prune_repository(
         result = PruneResult({name: plan(group, policy) for name, group in by_vm.items()}, dry_run)
         doomed = [d.rp for d in result.to_remove]
         if not dry_run and doomed:
-            try:
-                result.removed = _remove(repo, doomed)
-            except NoSpaceError:
-                # Tombstones written twice are harmless; the second transaction finishes the job.
-                result.reserve_given_up = give_up(path)
-                if not result.reserve_given_up:
-                    raise
-                result.removed = _remove(repo, doomed)
+            # Tombstones written twice are harmless; the second transaction finishes the job.
+            result.removed, result.reserve_given_up = retry_with_reserve(
+                path, lambda: _remove(repo, doomed)
+            )
     return result
 
 

@@ -15,8 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
-from repofs.durable import fsync_dir
+from repofs.durable import free_bytes, fsync_dir
+from repofs.errors import NoSpaceError
+
+T = TypeVar("T")
 
 RESERVE_FILE = "reserve"
 MIN_BYTES = 1024 * 1024
@@ -58,11 +63,11 @@ def set_aside(repo_path: str) -> int:
             return 0
     if size == 0:
         return 0
+    free = free_bytes(repo_path)
+    if free is None or free < 2 * size:
+        return 0
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        st = os.statvfs(repo_path)
-        if st.f_bavail * st.f_frsize < 2 * size:
-            return 0
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.posix_fallocate(fd, 0, size)
@@ -89,3 +94,18 @@ def give_up(repo_path: str) -> int:
     with contextlib.suppress(OSError):
         fsync_dir(repo_path)
     return size
+
+
+def retry_with_reserve(repo_path: str, attempt: Callable[[], T]) -> tuple[T, int]:
+    """Run ``attempt``; if the disk is full, give up the reserve and run it once more.
+
+    Returns its result and the bytes given up (0 if the first try did it).
+    ``attempt`` must be safe to repeat after a failure part-way through.
+    """
+    try:
+        return attempt(), 0
+    except NoSpaceError:
+        held = give_up(repo_path)
+        if not held:
+            raise
+        return attempt(), held
