@@ -94,6 +94,46 @@ def check_mountpoint(mountpoint: str) -> None:
         raise MountError(f"{mountpoint}: mount point is not a directory")
 
 
+FUSE_DEVICE = "/dev/fuse"
+FUSE_CONF = "/etc/fuse.conf"
+
+
+def check_fuse_access(allow_other: bool) -> None:
+    """Say why the kernel mount would fail, before libfuse tries it.
+
+    libfuse explains a refused mount only on the daemon's stderr, which is
+    closed by then, so the user would read just "fuse_session_mount
+    failed".  The usual causes are a user who may not open the device (it
+    is mode 0666 on most systems, 0600 in some containers), no
+    ``fusermount3`` for a user who is not root, and ``allow_other``
+    without ``user_allow_other``.
+    """
+    if not os.path.exists(FUSE_DEVICE):
+        raise MountError(f"{FUSE_DEVICE} is missing: load the fuse module or install fuse3")
+    if not os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
+        raise MountError(
+            f"{FUSE_DEVICE}: permission denied: this user may not mount FUSE file systems"
+        )
+    if os.geteuid() == 0:
+        return
+    if shutil.which("fusermount3") is None:
+        raise MountError(
+            "fusermount3 is missing: install fuse3 (users other than root mount through it)"
+        )
+    if allow_other and not _fuse_conf_allows_other():
+        raise MountError(
+            f"--allow-other: only root may use it unless {FUSE_CONF} says user_allow_other"
+        )
+
+
+def _fuse_conf_allows_other() -> bool:
+    try:
+        with open(FUSE_CONF) as f:
+            return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
+
+
 def _setup_logging(log_file: str | None, foreground: bool) -> None:
     root = logging.getLogger("repofs")
     root.setLevel(logging.INFO)
@@ -123,8 +163,7 @@ def mount(
     if not os.path.exists(os.path.join(repo_path, INDEX_DIR, "data.mdb")):
         raise MountError(f"{repo_path}: the index is missing; run 'repofs rebuild-index'")
     check_mountpoint(mountpoint)
-    if not os.path.exists("/dev/fuse"):
-        raise MountError("/dev/fuse is missing: load the fuse module or install fuse3")
+    check_fuse_access(allow_other)
     if foreground:
         _setup_logging(log_file, True)
         _serve(repo_path, mountpoint, allow_other, cache_bytes, direct_io, [])

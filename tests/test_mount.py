@@ -7,8 +7,11 @@ import json
 import mmap
 import os
 import random
+import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -356,6 +359,52 @@ class TestDaemonLife:
             repofs("mount", tmp_path / "norepo", tmp_path / "mnt", check=False),
             "no such repository",
         )
+
+    def test_a_user_who_may_not_mount_hears_why(self, tmp_path: Path) -> None:
+        """As a user other than root: no access to the FUSE device, or --allow-other
+        that /etc/fuse.conf does not allow, is one line that says so.
+
+        libfuse gives its reason only on the daemon's closed stderr.  The child
+        drops to ``nobody`` after importing repofs; the device and fuse.conf are
+        files of the test's own (their permissions are what is checked), so the
+        test does not depend on this machine's /dev/fuse.
+        """
+        nobody = 65534
+        base = Path(tempfile.mkdtemp(prefix="repofs-nobody-"))  # tmp_path is root-only
+        try:
+            base.chmod(0o755)
+            repo, mnt, dev, conf = base / "repo", base / "mnt", base / "fuse", base / "fuse.conf"
+            repofs("init", repo)
+            mnt.mkdir()
+            for p in (repo, *repo.rglob("*"), mnt):
+                os.lchown(p, nobody, nobody)
+            dev.write_bytes(b"")
+            conf.write_text("# user_allow_other\nmount_max = 1000\n")
+            script = (
+                "import os, sys\n"
+                "import repofs.mount as m\n"
+                "from repofs.cli import main\n"
+                "m.FUSE_DEVICE, m.FUSE_CONF = sys.argv[1], sys.argv[2]\n"
+                f"os.setgroups([]); os.setgid({nobody}); os.setuid({nobody})\n"
+                "main(sys.argv[3:], prog_name='repofs')\n"
+            )
+
+            def mount_as_nobody(*options: str) -> subprocess.CompletedProcess[str]:
+                cmd = [sys.executable, "-c", script, str(dev), str(conf)]
+                return subprocess.run(
+                    [*cmd, "mount", *options, str(repo), str(mnt)],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+
+            dev.chmod(0o600)
+            assert_one_line_error(mount_as_nobody(), f"{dev}: permission denied")
+            dev.chmod(0o666)
+            assert_one_line_error(mount_as_nobody("--allow-other"), "user_allow_other")
+            assert not is_mounted(mnt)
+        finally:
+            shutil.rmtree(base)
 
     def test_umount_command(self, tmp_path: Path, repo: Path) -> None:
         """repofs umount unmounts and the daemon exits."""
