@@ -3,10 +3,12 @@
 Handlers run as trio tasks on one thread, so everything that touches LMDB
 or a pack runs in a worker thread (``trio.to_thread``), bounded by one
 capacity limiter.  Only ``FUSEError`` may leave a handler.  Restore point
-contents are immutable, so their attributes and entries get long kernel
-timeouts and open files keep their page cache (unless the mount bypasses it,
-``direct_io``); directories that gain new restore points get short ones, so
-new restore points appear within a second.
+contents are immutable, so their attributes get long kernel timeouts and
+open files keep their page cache (unless the mount bypasses it,
+``direct_io``).  Every name gets a short entry timeout, and so do the
+attributes of directories that gain new restore points: a new restore point
+appears within a second, and a pruned one is gone from ``stat`` as from
+``ls`` within a second (a long entry timeout kept it answering for an hour).
 """
 
 from __future__ import annotations
@@ -57,9 +59,8 @@ class RepoFS(pyfuse3.Operations):
         e = pyfuse3.EntryAttributes()
         e.st_ino = a.ino
         e.generation = 0
-        timeout = IMMUTABLE_TIMEOUT if a.immutable else CHANGING_TIMEOUT
-        e.entry_timeout = timeout
-        e.attr_timeout = timeout
+        e.entry_timeout = CHANGING_TIMEOUT  # prune may remove any name but the root's
+        e.attr_timeout = IMMUTABLE_TIMEOUT if a.immutable else CHANGING_TIMEOUT
         e.st_mode = a.mode
         e.st_nlink = a.nlink
         e.st_uid = self._uid

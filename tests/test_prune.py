@@ -211,6 +211,23 @@ class TestPruneCommand:
             assert (mnt / "web" / ids[3] / "d0-flat.vmdk").read_bytes() == expected
         del img
 
+    def test_a_restore_point_pruned_under_a_running_mount_is_gone_from_stat_too(
+        self, tmp_path: Path, history: History
+    ) -> None:
+        """A name the kernel has looked up stops answering ``stat`` within about a second of
+        the prune, as it leaves ``ls``: the entry timeout is short even for restore points."""
+        repo, _img, ids = history
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            old = mnt / "web" / ids[0] / "d0-flat.vmdk"
+            assert old.stat().st_size > 0  # now in the kernel's dentry cache
+            repofs("prune", repo, "--keep-last", "1")
+            deadline = time.monotonic() + 5
+            while old.exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not old.exists()
+            assert not (mnt / "web" / ids[0]).exists()
+            assert sorted(p.name for p in (mnt / "web").iterdir()) == sorted([ids[3], "latest"])
+
 
 class TestCbtChildren:
     def test_child_survives_parent_prune_and_gc(self, tmp_path: Path) -> None:
