@@ -170,7 +170,8 @@ def gc(repo: str, threshold: float, dry_run: bool) -> None:
     if dry_run:
         click.echo(
             f"dry run: would delete {r.packs_deleted} pack(s) and rewrite "
-            f"{r.packs_rewritten}, freeing about {human_bytes(r.bytes_freed)}"
+            f"{r.packs_rewritten}, remove {r.orphan_packs} unindexed pack(s), "
+            f"freeing about {human_bytes(r.bytes_freed)}"
         )
         return
     click.echo(

@@ -23,6 +23,14 @@ class RepositoryError(RepofsError):
     exit_code = 3
 
 
+class IndexAccessError(RepositoryError):
+    """The system refuses the index (read-only file system, permissions, memory): not damage.
+
+    Kept apart so that verify does not report it as damage, nor send anyone
+    to rebuild-index, which could not help.
+    """
+
+
 class SourceError(RepofsError):
     """A disk source or changed-block list is unreadable or malformed."""
 

@@ -43,9 +43,10 @@ from typing import Any
 import lmdb
 
 from repofs.errors import BusyError, IntegrityError, NoSpaceError, UsageError
-from repofs.index import LOCATION, PACK_INFO, Index, Location, object_key
+from repofs.index import LOCATION, PACK_INFO, Index, Location, object_key, rp_key
 from repofs.lock import repository_lock
 from repofs.mapwalk import MapWalker
+from repofs.packscan import restore_point_records
 from repofs.packstore import PackStore
 from repofs.records import (
     RECORD_HEADER_SIZE,
@@ -199,10 +200,15 @@ def collect_garbage(
             if len(small) >= SMALL_PACKS_TO_MERGE:
                 sparse |= small  # every ingest ends with a tiny pack holding its record
             if dry_run:
+                unindexed = unindexed_packs(repo)
+                _refuse_if_index_is_behind(unlisted_restore_points(repo, unindexed))
+                result.orphan_packs = len(unindexed)
                 result.packs_deleted = len(doomed)
                 result.packs_rewritten = len(sparse)
-                result.bytes_freed = sum(uses[p].size for p in doomed) + sum(
-                    uses[p].size - uses[p].live_bytes for p in sparse
+                result.bytes_freed = (
+                    sum(uses[p].size for p in doomed)
+                    + sum(uses[p].size - uses[p].live_bytes for p in sparse)
+                    + sum(_size(repo.packs, p) for p in unindexed)
                 )
                 result.live_objects = len(marker.live)
                 result.pages = marker.walker.pages_loaded
@@ -385,6 +391,7 @@ def _sweep(
             f"gc stopped before deleting anything: {len(missing)} object(s) referenced by restore "
             f"points committed during gc are not in the index (first: {_describe(missing[0])})"
         )
+    _refuse_if_index_is_behind(unlisted_restore_points(repo, unindexed_packs(repo)))
     _tombstone_orphans(repo, marker, result)
 
     # Spare doomed packs that now hold a live object (a late restore point deduplicated into them).
@@ -455,12 +462,7 @@ def _tombstone_orphans(repo: Repository, marker: Marker, result: GcResult) -> No
     records, tombs = index.read(keys)
     if not records:
         return
-    buried = set()
-    for key in tombs:
-        with contextlib.suppress(IntegrityError):
-            t = parse_tombstone(repo.read_object(_TOMB, key[1:]))
-            if t is not None:
-                buried.add(t.target)
+    buried = _buried(repo, tombs)
     orphans = []
     for key in records:
         try:
@@ -492,6 +494,63 @@ def _tombstone_orphans(repo: Repository, marker: Marker, result: GcResult) -> No
         raise
     result.tombstones_written = len(orphans)
     result.bytes_written += writer.bytes_stored
+
+
+def _buried(repo: Repository, tombs: list[bytes]) -> set[tuple[str, str, int]]:
+    """The restore points that the tombstones (index keys) name."""
+    buried = set()
+    for key in tombs:
+        with contextlib.suppress(IntegrityError):
+            t = parse_tombstone(repo.read_object(_TOMB, key[1:]))
+            if t is not None:
+                buried.add(t.target)
+    return buried
+
+
+def unindexed_packs(repo: Repository) -> list[bytes]:
+    known = repo.index.read(lambda t: {k for k, _ in repo.index.items(t, "packs")})
+    return [p for p in repo.packs.list() if p not in known]
+
+
+def unlisted_restore_points(repo: Repository, pack_ids: list[bytes]) -> list[str]:
+    """Restore points whose records lie in unindexed packs and that the index has never seen.
+
+    Leftovers of a killed ingest or gc hold only records the index already
+    has, or that a running ingest has reserved.  Anything else means the
+    index is older than the packs (a restored copy, lost transactions): the
+    unindexed packs then hold committed restore points and their data, and
+    collecting them as leftovers would destroy those backups.
+    """
+    index = repo.index
+    found = []
+    for pack_id in pack_ids:
+        found += restore_point_records(repo.packs, pack_id, repo.config.repository_id)
+    if not found:
+        return []
+
+    def unknown(txn: lmdb.Transaction) -> list[dict[str, Any]]:
+        return [
+            doc
+            for digest, doc in found
+            if not index.has(txn, RecordType.RESTORE_POINT, digest)
+            and index.get(txn, "reservations", rp_key(doc["vm"], doc["id"])) is None
+        ]
+
+    docs = index.read(unknown)
+    if docs:
+        tombs = index.read(lambda t: [k for k, _ in index.items(t, "objects", bytes((_TOMB,)))])
+        buried = _buried(repo, tombs)
+        docs = [d for d in docs if (d["vm"], d["id"], d["seq"]) not in buried]
+    return sorted({f"{d['vm']}/{d['id']}" for d in docs})
+
+
+def _refuse_if_index_is_behind(unlisted: list[str]) -> None:
+    if unlisted:
+        raise IntegrityError(
+            f"gc stopped before deleting anything: packs the index does not know hold "
+            f"{len(unlisted)} restore point(s) it does not list (first: {unlisted[0]}); the "
+            "index is older than the packs: run 'repofs rebuild-index', then gc"
+        )
 
 
 def _drop_stale_reservations(index: Index, txn: lmdb.Transaction) -> int:

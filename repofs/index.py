@@ -41,7 +41,7 @@ from typing import Any, NamedTuple, TypeVar
 import lmdb
 
 from repofs.durable import free_bytes, os_error
-from repofs.errors import RepositoryError
+from repofs.errors import IndexAccessError, RepositoryError
 from repofs.records import RecordType
 
 T = TypeVar("T")
@@ -89,11 +89,8 @@ class Index:
         if map_size is None:
             map_size = int(os.environ.get(MAP_SIZE_ENV) or DEFAULT_MAP_SIZE)
         self._resize = _ResizeGate()
-        if not create and not os.path.exists(os.path.join(path, "data.mdb")):
-            raise RepositoryError(
-                f"{path}: the index is missing; "
-                "run 'repofs rebuild-index' to rebuild it from the packs"
-            )
+        if not create:
+            _check_openable(path)
         try:
             self.env = lmdb.open(
                 path,
@@ -108,10 +105,12 @@ class Index:
             )
             self.dbs = {name: self.env.open_db(name.encode()) for name in DATABASES}
         except lmdb.Error as exc:
-            raise RepositoryError(
-                f"{path}: the index is damaged ({exc}); run 'repofs rebuild-index'"
-            ) from None
+            raise _open_error(path, exc) from None
         self._identity = self._file_identity()
+
+    def is_empty(self) -> bool:
+        """True if no pack was ever indexed: a new repository, or an index that lost its data."""
+        return self.read(lambda txn: txn.stat(self.dbs["packs"])["entries"] == 0)
 
     def warm(self, budget: int) -> bool:
         """Ask the kernel to read the whole index into the page cache, if it is under ``budget``.
@@ -333,6 +332,47 @@ class Index:
             if found and cur.key().startswith(prefix):
                 return cur.key()[len(prefix) :].decode()
         return None
+
+
+def _check_openable(path: str) -> None:
+    """Refuse an index LMDB would open wrongly, or fail on with a misleading message.
+
+    LMDB takes an empty ``data.mdb`` (truncated, or zeroed by a crash of the
+    file system) for a new environment and initialises it: every command
+    would then see an empty repository, and gc would delete every pack as
+    unindexed.  And on a read-only file system it fails as if the index were
+    damaged, which would send the administrator to rebuild-index for nothing.
+    """
+    data = os.path.join(path, "data.mdb")
+    try:
+        st = os.stat(data)
+    except FileNotFoundError:
+        raise RepositoryError(
+            f"{path}: the index is missing; run 'repofs rebuild-index' to rebuild it from the packs"
+        ) from None
+    except OSError as exc:
+        raise IndexAccessError(f"{data}: cannot open the index: {exc.strerror}") from None
+    if st.st_size == 0:
+        raise RepositoryError(f"{data}: the index is empty (truncated); run 'repofs rebuild-index'")
+    with contextlib.suppress(OSError):
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            raise IndexAccessError(
+                f"{path}: is on a read-only file system; repofs needs to write its index "
+                "and lock files (copy the repository to writable storage)"
+            )
+
+
+def _open_error(path: str, exc: lmdb.Error) -> RepositoryError:
+    """Tell damage (rebuild-index helps) from the system refusing the open (it does not)."""
+    text = str(exc)
+    for cause in ("Permission denied", "Operation not permitted", "Read-only file system"):
+        if cause in text:
+            return IndexAccessError(f"{path}: cannot open the index: {cause}")
+    if "Cannot allocate memory" in text:
+        return IndexAccessError(
+            f"{path}: cannot map the index: not enough memory or address space ({exc})"
+        )
+    return RepositoryError(f"{path}: the index is damaged ({exc}); run 'repofs rebuild-index'")
 
 
 class _ResizeGate:

@@ -20,6 +20,7 @@ import os
 import sys
 from collections.abc import Iterator
 
+from repofs.durable import os_error
 from repofs.errors import BusyError
 
 GATE = "lock.gate"
@@ -27,7 +28,10 @@ MAIN = "lock.main"
 
 
 def _open(path: str) -> int:
-    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:  # a read-only file system, a lock file turned into a directory
+        raise os_error(exc, path) from None
 
 
 def _acquire(fd: int, mode: int, wait: bool, what: str) -> None:
@@ -45,7 +49,11 @@ def _acquire(fd: int, mode: int, wait: bool, what: str) -> None:
 def repository_lock(repo_path: str, *, exclusive: bool, wait: bool = True) -> Iterator[None]:
     """Hold the repository shared (ingest, prune) or exclusive (gc sweep, rebuild-index)."""
     gate = _open(os.path.join(repo_path, GATE))
-    main = _open(os.path.join(repo_path, MAIN))
+    try:
+        main = _open(os.path.join(repo_path, MAIN))
+    except BaseException:
+        os.close(gate)
+        raise
     try:
         busy = (
             "the repository is busy with gc or rebuild-index"

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 from repofs.errors import IntegrityError
 from repofs.packstore import LocalPackStore
@@ -28,6 +29,7 @@ from repofs.records import (
     decode_header,
     decode_payload,
 )
+from repofs.rprecords import parse_rp_record
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,3 +146,27 @@ def check_payloads(
     futures = [pool.submit(work, recs[i : i + batch]) for i in range(0, len(recs), batch)]
     for fut in futures:
         yield from fut.result()
+
+
+def restore_point_records(
+    store: LocalPackStore, pack_id: bytes, repository_id: str
+) -> list[tuple[bytes, dict[str, Any]]]:
+    """``(digest, restore point)`` of every readable restore point record in one pack.
+
+    How gc and verify look into packs the index does not know: a restore
+    point record there means the index is older than the packs (a restored
+    copy, a lost transaction), and the packs must not be collected as
+    leftovers before rebuild-index has read them.
+    """
+    out = []
+    for rec in scan_pack(store, pack_id, repository_id).records:
+        if rec.header.type != RecordType.RESTORE_POINT:
+            continue
+        where = f"pack {pack_id.hex()} offset {rec.offset}"
+        try:
+            doc = parse_rp_record(decode_payload(rec.header, bytes(rec.payload), where))
+        except IntegrityError:
+            continue  # unreadable: rebuild-index could not bring it back either
+        if doc is not None:
+            out.append((rec.header.digest, doc))
+    return out

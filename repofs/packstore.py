@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterator
 
 from repofs.durable import fsync_dir, os_error
-from repofs.errors import IntegrityError
+from repofs.errors import IntegrityError, RepositoryError
 
 PACK_ID_BYTES = 16
 
@@ -152,7 +152,7 @@ class LocalPackStore(PackStore):
                 return fd
         try:
             fd = os.open(self.path_of(pack_id), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise IntegrityError(f"pack {pack_id.hex()} is missing") from None
         except OSError as exc:
             raise IntegrityError(f"pack {pack_id.hex()}: cannot open: {exc.strerror}") from None
@@ -191,18 +191,30 @@ class LocalPackStore(PackStore):
     def size(self, pack_id: bytes) -> int:
         try:
             return os.stat(self.path_of(pack_id)).st_size
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise IntegrityError(f"pack {pack_id.hex()} is missing") from None
+        except OSError as exc:
+            raise IntegrityError(f"pack {pack_id.hex()}: cannot stat: {exc.strerror}") from None
 
     def list(self) -> Iterator[bytes]:
         try:
             subdirs = sorted(os.listdir(self.root))
         except FileNotFoundError:
             return
+        except OSError as exc:  # packs/ replaced by a file, or unreadable
+            raise RepositoryError(f"{self.root}: cannot list the packs: {exc.strerror}") from None
         for sub in subdirs:
             if len(sub) != 2:
                 continue
-            for name in sorted(os.listdir(os.path.join(self.root, sub))):
+            try:
+                names = sorted(os.listdir(os.path.join(self.root, sub)))
+            except NotADirectoryError:
+                continue  # not ours
+            except OSError as exc:
+                raise RepositoryError(
+                    f"{os.path.join(self.root, sub)}: cannot list the packs: {exc.strerror}"
+                ) from None
+            for name in names:
                 if name.endswith(".pack") and len(name) == 37:
                     try:
                         yield bytes.fromhex(name[:32])

@@ -29,10 +29,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import lmdb
+
 from ingest.progress import Progress
 from repofs.config import RepoConfig
 from repofs.durable import fsync_dir, os_error
-from repofs.errors import IntegrityError
+from repofs.errors import IntegrityError, RepositoryError
 from repofs.index import Index, Location
 from repofs.lock import repository_lock
 from repofs.mapwalk import MapWalker
@@ -74,6 +76,7 @@ def rebuild_index(
     config = RepoConfig.load(path)
     result = RebuildResult()
     with repository_lock(path, exclusive=True):
+        _check_packs_present(path)
         new_dir = os.path.join(path, NEW_DIR)
         _remove_tree(new_dir)
         try:
@@ -92,6 +95,40 @@ def rebuild_index(
         _swap(path, new_dir)
     result.seconds = time.monotonic() - t0
     return result
+
+
+def _check_packs_present(path: str) -> None:
+    """Refuse to trade an index for an empty one because the packs are not there.
+
+    A ``packs/`` directory that is missing, or holds nothing, is far more
+    likely a mistake (a failed copy, the wrong path, an unmounted volume)
+    than a repository that really lost every pack; rebuilding then would
+    only throw away the index, the one thing left.
+    """
+    packs_dir = os.path.join(path, PACKS_DIR)
+    if not os.path.isdir(packs_dir):
+        raise RepositoryError(
+            f"{packs_dir}: missing or not a directory: nothing to rebuild the index from "
+            "(the index was left as it is)"
+        )
+    if next(iter(LocalPackStore(packs_dir).list()), None) is not None:
+        return
+    try:
+        index = Index(os.path.join(path, INDEX_DIR))
+    except RepositoryError:
+        return  # no index worth keeping
+    try:
+        known = index.read(lambda txn: txn.stat(index.dbs["packs"])["entries"])
+    except lmdb.Error:
+        return
+    finally:
+        index.close()
+    if known:
+        index_dir = os.path.join(path, INDEX_DIR)
+        raise RepositoryError(
+            f"{packs_dir}: holds no packs, but the index lists {known}; the index was left "
+            f"as it is (to start an empty index anyway, remove {index_dir} first)"
+        )
 
 
 def _scan_all(

@@ -11,7 +11,7 @@ from typing import Any
 
 from repofs.config import CONFIG_FILE, RepoConfig
 from repofs.durable import os_error, write_file_atomic
-from repofs.errors import IntegrityError, UsageError
+from repofs.errors import IntegrityError, RepositoryError, UsageError
 from repofs.index import LOCATION, PACK_INFO, Index, Location, rp_key
 from repofs.maps import MapReader, PageCache
 from repofs.names import rp_id_for
@@ -61,6 +61,17 @@ class Repository:
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             raise UsageError(f"{parent}: parent directory does not exist")
+        # Inside another repository, rebuild-index or gc of that one would delete it.
+        ancestor = os.path.realpath(parent)
+        while True:
+            if os.path.isfile(os.path.join(ancestor, CONFIG_FILE)) and os.path.isdir(
+                os.path.join(ancestor, PACKS_DIR)
+            ):
+                raise UsageError(f"{path}: is inside the repository {ancestor}")
+            up = os.path.dirname(ancestor)
+            if up == ancestor:
+                break
+            ancestor = up
         try:
             os.makedirs(path, mode=0o700, exist_ok=True)
             os.chmod(path, 0o700)
@@ -77,7 +88,21 @@ class Repository:
     def open(cls, path: str) -> Repository:
         config = RepoConfig.load(path)
         index = Index(os.path.join(path, INDEX_DIR))
-        return cls(path, config, index, LocalPackStore(os.path.join(path, PACKS_DIR)))
+        packs = LocalPackStore(os.path.join(path, PACKS_DIR))
+        try:
+            # An index that knows no pack beside packs that exist was lost or replaced
+            # (LMDB re-initialises an emptied file): trusting it would show no restore
+            # points, and gc would delete every pack as unindexed.
+            if index.is_empty() and next(iter(packs.list()), None) is not None:
+                raise RepositoryError(
+                    f"{os.path.join(path, INDEX_DIR)}: the index lists no packs but "
+                    f"{PACKS_DIR}/ holds some: it was lost or replaced; run 'repofs rebuild-index'"
+                )
+        except BaseException:
+            index.close()
+            packs.close()
+            raise
+        return cls(path, config, index, packs)
 
     def close(self) -> None:
         self.index.close()

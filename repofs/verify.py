@@ -57,7 +57,8 @@ import zstandard
 from ingest.progress import Progress
 from repofs.config import RepoConfig
 from repofs.directio import ALIGN, HUGE_PAGE, direct_buffer, read_into
-from repofs.errors import IntegrityError, RepositoryError, UsageError
+from repofs.errors import IndexAccessError, IntegrityError, RepositoryError, UsageError
+from repofs.gc import unindexed_packs, unlisted_restore_points
 from repofs.index import LOCATION, PACK_INFO, Location
 from repofs.lock import repository_lock
 from repofs.mapwalk import DamageMapper, MapWalker, byte_ranges
@@ -158,6 +159,8 @@ def verify_repository(
     t0 = time.monotonic()
     try:
         repo = Repository.open(path)
+    except IndexAccessError:
+        raise
     except RepositoryError as exc:
         result = _without_index(path, config, str(exc), threads)
     else:
@@ -499,13 +502,21 @@ class _Verifier:
     # -- leftovers and permissions --------------------------------------------------
 
     def _leftovers(self) -> None:
-        known = self.index.read(lambda t: {k for k, _ in self.index.items(t, "packs")})
-        for pack_id in self.repo.packs.list():
-            if pack_id not in known:
-                self.result.warnings.append(
-                    f"pack {pack_id.hex()} is not in the index "
-                    "(left by an interrupted ingest or gc; gc removes it)"
-                )
+        unindexed = unindexed_packs(self.repo)
+        unlisted = unlisted_restore_points(self.repo, unindexed)
+        if unlisted:
+            n = self._problem(
+                f"{len(unindexed)} pack(s) not in the index",
+                f"hold {len(unlisted)} restore point(s) the index does not list: the index is "
+                "older than the packs; run 'repofs rebuild-index' (gc refuses to run until then)",
+            )
+            self.result.problems[n].affects.extend(unlisted)
+            return
+        for pack_id in unindexed:
+            self.result.warnings.append(
+                f"pack {pack_id.hex()} is not in the index "
+                "(left by an interrupted ingest or gc; gc removes it)"
+            )
         tmp = self.repo.packs.tmp_dir
         leftovers = os.listdir(tmp) if os.path.isdir(tmp) else []
         if leftovers:
