@@ -33,6 +33,7 @@ import contextlib
 import errno
 import json
 import os
+import resource
 import struct
 import threading
 from collections.abc import Callable, Iterator
@@ -87,7 +88,7 @@ class Index:
     def __init__(self, path: str, *, create: bool = False, map_size: int | None = None) -> None:
         self.path = path
         if map_size is None:
-            map_size = int(os.environ.get(MAP_SIZE_ENV) or DEFAULT_MAP_SIZE)
+            map_size = _address_space_share(int(os.environ.get(MAP_SIZE_ENV) or DEFAULT_MAP_SIZE))
         self._resize = _ResizeGate()
         if not create:
             _check_openable(path)
@@ -332,6 +333,20 @@ class Index:
             if found and cur.key().startswith(prefix):
                 return cur.key()[len(prefix) :].decode()
         return None
+
+
+def _address_space_share(map_size: int) -> int:
+    """The map size, cut to a quarter of the address space where ``ulimit -v`` limits it.
+
+    The 64 GiB default is address space only, but a process limited to less
+    (some backup servers set ``ulimit -v``) could not map it at all.  The
+    map still grows on demand; LMDB keeps a map at least as large as the
+    file.
+    """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return map_size
+    return max(1 << 20, min(map_size, soft // 4))
 
 
 def _check_openable(path: str) -> None:

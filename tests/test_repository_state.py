@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import cli_argv, cli_env
 from tests.maint_helpers import (
     MiB,
     assert_one_line_error,
@@ -151,4 +152,16 @@ def test_odd_files_in_the_repository_give_one_line_errors(two_vms: tuple[Path, P
         repofs("init", repo / "index" / "sub", check=False), "inside the repository"
     )
     assert not (repo / "index" / "sub").exists()
+    repofs("verify", repo)
+
+
+def test_a_limited_address_space_still_opens_the_index(
+    tmp_path: Path, two_vms: tuple[Path, Path]
+) -> None:
+    """Under ``ulimit -v`` of 4 GB the index's 64 GiB map could not be mapped at all."""
+    repo, web = two_vms
+    limit = ["prlimit", "--as=4000000000", "--"]
+    for args in (["list", str(repo)], ["ingest", str(repo), "--vm", "web", f"d0={web}"]):
+        subprocess.run(limit + cli_argv(*args), check=True, capture_output=True, env=cli_env())
+    assert len(rp_ids(repo, "web")) == 2
     repofs("verify", repo)
