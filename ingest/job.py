@@ -13,7 +13,7 @@ from ingest.detect import open_source
 from ingest.pipeline import DiskRequest, Ingest
 from repofs.errors import UsageError
 from repofs.lock import repository_lock
-from repofs.names import validate_disk_name, validate_vm_name
+from repofs.names import validate_restore_point_names, validate_vm_name
 from repofs.repository import Repository
 from repofs.restorepoint import RestorePoint
 
@@ -42,12 +42,8 @@ def run_ingest(
     pairs = [split_assignment(s, "disk") for s in disk_specs]
     if not pairs:
         raise UsageError("no disks given: name at least one DISK=SOURCE")
-    seen: set[str] = set()
-    for name, _ in pairs:
-        validate_disk_name(name)
-        if name in seen:
-            raise UsageError(f"disk name {name!r} is given more than once")
-        seen.add(name)
+    validate_restore_point_names([name for name, _ in pairs], configs)
+    seen = {name for name, _ in pairs}
     changed_by_disk: dict[str, str] = {}
     for spec in changed_specs or []:
         name, value = split_assignment(spec, "--changed-blocks")

@@ -22,7 +22,7 @@ from ingest.progress import Progress
 from ingest.source import DiskSource, Extent, clip_extents
 from repofs.errors import SourceError, UsageError
 from repofs.maps import MapBuilder, MapReader
-from repofs.names import validate_disk_name, validate_name, validate_vm_name
+from repofs.names import validate_restore_point_names, validate_vm_name
 from repofs.records import ZERO_DIGEST, Codec, Compressor, RecordType, digest_of
 from repofs.repository import Repository
 from repofs.restorepoint import ConfigFile, DiskInfo, RestorePoint
@@ -169,18 +169,9 @@ class Ingest:
         self.parent = parent
         self.progress_enabled = progress
         self.threads = threads or max(1, os.cpu_count() or 1)
-        names = [validate_disk_name(d.name) for d in disks]
-        if not names:
+        if not disks:
             raise UsageError("no disks given: name at least one DISK=SOURCE")
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise UsageError(f"disk name {sorted(dup)[0]!r} is given more than once")
-        cfg_names = [os.path.basename(c) for c in configs]
-        for c in cfg_names:
-            validate_name("config file", c)
-        taken = set(cfg_names) & ({f"{n}.vmdk" for n in names} | {f"{n}-flat.vmdk" for n in names})
-        if len(set(cfg_names)) != len(cfg_names) or taken:
-            raise UsageError("config file names must be unique and differ from the disk files")
+        validate_restore_point_names([d.name for d in disks], configs)
         for d in disks:
             if d.changed is not None and parent is None:
                 raise UsageError(

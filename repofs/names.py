@@ -6,8 +6,10 @@ escape a directory or confuse a shell-less consumer (tar, rsync) is refused.
 
 from __future__ import annotations
 
+import os
 import re
 import time
+from collections.abc import Sequence
 
 from repofs.errors import UsageError
 
@@ -46,6 +48,38 @@ def validate_disk_name(name: str) -> str:
 
 def validate_vm_name(name: str) -> str:
     return validate_name("VM", name)
+
+
+def validate_restore_point_names(disks: Sequence[str], config_paths: Sequence[str]) -> None:
+    """Refuse disks and config files whose files would hide one another in the mount.
+
+    A restore point's directory holds ``X.vmdk`` and ``X-flat.vmdk`` for
+    each disk X beside the config files (by their base names): disks
+    ``a-flat`` and ``a`` would both claim ``a-flat.vmdk``, and the mount
+    could only ever show one of them, so such a set is never stored.
+    """
+    seen: set[str] = set()
+    for name in disks:
+        validate_disk_name(name)
+        if name in seen:
+            raise UsageError(f"disk name {name!r} is given more than once")
+        seen.add(name)
+    owners: dict[str, str] = {}
+    files: list[tuple[str, tuple[str, ...]]] = [
+        (f"disk {d!r}", (f"{d}.vmdk", f"{d}-flat.vmdk")) for d in disks
+    ]
+    for path in config_paths:
+        base = os.path.basename(path)
+        validate_name("config file", base)
+        files.append((f"config file {path!r}", (base,)))
+    for owner, names in files:
+        for name in names:
+            if name in owners:
+                raise UsageError(
+                    f"{owners[name]} and {owner} would both be {name!r} in the "
+                    "restore point's directory; rename one"
+                )
+            owners[name] = owner
 
 
 def is_rp_id(text: str) -> bool:

@@ -154,6 +154,31 @@ class TestBadInput:
         assert_one_line_error(repofs("ingest", repo, "--vm", "v", check=False), "no disks")
         assert self._count(repo) == 0
 
+    @pytest.mark.parametrize(
+        "disks,configs,needle",
+        [
+            (["a-flat", "a"], [], "'a-flat.vmdk'"),
+            (["a", "a-flat"], [], "'a-flat.vmdk'"),
+            (["x"], ["x.vmdk"], "'x.vmdk'"),
+            (["x"], ["x-flat.vmdk"], "'x-flat.vmdk'"),
+            (["x"], ["one/web.vmx", "two/web.vmx"], "'web.vmx'"),
+        ],
+    )
+    def test_names_that_would_hide_each_other_in_the_mount(
+        self, repo: Path, tmp_path: Path, disks: list[str], configs: list[str], needle: str
+    ) -> None:
+        """Disk a-flat's descriptor and disk a's data would both be a-flat.vmdk: refused."""
+        img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
+        args = [f"{d}={img}" for d in disks]
+        for c in configs:
+            (tmp_path / c).parent.mkdir(exist_ok=True)
+            (tmp_path / c).write_text("x\n")
+            args += ["--config", str(tmp_path / c)]
+        p = repofs("ingest", repo, "--vm", "v", *args, check=False)
+        assert_one_line_error(p, needle, "would both be")
+        assert p.returncode == 2
+        assert self._count(repo) == 0
+
     def test_repository_path_problems(self, tmp_path: Path) -> None:
         """A missing repository, a file, or a plain directory are each named clearly."""
         f = tmp_path / "file"
