@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from ingest.plan import Run, chunk_intervals, plan_runs, union
 from ingest.progress import Progress
+from ingest.raw import read_small_file
 from ingest.source import DiskSource, Extent, clip_extents
 from repofs.errors import SourceError, UsageError
 from repofs.maps import MapBuilder, MapReader
@@ -302,19 +303,10 @@ class Ingest:
         out = []
         for path in self.configs:
             try:
-                size = os.path.getsize(path)
-                if size > MAX_CONFIG_BYTES:
-                    raise UsageError(
-                        f"{path}: config file is {size} bytes; at most {MAX_CONFIG_BYTES}"
-                    )
-                with open(path, "rb") as f:
-                    out.append((os.path.basename(path), f.read()))
-            except FileNotFoundError:
-                raise UsageError(f"{path}: config file does not exist") from None
-            except IsADirectoryError:
-                raise UsageError(f"{path}: config file is a directory") from None
-            except OSError as exc:
-                raise UsageError(f"{path}: cannot read config file: {exc.strerror}") from None
+                data = read_small_file(path, MAX_CONFIG_BYTES, "config file")
+            except SourceError as exc:  # a --config is part of the command line
+                raise UsageError(str(exc)) from None
+            out.append((os.path.basename(path), data))
         return out
 
     def _ingest_disk(

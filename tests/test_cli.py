@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from ingest.pipeline import MAX_CONFIG_BYTES
 from tests.helpers import assert_one_line_error, ingest, make_image, repofs
 
 MiB = 1 << 20
@@ -207,6 +208,32 @@ class TestBadInput:
         """Even errors click finds itself (missing option, unknown command) are one line."""
         assert_one_line_error(repofs("ingest", repo, "d=x", check=False), "--vm")
         assert_one_line_error(repofs("frobnicate", check=False), "frobnicate")
+
+    @pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory", "too-large"])
+    def test_config_that_is_not_a_small_regular_file(
+        self, repo: Path, tmp_path: Path, kind: str
+    ) -> None:
+        """A FIFO or /dev/zero as --config is refused at once, not waited on or read forever."""
+        img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
+        config = tmp_path / "c.vmx"
+        if kind == "fifo":
+            os.mkfifo(config)
+            needle = "not a regular file"
+        elif kind == "dev-zero":
+            config = Path("/dev/zero")
+            needle = "not a regular file"
+        elif kind == "directory":
+            config.mkdir()
+            needle = "is a directory"
+        else:  # sparse, so the test costs no disk space
+            make_image(config, MAX_CONFIG_BYTES + 1)
+            needle = f"at most {MAX_CONFIG_BYTES}"
+        p = repofs(
+            "ingest", repo, "--vm", "v", f"d={img}", "--config", config, check=False, timeout=60
+        )
+        assert_one_line_error(p, str(config), "config file", needle)
+        assert p.returncode == 2
+        assert self._count(repo) == 0
 
     def test_missing_config_file(self, repo: Path, tmp_path: Path) -> None:
         """A --config that does not exist is refused before anything is written."""
