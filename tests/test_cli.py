@@ -51,6 +51,60 @@ class TestInit:
         assert not (tmp_path / "r").exists()
 
 
+class TestDamagedConfig:
+    @pytest.mark.parametrize(
+        "field,value,needle",
+        [
+            ("compression", 3, "not a string"),
+            ("compression", None, "not a string"),
+            ("compression", "zstd:99", "out of range"),
+            ("pack_target_size", "abc", "not an integer"),
+            ("pack_target_size", 0, "out of range"),
+            ("pack_target_size", -1, "out of range"),
+            ("pack_target_size", 1 << 40, "out of range"),
+            ("version", True, "not an integer"),
+            ("version", 1.0, "not an integer"),
+            ("version", 2, "not supported"),
+            ("chunk_size", True, "not an integer"),
+            ("chunk_size", 131072.0, "not an integer"),
+            ("page_refs", "1024", "not an integer"),
+            ("page_refs", False, "not an integer"),
+            ("repository_id", 10**31, "not a string"),
+            ("repository_id", None, "not a string"),
+            ("format", 1, "format field"),
+            ("page_refs", "<missing>", "missing"),
+        ],
+    )
+    def test_every_field_is_checked(
+        self, tmp_path: Path, repo: Path, field: str, value: object, needle: str
+    ) -> None:
+        """A field of the wrong type or range is one line naming it, never a traceback."""
+        path = repo / "config.json"
+        cfg = json.loads(path.read_text())
+        if value == "<missing>":
+            del cfg[field]
+        else:
+            cfg[field] = value
+        path.write_text(json.dumps(cfg))
+        img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
+        for args in (["list", repo], ["stats", repo], ["ingest", repo, "--vm", "v", f"d={img}"]):
+            p = repofs(*args, check=False)
+            assert_one_line_error(p, "config.json", needle)
+            assert p.returncode == 3, p.stderr
+            if needle != "format field":
+                assert field in p.stderr
+
+    def test_extremes_of_the_ranges_still_open(self, tmp_path: Path, repo: Path) -> None:
+        """The range limits are inclusive: a config at each of them is accepted."""
+        path = repo / "config.json"
+        cfg = json.loads(path.read_text())
+        img = make_image(tmp_path / "d.img", MiB, [(0, os.urandom(MiB))])
+        for size in (1 << 20, 256 << 20):
+            cfg["pack_target_size"] = size
+            path.write_text(json.dumps(cfg))
+            ingest(repo, "v", f"d={img}")
+
+
 class TestIngest:
     def test_round_trip_odd_size_and_configs(self, tmp_path: Path, repo: Path) -> None:
         """A disk of odd size and its config files come back byte for byte (see test_mount)."""
