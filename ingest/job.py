@@ -38,7 +38,7 @@ def run_ingest(
     cbt_check: int = 0,
     progress: bool | None = None,
 ) -> RestorePoint:
-    validate_vm_name(vm)
+    validate_vm_name(vm, new=True)
     pairs = [split_assignment(s, "disk") for s in disk_specs]
     if not pairs:
         raise UsageError("no disks given: name at least one DISK=SOURCE")
@@ -54,11 +54,14 @@ def run_ingest(
         changed_by_disk[name] = value
     if cbt_check < 0:
         raise UsageError("--cbt-check must be zero or more")
+    if parent_spec is not None and not parent_spec.strip():
+        # Never read as "no --parent": that would quietly mean the latest.
+        raise UsageError("--parent is empty: give a restore point id or 'latest'")
 
     repo = Repository.open(repo_path)
     with contextlib.ExitStack() as stack:
         stack.callback(repo.close)
-        parent = repo.resolve(vm, parent_spec) if parent_spec else repo.latest(vm)
+        parent = repo.resolve(vm, parent_spec) if parent_spec is not None else repo.latest(vm)
         requests = []
         for name, path in pairs:
             source = open_source(path, fmt)

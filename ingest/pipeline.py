@@ -164,7 +164,7 @@ class Ingest:
         threads: int | None = None,
     ) -> None:
         self.repo = repo
-        self.vm = validate_vm_name(vm)
+        self.vm = validate_vm_name(vm, new=True)
         self.disks = disks
         self.configs = configs
         self.parent = parent

@@ -33,11 +33,13 @@ MAX_PACK_TARGET = 256 * 1024 * 1024
 _SIZE = re.compile(r"^(\d+)\s*([kKmMgG]?)(i?[bB])?$")
 
 
-def parse_size(text: str) -> int:
-    """Parse ``64K``, ``1M``, ``65536`` (binary units) into bytes."""
+def parse_size(text: str, what: str = "size") -> int:
+    """Parse ``64K``, ``1M``, ``65536`` (binary units) into bytes; ``what`` names it in errors."""
+    if not text.strip():
+        raise UsageError(f"{what} is empty: expected e.g. 64K, 1M or 65536")
     m = _SIZE.match(text.strip())
     if not m:
-        raise UsageError(f"cannot read size {text!r}: expected e.g. 64K, 1M or 65536")
+        raise UsageError(f"cannot read {what} {text!r}: expected e.g. 64K, 1M or 65536")
     mult = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2).lower()]
     return int(m.group(1)) * mult
 
@@ -103,6 +105,8 @@ class RepoConfig:
 
     @classmethod
     def load(cls, repo_path: str) -> RepoConfig:
+        if not repo_path:
+            raise UsageError("the repository path is empty")
         path = os.path.join(repo_path, CONFIG_FILE)
         if not os.path.exists(repo_path):
             raise RepositoryError(f"{repo_path}: no such repository")

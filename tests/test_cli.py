@@ -6,12 +6,13 @@ import json
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from ingest.pipeline import MAX_CONFIG_BYTES
-from tests.helpers import assert_one_line_error, ingest, make_image, repofs
+from tests.helpers import assert_one_line_error, cli_env, ingest, make_image, repofs
 
 MiB = 1 << 20
 
@@ -43,6 +44,8 @@ class TestInit:
             (["--chunk-size", "2K"], "power of two"),
             (["--compression", "lz4"], "compression"),
             (["--compression", "zstd:99"], "range"),
+            (["--chunk-size", ""], "--chunk-size is empty"),
+            (["--chunk-size", " "], "--chunk-size is empty"),
         ],
     )
     def test_bad_options(self, tmp_path: Path, args: list[str], needle: str) -> None:
@@ -105,6 +108,28 @@ class TestDamagedConfig:
             ingest(repo, "v", f"d={img}")
 
 
+class TestEmptyPaths:
+    def test_empty_repository_path(self, tmp_path: Path) -> None:
+        """'' is said to be empty, not ': No such file or directory', and creates nothing."""
+        for args in (["init", ""], ["list", ""], ["stats", ""], ["verify", ""]):
+            p = subprocess.run(
+                [sys.executable, "-m", "repofs", *args],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                env=cli_env(),
+                timeout=60,
+            )
+            assert_one_line_error(p, "repository path is empty")
+            assert p.returncode == 2
+        assert list(tmp_path.iterdir()) == []
+
+    def test_empty_mount_point(self, repo: Path) -> None:
+        """mount and umount say the mount point is empty before trying anything."""
+        for args in (["mount", repo, ""], ["umount", ""]):
+            assert_one_line_error(repofs(*args, check=False), "mount point path is empty")
+
+
 class TestIngest:
     def test_round_trip_odd_size_and_configs(self, tmp_path: Path, repo: Path) -> None:
         """A disk of odd size and its config files come back byte for byte (see test_mount)."""
@@ -158,7 +183,9 @@ class TestBadInput:
     def _count(self, repo: Path) -> int:
         return len(json.loads(repofs("list", repo, "--json").stdout))
 
-    @pytest.mark.parametrize("vm", ["a/b", "..", "", "x" * 201])
+    @pytest.mark.parametrize(
+        "vm", ["a/b", "..", "", "x" * 201, " ", "   ", "\u00a0", " web", "web "]
+    )
     def test_bad_vm_name(self, tmp_path: Path, repo: Path, vm: str) -> None:
         """A bad VM name is refused before anything is written."""
         img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
@@ -166,6 +193,40 @@ class TestBadInput:
             repofs("ingest", repo, "--vm", vm, f"d={img}", check=False), "VM name"
         )
         assert self._count(repo) == 0
+
+    @pytest.mark.parametrize(
+        "disk,needle",
+        [(" ", "only whitespace"), (" d", "begins or ends"), ("d ", "begins or ends")],
+    )
+    def test_disk_and_config_names_with_outer_whitespace(
+        self, tmp_path: Path, repo: Path, disk: str, needle: str
+    ) -> None:
+        """Names that differ from others only by outer blanks are refused for disks and configs."""
+        img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
+        p = repofs("ingest", repo, "--vm", "v", f"{disk}={img}", check=False)
+        assert_one_line_error(p, "disk name", needle)
+        vmx = tmp_path / "web.vmx "
+        vmx.write_text("x\n")
+        p = repofs("ingest", repo, "--vm", "v", f"d={img}", "--config", vmx, check=False)
+        assert_one_line_error(p, "config file name", "begins or ends")
+        assert self._count(repo) == 0
+
+    def test_inner_blanks_and_old_names_still_work(self, tmp_path: Path, repo: Path) -> None:
+        """Blanks inside a name are fine; a lookup of an odd name is an unknown VM, not an error."""
+        img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
+        ingest(repo, "web 01", f"disk 0={img}")
+        assert self._count(repo) == 1
+        assert_one_line_error(repofs("list", repo, " ", check=False), "unknown VM")
+
+    def test_empty_parent_is_not_latest(self, tmp_path: Path, repo: Path) -> None:
+        """--parent '' used to mean the latest restore point; now it is an error."""
+        img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
+        ingest(repo, "v", f"d={img}")
+        for parent in ("", " "):
+            p = repofs("ingest", repo, "--vm", "v", f"d={img}", "--parent", parent, check=False)
+            assert_one_line_error(p, "--parent is empty")
+            assert p.returncode == 2
+        assert self._count(repo) == 1
 
     def test_missing_source(self, repo: Path, tmp_path: Path) -> None:
         """A source that does not exist names itself."""
