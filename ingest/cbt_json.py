@@ -13,6 +13,7 @@ import json
 from typing import Any, NoReturn
 
 from ingest.cbt import ChangedBlocks
+from ingest.raw import read_small_file
 from ingest.source import Extent
 from repofs.errors import SourceError
 
@@ -22,6 +23,10 @@ VMWARE_KEYS = frozenset({"startoffset", "length", "changedarea"})
 #: Keys that carry a type name in JSON dumps of vSphere data objects
 #: (pyVmomi's encoder writes ``_vimtype``, the vSphere JSON API ``_typeName``).
 TYPE_KEYS = ("_vimtype", "_typename")
+#: 128 MiB hold about 3 million changed areas (1.5 million as ConvertTo-Json
+#: indents them), far more than a real list; parsing that much takes about
+#: 1 GiB of memory, where a FIFO or /dev/zero without a limit took it all.
+MAX_LIST_BYTES = 128 * 1024 * 1024
 
 
 def _short(value: object) -> str:
@@ -62,13 +67,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _read_json(path: str) -> Any:
     """Parse ``path``, turning every failure into a one-line :class:`SourceError`."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise SourceError(
-            f"{path}: cannot read changed-block list: {exc.strerror or exc}"
-        ) from None
+    data = read_small_file(path, MAX_LIST_BYTES, "changed-block list")
     if not data.strip():
         raise SourceError(f"{path}: changed-block list is empty")
     try:

@@ -322,7 +322,13 @@ class LayeredSource(DiskSource):
 
     @property
     def size(self) -> int:
-        return self._size
+        """The virtual size rounded up to whole 512-byte sectors, as for raw files.
+
+        A VMDK extent is counted in sectors, so the flat file in the mount
+        must be too; a qcow2 or VHD header may give any byte count.  The
+        padding reads as zeros (see :meth:`read`).
+        """
+        return -(-self._size // 512) * 512
 
     def chain(self) -> list[str]:
         files = [self.path]
@@ -344,11 +350,19 @@ class LayeredSource(DiskSource):
             self._fd = -1
 
     def read(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0 or offset + length > self._size:
+        if offset < 0 or length < 0 or offset + length > self.size:
             raise self.fail(
-                f"read of {length} bytes at offset {offset} is outside the disk "
-                f"({self._size} bytes)"
+                f"read of {length} bytes at offset {offset} is outside the disk ({self.size} bytes)"
             )
+        # Past the header's size (the padding to a whole sector) is zeros, whatever
+        # the last cluster or block of the file holds there.
+        inside = max(0, min(length, self._size - offset))
+        if inside < length:
+            return self._read_virtual(offset, inside) + bytes(length - inside)
+        return self._read_virtual(offset, length)
+
+    def _read_virtual(self, offset: int, length: int) -> bytes:
+        """:meth:`read` of ``[offset, offset+length)`` inside the header's virtual size."""
         if length == 0:
             return b""
         runs: list[list[Any]] = []

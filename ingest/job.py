@@ -13,7 +13,7 @@ from ingest.detect import open_source
 from ingest.pipeline import DiskRequest, Ingest
 from repofs.errors import UsageError
 from repofs.lock import repository_lock
-from repofs.names import validate_disk_name, validate_vm_name
+from repofs.names import validate_restore_point_names, validate_vm_name
 from repofs.repository import Repository
 from repofs.restorepoint import RestorePoint
 
@@ -38,16 +38,12 @@ def run_ingest(
     cbt_check: int = 0,
     progress: bool | None = None,
 ) -> RestorePoint:
-    validate_vm_name(vm)
+    validate_vm_name(vm, new=True)
     pairs = [split_assignment(s, "disk") for s in disk_specs]
     if not pairs:
         raise UsageError("no disks given: name at least one DISK=SOURCE")
-    seen: set[str] = set()
-    for name, _ in pairs:
-        validate_disk_name(name)
-        if name in seen:
-            raise UsageError(f"disk name {name!r} is given more than once")
-        seen.add(name)
+    validate_restore_point_names([name for name, _ in pairs], configs)
+    seen = {name for name, _ in pairs}
     changed_by_disk: dict[str, str] = {}
     for spec in changed_specs or []:
         name, value = split_assignment(spec, "--changed-blocks")
@@ -58,11 +54,14 @@ def run_ingest(
         changed_by_disk[name] = value
     if cbt_check < 0:
         raise UsageError("--cbt-check must be zero or more")
+    if parent_spec is not None and not parent_spec.strip():
+        # Never read as "no --parent": that would quietly mean the latest.
+        raise UsageError("--parent is empty: give a restore point id or 'latest'")
 
     repo = Repository.open(repo_path)
     with contextlib.ExitStack() as stack:
         stack.callback(repo.close)
-        parent = repo.resolve(vm, parent_spec) if parent_spec else repo.latest(vm)
+        parent = repo.resolve(vm, parent_spec) if parent_spec is not None else repo.latest(vm)
         requests = []
         for name, path in pairs:
             source = open_source(path, fmt)

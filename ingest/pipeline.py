@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 from ingest.plan import Run, chunk_intervals, plan_runs, union
 from ingest.progress import Progress
+from ingest.raw import read_small_file
 from ingest.source import DiskSource, Extent, clip_extents
 from repofs.errors import SourceError, UsageError
 from repofs.maps import MapBuilder, MapReader
-from repofs.names import validate_disk_name, validate_name, validate_vm_name
+from repofs.names import validate_restore_point_names, validate_vm_name
 from repofs.records import ZERO_DIGEST, Codec, Compressor, RecordType, digest_of
 from repofs.repository import Repository
 from repofs.restorepoint import ConfigFile, DiskInfo, RestorePoint
@@ -163,24 +164,15 @@ class Ingest:
         threads: int | None = None,
     ) -> None:
         self.repo = repo
-        self.vm = validate_vm_name(vm)
+        self.vm = validate_vm_name(vm, new=True)
         self.disks = disks
         self.configs = configs
         self.parent = parent
         self.progress_enabled = progress
         self.threads = threads or max(1, os.cpu_count() or 1)
-        names = [validate_disk_name(d.name) for d in disks]
-        if not names:
+        if not disks:
             raise UsageError("no disks given: name at least one DISK=SOURCE")
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise UsageError(f"disk name {sorted(dup)[0]!r} is given more than once")
-        cfg_names = [os.path.basename(c) for c in configs]
-        for c in cfg_names:
-            validate_name("config file", c)
-        taken = set(cfg_names) & ({f"{n}.vmdk" for n in names} | {f"{n}-flat.vmdk" for n in names})
-        if len(set(cfg_names)) != len(cfg_names) or taken:
-            raise UsageError("config file names must be unique and differ from the disk files")
+        validate_restore_point_names([d.name for d in disks], configs)
         for d in disks:
             if d.changed is not None and parent is None:
                 raise UsageError(
@@ -311,19 +303,10 @@ class Ingest:
         out = []
         for path in self.configs:
             try:
-                size = os.path.getsize(path)
-                if size > MAX_CONFIG_BYTES:
-                    raise UsageError(
-                        f"{path}: config file is {size} bytes; at most {MAX_CONFIG_BYTES}"
-                    )
-                with open(path, "rb") as f:
-                    out.append((os.path.basename(path), f.read()))
-            except FileNotFoundError:
-                raise UsageError(f"{path}: config file does not exist") from None
-            except IsADirectoryError:
-                raise UsageError(f"{path}: config file is a directory") from None
-            except OSError as exc:
-                raise UsageError(f"{path}: cannot read config file: {exc.strerror}") from None
+                data = read_small_file(path, MAX_CONFIG_BYTES, "config file")
+            except SourceError as exc:  # a --config is part of the command line
+                raise UsageError(str(exc)) from None
+            out.append((os.path.basename(path), data))
         return out
 
     def _ingest_disk(

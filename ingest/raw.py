@@ -12,29 +12,54 @@ from repofs.directio import SequentialReader
 from repofs.errors import SourceError
 
 
-def open_readonly(path: str) -> int:
-    """Open a regular file or block device for reading; anything else is a one-line error.
+def open_readonly(path: str, what: str = "disk image", *, devices: bool = True) -> int:
+    """Open a regular file (or, with ``devices``, a block device) for reading.
 
     Opened non-blocking, so a FIFO given by mistake is refused instead of
-    hanging the ingest until something writes to it.
+    hanging the ingest until something writes to it; a character device
+    such as ``/dev/zero`` would never end, so it is refused too.  ``what``
+    names the file's role in the one-line errors.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise SourceError(f"{path}: no such file or device") from None
+        gone = "no such file or device" if devices else f"{what} does not exist"
+        raise SourceError(f"{path}: {gone}") from None
     except IsADirectoryError:
-        raise SourceError(f"{path}: is a directory, not a disk image") from None
+        raise SourceError(f"{path}: is a directory, not a {what}") from None
     except OSError as exc:
         raise SourceError(f"{path}: cannot open: {exc.strerror}") from None
     st = os.fstat(fd)
     if stat.S_ISDIR(st.st_mode):
         os.close(fd)
-        raise SourceError(f"{path}: is a directory, not a disk image")
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise SourceError(f"{path}: is a directory, not a {what}")
+    if not (stat.S_ISREG(st.st_mode) or (devices and stat.S_ISBLK(st.st_mode))):
         os.close(fd)
-        raise SourceError(f"{path}: not a regular file or block device")
+        wrong = "not a regular file or block device" if devices else f"{what} is not a regular file"
+        raise SourceError(f"{path}: {wrong}")
     os.set_blocking(fd, True)
     return fd
+
+
+def read_small_file(path: str, limit: int, what: str) -> bytes:
+    """The whole of a regular file of at most ``limit`` bytes, for config files and lists.
+
+    ``stat`` says nothing about a FIFO or a device (size 0) and a file can
+    grow while it is read, so the limit is enforced on what is read: one
+    byte past it is an error, and memory stays bounded whatever ``path`` is.
+    """
+    fd = open_readonly(path, what, devices=False)
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise SourceError(f"{path}: {what} is {size} bytes; at most {limit}")
+        try:
+            data = f.read(limit + 1)
+        except OSError as exc:
+            raise SourceError(f"{path}: cannot read {what}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise SourceError(f"{path}: {what} grew past {limit} bytes while it was read")
+    return data
 
 
 class RawSource(DiskSource):

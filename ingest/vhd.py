@@ -7,7 +7,9 @@ a BAT of big-endian sector offsets and blocks that each start with a sector
 bitmap (MSB first: bit 7 of byte 0 is the first sector).
 
 The virtual size follows qemu's rule (see :func:`virtual_size`) so a backup
-of a VHD has the size ``qemu-img convert -O raw`` gives.
+of a VHD has the size ``qemu-img convert -O raw`` gives, except that a
+``current_size`` that is no multiple of 512 is rounded up to whole sectors
+(qemu drops the partial one; see docs/formats-qcow2-vhd.md).
 """
 
 from __future__ import annotations

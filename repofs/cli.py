@@ -89,7 +89,7 @@ def main() -> None:
 )
 def init(repo: str, chunk_size: str, compression: str) -> None:
     """Create a new, empty repository in REPO."""
-    size = parse_size(chunk_size) if chunk_size else DEFAULT_CHUNK
+    size = parse_size(chunk_size, "--chunk-size")
     with Repository.init(repo, size, compression) as r:
         click.echo(
             f"created repository {repo} (id {r.config.repository_id}, "
@@ -255,7 +255,7 @@ def mount(
         mountpoint,
         foreground=foreground,
         allow_other=allow_other,
-        cache_bytes=parse_size(cache_size),
+        cache_bytes=parse_size(cache_size, "--cache-size"),
         log_file=log_file,
         direct_io=direct_io,
     )

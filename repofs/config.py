@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from repofs.errors import RepositoryError, UsageError
 
@@ -25,15 +25,21 @@ DEFAULT_CHUNK = 128 * 1024
 DEFAULT_COMPRESSION = "zstd:3"
 PAGE_REFS = 1024
 PACK_TARGET = 32 * 1024 * 1024
+# gc and rebuild-index read a whole pack into memory; a pack per chunk would
+# mean millions of files.
+MIN_PACK_TARGET = 1024 * 1024
+MAX_PACK_TARGET = 256 * 1024 * 1024
 
 _SIZE = re.compile(r"^(\d+)\s*([kKmMgG]?)(i?[bB])?$")
 
 
-def parse_size(text: str) -> int:
-    """Parse ``64K``, ``1M``, ``65536`` (binary units) into bytes."""
+def parse_size(text: str, what: str = "size") -> int:
+    """Parse ``64K``, ``1M``, ``65536`` (binary units) into bytes; ``what`` names it in errors."""
+    if not text.strip():
+        raise UsageError(f"{what} is empty: expected e.g. 64K, 1M or 65536")
     m = _SIZE.match(text.strip())
     if not m:
-        raise UsageError(f"cannot read size {text!r}: expected e.g. 64K, 1M or 65536")
+        raise UsageError(f"cannot read {what} {text!r}: expected e.g. 64K, 1M or 65536")
     mult = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2).lower()]
     return int(m.group(1)) * mult
 
@@ -99,6 +105,8 @@ class RepoConfig:
 
     @classmethod
     def load(cls, repo_path: str) -> RepoConfig:
+        if not repo_path:
+            raise UsageError("the repository path is empty")
         path = os.path.join(repo_path, CONFIG_FILE)
         if not os.path.exists(repo_path):
             raise RepositoryError(f"{repo_path}: no such repository")
@@ -119,26 +127,55 @@ class RepoConfig:
             raise RepositoryError(f"{path}: is not valid JSON") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise RepositoryError(f"{path}: not a repofs config (format field is wrong)")
-        if data.get("version") != FORMAT_VERSION:
+        version = data.get("version")
+        if "version" in data and _not_int(version):
+            raise RepositoryError(f"{path}: version {_shown(version)} is not an integer")
+        if version != FORMAT_VERSION:
             raise RepositoryError(
-                f"{path}: format version {data.get('version')!r} is not supported "
+                f"{path}: format version {_shown(version)} is not supported "
                 f"(this repofs reads version {FORMAT_VERSION})"
             )
-        try:
-            cfg = cls(**{k: data[k] for k in cls.__dataclass_fields__})
-        except (KeyError, TypeError) as exc:
-            raise RepositoryError(f"{path}: missing or bad field {exc}") from None
+        for field in fields(cls):
+            if field.name not in data:
+                raise RepositoryError(f"{path}: field {field.name!r} is missing")
+            value = data[field.name]
+            if field.type in (int, "int"):
+                if _not_int(value):
+                    raise RepositoryError(f"{path}: {field.name} {_shown(value)} is not an integer")
+            elif not isinstance(value, str):
+                raise RepositoryError(f"{path}: {field.name} {_shown(value)} is not a string")
+        cfg = cls(**{field.name: data[field.name] for field in fields(cls)})
         cs = cfg.chunk_size
-        if not isinstance(cs, int) or cs & (cs - 1) or not MIN_CHUNK <= cs <= MAX_CHUNK:
-            raise RepositoryError(f"{path}: chunk_size {cs!r} is not a power of two in 4K..4M")
-        if not isinstance(cfg.page_refs, int) or not 16 <= cfg.page_refs <= 65536:
-            raise RepositoryError(f"{path}: page_refs {cfg.page_refs!r} out of range 16..65536")
-        if not re.fullmatch(r"[0-9a-f]{32}", str(cfg.repository_id)):
+        if cs & (cs - 1) or not MIN_CHUNK <= cs <= MAX_CHUNK:
+            raise RepositoryError(f"{path}: chunk_size {cs} is not a power of two in 4K..4M")
+        if not 16 <= cfg.page_refs <= 65536:
+            raise RepositoryError(f"{path}: page_refs {cfg.page_refs} out of range 16..65536")
+        if not MIN_PACK_TARGET <= cfg.pack_target_size <= MAX_PACK_TARGET:
             raise RepositoryError(
-                f"{path}: repository_id {cfg.repository_id!r} is not 32 hex digits"
+                f"{path}: pack_target_size {cfg.pack_target_size} out of range "
+                f"{MIN_PACK_TARGET}..{MAX_PACK_TARGET} (1M..256M)"
+            )
+        if not re.fullmatch(r"[0-9a-f]{32}", cfg.repository_id):
+            raise RepositoryError(
+                f"{path}: repository_id {_shown(cfg.repository_id)} is not 32 hex digits"
             )
         try:
             parse_compression(cfg.compression)
         except UsageError as exc:
-            raise RepositoryError(f"{path}: {exc}") from None
+            raise RepositoryError(f"{path}: compression {_shown(cfg.compression)}: {exc}") from None
         return cfg
+
+
+def _not_int(value: object) -> bool:
+    """True unless ``value`` is a JSON integer.
+
+    ``true`` is an int to Python and ``1.0 == 1``; a config holding either
+    was not written by ``init``, so neither may pass as a number.
+    """
+    return isinstance(value, bool) or not isinstance(value, int)
+
+
+def _shown(value: object) -> str:
+    """``value`` as it looks in config.json, cut short to keep the error one short line."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."

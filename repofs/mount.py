@@ -23,7 +23,7 @@ import pyfuse3
 import trio
 
 from repofs.config import RepoConfig
-from repofs.errors import MountError, RepofsError
+from repofs.errors import MountError, RepofsError, UsageError
 from repofs.fuse import RepoFS
 from repofs.malloc import keep_freed_memory
 from repofs.repository import INDEX_DIR, Repository
@@ -80,6 +80,8 @@ def is_dead_mount(path: str) -> bool:
 
 
 def check_mountpoint(mountpoint: str) -> None:
+    if not mountpoint:
+        raise UsageError("the mount point path is empty")
     # Before lexists: a dead mount's lstat fails, and lexists would call it missing.
     if is_mountpoint(mountpoint):
         if is_dead_mount(mountpoint):
@@ -313,6 +315,8 @@ async def _stop_on_signal() -> None:
 
 def umount(mountpoint: str) -> None:
     """Unmount, also a mount whose daemon died (its mount point cannot even be stat'ed)."""
+    if not mountpoint:
+        raise UsageError("the mount point path is empty")
     if not is_mountpoint(mountpoint):
         if not os.path.isdir(mountpoint):
             raise MountError(f"{mountpoint}: no such directory")

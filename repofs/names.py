@@ -6,8 +6,10 @@ escape a directory or confuse a shell-less consumer (tar, rsync) is refused.
 
 from __future__ import annotations
 
+import os
 import re
 import time
+from collections.abc import Sequence
 
 from repofs.errors import UsageError
 
@@ -15,10 +17,22 @@ MAX_NAME_BYTES = 200
 _RP_ID = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{6}Z$")
 
 
-def validate_name(kind: str, name: str) -> str:
-    """Return ``name`` if it can be a path component, else raise a one-line error."""
+def validate_name(kind: str, name: str, *, new: bool = False) -> str:
+    """Return ``name`` if it can be a path component, else raise a one-line error.
+
+    A ``new`` name (one an ingest is about to store) must not begin or end
+    with whitespace: ``web`` and ``web `` look the same in every listing,
+    and a stray blank from a script would start a second VM beside the
+    first.  Looking up an existing name stays lenient, so a restore point
+    stored under such a name by an older repofs can still be listed,
+    verified and pruned.
+    """
     if not name:
         raise UsageError(f"{kind} name is empty")
+    if new and not name.strip():
+        raise UsageError(f"{kind} name {name!r} is only whitespace")
+    if new and name != name.strip():
+        raise UsageError(f"{kind} name {name!r} begins or ends with whitespace")
     if "/" in name or "\0" in name:
         raise UsageError(f"{kind} name {name!r} must not contain '/' or NUL")
     if name in (".", ".."):
@@ -36,7 +50,7 @@ def validate_name(kind: str, name: str) -> str:
 
 def validate_disk_name(name: str) -> str:
     """Disk names also must not collide with the ``-flat.vmdk`` files we derive from them."""
-    validate_name("disk", name)
+    validate_name("disk", name, new=True)
     if name.endswith(".vmdk"):
         raise UsageError(f"disk name {name!r} must not end in '.vmdk' (it is added)")
     if name == "latest":
@@ -44,8 +58,40 @@ def validate_disk_name(name: str) -> str:
     return name
 
 
-def validate_vm_name(name: str) -> str:
-    return validate_name("VM", name)
+def validate_vm_name(name: str, *, new: bool = False) -> str:
+    return validate_name("VM", name, new=new)
+
+
+def validate_restore_point_names(disks: Sequence[str], config_paths: Sequence[str]) -> None:
+    """Refuse disks and config files whose files would hide one another in the mount.
+
+    A restore point's directory holds ``X.vmdk`` and ``X-flat.vmdk`` for
+    each disk X beside the config files (by their base names): disks
+    ``a-flat`` and ``a`` would both claim ``a-flat.vmdk``, and the mount
+    could only ever show one of them, so such a set is never stored.
+    """
+    seen: set[str] = set()
+    for name in disks:
+        validate_disk_name(name)
+        if name in seen:
+            raise UsageError(f"disk name {name!r} is given more than once")
+        seen.add(name)
+    owners: dict[str, str] = {}
+    files: list[tuple[str, tuple[str, ...]]] = [
+        (f"disk {d!r}", (f"{d}.vmdk", f"{d}-flat.vmdk")) for d in disks
+    ]
+    for path in config_paths:
+        base = os.path.basename(path)
+        validate_name("config file", base, new=True)
+        files.append((f"config file {path!r}", (base,)))
+    for owner, names in files:
+        for name in names:
+            if name in owners:
+                raise UsageError(
+                    f"{owners[name]} and {owner} would both be {name!r} in the "
+                    "restore point's directory; rename one"
+                )
+            owners[name] = owner
 
 
 def is_rp_id(text: str) -> bool:

@@ -50,6 +50,8 @@ class Repository:
 
     @classmethod
     def init(cls, path: str, chunk_size: int, compression: str) -> Repository:
+        if not path:  # else makedirs fails with ": No such file or directory"
+            raise UsageError("the repository path is empty")
         config = RepoConfig.new(chunk_size, compression)
         if os.path.lexists(path):
             if not os.path.isdir(path):

@@ -282,9 +282,9 @@ def test_repofs_json_errors(tmp_path: Path, doc: Any, match: str) -> None:
 
 def test_unreadable_files(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope.json")
-    with pytest.raises(SourceError, match=f"^{missing}: cannot read"):
+    with pytest.raises(SourceError, match=f"^{missing}: changed-block list does not exist"):
         load_changed_blocks(missing, CAP, None)
-    with pytest.raises(SourceError, match="cannot read"):
+    with pytest.raises(SourceError, match="is a directory, not a changed-block list"):
         load_changed_blocks(str(tmp_path), CAP, None)
     bad = tmp_path / "bad.json"
     bad.write_bytes(b'{"block_size": 512, "extents": [], "x": "\xff\xfe\xff"}')

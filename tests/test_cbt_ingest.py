@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from ingest.cbt_json import MAX_LIST_BYTES
 from repofs.config import DEFAULT_CHUNK
 from tests.helpers import assert_one_line_error, ingest, make_image, mounted, qemu_compare, repofs
 
@@ -201,6 +202,39 @@ class TestBadLists:
             "ingest", repo, "--vm", "vm", f"d={base}", "--changed-blocks", f"d={cbt}", check=False
         )
         assert_one_line_error(p, needle)
+        assert len(listing(repo, "vm")) == 1
+
+    @pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory", "too-large"])
+    def test_list_that_is_not_a_small_regular_file(
+        self, tmp_path: Path, repo: Path, base: Path, kind: str
+    ) -> None:
+        """A FIFO or /dev/zero is refused at once, not waited on or read until memory runs out."""
+        cbt = tmp_path / "c.json"
+        if kind == "fifo":
+            os.mkfifo(cbt)
+            needle = "not a regular file"
+        elif kind == "dev-zero":
+            cbt = Path("/dev/zero")
+            needle = "not a regular file"
+        elif kind == "directory":
+            cbt.mkdir()
+            needle = "is a directory"
+        else:  # sparse, so the test costs no disk space
+            make_image(cbt, MAX_LIST_BYTES + 1)
+            needle = f"at most {MAX_LIST_BYTES}"
+        p = repofs(
+            "ingest",
+            repo,
+            "--vm",
+            "vm",
+            f"d={base}",
+            "--changed-blocks",
+            f"d={cbt}",
+            check=False,
+            timeout=60,
+        )
+        assert_one_line_error(p, str(cbt), "changed-block list", needle)
+        assert p.returncode == 4
         assert len(listing(repo, "vm")) == 1
 
     def test_overlapping_unsorted_extents_are_merged(

@@ -6,11 +6,13 @@ import json
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_one_line_error, ingest, make_image, repofs
+from ingest.pipeline import MAX_CONFIG_BYTES
+from tests.helpers import assert_one_line_error, cli_env, ingest, make_image, repofs
 
 MiB = 1 << 20
 
@@ -42,12 +44,90 @@ class TestInit:
             (["--chunk-size", "2K"], "power of two"),
             (["--compression", "lz4"], "compression"),
             (["--compression", "zstd:99"], "range"),
+            (["--chunk-size", ""], "--chunk-size is empty"),
+            (["--chunk-size", " "], "--chunk-size is empty"),
         ],
     )
     def test_bad_options(self, tmp_path: Path, args: list[str], needle: str) -> None:
         """Bad chunk sizes and codecs are one-line errors, and create nothing."""
         assert_one_line_error(repofs("init", tmp_path / "r", *args, check=False), needle)
         assert not (tmp_path / "r").exists()
+
+
+class TestDamagedConfig:
+    @pytest.mark.parametrize(
+        "field,value,needle",
+        [
+            ("compression", 3, "not a string"),
+            ("compression", None, "not a string"),
+            ("compression", "zstd:99", "out of range"),
+            ("pack_target_size", "abc", "not an integer"),
+            ("pack_target_size", 0, "out of range"),
+            ("pack_target_size", -1, "out of range"),
+            ("pack_target_size", 1 << 40, "out of range"),
+            ("version", True, "not an integer"),
+            ("version", 1.0, "not an integer"),
+            ("version", 2, "not supported"),
+            ("chunk_size", True, "not an integer"),
+            ("chunk_size", 131072.0, "not an integer"),
+            ("page_refs", "1024", "not an integer"),
+            ("page_refs", False, "not an integer"),
+            ("repository_id", 10**31, "not a string"),
+            ("repository_id", None, "not a string"),
+            ("format", 1, "format field"),
+            ("page_refs", "<missing>", "missing"),
+        ],
+    )
+    def test_every_field_is_checked(
+        self, tmp_path: Path, repo: Path, field: str, value: object, needle: str
+    ) -> None:
+        """A field of the wrong type or range is one line naming it, never a traceback."""
+        path = repo / "config.json"
+        cfg = json.loads(path.read_text())
+        if value == "<missing>":
+            del cfg[field]
+        else:
+            cfg[field] = value
+        path.write_text(json.dumps(cfg))
+        img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
+        for args in (["list", repo], ["stats", repo], ["ingest", repo, "--vm", "v", f"d={img}"]):
+            p = repofs(*args, check=False)
+            assert_one_line_error(p, "config.json", needle)
+            assert p.returncode == 3, p.stderr
+            if needle != "format field":
+                assert field in p.stderr
+
+    def test_extremes_of_the_ranges_still_open(self, tmp_path: Path, repo: Path) -> None:
+        """The range limits are inclusive: a config at each of them is accepted."""
+        path = repo / "config.json"
+        cfg = json.loads(path.read_text())
+        img = make_image(tmp_path / "d.img", MiB, [(0, os.urandom(MiB))])
+        for size in (1 << 20, 256 << 20):
+            cfg["pack_target_size"] = size
+            path.write_text(json.dumps(cfg))
+            ingest(repo, "v", f"d={img}")
+
+
+class TestEmptyPaths:
+    def test_empty_repository_path(self, tmp_path: Path) -> None:
+        """'' is said to be empty, not ': No such file or directory', and creates nothing."""
+        for args in (["init", ""], ["list", ""], ["stats", ""], ["verify", ""]):
+            p = subprocess.run(
+                [sys.executable, "-m", "repofs", *args],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                env=cli_env(),
+                timeout=60,
+            )
+            assert_one_line_error(p, "repository path is empty")
+            assert p.returncode == 2
+        assert list(tmp_path.iterdir()) == []
+
+    def test_empty_mount_point(self, repo: Path) -> None:
+        """mount and umount say the mount point is empty before trying anything."""
+        for args in (["mount", repo, ""], ["umount", ""]):
+            assert_one_line_error(repofs(*args, check=False), "mount point path is empty")
 
 
 class TestIngest:
@@ -103,7 +183,9 @@ class TestBadInput:
     def _count(self, repo: Path) -> int:
         return len(json.loads(repofs("list", repo, "--json").stdout))
 
-    @pytest.mark.parametrize("vm", ["a/b", "..", "", "x" * 201])
+    @pytest.mark.parametrize(
+        "vm", ["a/b", "..", "", "x" * 201, " ", "   ", "\u00a0", " web", "web "]
+    )
     def test_bad_vm_name(self, tmp_path: Path, repo: Path, vm: str) -> None:
         """A bad VM name is refused before anything is written."""
         img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
@@ -111,6 +193,40 @@ class TestBadInput:
             repofs("ingest", repo, "--vm", vm, f"d={img}", check=False), "VM name"
         )
         assert self._count(repo) == 0
+
+    @pytest.mark.parametrize(
+        "disk,needle",
+        [(" ", "only whitespace"), (" d", "begins or ends"), ("d ", "begins or ends")],
+    )
+    def test_disk_and_config_names_with_outer_whitespace(
+        self, tmp_path: Path, repo: Path, disk: str, needle: str
+    ) -> None:
+        """Names that differ from others only by outer blanks are refused for disks and configs."""
+        img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
+        p = repofs("ingest", repo, "--vm", "v", f"{disk}={img}", check=False)
+        assert_one_line_error(p, "disk name", needle)
+        vmx = tmp_path / "web.vmx "
+        vmx.write_text("x\n")
+        p = repofs("ingest", repo, "--vm", "v", f"d={img}", "--config", vmx, check=False)
+        assert_one_line_error(p, "config file name", "begins or ends")
+        assert self._count(repo) == 0
+
+    def test_inner_blanks_and_old_names_still_work(self, tmp_path: Path, repo: Path) -> None:
+        """Blanks inside a name are fine; a lookup of an odd name is an unknown VM, not an error."""
+        img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
+        ingest(repo, "web 01", f"disk 0={img}")
+        assert self._count(repo) == 1
+        assert_one_line_error(repofs("list", repo, " ", check=False), "unknown VM")
+
+    def test_empty_parent_is_not_latest(self, tmp_path: Path, repo: Path) -> None:
+        """--parent '' used to mean the latest restore point; now it is an error."""
+        img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
+        ingest(repo, "v", f"d={img}")
+        for parent in ("", " "):
+            p = repofs("ingest", repo, "--vm", "v", f"d={img}", "--parent", parent, check=False)
+            assert_one_line_error(p, "--parent is empty")
+            assert p.returncode == 2
+        assert self._count(repo) == 1
 
     def test_missing_source(self, repo: Path, tmp_path: Path) -> None:
         """A source that does not exist names itself."""
@@ -154,6 +270,31 @@ class TestBadInput:
         assert_one_line_error(repofs("ingest", repo, "--vm", "v", check=False), "no disks")
         assert self._count(repo) == 0
 
+    @pytest.mark.parametrize(
+        "disks,configs,needle",
+        [
+            (["a-flat", "a"], [], "'a-flat.vmdk'"),
+            (["a", "a-flat"], [], "'a-flat.vmdk'"),
+            (["x"], ["x.vmdk"], "'x.vmdk'"),
+            (["x"], ["x-flat.vmdk"], "'x-flat.vmdk'"),
+            (["x"], ["one/web.vmx", "two/web.vmx"], "'web.vmx'"),
+        ],
+    )
+    def test_names_that_would_hide_each_other_in_the_mount(
+        self, repo: Path, tmp_path: Path, disks: list[str], configs: list[str], needle: str
+    ) -> None:
+        """Disk a-flat's descriptor and disk a's data would both be a-flat.vmdk: refused."""
+        img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
+        args = [f"{d}={img}" for d in disks]
+        for c in configs:
+            (tmp_path / c).parent.mkdir(exist_ok=True)
+            (tmp_path / c).write_text("x\n")
+            args += ["--config", str(tmp_path / c)]
+        p = repofs("ingest", repo, "--vm", "v", *args, check=False)
+        assert_one_line_error(p, needle, "would both be")
+        assert p.returncode == 2
+        assert self._count(repo) == 0
+
     def test_repository_path_problems(self, tmp_path: Path) -> None:
         """A missing repository, a file, or a plain directory are each named clearly."""
         f = tmp_path / "file"
@@ -182,6 +323,32 @@ class TestBadInput:
         """Even errors click finds itself (missing option, unknown command) are one line."""
         assert_one_line_error(repofs("ingest", repo, "d=x", check=False), "--vm")
         assert_one_line_error(repofs("frobnicate", check=False), "frobnicate")
+
+    @pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory", "too-large"])
+    def test_config_that_is_not_a_small_regular_file(
+        self, repo: Path, tmp_path: Path, kind: str
+    ) -> None:
+        """A FIFO or /dev/zero as --config is refused at once, not waited on or read forever."""
+        img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
+        config = tmp_path / "c.vmx"
+        if kind == "fifo":
+            os.mkfifo(config)
+            needle = "not a regular file"
+        elif kind == "dev-zero":
+            config = Path("/dev/zero")
+            needle = "not a regular file"
+        elif kind == "directory":
+            config.mkdir()
+            needle = "is a directory"
+        else:  # sparse, so the test costs no disk space
+            make_image(config, MAX_CONFIG_BYTES + 1)
+            needle = f"at most {MAX_CONFIG_BYTES}"
+        p = repofs(
+            "ingest", repo, "--vm", "v", f"d={img}", "--config", config, check=False, timeout=60
+        )
+        assert_one_line_error(p, str(config), "config file", needle)
+        assert p.returncode == 2
+        assert self._count(repo) == 0
 
     def test_missing_config_file(self, repo: Path, tmp_path: Path) -> None:
         """A --config that does not exist is refused before anything is written."""

@@ -56,6 +56,22 @@ VMDK_SUBFORMATS = [
 ]
 
 
+def _set_vhd_current_size(path: Path, size: int) -> None:
+    """Write ``size`` into every footer of a qemu-made VHD (creator 'qem2': qemu trusts it)."""
+    total = path.stat().st_size
+    with open(path, "r+b") as f:
+        for off in sorted({0, total - 512}):
+            f.seek(off)
+            footer = bytearray(f.read(512))
+            if footer[:8] != b"conectix":
+                continue  # a fixed VHD has its footer only at the end
+            footer[48:56] = size.to_bytes(8, "big")  # current size
+            footer[64:68] = bytes(4)
+            footer[64:68] = (~sum(footer) & 0xFFFFFFFF).to_bytes(4, "big")
+            f.seek(off)
+            f.write(footer)
+
+
 class TestVmdk:
     @pytest.mark.parametrize("subformat", VMDK_SUBFORMATS)
     def test_subformats(self, tmp_path: Path, repo: Path, base_raw: Path, subformat: str) -> None:
@@ -150,6 +166,48 @@ class TestQemuFormats:
         qemu("convert", "-f", qemu_fmt, "-O", "raw", str(src), str(reference))
         with mounted(repo, tmp_path / "mnt") as mnt:
             compare_with_qemu(reference, mnt / "v" / rp / "d.vmdk")
+
+    @pytest.mark.parametrize("kind", ["qcow2", "vhd-dynamic", "vhd-fixed"])
+    def test_virtual_size_not_a_multiple_of_512(
+        self, tmp_path: Path, repo: Path, kind: str
+    ) -> None:
+        """A header size of 8388731 bytes: descriptor and flat file both say 16385 sectors.
+
+        qemu-img never writes such a size (it rounds up), so the header is
+        edited. The flat file is the image's bytes up to the header's size,
+        then zeros to the sector's end, as for a raw file of that size.
+        """
+        odd = 8 * MiB + 123
+        whole = -(-odd // 512) * 512
+        data = os.urandom(whole)  # the last cluster holds data past the header's size too
+        raw = tmp_path / "src.raw"
+        raw.write_bytes(data)
+        src = tmp_path / f"src.{kind}"
+        if kind == "qcow2":
+            qemu("convert", "-f", "raw", "-O", "qcow2", str(raw), str(src))
+            with open(src, "r+b") as f:
+                f.seek(24)
+                f.write(odd.to_bytes(8, "big"))
+            qemu_fmt = "qcow2"
+        else:
+            sub = kind.split("-")[1]
+            opts = f"force_size=on,subformat={sub}"
+            qemu("convert", "-f", "raw", "-O", "vpc", "-o", opts, str(raw), str(src))
+            _set_vhd_current_size(src, odd)
+            qemu_fmt = "vpc"
+        rp = ingest(repo, "v", f"d={src}")
+        assert json.loads(repofs("list", repo, "--json").stdout)[0]["disks"][0]["capacity"] == whole
+        reference = tmp_path / "ref.raw"
+        qemu("convert", "-f", qemu_fmt, "-O", "raw", str(src), str(reference))
+        ref = reference.read_bytes()  # qemu 7.2 drops the partial sector: 8388608 bytes
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            descriptor = (mnt / "v" / rp / "d.vmdk").read_text()
+            flat = (mnt / "v" / rp / "d-flat.vmdk").read_bytes()
+        sectors = [int(ln.split()[1]) for ln in descriptor.splitlines() if ln.startswith("RW ")]
+        assert sectors == [whole // 512] and len(flat) == whole
+        assert flat == data[:odd] + bytes(whole - odd)
+        shared = min(len(ref), odd)
+        assert flat[:shared] == ref[:shared]
 
     def test_qcow2_backing_chain(self, tmp_path: Path, repo: Path, base_raw: Path) -> None:
         """A qcow2 child over a raw backing file reads through the chain."""
