@@ -55,6 +55,8 @@ def validate_disk_name(name: str) -> str:
         raise UsageError(f"disk name {name!r} must not end in '.vmdk' (it is added)")
     if name == "latest":
         raise UsageError("disk name 'latest' is reserved")
+    if '"' in name:  # qemu reads the descriptor's extent line up to the first quote
+        raise UsageError(f"disk name {name!r} must not contain '\"' (the descriptor quotes it)")
     return name
 
 

@@ -270,6 +270,13 @@ class TestBadInput:
         assert_one_line_error(repofs("ingest", repo, "--vm", "v", check=False), "no disks")
         assert self._count(repo) == 0
 
+    def test_a_quote_in_a_disk_name_is_refused(self, tmp_path: Path, repo: Path) -> None:
+        """qemu cannot open a descriptor whose extent file name holds a quote."""
+        img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
+        p = repofs("ingest", repo, "--vm", "v", f'my"disk={img}', check=False)
+        assert_one_line_error(p, "disk name", "must not contain")
+        assert self._count(repo) == 0
+
     @pytest.mark.parametrize(
         "disks,configs,needle",
         [
