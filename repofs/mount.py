@@ -14,10 +14,12 @@ import errno
 import logging
 import logging.handlers
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pyfuse3
 import trio
@@ -32,37 +34,53 @@ from repofs.vfs import RepoView
 log = logging.getLogger("repofs.mount")
 
 
+REPOFS_FSTYPE = "fuse.repofs"  # "fuse." + the subtype the daemon mounts with
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+class MountEntry(NamedTuple):
+    device: str  # major:minor
+    fstype: str
+
+
 def is_mountpoint(path: str) -> bool:
-    target = os.path.realpath(path)
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and _unescape(fields[4]) == target:
-                    return True
+        return top_mount(os.path.realpath(path)) is not None
     except OSError:
         return os.path.ismount(path)
-    return False
+
+
+def top_mount(resolved_path: str) -> MountEntry | None:
+    """The mount that ``resolved_path`` (already realpath'd) shows now, from mountinfo alone.
+
+    Never a ``stat``: a dead FUSE mount fails it, and our own mount cannot
+    answer before the daemon serves it.  Of several mounts stacked on one
+    point, the visible one is the mount no other mount there sits on.
+    """
+    target = os.fsencode(resolved_path)
+    entries: list[tuple[bytes, bytes, MountEntry]] = []
+    with open(MOUNTINFO, "rb") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 10 or b"-" not in fields[6:] or _unescape(fields[4]) != target:
+                continue
+            fstype = fields[fields.index(b"-", 6) + 1]
+            entry = MountEntry(fields[2].decode(), _unescape(fstype).decode(errors="replace"))
+            entries.append((fields[0], fields[1], entry))
+    parents = {parent for _id, parent, _entry in entries}
+    on_top = [entry for mount_id, _parent, entry in entries if mount_id not in parents]
+    return on_top[-1] if on_top else None
 
 
 def _mount_device(resolved_path: str) -> str | None:
-    """``major:minor`` of the file system mounted last at ``resolved_path`` (already realpath'd)."""
-    device = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 4 and _unescape(fields[4]) == resolved_path:
-                device = fields[2]
-    return device
+    """``major:minor`` of the file system mounted at ``resolved_path`` (already realpath'd)."""
+    entry = top_mount(resolved_path)
+    return entry.device if entry else None
 
 
-def _unescape(field: str) -> str:
-    return (
-        field.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
-    )
+def _unescape(field: bytes) -> bytes:
+    """Undo the kernel's octal escapes in mountinfo (space, tab, newline, backslash)."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
 
 
 def is_dead_mount(path: str) -> bool:
@@ -312,15 +330,30 @@ async def _stop_on_signal() -> None:
 
 
 def umount(mountpoint: str) -> None:
-    """Unmount, also a mount whose daemon died (its mount point cannot even be stat'ed)."""
-    if not is_mountpoint(mountpoint):
-        if not os.path.isdir(mountpoint):
-            raise MountError(f"{mountpoint}: no such directory")
+    """Unmount a repofs mount, also one whose daemon died (its mount point cannot even be stat'ed).
+
+    Only a repofs mount: run by root, ``fusermount3 -u`` unmounts whatever
+    is there (a tmpfs with data in it, /proc).  The type comes from
+    mountinfo, which still lists a dead mount.  fusermount3 gets the
+    resolved path: it refuses a symlink to the mount point.
+    """
+    resolved = os.path.realpath(mountpoint)
+    try:
+        entry = top_mount(resolved)
+    except OSError as exc:
+        raise MountError(
+            f"{mountpoint}: cannot tell what is mounted there ({MOUNTINFO}: {exc.strerror})"
+        ) from None
+    if entry is None:
+        if not os.path.lexists(mountpoint):
+            raise MountError(f"{mountpoint}: no such file or directory")
         raise MountError(f"{mountpoint}: is not mounted")
+    if entry.fstype != REPOFS_FSTYPE:
+        raise MountError(f"{mountpoint}: is not a repofs mount")
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool is None:
         raise MountError("fusermount3 not found: install fuse3")
-    proc = subprocess.run([tool, "-u", mountpoint], capture_output=True, text=True)
+    proc = subprocess.run([tool, "-u", resolved], capture_output=True, text=True)
     if proc.returncode != 0:
         msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
         raise MountError(f"{mountpoint}: cannot unmount: {msg}")

@@ -421,3 +421,39 @@ class TestDaemonLife:
             assert not _daemon_pids(mnt)
         finally:
             unmount(mnt)
+
+    def test_umount_refuses_what_is_not_a_repofs_mount(self, tmp_path: Path) -> None:
+        """A tmpfs with data in it, and /proc, stay mounted: one-line error, non-zero exit.
+
+        As root, fusermount3 -u would unmount anything, so repofs checks the type.
+        """
+        t = tmp_path / "t"
+        t.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(t)], check=True)
+        try:
+            (t / "keep").write_text("hi")
+            assert_one_line_error(repofs("umount", t, check=False), f"{t}: is not a repofs mount")
+            assert is_mounted(t) and (t / "keep").read_text() == "hi"
+        finally:
+            subprocess.run(["umount", str(t)], check=True)
+        assert_one_line_error(repofs("umount", "/proc", check=False), "is not a repofs mount")
+        assert os.path.exists("/proc/self/mountinfo")
+
+    def test_umount_through_a_symlink_and_of_a_file(self, tmp_path: Path, repo: Path) -> None:
+        """A symlink to the mount point unmounts it; a regular file is "not mounted"."""
+        mnt, link = tmp_path / "mnt", tmp_path / "mlink"
+        mnt.mkdir()
+        link.symlink_to("mnt")
+        repofs("mount", repo, link)
+        try:
+            assert is_mounted(mnt)
+            repofs("umount", link)
+            assert not is_mounted(mnt)
+        finally:
+            unmount(mnt)
+        f = tmp_path / "file"
+        f.write_text("")
+        assert_one_line_error(repofs("umount", f, check=False), f"{f}: is not mounted")
+        assert_one_line_error(
+            repofs("umount", tmp_path / "nope", check=False), "no such file or directory"
+        )
