@@ -247,7 +247,7 @@ def _serve(
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")
     options |= {
-        f"fsname=repofs:{os.path.abspath(repo_path)}",
+        fsname_option(repo_path),
         "subtype=repofs",
         "ro",
         "default_permissions",
@@ -270,6 +270,20 @@ def _serve(
     view.close()
     repo.close()
     log.info("unmounted %s", mountpoint)
+
+
+def fsname_option(repo_path: str) -> str:
+    """The ``fsname`` mount option, escaped so that it stays one option naming the exact path.
+
+    libfuse's option parser splits at commas, so a repository called
+    ``r,allow_other`` injected ``allow_other``; and pyfuse3 encodes options
+    as ASCII, so ``rü`` killed the daemon.  The parser turns ``\\ooo`` back
+    into that byte: every byte but printable ASCII other than ``,`` and
+    ``\\`` goes octal, and the kernel records the path itself as the source.
+    """
+    raw = os.fsencode("repofs:" + os.path.abspath(repo_path))
+    safe = (chr(b) if 0x20 <= b < 0x7F and b not in b",\\" else f"\\{b:03o}" for b in raw)
+    return "fsname=" + "".join(safe)
 
 
 READAHEAD_KB = 1024

@@ -422,6 +422,27 @@ class TestDaemonLife:
         finally:
             unmount(mnt)
 
+    @pytest.mark.parametrize(
+        "name", ["r,allow_other", "rü", "a\\b c"], ids=["comma", "utf8", "backslash-space"]
+    )
+    def test_repository_path_is_the_source_and_injects_no_option(
+        self, tmp_path: Path, repo: Path, name: str
+    ) -> None:
+        """A comma in the repository's path adds no mount option (allow_other was injected),
+        non-ASCII mounts (it killed the daemon), and the source is the exact path."""
+        odd = tmp_path / name
+        shutil.copytree(repo, odd, symlinks=True)
+        with mounted(odd, tmp_path / "mnt") as mnt:
+            lines = Path("/proc/self/mountinfo").read_bytes().splitlines()
+            fields = next(ln.split() for ln in lines if ln.split()[4] == os.fsencode(str(mnt)))
+            after = fields[fields.index(b"-") + 1 :]
+            fstype, source, super_options = after[0], after[1], after[2].split(b",")
+            assert fstype == b"fuse.repofs"
+            assert b"allow_other" not in super_options and b"allow_other" not in fields[5]
+            escaped = os.fsencode(f"repofs:{odd}").replace(b"\\", b"\\134").replace(b" ", b"\\040")
+            assert source == escaped
+            assert os.listdir(mnt) == []
+
     def test_umount_refuses_what_is_not_a_repofs_mount(self, tmp_path: Path) -> None:
         """A tmpfs with data in it, and /proc, stay mounted: one-line error, non-zero exit.
 
