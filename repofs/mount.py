@@ -112,6 +112,28 @@ def check_mountpoint(mountpoint: str) -> None:
         raise MountError(f"{mountpoint}: mount point is not a directory")
 
 
+def is_within(path: str, directory: str) -> bool:
+    """Whether ``path`` is ``directory`` or lies under it (both already realpath'd)."""
+    return os.path.commonpath([path, directory]) == directory
+
+
+def check_apart(repo_path: str, mountpoint: str) -> None:
+    """Refuse a mount point in the repository or above it.
+
+    Inside, the mount covers the repository's own files, and the daemon,
+    gc and ingest then reach them through the mount itself; above, it hides
+    the repository from every other command ("no such repository").
+    """
+    repo = os.path.realpath(repo_path)
+    target = os.path.realpath(mountpoint)
+    if target == repo:
+        raise MountError(f"{mountpoint}: the mount point is the repository itself")
+    if is_within(target, repo):
+        raise MountError(f"{mountpoint}: the mount point is inside the repository {repo_path}")
+    if is_within(repo, target):
+        raise MountError(f"{mountpoint}: the mount would hide the repository {repo_path} under it")
+
+
 FUSE_DEVICE = "/dev/fuse"
 FUSE_CONF = "/etc/fuse.conf"
 
@@ -181,6 +203,7 @@ def mount(
     if not os.path.exists(os.path.join(repo_path, INDEX_DIR, "data.mdb")):
         raise MountError(f"{repo_path}: the index is missing; run 'repofs rebuild-index'")
     check_mountpoint(mountpoint)
+    check_apart(repo_path, mountpoint)
     check_fuse_access(allow_other)
     if foreground:
         _setup_logging(log_file, True)

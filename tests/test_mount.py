@@ -478,3 +478,22 @@ class TestDaemonLife:
         assert_one_line_error(
             repofs("umount", tmp_path / "nope", check=False), "no such file or directory"
         )
+
+    def test_mount_point_in_or_above_the_repository_is_refused(
+        self, tmp_path: Path, repo: Path
+    ) -> None:
+        """The repository itself (also through a symlink), a directory in it, or one above it:
+        one line, nothing mounted.  Each made the repository unusable while mounted."""
+        inside = repo / "packs"
+        link = tmp_path / "link"
+        link.symlink_to(repo)
+        cases = [
+            (repo, repo, "the mount point is the repository itself"),
+            (repo, link, "the mount point is the repository itself"),
+            (link, repo / ".", "the mount point is the repository itself"),
+            (repo, inside, "inside the repository"),
+            (repo, tmp_path, "would hide the repository"),
+        ]
+        for src, mnt, words in cases:
+            assert_one_line_error(repofs("mount", src, mnt, check=False), words)
+            assert not is_mounted(Path(os.path.realpath(mnt)))
