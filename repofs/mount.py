@@ -11,6 +11,7 @@ was deleted".
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import logging.handlers
 import os
@@ -19,7 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from typing import NamedTuple
+from typing import NamedTuple, TextIO
 
 import pyfuse3
 import trio
@@ -174,11 +175,40 @@ def _fuse_conf_allows_other() -> bool:
         return False
 
 
-def _setup_logging(log_file: str | None, foreground: bool) -> None:
+def open_log(log_file: str, repo_path: str) -> TextIO:
+    """Open ``--log`` in the parent, where a bad path is a one-line error naming the file.
+
+    Opened in the daemon, it failed as "daemon failed: [Errno 2] ...".
+    Never inside the repository: appended log lines would corrupt its files
+    (``--log REPO/config.json``).  The daemon inherits the open file.
+    """
+    if is_within(os.path.realpath(log_file), os.path.realpath(repo_path)):
+        raise MountError(f"{log_file}: the log file may not be inside the repository")
+    try:
+        fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        raise MountError(f"{log_file}: cannot open the log file: {exc.strerror}") from None
+    return open(_above_stdio(fd), "a", encoding="utf-8", errors="backslashreplace")
+
+
+def _above_stdio(fd: int) -> int:
+    """``fd``, or a copy of it above 2 in its place: the daemon points 0-2 at /dev/null.
+
+    Started with stdin or stdout closed (cron, some supervisors), repofs
+    gets one of those numbers for a new descriptor.
+    """
+    if fd > 2:
+        return fd
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    os.close(fd)
+    return moved
+
+
+def _setup_logging(log_stream: TextIO | None, foreground: bool) -> None:
     root = logging.getLogger("repofs")
     root.setLevel(logging.INFO)
-    if log_file:
-        handler: logging.Handler = logging.FileHandler(log_file)
+    if log_stream:
+        handler: logging.Handler = logging.StreamHandler(log_stream)
     elif foreground:
         handler = logging.StreamHandler(sys.stderr)
     elif os.path.exists("/dev/log"):
@@ -205,8 +235,9 @@ def mount(
     check_mountpoint(mountpoint)
     check_apart(repo_path, mountpoint)
     check_fuse_access(allow_other)
+    log_stream = open_log(log_file, repo_path) if log_file else None
     if foreground:
-        _setup_logging(log_file, True)
+        _setup_logging(log_stream, True)
         _serve(repo_path, mountpoint, allow_other, cache_bytes, direct_io, [])
         return
     read_fd, write_fd = os.pipe()
@@ -220,7 +251,7 @@ def mount(
             null = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
-            _setup_logging(log_file, False)
+            _setup_logging(log_stream, False)
             _serve(repo_path, mountpoint, allow_other, cache_bytes, direct_io, ready)
             code = 0
         except RepofsError as exc:
@@ -231,6 +262,8 @@ def mount(
         finally:
             os._exit(code)
     os.close(write_fd)
+    if log_stream:
+        log_stream.close()  # the daemon has its own copy
     with os.fdopen(read_fd, "rb") as pipe:
         answer = pipe.read().decode(errors="replace").strip()
     if answer == "ready":

@@ -497,3 +497,27 @@ class TestDaemonLife:
         for src, mnt, words in cases:
             assert_one_line_error(repofs("mount", src, mnt, check=False), words)
             assert not is_mounted(Path(os.path.realpath(mnt)))
+
+    def test_log_file_is_checked_before_the_daemon_starts(self, tmp_path: Path, repo: Path) -> None:
+        """--log inside the repository (config.json, or a new file there through a symlink)
+        is refused and leaves the repository as it was; an unopenable log file is one line
+        naming it, nothing mounted."""
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        config = (repo / "config.json").read_bytes()
+        link = tmp_path / "link"
+        link.symlink_to(repo)
+        for log in (repo / "config.json", link / "new.log"):
+            assert_one_line_error(
+                repofs("mount", repo, mnt, "--log", log, check=False),
+                f"{log}: the log file may not be inside the repository",
+            )
+        assert (repo / "config.json").read_bytes() == config
+        assert not (repo / "new.log").exists()
+        for log, why in ((tmp_path / "no" / "dir" / "log", "No such file"), (tmp_path, "Is a dir")):
+            assert_one_line_error(
+                repofs("mount", repo, mnt, "--log", log, check=False),
+                f"{log}: cannot open the log file: {why}",
+            )
+        assert not is_mounted(mnt)
+        repofs("list", repo)
