@@ -195,7 +195,8 @@ def _above_stdio(fd: int) -> int:
     """``fd``, or a copy of it above 2 in its place: the daemon points 0-2 at /dev/null.
 
     Started with stdin or stdout closed (cron, some supervisors), repofs
-    gets one of those numbers for a new descriptor.
+    gets one of those numbers for a new descriptor: the start-up pipe was
+    then overwritten and the parent waited for ever on a running daemon.
     """
     if fd > 2:
         return fd
@@ -240,7 +241,7 @@ def mount(
         _setup_logging(log_stream, True)
         _serve(repo_path, mountpoint, allow_other, cache_bytes, direct_io, [])
         return
-    read_fd, write_fd = os.pipe()
+    read_fd, write_fd = (_above_stdio(fd) for fd in os.pipe())  # see _above_stdio
     pid = os.fork()
     if pid == 0:  # the daemon
         os.close(read_fd)

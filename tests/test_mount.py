@@ -21,6 +21,8 @@ from repofs.config import DEFAULT_CHUNK
 from tests.helpers import (
     _daemon_pids,
     assert_one_line_error,
+    cli_argv,
+    cli_env,
     ingest,
     is_mounted,
     make_image,
@@ -521,3 +523,23 @@ class TestDaemonLife:
             )
         assert not is_mounted(mnt)
         repofs("list", repo)
+
+    def test_mount_started_with_stdin_and_stdout_closed(self, tmp_path: Path, repo: Path) -> None:
+        """The start-up pipe and the log file then get fds 0 and 1, which the daemon points at
+        /dev/null: mount returned never (the parent waited on a running daemon), and the log
+        would have been lost.  Now it returns, mounted, and the log has its lines."""
+        mnt, log = tmp_path / "mnt", tmp_path / "closed.log"
+        mnt.mkdir()
+        argv = cli_argv("mount", repo, mnt, "--log", log)
+        try:
+            proc = subprocess.run(
+                ["sh", "-c", 'exec "$@" <&- >&-', "sh", *argv], timeout=30, env=cli_env()
+            )
+            assert proc.returncode == 0 and is_mounted(mnt)
+            repofs("umount", mnt)
+            deadline = time.monotonic() + 10
+            while "unmounted" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert "mounted" in log.read_text() and "unmounted" in log.read_text()
+        finally:
+            unmount(mnt)
