@@ -11,13 +11,16 @@ was deleted".
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import logging.handlers
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+from typing import NamedTuple, TextIO
 
 import pyfuse3
 import trio
@@ -32,37 +35,53 @@ from repofs.vfs import RepoView
 log = logging.getLogger("repofs.mount")
 
 
+REPOFS_FSTYPE = "fuse.repofs"  # "fuse." + the subtype the daemon mounts with
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+class MountEntry(NamedTuple):
+    device: str  # major:minor
+    fstype: str
+
+
 def is_mountpoint(path: str) -> bool:
-    target = os.path.realpath(path)
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and _unescape(fields[4]) == target:
-                    return True
+        return top_mount(os.path.realpath(path)) is not None
     except OSError:
         return os.path.ismount(path)
-    return False
+
+
+def top_mount(resolved_path: str) -> MountEntry | None:
+    """The mount that ``resolved_path`` (already realpath'd) shows now, from mountinfo alone.
+
+    Never a ``stat``: a dead FUSE mount fails it, and our own mount cannot
+    answer before the daemon serves it.  Of several mounts stacked on one
+    point, the visible one is the mount no other mount there sits on.
+    """
+    target = os.fsencode(resolved_path)
+    entries: list[tuple[bytes, bytes, MountEntry]] = []
+    with open(MOUNTINFO, "rb") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 10 or b"-" not in fields[6:] or _unescape(fields[4]) != target:
+                continue
+            fstype = fields[fields.index(b"-", 6) + 1]
+            entry = MountEntry(fields[2].decode(), _unescape(fstype).decode(errors="replace"))
+            entries.append((fields[0], fields[1], entry))
+    parents = {parent for _id, parent, _entry in entries}
+    on_top = [entry for mount_id, _parent, entry in entries if mount_id not in parents]
+    return on_top[-1] if on_top else None
 
 
 def _mount_device(resolved_path: str) -> str | None:
-    """``major:minor`` of the file system mounted last at ``resolved_path`` (already realpath'd)."""
-    device = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 4 and _unescape(fields[4]) == resolved_path:
-                device = fields[2]
-    return device
+    """``major:minor`` of the file system mounted at ``resolved_path`` (already realpath'd)."""
+    entry = top_mount(resolved_path)
+    return entry.device if entry else None
 
 
-def _unescape(field: str) -> str:
-    return (
-        field.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
-    )
+def _unescape(field: bytes) -> bytes:
+    """Undo the kernel's octal escapes in mountinfo (space, tab, newline, backslash)."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
 
 
 def is_dead_mount(path: str) -> bool:
@@ -94,6 +113,28 @@ def check_mountpoint(mountpoint: str) -> None:
         raise MountError(f"{mountpoint}: mount point does not exist")
     if not os.path.isdir(mountpoint):
         raise MountError(f"{mountpoint}: mount point is not a directory")
+
+
+def is_within(path: str, directory: str) -> bool:
+    """Whether ``path`` is ``directory`` or lies under it (both already realpath'd)."""
+    return os.path.commonpath([path, directory]) == directory
+
+
+def check_apart(repo_path: str, mountpoint: str) -> None:
+    """Refuse a mount point in the repository or above it.
+
+    Inside, the mount covers the repository's own files, and the daemon,
+    gc and ingest then reach them through the mount itself; above, it hides
+    the repository from every other command ("no such repository").
+    """
+    repo = os.path.realpath(repo_path)
+    target = os.path.realpath(mountpoint)
+    if target == repo:
+        raise MountError(f"{mountpoint}: the mount point is the repository itself")
+    if is_within(target, repo):
+        raise MountError(f"{mountpoint}: the mount point is inside the repository {repo_path}")
+    if is_within(repo, target):
+        raise MountError(f"{mountpoint}: the mount would hide the repository {repo_path} under it")
 
 
 FUSE_DEVICE = "/dev/fuse"
@@ -136,11 +177,41 @@ def _fuse_conf_allows_other() -> bool:
         return False
 
 
-def _setup_logging(log_file: str | None, foreground: bool) -> None:
+def open_log(log_file: str, repo_path: str) -> TextIO:
+    """Open ``--log`` in the parent, where a bad path is a one-line error naming the file.
+
+    Opened in the daemon, it failed as "daemon failed: [Errno 2] ...".
+    Never inside the repository: appended log lines would corrupt its files
+    (``--log REPO/config.json``).  The daemon inherits the open file.
+    """
+    if is_within(os.path.realpath(log_file), os.path.realpath(repo_path)):
+        raise MountError(f"{log_file}: the log file may not be inside the repository")
+    try:
+        fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        raise MountError(f"{log_file}: cannot open the log file: {exc.strerror}") from None
+    return open(_above_stdio(fd), "a", encoding="utf-8", errors="backslashreplace")
+
+
+def _above_stdio(fd: int) -> int:
+    """``fd``, or a copy of it above 2 in its place: the daemon points 0-2 at /dev/null.
+
+    Started with stdin or stdout closed (cron, some supervisors), repofs
+    gets one of those numbers for a new descriptor: the start-up pipe was
+    then overwritten and the parent waited for ever on a running daemon.
+    """
+    if fd > 2:
+        return fd
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    os.close(fd)
+    return moved
+
+
+def _setup_logging(log_stream: TextIO | None, foreground: bool) -> None:
     root = logging.getLogger("repofs")
     root.setLevel(logging.INFO)
-    if log_file:
-        handler: logging.Handler = logging.FileHandler(log_file)
+    if log_stream:
+        handler: logging.Handler = logging.StreamHandler(log_stream)
     elif foreground:
         handler = logging.StreamHandler(sys.stderr)
     elif os.path.exists("/dev/log"):
@@ -165,12 +236,14 @@ def mount(
     if not os.path.exists(os.path.join(repo_path, INDEX_DIR, "data.mdb")):
         raise MountError(f"{repo_path}: the index is missing; run 'repofs rebuild-index'")
     check_mountpoint(mountpoint)
+    check_apart(repo_path, mountpoint)
     check_fuse_access(allow_other)
+    log_stream = open_log(log_file, repo_path) if log_file else None
     if foreground:
-        _setup_logging(log_file, True)
+        _setup_logging(log_stream, True)
         _serve(repo_path, mountpoint, allow_other, cache_bytes, direct_io, [])
         return
-    read_fd, write_fd = os.pipe()
+    read_fd, write_fd = (_above_stdio(fd) for fd in os.pipe())  # see _above_stdio
     pid = os.fork()
     if pid == 0:  # the daemon
         os.close(read_fd)
@@ -181,7 +254,7 @@ def mount(
             null = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
-            _setup_logging(log_file, False)
+            _setup_logging(log_stream, False)
             _serve(repo_path, mountpoint, allow_other, cache_bytes, direct_io, ready)
             code = 0
         except RepofsError as exc:
@@ -192,6 +265,8 @@ def mount(
         finally:
             os._exit(code)
     os.close(write_fd)
+    if log_stream:
+        log_stream.close()  # the daemon has its own copy
     with os.fdopen(read_fd, "rb") as pipe:
         answer = pipe.read().decode(errors="replace").strip()
     if answer == "ready":
@@ -231,7 +306,7 @@ def _serve(
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")
     options |= {
-        f"fsname=repofs:{os.path.abspath(repo_path)}",
+        fsname_option(repo_path),
         "subtype=repofs",
         "ro",
         "default_permissions",
@@ -254,6 +329,20 @@ def _serve(
     view.close()
     repo.close()
     log.info("unmounted %s", mountpoint)
+
+
+def fsname_option(repo_path: str) -> str:
+    """The ``fsname`` mount option, escaped so that it stays one option naming the exact path.
+
+    libfuse's option parser splits at commas, so a repository called
+    ``r,allow_other`` injected ``allow_other``; and pyfuse3 encodes options
+    as ASCII, so ``rü`` killed the daemon.  The parser turns ``\\ooo`` back
+    into that byte: every byte but printable ASCII other than ``,`` and
+    ``\\`` goes octal, and the kernel records the path itself as the source.
+    """
+    raw = os.fsencode("repofs:" + os.path.abspath(repo_path))
+    safe = (chr(b) if 0x20 <= b < 0x7F and b not in b",\\" else f"\\{b:03o}" for b in raw)
+    return "fsname=" + "".join(safe)
 
 
 READAHEAD_KB = 1024
@@ -314,17 +403,32 @@ async def _stop_on_signal() -> None:
 
 
 def umount(mountpoint: str) -> None:
-    """Unmount, also a mount whose daemon died (its mount point cannot even be stat'ed)."""
+    """Unmount a repofs mount, also one whose daemon died (its mount point cannot even be stat'ed).
+
+    Only a repofs mount: run by root, ``fusermount3 -u`` unmounts whatever
+    is there (a tmpfs with data in it, /proc).  The type comes from
+    mountinfo, which still lists a dead mount.  fusermount3 gets the
+    resolved path: it refuses a symlink to the mount point.
+    """
     if not mountpoint:
         raise UsageError("the mount point path is empty")
-    if not is_mountpoint(mountpoint):
-        if not os.path.isdir(mountpoint):
-            raise MountError(f"{mountpoint}: no such directory")
+    resolved = os.path.realpath(mountpoint)
+    try:
+        entry = top_mount(resolved)
+    except OSError as exc:
+        raise MountError(
+            f"{mountpoint}: cannot tell what is mounted there ({MOUNTINFO}: {exc.strerror})"
+        ) from None
+    if entry is None:
+        if not os.path.lexists(mountpoint):
+            raise MountError(f"{mountpoint}: no such file or directory")
         raise MountError(f"{mountpoint}: is not mounted")
+    if entry.fstype != REPOFS_FSTYPE:
+        raise MountError(f"{mountpoint}: is not a repofs mount")
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool is None:
         raise MountError("fusermount3 not found: install fuse3")
-    proc = subprocess.run([tool, "-u", mountpoint], capture_output=True, text=True)
+    proc = subprocess.run([tool, "-u", resolved], capture_output=True, text=True)
     if proc.returncode != 0:
         msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
         raise MountError(f"{mountpoint}: cannot unmount: {msg}")

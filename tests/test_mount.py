@@ -21,6 +21,8 @@ from repofs.config import DEFAULT_CHUNK
 from tests.helpers import (
     _daemon_pids,
     assert_one_line_error,
+    cli_argv,
+    cli_env,
     ingest,
     is_mounted,
     make_image,
@@ -419,5 +421,125 @@ class TestDaemonLife:
             while _daemon_pids(mnt) and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert not _daemon_pids(mnt)
+        finally:
+            unmount(mnt)
+
+    @pytest.mark.parametrize(
+        "name", ["r,allow_other", "rü", "a\\b c"], ids=["comma", "utf8", "backslash-space"]
+    )
+    def test_repository_path_is_the_source_and_injects_no_option(
+        self, tmp_path: Path, repo: Path, name: str
+    ) -> None:
+        """A comma in the repository's path adds no mount option (allow_other was injected),
+        non-ASCII mounts (it killed the daemon), and the source is the exact path."""
+        odd = tmp_path / name
+        shutil.copytree(repo, odd, symlinks=True)
+        with mounted(odd, tmp_path / "mnt") as mnt:
+            lines = Path("/proc/self/mountinfo").read_bytes().splitlines()
+            fields = next(ln.split() for ln in lines if ln.split()[4] == os.fsencode(str(mnt)))
+            after = fields[fields.index(b"-") + 1 :]
+            fstype, source, super_options = after[0], after[1], after[2].split(b",")
+            assert fstype == b"fuse.repofs"
+            assert b"allow_other" not in super_options and b"allow_other" not in fields[5]
+            escaped = os.fsencode(f"repofs:{odd}").replace(b"\\", b"\\134").replace(b" ", b"\\040")
+            assert source == escaped
+            assert os.listdir(mnt) == []
+
+    def test_umount_refuses_what_is_not_a_repofs_mount(self, tmp_path: Path) -> None:
+        """A tmpfs with data in it, and /proc, stay mounted: one-line error, non-zero exit.
+
+        As root, fusermount3 -u would unmount anything, so repofs checks the type.
+        """
+        t = tmp_path / "t"
+        t.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(t)], check=True)
+        try:
+            (t / "keep").write_text("hi")
+            assert_one_line_error(repofs("umount", t, check=False), f"{t}: is not a repofs mount")
+            assert is_mounted(t) and (t / "keep").read_text() == "hi"
+        finally:
+            subprocess.run(["umount", str(t)], check=True)
+        assert_one_line_error(repofs("umount", "/proc", check=False), "is not a repofs mount")
+        assert os.path.exists("/proc/self/mountinfo")
+
+    def test_umount_through_a_symlink_and_of_a_file(self, tmp_path: Path, repo: Path) -> None:
+        """A symlink to the mount point unmounts it; a regular file is "not mounted"."""
+        mnt, link = tmp_path / "mnt", tmp_path / "mlink"
+        mnt.mkdir()
+        link.symlink_to("mnt")
+        repofs("mount", repo, link)
+        try:
+            assert is_mounted(mnt)
+            repofs("umount", link)
+            assert not is_mounted(mnt)
+        finally:
+            unmount(mnt)
+        f = tmp_path / "file"
+        f.write_text("")
+        assert_one_line_error(repofs("umount", f, check=False), f"{f}: is not mounted")
+        assert_one_line_error(
+            repofs("umount", tmp_path / "nope", check=False), "no such file or directory"
+        )
+
+    def test_mount_point_in_or_above_the_repository_is_refused(
+        self, tmp_path: Path, repo: Path
+    ) -> None:
+        """The repository itself (also through a symlink), a directory in it, or one above it:
+        one line, nothing mounted.  Each made the repository unusable while mounted."""
+        inside = repo / "packs"
+        link = tmp_path / "link"
+        link.symlink_to(repo)
+        cases = [
+            (repo, repo, "the mount point is the repository itself"),
+            (repo, link, "the mount point is the repository itself"),
+            (link, repo / ".", "the mount point is the repository itself"),
+            (repo, inside, "inside the repository"),
+            (repo, tmp_path, "would hide the repository"),
+        ]
+        for src, mnt, words in cases:
+            assert_one_line_error(repofs("mount", src, mnt, check=False), words)
+            assert not is_mounted(Path(os.path.realpath(mnt)))
+
+    def test_log_file_is_checked_before_the_daemon_starts(self, tmp_path: Path, repo: Path) -> None:
+        """--log inside the repository (config.json, or a new file there through a symlink)
+        is refused and leaves the repository as it was; an unopenable log file is one line
+        naming it, nothing mounted."""
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        config = (repo / "config.json").read_bytes()
+        link = tmp_path / "link"
+        link.symlink_to(repo)
+        for log in (repo / "config.json", link / "new.log"):
+            assert_one_line_error(
+                repofs("mount", repo, mnt, "--log", log, check=False),
+                f"{log}: the log file may not be inside the repository",
+            )
+        assert (repo / "config.json").read_bytes() == config
+        assert not (repo / "new.log").exists()
+        for log, why in ((tmp_path / "no" / "dir" / "log", "No such file"), (tmp_path, "Is a dir")):
+            assert_one_line_error(
+                repofs("mount", repo, mnt, "--log", log, check=False),
+                f"{log}: cannot open the log file: {why}",
+            )
+        assert not is_mounted(mnt)
+        repofs("list", repo)
+
+    def test_mount_started_with_stdin_and_stdout_closed(self, tmp_path: Path, repo: Path) -> None:
+        """The start-up pipe and the log file then get fds 0 and 1, which the daemon points at
+        /dev/null: mount returned never (the parent waited on a running daemon), and the log
+        would have been lost.  Now it returns, mounted, and the log has its lines."""
+        mnt, log = tmp_path / "mnt", tmp_path / "closed.log"
+        mnt.mkdir()
+        argv = cli_argv("mount", repo, mnt, "--log", log)
+        try:
+            proc = subprocess.run(
+                ["sh", "-c", 'exec "$@" <&- >&-', "sh", *argv], timeout=30, env=cli_env()
+            )
+            assert proc.returncode == 0 and is_mounted(mnt)
+            repofs("umount", mnt)
+            deadline = time.monotonic() + 10
+            while "unmounted" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert "mounted" in log.read_text() and "unmounted" in log.read_text()
         finally:
             unmount(mnt)
