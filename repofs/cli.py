@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import click
+import lmdb
 
 from ingest.progress import human_bytes
 from repofs.config import DEFAULT_CHUNK, DEFAULT_COMPRESSION, parse_size, size_label
@@ -67,6 +68,8 @@ class RepofsGroup(click.Group):
             _fail("interrupted", 130)
         except BrokenPipeError:
             sys.exit(141)
+        except lmdb.Error as exc:  # damage LMDB finds only when a lookup walks into it
+            _fail(f"the index is damaged ({exc}); run 'repofs rebuild-index'", 3)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -369,12 +369,48 @@ def _check_openable(path: str) -> None:
         raise IndexAccessError(f"{data}: cannot open the index: {exc.strerror}") from None
     if st.st_size == 0:
         raise RepositoryError(f"{data}: the index is empty (truncated); run 'repofs rebuild-index'")
+    needed = _lmdb_file_size(data)
+    if needed is not None and st.st_size < needed:
+        # LMDB maps the file and would touch pages past its end: SIGBUS, no message at all.
+        raise RepositoryError(
+            f"{data}: the index is truncated ({st.st_size} of {needed} bytes); "
+            "run 'repofs rebuild-index'"
+        )
     with contextlib.suppress(OSError):
         if os.statvfs(path).f_flag & os.ST_RDONLY:
             raise IndexAccessError(
                 f"{path}: is on a read-only file system; repofs needs to write its index "
                 "and lock files (copy the repository to writable storage)"
             )
+
+
+_LMDB_MAGIC = 0xBEEFC0DE
+#: In each of the two meta pages (pages 0 and 1): magic, the page size (kept in the
+#: free-list database's md_pad), then the last page used and the transaction id.
+_META_MAGIC = struct.Struct("<I")
+_META_PAGE_SIZE = struct.Struct("<I")  # at 16 + 24
+_META_LAST = struct.Struct("<QQ")  # at 136: mm_last_pg, mm_txnid
+
+
+def _lmdb_file_size(data: str) -> int | None:
+    """The size the newest of LMDB's two meta pages says the file has at least; None if unknown."""
+    try:
+        with open(data, "rb") as f:
+            head = f.read(4096)
+            if len(head) < 160 or _META_MAGIC.unpack_from(head, 16)[0] != _LMDB_MAGIC:
+                return None
+            psize = _META_PAGE_SIZE.unpack_from(head, 40)[0]
+            if not 512 <= psize <= 65536:
+                return None
+            f.seek(psize)
+            second = f.read(160)
+    except OSError:
+        return None
+    metas = [_META_LAST.unpack_from(head, 136)]
+    if len(second) == 160 and _META_MAGIC.unpack_from(second, 16)[0] == _LMDB_MAGIC:
+        metas.append(_META_LAST.unpack_from(second, 136))
+    last_page, _txnid = max(metas, key=lambda m: m[1])
+    return (last_page + 1) * psize
 
 
 def _open_error(path: str, exc: lmdb.Error) -> RepositoryError:

@@ -165,3 +165,59 @@ def test_a_limited_address_space_still_opens_the_index(
         subprocess.run(limit + cli_argv(*args), check=True, capture_output=True, env=cli_env())
     assert len(rp_ids(repo, "web")) == 2
     repofs("verify", repo)
+
+
+def _breaks_only_the_objects_table(raw: bytes, page: int, scratch: Path) -> bool:
+    """Whether zeroing ``page``'s type flags leaves the index openable but its objects
+    table unreadable: damage that only a lookup in the middle of a command meets."""
+    import lmdb
+
+    from repofs.index import DATABASES
+
+    bad = bytearray(raw)
+    bad[page * 4096 + 10 : page * 4096 + 12] = b"\0\0"
+    scratch.mkdir(exist_ok=True)
+    (scratch / "data.mdb").write_bytes(bytes(bad))
+    env = lmdb.open(str(scratch), readonly=True, lock=False, max_dbs=len(DATABASES) + 2)
+    try:
+        dbs = {name: env.open_db(name.encode(), create=False) for name in DATABASES}
+        with env.begin() as txn:
+            for name in ("rps", "vms", "packs", "seqs"):
+                list(txn.cursor(dbs[name]))
+    except lmdb.Error:
+        env.close()
+        return False
+    try:
+        with env.begin() as txn:
+            list(txn.cursor(dbs["objects"]))
+    except lmdb.Error:
+        return True
+    finally:
+        env.close()
+    return False
+
+
+def test_damage_deep_in_the_index_is_one_line_not_a_traceback(
+    tmp_path: Path, two_vms: tuple[Path, Path]
+) -> None:
+    """LMDB finds a damaged page only when a lookup walks into it, in the middle of gc or
+    stats: a one-line error pointing to rebuild-index, and rebuild-index recovers."""
+    repo, _web = two_vms
+    before = rp_ids(repo)
+    data = repo / "index" / "data.mdb"
+    raw = data.read_bytes()
+    page = next(
+        p
+        for p in range(2, len(raw) // 4096)
+        if _breaks_only_the_objects_table(raw, p, tmp_path / "probe")
+    )
+    bad = bytearray(raw)
+    bad[page * 4096 + 10 : page * 4096 + 12] = b"\0\0"
+    data.write_bytes(bytes(bad))
+    repofs("list", repo)
+    for cmd in ("gc", "stats"):
+        assert_one_line_error(repofs(cmd, repo, check=False), "rebuild-index")
+    assert repofs("verify", repo, check=False).returncode != 0
+    repofs("rebuild-index", repo)
+    assert rp_ids(repo) == before
+    repofs("verify", repo)
