@@ -326,9 +326,10 @@ class Index:
                     out.append(key[len(prefix) :].decode())
         return out
 
-    def latest_rp_id(self, txn: lmdb.Transaction, vm: str) -> str | None:
+    def latest_rp_id(self, txn: lmdb.Transaction, vm: str, db: str = "rps") -> str | None:
+        """The VM's newest id in ``db`` (``rps``, or ``reservations`` of running ingests)."""
         prefix = vm.encode() + b"\0"
-        with txn.cursor(db=self.dbs["rps"]) as cur:
+        with txn.cursor(db=self.dbs[db]) as cur:
             found = cur.prev() if cur.set_range(vm.encode() + b"\x01") else cur.last()
             if found and cur.key().startswith(prefix):
                 return cur.key()[len(prefix) :].decode()

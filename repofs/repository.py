@@ -14,7 +14,7 @@ from repofs.durable import os_error, write_file_atomic
 from repofs.errors import IntegrityError, RepositoryError, UsageError
 from repofs.index import LOCATION, PACK_INFO, Index, Location, rp_key
 from repofs.maps import MapReader, PageCache
-from repofs.names import rp_id_for
+from repofs.names import rp_id_for, rp_id_seconds
 from repofs.packstore import LocalPackStore
 from repofs.records import RECORD_HEADER_SIZE, RecordType, decode_header, decode_payload
 from repofs.reserve import set_aside
@@ -191,10 +191,14 @@ class Repository:
     def reserve(self, vm: str, now: float | None = None) -> Reservation:
         """Take the restore point id (its UTC start time, to the second) and a sequence number.
 
-        Ids are unique within a VM: when the second is taken, the next free
-        second is used, so ids always sort in creation order.  The creation
-        time (every file's mtime and ctime) stays the real one: a time in the
-        future would make incremental tape sweeps pick the files up twice.
+        Ids are unique within a VM and always sort in creation order: when the
+        second is taken, or lies before the VM's newest id (the clock was set
+        back), the next free second after the newest is used.  Otherwise
+        ``latest``, and with it the parent of the next changed-block ingest,
+        would be an older backup than the last one taken, and that ingest
+        would store the wrong bytes.  The creation time (every file's mtime
+        and ctime) stays the real one: a time in the future would make
+        incremental tape sweeps pick the files up twice.
         """
         created = time.time() if now is None else now
 
@@ -202,6 +206,10 @@ class Repository:
             vm_seq = self.index.vm_seq(txn, vm, allocate=True)
             assert vm_seq is not None
             second = int(created)
+            newest = self.index.latest_rp_id(txn, vm, db="reservations")
+            for rp_id in (self.index.latest_rp_id(txn, vm), newest):
+                if rp_id is not None:
+                    second = max(second, rp_id_seconds(rp_id) + 1)
             while True:
                 rp_id = rp_id_for(second)
                 key = rp_key(vm, rp_id)

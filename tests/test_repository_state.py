@@ -221,3 +221,22 @@ def test_damage_deep_in_the_index_is_one_line_not_a_traceback(
     repofs("rebuild-index", repo)
     assert rp_ids(repo) == before
     repofs("verify", repo)
+
+
+def test_a_clock_set_back_does_not_make_an_older_backup_the_latest(tmp_path: Path) -> None:
+    """A restore point taken after the clock went back a day is still the newest id, so the
+    next changed-block ingest builds on it and stores the right bytes."""
+    repo = new_repo(tmp_path / "repo")
+    img = make_image(tmp_path / "d.img", 2 * MiB, [(0, noise(2 * MiB, 1))])
+    now = 1_800_000_000.0
+    first = ingest_here(repo, "v", {"d0": img}, now=now)
+    with open(img, "r+b") as f:
+        f.write(noise(64 * 1024, 2))  # changed, and no changed-block list says so
+    second = ingest_here(repo, "v", {"d0": img}, now=now - 86400)
+    assert rp_ids(repo, "v") == [first, second] and second > first
+    with open(img, "r+b") as f:
+        f.seek(MiB)
+        f.write(noise(64 * 1024, 3))
+    third = ingest_here(repo, "v", {"d0": img}, changed={"d0": [(MiB, 64 * 1024)]}, now=now - 86000)
+    assert rp_ids(repo, "v")[-1] == third
+    assert read_disk(repo, "v", third) == img.read_bytes()
