@@ -44,7 +44,7 @@ import lmdb
 
 from repofs.errors import BusyError, IntegrityError, NoSpaceError, UsageError
 from repofs.index import LOCATION, PACK_INFO, Index, Location, object_key, rp_key
-from repofs.lock import repository_lock
+from repofs.lock import open_lock_file, repository_lock
 from repofs.mapwalk import MapWalker
 from repofs.packscan import restore_point_records
 from repofs.packstore import PackStore
@@ -239,7 +239,7 @@ def collect_garbage(
 @contextlib.contextmanager
 def _gc_lock(path: str) -> Iterator[None]:
     """One gc at a time; a second one fails at once rather than waiting for hours."""
-    fd = os.open(os.path.join(path, GC_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = open_lock_file(os.path.join(path, GC_LOCK))
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -27,7 +27,8 @@ GATE = "lock.gate"
 MAIN = "lock.main"
 
 
-def _open(path: str) -> int:
+def open_lock_file(path: str) -> int:
+    """Open (creating) a lock file; a one-line error where that fails."""
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:  # a read-only file system, a lock file turned into a directory
@@ -48,9 +49,9 @@ def _acquire(fd: int, mode: int, wait: bool, what: str) -> None:
 @contextlib.contextmanager
 def repository_lock(repo_path: str, *, exclusive: bool, wait: bool = True) -> Iterator[None]:
     """Hold the repository shared (ingest, prune) or exclusive (gc sweep, rebuild-index)."""
-    gate = _open(os.path.join(repo_path, GATE))
+    gate = open_lock_file(os.path.join(repo_path, GATE))
     try:
-        main = _open(os.path.join(repo_path, MAIN))
+        main = open_lock_file(os.path.join(repo_path, MAIN))
     except BaseException:
         os.close(gate)
         raise

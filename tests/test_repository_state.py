@@ -140,6 +140,10 @@ def test_odd_files_in_the_repository_give_one_line_errors(two_vms: tuple[Path, P
     )
     assert_one_line_error(repofs("verify", repo, check=False), "lock.main")
     (repo / "lock.main").rmdir()
+    (repo / "lock.gc").unlink(missing_ok=True)
+    (repo / "lock.gc").mkdir()
+    assert_one_line_error(repofs("gc", repo, check=False), "lock.gc")
+    (repo / "lock.gc").rmdir()
 
     shutil.move(repo / "packs", repo.parent / "packs.away")
     (repo / "packs").write_bytes(b"")
