@@ -195,6 +195,11 @@ def rebuild_index(repo: str) -> None:
     from repofs.rebuild import rebuild_index as do_rebuild
 
     r = do_rebuild(repo)
+    if r.reserve_given_up:
+        click.echo(
+            f"warning: the file system was full: gave up the repository's reserve "
+            f"({r.reserve_given_up / 2**20:.1f} MiB) to rebuild; gc sets it aside again"
+        )
     for line in r.skipped_packs:
         click.echo(f"skipped: {line}")
     for line in r.damaged:

@@ -51,6 +51,7 @@ LOCATION = struct.Struct(">16sQII")
 PACK_INFO = struct.Struct(">QI")
 DEFAULT_MAP_SIZE = 1 << 36  # 64 GiB of address space; grows on demand
 NEARLY_FULL_BYTES = 1 << 20  # under this, a failed index write is taken for a full disk
+CREATE_ROOM_BYTES = 256 * 1024  # LMDB's new files need a few pages; QA saw SIGBUS at 4 KiB
 MAP_SIZE_ENV = "REPOFS_LMDB_MAP_SIZE"  # tests set a tiny initial map to exercise growth
 DATABASES = ("meta", "objects", "packs", "vms", "rps", "reservations", "seqs")
 
@@ -92,6 +93,7 @@ class Index:
         self._resize = _ResizeGate()
         if not create:
             _check_openable(path)
+        _check_room(path, create)
         try:
             self.env = lmdb.open(
                 path,
@@ -348,6 +350,21 @@ def _address_space_share(map_size: int) -> int:
     if soft == resource.RLIM_INFINITY:
         return map_size
     return max(1 << 20, min(map_size, soft // 4))
+
+
+def _check_room(path: str, create: bool) -> None:
+    """Refuse to let LMDB create its files on a (nearly) full disk.
+
+    LMDB sizes ``lock.mdb`` (and a new ``data.mdb``) sparsely and then
+    writes through a memory map: with no block left that is SIGBUS, the
+    process dies without a word.  A little less short, it fails with EIO,
+    which would read as damage.
+    """
+    if not create and os.path.exists(os.path.join(path, "lock.mdb")):
+        return
+    free = free_bytes(path, as_this_user=True)
+    if free is not None and free < CREATE_ROOM_BYTES:
+        raise os_error(OSError(errno.ENOSPC, "No space"), path)
 
 
 def _check_openable(path: str) -> None:

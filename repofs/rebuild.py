@@ -42,6 +42,7 @@ from repofs.packscan import check_payloads, scan_pack
 from repofs.packstore import LocalPackStore
 from repofs.records import ZERO_DIGEST, RecordType
 from repofs.repository import INDEX_DIR, PACKS_DIR, Repository
+from repofs.reserve import retry_with_reserve
 from repofs.rprecords import parse_rp_record, parse_tombstone
 
 NEW_DIR = "index.new"
@@ -61,6 +62,7 @@ class RebuildResult:
     incomplete: list[str] = field(default_factory=list)
     next_seq: int = 1
     seconds: float = 0.0
+    reserve_given_up: int = 0
 
 
 @dataclass
@@ -74,24 +76,33 @@ def rebuild_index(
 ) -> RebuildResult:
     t0 = time.monotonic()
     config = RepoConfig.load(path)
-    result = RebuildResult()
     with repository_lock(path, exclusive=True):
         _check_packs_present(path)
         new_dir = os.path.join(path, NEW_DIR)
-        _remove_tree(new_dir)
+
+        def build() -> RebuildResult:
+            attempt = RebuildResult()
+            _remove_tree(new_dir)
+            try:
+                os.mkdir(new_dir, 0o700)
+            except OSError as exc:
+                raise os_error(exc, new_dir) from None
+            index = Index(new_dir, create=True)
+            store = LocalPackStore(os.path.join(path, PACKS_DIR))
+            try:
+                found, tombs = _scan_all(store, index, config, attempt, threads, progress)
+                _restore_points(index, found, tombs, attempt)
+                _check_complete(Repository(path, config, index, store), attempt)
+            finally:
+                index.close()
+                store.close()
+            return attempt
+
         try:
-            os.mkdir(new_dir, 0o700)
-        except OSError as exc:
-            raise os_error(exc, new_dir) from None
-        index = Index(new_dir, create=True)
-        store = LocalPackStore(os.path.join(path, PACKS_DIR))
-        try:
-            found, tombs = _scan_all(store, index, config, result, threads, progress)
-            _restore_points(index, found, tombs, result)
-            _check_complete(Repository(path, config, index, store), result)
-        finally:
-            index.close()
-            store.close()
+            result, result.reserve_given_up = retry_with_reserve(path, build)
+        except BaseException:
+            _remove_tree(new_dir)  # a failed build only takes space
+            raise
         _swap(path, new_dir)
     result.seconds = time.monotonic() - t0
     return result

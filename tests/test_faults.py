@@ -385,6 +385,29 @@ class TestFullDisk:
             fill.unlink()
 
 
+def test_init_and_rebuild_index_on_a_filesystem_without_a_free_byte(tmp_path: Path) -> None:
+    """LMDB creates its files sparsely and writes them through a memory map: on a full disk
+    that was SIGBUS (no message) or EIO read as damage.  init now says "no space left";
+    rebuild-index gives up the reserve, as prune and gc do, and rebuilds."""
+    with small_filesystem(tmp_path) as fs:
+        repo = fs / "repo"
+        repofs("init", repo)
+        img = make_image(tmp_path / "a.img", 4 * MiB, [(0, noise(4 * MiB, 30))])
+        rp = repofs("ingest", repo, "--vm", "vm", f"d0={img}").stdout.split()[-1]
+        committed = {rp: digest_of_disk(repo, "vm", rp)}
+        fill = fs / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={fill}", "bs=64k"], capture_output=True)
+        subprocess.run(["dd", "if=/dev/zero", f"of={fill}.2", "bs=4k"], capture_output=True)
+        proc = repofs("init", fs / "another", check=False)
+        assert proc.returncode == 8, (proc.stdout, proc.stderr)
+        assert_one_line_error(proc, "no space left")
+        proc = repofs("rebuild-index", repo)
+        assert "gave up the repository's reserve" in proc.stdout, proc.stdout
+        assert_healthy(repo, committed)
+        fill.unlink()
+        Path(f"{fill}.2").unlink()
+
+
 def test_prune_gives_up_the_reserve_when_its_first_attempt_finds_no_space(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
