@@ -204,6 +204,10 @@ def rebuild_index(repo: str) -> None:
         click.echo(f"skipped: {line}")
     for line in r.damaged:
         click.echo(f"damaged: {line}")
+    for name in r.rewritten:
+        click.echo(
+            f"rewritten: {name}: no pack held its record any more; written again from the old index"
+        )
     for line in r.incomplete:
         click.echo(f"incomplete: {line}")
     click.echo(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import shutil
 import time
@@ -43,7 +44,7 @@ from repofs.packstore import LocalPackStore
 from repofs.records import ZERO_DIGEST, RecordType
 from repofs.repository import INDEX_DIR, PACKS_DIR, Repository
 from repofs.reserve import retry_with_reserve
-from repofs.rprecords import parse_rp_record, parse_tombstone
+from repofs.rprecords import parse_rp_record, parse_tombstone, rp_record_body
 
 NEW_DIR = "index.new"
 _KEEP = frozenset({RecordType.RESTORE_POINT, RecordType.TOMBSTONE})
@@ -63,6 +64,8 @@ class RebuildResult:
     next_seq: int = 1
     seconds: float = 0.0
     reserve_given_up: int = 0
+    #: restore points whose own record was lost, written again from the old index
+    rewritten: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -79,6 +82,7 @@ def rebuild_index(
     with repository_lock(path, exclusive=True):
         _check_packs_present(path)
         new_dir = os.path.join(path, NEW_DIR)
+        known = _old_restore_points(path)
 
         def build() -> RebuildResult:
             attempt = RebuildResult()
@@ -91,8 +95,10 @@ def rebuild_index(
             store = LocalPackStore(os.path.join(path, PACKS_DIR))
             try:
                 found, tombs = _scan_all(store, index, config, attempt, threads, progress)
+                repo = Repository(path, config, index, store)
+                found += _rewrite_lost_records(repo, found, tombs, known, attempt)
                 _restore_points(index, found, tombs, attempt)
-                _check_complete(Repository(path, config, index, store), attempt)
+                _check_complete(repo, attempt)
             finally:
                 index.close()
                 store.close()
@@ -204,6 +210,63 @@ def _scan_all(
             index.write(lambda txn, p=pack_id, s=scan.size, e=entries: index.add_pack(txn, p, s, e))
     bar.finish()
     return found, tombs
+
+
+def _old_restore_points(path: str) -> list[dict[str, Any]]:
+    """The restore points the index being replaced lists, as far as it can still be read."""
+    docs: list[dict[str, Any]] = []
+    try:
+        index = Index(os.path.join(path, INDEX_DIR))
+    except RepositoryError:
+        return docs
+    try:
+        with index.reading() as txn:
+            for doc in index.rp_docs(txn):
+                if parse_rp_record(json.dumps(doc).encode()) is not None:
+                    docs.append(doc)
+    except (lmdb.Error, ValueError):
+        pass  # keep what was read before the damage
+    finally:
+        index.close()
+    return docs
+
+
+def _rewrite_lost_records(
+    repo: Repository,
+    found: list[_Found],
+    tombs: dict[Any, Any],
+    known: list[dict[str, Any]],
+    result: RebuildResult,
+) -> list[_Found]:
+    """Write again the records of restore points the old index lists but no pack holds.
+
+    A restore point whose record was lost (its pack deleted or damaged)
+    while its data survived would otherwise vanish from the rebuilt index
+    without a word, and the next gc would free its data.  The old index's
+    copy is the same JSON; written into a new pack, it makes the restore
+    point whole again, and rebuildable from the packs from now on.
+    """
+    have = {(f.doc["vm"], f.doc["id"]) for f in found}
+    lost = [
+        d
+        for d in known
+        if (d["vm"], d["id"]) not in have and (d["vm"], d["id"], d["seq"]) not in tombs
+    ]
+    if not lost:
+        return []
+    out = []
+    writer = repo.writer()
+    try:
+        for doc in lost:
+            record = {**doc, "record": None}  # the bytes commit wrote, so gc finds it live
+            _digest, loc = writer.put_new(RecordType.RESTORE_POINT, rp_record_body(doc))
+            out.append(_Found(record, loc))
+        writer.flush()
+    except BaseException:
+        writer.abort()
+        raise
+    result.rewritten += [f"{d['vm']}/{d['id']}" for d in lost]
+    return out
 
 
 def _restore_points(

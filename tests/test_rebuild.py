@@ -182,3 +182,35 @@ class TestRebuild:
         assert_one_line_error(
             repofs("rebuild-index", tmp_path, check=False), "not a repofs repository"
         )
+
+
+@pytest.mark.parametrize("damage", ["pack deleted", "record flipped"])
+def test_a_restore_point_whose_record_is_lost_is_written_again_from_the_old_index(
+    tmp_path: Path, damage: str
+) -> None:
+    """The record of a restore point is lost but its data is whole: rebuild-index used to
+    drop it without a word (and gc would then free its data).  With the old index still
+    readable, the record is written again, and later rebuilds from the packs alone keep it."""
+    repo = new_repo(tmp_path / "repo")
+    img = make_image(tmp_path / "a.img", 2 * MiB, [(0, noise(2 * MiB, 1))])
+    ids = [ingest_here(repo, "vm", {"d0": img}, now=1_700_000_000 + k) for k in range(2)]
+    expected = img.read_bytes()
+    with Repository.open(str(repo)) as r:
+        record = r.resolve("vm", ids[0]).record
+        assert record is not None
+        pack = Path(r.packs.path_of(bytes.fromhex(record[0])))
+    if damage == "pack deleted":
+        pack.unlink()
+    else:
+        flip_byte(pack, record[1] + RECORD_HEADER_SIZE + 3)
+
+    out = repofs("rebuild-index", repo).stdout
+    assert f"rewritten: vm/{ids[0]}" in out, out
+    assert rp_ids(repo, "vm") == ids
+    repofs("gc", repo)
+    shutil.rmtree(repo / "index")  # now from the packs alone
+    repofs("rebuild-index", repo)
+    assert rp_ids(repo, "vm") == ids
+    for rp in ids:
+        assert read_range(repo, "vm", rp, 0, 2 * MiB) == expected
+    repofs("verify", repo)
