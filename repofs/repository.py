@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -59,7 +60,12 @@ class Repository:
             if os.path.exists(os.path.join(path, CONFIG_FILE)):
                 raise UsageError(f"{path}: a repository already exists here")
             if os.listdir(path):
-                raise UsageError(f"{path}: directory is not empty")
+                if not _interrupted_init(path):
+                    raise UsageError(f"{path}: directory is not empty")
+                try:
+                    shutil.rmtree(path)  # what an init killed before config.json left
+                except OSError as exc:
+                    raise os_error(exc, path) from None
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             raise UsageError(f"{parent}: parent directory does not exist")
@@ -323,3 +329,21 @@ def _pause_for_fault_tests() -> None:
     if pause:
         print("repofs: test hook: pausing before commit", file=sys.stderr, flush=True)
         time.sleep(float(pause))
+
+
+def _interrupted_init(path: str) -> bool:
+    """Whether ``path`` holds only what an ``init`` killed before writing config.json leaves.
+
+    config.json is written last, so such a directory never held a backup:
+    init may start over there instead of asking for an ``rm -rf``.
+    """
+    skeleton = {PACKS_DIR, INDEX_DIR, "reserve", "lock.gate", "lock.main", "lock.gc"}
+    for name in os.listdir(path):
+        if name not in skeleton and not name.startswith(("reserve.tmp.", f"{CONFIG_FILE}.tmp.")):
+            return False
+    packs = os.path.join(path, PACKS_DIR)
+    for dirpath, _dirs, files in os.walk(packs):
+        if dirpath != os.path.join(packs, "tmp") and files:
+            return False
+    index = os.path.join(path, INDEX_DIR)
+    return not os.path.isdir(index) or set(os.listdir(index)) <= {"data.mdb", "lock.mdb"}

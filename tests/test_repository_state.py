@@ -244,3 +244,18 @@ def test_a_clock_set_back_does_not_make_an_older_backup_the_latest(tmp_path: Pat
     third = ingest_here(repo, "v", {"d0": img}, changed={"d0": [(MiB, 64 * 1024)]}, now=now - 86000)
     assert rp_ids(repo, "v")[-1] == third
     assert read_disk(repo, "v", third) == img.read_bytes()
+
+
+def test_init_starts_over_where_an_init_was_killed(tmp_path: Path) -> None:
+    """config.json is written last: a directory holding only what init makes before it
+    never held a backup, and init may start over there.  Anything more is refused."""
+    repo = tmp_path / "repo"
+    repofs("init", repo)
+    (repo / "config.json").unlink()  # as if init had been killed just before writing it
+    assert_one_line_error(repofs("list", repo, check=False), "config.json")
+    repofs("init", repo)
+    repofs("list", repo)
+    (repo / "config.json").unlink()
+    (repo / "notes.txt").write_text("mine\n")
+    assert_one_line_error(repofs("init", repo, check=False), "not empty")
+    assert (repo / "notes.txt").read_text() == "mine\n"
