@@ -35,6 +35,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -56,7 +57,7 @@ from repofs.records import (
     decode_header,
     decode_payload,
 )
-from repofs.repository import Repository
+from repofs.repository import NEW_INDEX_DIR, Repository
 from repofs.reserve import retry_with_reserve, set_aside
 from repofs.restorepoint import RestorePoint
 from repofs.rprecords import Tombstone, parse_rp_record, parse_tombstone, rp_record_digest
@@ -433,6 +434,12 @@ def _sweep(
             repo.packs.delete(pack_id)
             result.orphan_packs += 1
     result.tmp_freed = repo.packs.cleanup_unpublished()
+    half_built = os.path.join(repo.path, NEW_INDEX_DIR)  # a killed rebuild-index's; we hold
+    if os.path.isdir(half_built):  # the exclusive lock, so no rebuild is running
+        result.tmp_freed += sum(
+            os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(half_built) for f in fs
+        )
+        shutil.rmtree(half_built, ignore_errors=True)
     result.bytes_freed += result.tmp_freed
 
 

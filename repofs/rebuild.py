@@ -42,11 +42,11 @@ from repofs.mapwalk import MapWalker
 from repofs.packscan import check_payloads, scan_pack
 from repofs.packstore import LocalPackStore
 from repofs.records import ZERO_DIGEST, RecordType
-from repofs.repository import INDEX_DIR, PACKS_DIR, Repository
+from repofs.repository import INDEX_DIR, NEW_INDEX_DIR, PACKS_DIR, Repository
 from repofs.reserve import retry_with_reserve
 from repofs.rprecords import parse_rp_record, parse_tombstone, rp_record_body
 
-NEW_DIR = "index.new"
+NEW_DIR = NEW_INDEX_DIR
 _KEEP = frozenset({RecordType.RESTORE_POINT, RecordType.TOMBSTONE})
 
 

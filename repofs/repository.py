@@ -23,6 +23,7 @@ from repofs.restorepoint import DiskInfo, RestorePoint
 from repofs.writer import ObjectWriter
 
 INDEX_DIR = "index"
+NEW_INDEX_DIR = "index.new"  # where rebuild-index builds the next index
 PACKS_DIR = "packs"
 
 

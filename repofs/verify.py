@@ -77,7 +77,7 @@ from repofs.records import (
     decode_header,
     thread_decompressor,
 )
-from repofs.repository import PACKS_DIR, Repository
+from repofs.repository import NEW_INDEX_DIR, PACKS_DIR, Repository
 from repofs.restorepoint import RestorePoint
 from repofs.rprecords import parse_rp_record, parse_tombstone, rp_record_digest
 
@@ -516,6 +516,10 @@ class _Verifier:
             self.result.warnings.append(
                 f"pack {pack_id.hex()} is not in the index "
                 "(left by an interrupted ingest or gc; gc removes it)"
+            )
+        if os.path.isdir(os.path.join(self.repo.path, NEW_INDEX_DIR)):
+            self.result.warnings.append(
+                f"{NEW_INDEX_DIR}/ is left by an interrupted rebuild-index (gc removes it)"
             )
         tmp = self.repo.packs.tmp_dir
         leftovers = os.listdir(tmp) if os.path.isdir(tmp) else []

@@ -259,3 +259,15 @@ def test_init_starts_over_where_an_init_was_killed(tmp_path: Path) -> None:
     (repo / "notes.txt").write_text("mine\n")
     assert_one_line_error(repofs("init", repo, check=False), "not empty")
     assert (repo / "notes.txt").read_text() == "mine\n"
+
+
+def test_a_killed_rebuild_leaves_nothing_for_long(two_vms: tuple[Path, Path]) -> None:
+    """The half-built index.new of a rebuild-index killed with -9: verify mentions it and
+    gc, which excludes rebuild-index in its sweep, removes it."""
+    repo, _web = two_vms
+    (repo / "index.new").mkdir()
+    (repo / "index.new" / "data.mdb").write_bytes(b"\0" * 8192)
+    assert "index.new/ is left by an interrupted rebuild-index" in repofs("verify", repo).stdout
+    repofs("gc", repo)
+    assert not (repo / "index.new").exists()
+    repofs("verify", repo)
