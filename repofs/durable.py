@@ -26,11 +26,13 @@ def free_bytes(path: str, *, as_this_user: bool = False) -> int | None:
     """Bytes an ordinary writer may still use on the file system holding ``path``.
 
     ``as_this_user``: for this process, which as root may also write the
-    blocks a file system keeps back for root (5 % of ext4).
+    blocks a file system keeps back for root (5 % of ext4).  None if unknown.
     """
     try:
         st = os.statvfs(path)
     except OSError:
+        return None
+    if st.f_blocks == 0:  # no space accounting (ramfs, some FUSE file systems): unknown
         return None
     blocks = st.f_bfree if as_this_user and os.geteuid() == 0 else st.f_bavail
     return blocks * st.f_frsize
