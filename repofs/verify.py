@@ -200,6 +200,7 @@ class _Verifier:
         self.bad_packs: dict[bytes, tuple[str, int]] = {}
         self._pack_problems: dict[bytes, int] = {}
         self.known_packs: set[bytes] = set()
+        self._owners: dict[bytes, str] | None = None
         #: object keys (type byte + digest) reached from restore points; --vm and --sample only
         self.referenced: set[bytes] = set()
         self.walker = MapWalker(repo.config.page_refs, self._load_page)
@@ -491,13 +492,25 @@ class _Verifier:
             n = self._problem(f"{kind} {self._short(e.digest)}", err)
             self._mark_bad([e], n)
             if rtype == RecordType.RESTORE_POINT:
+                owner = self._record_owners().get(e.digest, "a restore point")
                 self.result.problems[n].affects.append(
-                    "a restore point's own record: rebuild-index could not restore it"
+                    f"{owner}: its own record (its data may be whole; rebuild-index, while "
+                    "this index is readable, writes the record again from the index's copy)"
                 )
             elif rtype == RecordType.TOMBSTONE:
                 self.result.problems[n].affects.append(
                     "a tombstone: rebuild-index could bring a pruned restore point back"
                 )
+
+    def _record_owners(self) -> dict[bytes, str]:
+        """``vm/id`` by the digest of the restore point's own record, from the index's copies."""
+        if self._owners is None:
+            with self.index.reading() as txn:
+                self._owners = {
+                    rp_record_digest(doc): f"{doc['vm']}/{doc['id']}"
+                    for doc in self.index.rp_docs(txn)
+                }
+        return self._owners
 
     # -- leftovers and permissions --------------------------------------------------
 

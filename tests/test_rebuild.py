@@ -203,6 +203,8 @@ def test_a_restore_point_whose_record_is_lost_is_written_again_from_the_old_inde
         pack.unlink()
     else:
         flip_byte(pack, record[1] + RECORD_HEADER_SIZE + 3)
+        proc = repofs("verify", repo, check=False)
+        assert proc.returncode != 0 and f"vm/{ids[0]}: its own record" in proc.stdout
 
     out = repofs("rebuild-index", repo).stdout
     assert f"rewritten: vm/{ids[0]}" in out, out
