@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from dataclasses import asdict, dataclass, fields
 
 from repofs.errors import RepositoryError, UsageError
@@ -113,7 +114,12 @@ class RepoConfig:
         if not os.path.isdir(repo_path):
             raise RepositoryError(f"{repo_path}: is not a directory, so not a repository")
         try:
-            with open(path, "rb") as f:
+            # Non-blocking and regular files only: a FIFO there would hang every command.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise RepositoryError(f"{path}: is not a regular file")
+                os.set_blocking(fd, True)
                 raw = f.read(65536)
         except FileNotFoundError:
             raise RepositoryError(

@@ -6,6 +6,7 @@ Each must fail in one line and keep every stored byte; none may make gc collect 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -151,6 +152,13 @@ def test_odd_files_in_the_repository_give_one_line_errors(two_vms: tuple[Path, P
     assert_one_line_error(repofs("rebuild-index", repo, check=False), "packs")
     (repo / "packs").unlink()
     shutil.move(repo.parent / "packs.away", repo / "packs")
+
+    config = (repo / "config.json").read_bytes()
+    (repo / "config.json").unlink()
+    os.mkfifo(repo / "config.json")  # would hang every command on open
+    assert_one_line_error(repofs("list", repo, check=False, timeout=30), "not a regular file")
+    (repo / "config.json").unlink()
+    (repo / "config.json").write_bytes(config)
 
     assert_one_line_error(
         repofs("init", repo / "index" / "sub", check=False), "inside the repository"
