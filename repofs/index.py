@@ -387,12 +387,14 @@ def _check_openable(path: str) -> None:
         raise IndexAccessError(f"{data}: cannot open the index: {exc.strerror}") from None
     if st.st_size == 0:
         raise RepositoryError(f"{data}: the index is empty (truncated); run 'repofs rebuild-index'")
+    # The meta page first, the size after: a writer extends the file before it writes the
+    # meta page that names the new pages, so a commit in between cannot look like damage.
     needed = _lmdb_file_size(data)
-    if needed is not None and st.st_size < needed:
+    size = os.stat(data).st_size if needed is not None else 0
+    if needed is not None and size < needed:
         # LMDB maps the file and would touch pages past its end: SIGBUS, no message at all.
         raise RepositoryError(
-            f"{data}: the index is truncated ({st.st_size} of {needed} bytes); "
-            "run 'repofs rebuild-index'"
+            f"{data}: the index is truncated ({size} of {needed} bytes); run 'repofs rebuild-index'"
         )
     with contextlib.suppress(OSError):
         if os.statvfs(path).f_flag & os.ST_RDONLY:

@@ -35,7 +35,7 @@ import lmdb
 from ingest.progress import Progress
 from repofs.config import RepoConfig
 from repofs.durable import fsync_dir, os_error
-from repofs.errors import IntegrityError, RepositoryError
+from repofs.errors import IntegrityError, RepofsError, RepositoryError
 from repofs.index import Index, Location
 from repofs.lock import repository_lock
 from repofs.mapwalk import MapWalker
@@ -132,7 +132,7 @@ def _check_packs_present(path: str) -> None:
         return
     try:
         index = Index(os.path.join(path, INDEX_DIR))
-    except RepositoryError:
+    except RepofsError:
         return  # no index worth keeping
     try:
         known = index.read(lambda txn: txn.stat(index.dbs["packs"])["entries"])
@@ -217,7 +217,7 @@ def _old_restore_points(path: str) -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = []
     try:
         index = Index(os.path.join(path, INDEX_DIR))
-    except RepositoryError:
+    except RepofsError:  # damaged, missing, or no room for its lock file
         return docs
     try:
         with index.reading() as txn:
