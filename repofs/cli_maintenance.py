@@ -132,11 +132,7 @@ def prune(
             f"dry run: would remove {count} restore point(s); policy keeps {policy.describe()}"
         )
     elif count:
-        if r.reserve_given_up:
-            click.echo(
-                f"warning: the file system was full: gave up the repository's reserve "
-                f"({human_bytes(r.reserve_given_up)}); gc sets it aside again"
-            )
+        _reserve_warning(r.reserve_given_up, "prune")
         click.echo(
             f"removed {r.removed} restore point(s); run 'repofs gc {repo}' to free their space"
         )
@@ -188,6 +184,14 @@ def gc(repo: str, threshold: float, dry_run: bool) -> None:
         click.echo(note)
 
 
+def _reserve_warning(held: int, action: str) -> None:
+    """prune and rebuild-index leave setting the reserve aside again to gc."""
+    if held:
+        from repofs.reserve import gave_up_warning
+
+        click.echo(f"warning: {gave_up_warning(held, action)}; gc sets it aside again")
+
+
 @click.command(name="rebuild-index")
 @click.argument("repo")
 def rebuild_index(repo: str) -> None:
@@ -195,11 +199,7 @@ def rebuild_index(repo: str) -> None:
     from repofs.rebuild import rebuild_index as do_rebuild
 
     r = do_rebuild(repo)
-    if r.reserve_given_up:
-        click.echo(
-            f"warning: the file system was full: gave up the repository's reserve "
-            f"({r.reserve_given_up / 2**20:.1f} MiB) to rebuild; gc sets it aside again"
-        )
+    _reserve_warning(r.reserve_given_up, "rebuild")
     for line in r.skipped_packs:
         click.echo(f"skipped: {line}")
     for line in r.damaged:

@@ -58,7 +58,7 @@ from repofs.records import (
     decode_payload,
 )
 from repofs.repository import NEW_INDEX_DIR, Repository
-from repofs.reserve import retry_with_reserve, set_aside
+from repofs.reserve import gave_up_warning, retry_with_reserve, set_aside
 from repofs.restorepoint import RestorePoint
 from repofs.rprecords import Tombstone, parse_rp_record, parse_tombstone, rp_record_digest
 
@@ -224,10 +224,7 @@ def collect_garbage(
             # Safe to run again from the top: the sweep is built to survive a crash anywhere.
             _, held = retry_with_reserve(path, lambda: _sweep(repo, marker, uses, doomed, result))
             if held:
-                result.warnings.append(
-                    f"the file system was full: gave up the repository's reserve "
-                    f"({held / 2**20:.1f} MiB) to sweep"
-                )
+                result.warnings.append(gave_up_warning(held, "sweep"))
         if not dry_run and (size := set_aside(path)):
             result.notes.append(f"set aside {size / 2**20:.1f} MiB as the repository's reserve")
         result.pages = marker.walker.pages_loaded
@@ -426,9 +423,8 @@ def _sweep(
         repo.packs.delete(pack_id)
         result.packs_deleted += 1
         _pause()
-    known = index.read(lambda t: {k for k, _ in index.items(t, "packs")})
-    for pack_id in list(repo.packs.list()):
-        if pack_id not in known and pack_id not in used:
+    for pack_id in unindexed_packs(repo):
+        if pack_id not in used:
             # not indexed: left by a killed ingest or gc (never a pack an entry points into)
             result.bytes_freed += _size(repo.packs, pack_id)
             repo.packs.delete(pack_id)

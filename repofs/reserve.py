@@ -96,6 +96,14 @@ def give_up(repo_path: str) -> int:
     return size
 
 
+def gave_up_warning(held: int, action: str) -> str:
+    """The one warning of a command that gave up ``held`` bytes of the reserve to ``action``."""
+    return (
+        f"the file system was full: gave up the repository's reserve "
+        f"({held / 2**20:.1f} MiB) to {action}"
+    )
+
+
 def retry_with_reserve(repo_path: str, attempt: Callable[[], T]) -> tuple[T, int]:
     """Run ``attempt``; if the disk is full, give up the reserve and run it once more.
 
