@@ -97,6 +97,21 @@ def make_image(path: Path, size: int, writes: list[tuple[int, bytes]] | None = N
     return path
 
 
+def not_a_small_regular_file(path: Path, kind: str, limit: int) -> tuple[Path, str]:
+    """An input file that must be refused at once: ``kind`` is fifo, dev-zero, directory or
+    too-large (sparse, one byte over ``limit``).  Returns its path and the error's words."""
+    if kind == "fifo":
+        os.mkfifo(path)
+        return path, "not a regular file"
+    if kind == "dev-zero":
+        return Path("/dev/zero"), "not a regular file"
+    if kind == "directory":
+        path.mkdir()
+        return path, "is a directory"
+    make_image(path, limit + 1)
+    return path, f"at most {limit}"
+
+
 def qemu_compare(a: Path | str, b: Path | str) -> None:
     proc = subprocess.run(
         ["qemu-img", "compare", "-f", "raw", str(a), str(b)], capture_output=True, text=True

@@ -12,7 +12,15 @@ import pytest
 
 from ingest.cbt_json import MAX_LIST_BYTES
 from repofs.config import DEFAULT_CHUNK
-from tests.helpers import assert_one_line_error, ingest, make_image, mounted, qemu_compare, repofs
+from tests.helpers import (
+    assert_one_line_error,
+    ingest,
+    make_image,
+    mounted,
+    not_a_small_regular_file,
+    qemu_compare,
+    repofs,
+)
 
 KiB, MiB = 1 << 10, 1 << 20
 CHUNK = DEFAULT_CHUNK  # repositories here are made by a plain 'repofs init'
@@ -209,19 +217,7 @@ class TestBadLists:
         self, tmp_path: Path, repo: Path, base: Path, kind: str
     ) -> None:
         """A FIFO or /dev/zero is refused at once, not waited on or read until memory runs out."""
-        cbt = tmp_path / "c.json"
-        if kind == "fifo":
-            os.mkfifo(cbt)
-            needle = "not a regular file"
-        elif kind == "dev-zero":
-            cbt = Path("/dev/zero")
-            needle = "not a regular file"
-        elif kind == "directory":
-            cbt.mkdir()
-            needle = "is a directory"
-        else:  # sparse, so the test costs no disk space
-            make_image(cbt, MAX_LIST_BYTES + 1)
-            needle = f"at most {MAX_LIST_BYTES}"
+        cbt, needle = not_a_small_regular_file(tmp_path / "c.json", kind, MAX_LIST_BYTES)
         p = repofs(
             "ingest",
             repo,

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from ingest.pipeline import MAX_CONFIG_BYTES
-from tests.helpers import assert_one_line_error, cli_env, ingest, make_image, repofs
+from tests.helpers import (
+    assert_one_line_error,
+    cli_env,
+    ingest,
+    make_image,
+    not_a_small_regular_file,
+    repofs,
+)
 
 MiB = 1 << 20
 
@@ -337,19 +344,7 @@ class TestBadInput:
     ) -> None:
         """A FIFO or /dev/zero as --config is refused at once, not waited on or read forever."""
         img = make_image(tmp_path / "d.img", MiB, [(0, b"x")])
-        config = tmp_path / "c.vmx"
-        if kind == "fifo":
-            os.mkfifo(config)
-            needle = "not a regular file"
-        elif kind == "dev-zero":
-            config = Path("/dev/zero")
-            needle = "not a regular file"
-        elif kind == "directory":
-            config.mkdir()
-            needle = "is a directory"
-        else:  # sparse, so the test costs no disk space
-            make_image(config, MAX_CONFIG_BYTES + 1)
-            needle = f"at most {MAX_CONFIG_BYTES}"
+        config, needle = not_a_small_regular_file(tmp_path / "c.vmx", kind, MAX_CONFIG_BYTES)
         p = repofs(
             "ingest", repo, "--vm", "v", f"d={img}", "--config", config, check=False, timeout=60
         )
