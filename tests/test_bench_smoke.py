@@ -61,3 +61,24 @@ class TestBenchSmoke:
         # chunk 0, and chunks 8-9 for the extent that straddles them: 384 KiB in two reads
         assert proc.stdout.startswith("2 reads, 0.4 MiB, chunk 128K"), proc.stdout
         assert "threads  1:" in proc.stdout and "threads  2:" in proc.stdout
+
+    def test_compression_tool_counts_distinct_nonzero_chunks(self, tmp_path: Path) -> None:
+        """``tools/bench_compression.py`` samples distinct data chunks and reports each level."""
+        img = tmp_path / "d.img"
+        text = b"the same words over and over " * 4520  # about 128 KiB of compressible data
+        with open(img, "wb") as f:
+            f.write(text[:131072] * 2)  # two equal chunks: one distinct
+            f.write(os.urandom(131072))
+            f.write(bytes(131072))  # a zero chunk: never stored, not sampled
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "tools" / "bench_compression.py"), str(img),
+             "--levels", "1,3", "--every", "1"],
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = proc.stdout.splitlines()
+        assert lines[0] == "2 distinct chunks of 128K, 0 MiB", proc.stdout
+        assert lines[1].startswith("zstd level  1:") and lines[2].startswith("zstd level  3:")
+        # the random chunk is stored whole, the text one shrinks to almost nothing
+        assert 50.0 < float(lines[2].split(":")[1].split("%")[0]) < 51.0, proc.stdout
