@@ -18,10 +18,12 @@ The phases and the lock each holds (``docs/maintenance.md`` explains why):
    deduplicated against an object that looked dead - and spare every
    doomed pack that now holds a live object; tombstone restore point
    records that were never committed (killed ingests) so rebuild-index
-   cannot resurrect them half-collected; then one LMDB transaction drops
-   the dead objects, the doomed packs and stale reservations, and only
-   after it is durable are the pack files deleted, with unindexed packs and
-   unfinished temporary packs.
+   cannot resurrect them half-collected; delete the packs the index does
+   not know (leftovers of killed ingests and gcs), while the reservations
+   that vouch for their restore point records are still there; then one
+   LMDB transaction drops the dead objects, the doomed packs and stale
+   reservations, and only after it is durable are the doomed pack files
+   deleted, with unfinished temporary packs.
 
 A kill at any moment leaves either the old pack or the new index entry (or
 both): never an index entry without its data.  Mount readers need no lock:
@@ -416,6 +418,17 @@ def _sweep(
             index.delete(txn, "packs", pack_id)
         return _drop_stale_reservations(index, txn)
 
+    # Leftovers first, before the transaction drops the stale reservations: an ingest killed
+    # between publishing its last pack and indexing it leaves its restore point record in an
+    # unindexed pack, and only its reservation tells that record from one of a restore point
+    # the index lost.  A kill after this transaction must not find such a record any more.
+    for pack_id in unindexed_packs(repo):
+        if pack_id not in used:
+            # not indexed: left by a killed ingest or gc (never a pack an entry points into)
+            result.bytes_freed += _size(repo.packs, pack_id)
+            repo.packs.delete(pack_id)
+            result.orphan_packs += 1
+            _pause()
     result.reservations_removed = index.write(drop)  # durable: no index entry points at them now
     _pause()
     for pack_id in sorted(doomed):
@@ -423,12 +436,6 @@ def _sweep(
         repo.packs.delete(pack_id)
         result.packs_deleted += 1
         _pause()
-    for pack_id in unindexed_packs(repo):
-        if pack_id not in used:
-            # not indexed: left by a killed ingest or gc (never a pack an entry points into)
-            result.bytes_freed += _size(repo.packs, pack_id)
-            repo.packs.delete(pack_id)
-            result.orphan_packs += 1
     result.tmp_freed = repo.packs.cleanup_unpublished()
     half_built = os.path.join(repo.path, NEW_INDEX_DIR)  # a killed rebuild-index's; we hold
     if os.path.isdir(half_built):  # the exclusive lock, so no rebuild is running

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -103,8 +104,24 @@ class ObjectWriter:
         self._reap(self.MAX_PUBLISHING)
 
     def _publish(self, sink: PackSink, entries: list[Entry]) -> bytes:
+        """Publish, then index; a pack that cannot be indexed is deleted again.
+
+        Nothing can refer to a pack the index does not know, so deleting it
+        is safe, and leaving it would be worse than untidy: if it holds a
+        restore point record, the failed ingest gives back its reservation,
+        and gc then takes the record for a committed restore point that the
+        index lost (it refuses to run until a rebuild-index, which would
+        bring the failed restore point back).
+        """
         sink.publish()
-        self._index.write(lambda txn: self._index.add_pack(txn, sink.pack_id, sink.size, entries))
+        try:
+            self._index.write(
+                lambda txn: self._index.add_pack(txn, sink.pack_id, sink.size, entries)
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):  # the indexing error is the one to report
+                self._packs.delete(sink.pack_id)
+            raise
         return sink.pack_id
 
     def _reap(self, keep: int) -> None:

@@ -16,6 +16,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,14 +26,16 @@ import pytest
 from repofs import prune as prune_module
 from repofs.errors import IntegrityError, NoSpaceError
 from repofs.gc import collect_garbage
+from repofs.index import Index
 from repofs.rebuild import rebuild_index
-from repofs.records import RECORD_HEADER_SIZE
+from repofs.records import RECORD_HEADER_SIZE, RecordType
 from repofs.repository import Repository
 from repofs.verify import verify_repository
 from tests.maint_helpers import (
     MiB,
     assert_one_line_error,
     chunk_record,
+    cli_env,
     flip_byte,
     ingest_here,
     kill9,
@@ -40,6 +43,7 @@ from tests.maint_helpers import (
     mounted,
     new_repo,
     noise,
+    pack_files,
     qemu_compare,
     read_disk,
     read_range,
@@ -219,6 +223,118 @@ class TestKills:
             assert (again.packs_deleted, again.packs_rewritten, again.orphan_packs) == (0, 0, 0)
             shutil.rmtree(work)
         assert "partial" in phases
+
+
+# Runs the CLI with SIGKILL at one exact moment: the first time a restore point record is
+# indexed (REPOFS_KILL_AT=index-rp), or at the Nth pack deletion (REPOFS_KILL_AT=delete:N).
+KILL_AT_SCRIPT = """
+import os, signal, sys
+from repofs.index import Index
+from repofs.packstore import LocalPackStore
+from repofs.records import RecordType
+where, _, n = os.environ["REPOFS_KILL_AT"].partition(":")
+add_pack, delete, deletes = Index.add_pack, LocalPackStore.delete, [0]
+def killing_add_pack(self, txn, pack_id, size, entries):
+    if where == "index-rp" and any(e[0] == RecordType.RESTORE_POINT for e in entries):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return add_pack(self, txn, pack_id, size, entries)
+def killing_delete(self, pack_id):
+    deletes[0] += 1
+    if where == "delete" and deletes[0] == int(n):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return delete(self, pack_id)
+Index.add_pack, LocalPackStore.delete = killing_add_pack, killing_delete
+from repofs.cli import main
+sys.argv[0] = "repofs"
+main()
+"""
+
+
+def killed_at(where: str, tmp_path: Path, *args: str | Path) -> None:
+    """Run the CLI with ``args`` and SIGKILL it at ``where`` (see KILL_AT_SCRIPT); it must die."""
+    script = tmp_path / "kill_at.py"
+    script.write_text(KILL_AT_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        env=cli_env({"REPOFS_KILL_AT": where}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
+
+
+class TestKilledLastPack:
+    """An ingest killed between publishing the pack with its restore point record and indexing
+    it leaves that record in a pack the index does not know; only the ingest's reservation
+    tells it from a committed restore point that the index lost."""
+
+    @pytest.mark.parametrize("gc_kill", [None, 1, 2, 3])
+    def test_gc_collects_it_even_when_killed_itself(
+        self, tmp_path: Path, gc_kill: int | None
+    ) -> None:
+        """gc, also after being killed at any of its pack deletions, collects the killed
+        ingest's record: the next gc neither refuses nor leaves anything, and no rebuild
+        brings the failed restore point back."""
+        repo = new_repo(tmp_path / "repo")
+        img = make_image(tmp_path / "a.img", 4 * MiB, [(0, noise(4 * MiB, 1))])
+        ingest_here(repo, "vm", {"d0": img}, now=1_700_000_000)
+        img2 = make_image(tmp_path / "b.img", 4 * MiB, [(0, noise(4 * MiB, 2))])
+        kept = ingest_here(repo, "vm", {"d0": img2}, now=1_700_000_100)
+        repofs("prune", repo, "--keep-last", "1")  # the first one's pack is now doomed
+        img3 = make_image(tmp_path / "c.img", 4 * MiB, [(0, noise(4 * MiB, 3))])
+        killed_at("index-rp", tmp_path, "ingest", repo, "--vm", "vm", f"d0={img3}")
+        committed = {kept: digest_of_disk(repo, "vm", kept)}
+        assert rp_ids(repo, "vm") == [kept]
+        if gc_kill is not None:
+            killed_at(f"delete:{gc_kill}", tmp_path, "gc", repo)
+            assert_healthy(repo, committed)
+        result = collect_garbage(str(repo))
+        assert result.warnings == []
+        assert_healthy(repo, committed)
+        again = collect_garbage(str(repo))
+        assert (again.packs_deleted, again.packs_rewritten, again.orphan_packs) == (0, 0, 0)
+        rebuild_index(str(repo))
+        assert_healthy(repo, committed)
+
+    def test_an_ingest_that_cannot_index_its_last_pack_deletes_it(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An ingest whose last index write fails (a disk that filled up) fails in one line,
+        takes back the pack it published, and gc afterwards runs without asking for a
+        rebuild-index."""
+        repo = new_repo(tmp_path / "repo")
+        img = make_image(tmp_path / "a.img", 4 * MiB, [(0, noise(4 * MiB, 1))])
+        first = ingest_here(repo, "vm", {"d0": img})
+        committed = {first: digest_of_disk(repo, "vm", first)}
+        packs_before = set(pack_files(repo))
+        add_pack = Index.add_pack
+
+        def full_at_the_record(
+            self: Index,
+            txn: object,
+            pack_id: bytes,
+            size: int,
+            entries: list[tuple[RecordType, bytes, int, int, int]],
+        ) -> None:
+            if any(e[0] == RecordType.RESTORE_POINT for e in entries):
+                raise NoSpaceError("no space left on device (test)")
+            add_pack(self, txn, pack_id, size, entries)
+
+        monkeypatch.setattr(Index, "add_pack", full_at_the_record)
+        img2 = make_image(tmp_path / "b.img", 4 * MiB, [(0, noise(4 * MiB, 2))])
+        with pytest.raises(NoSpaceError):
+            ingest_here(repo, "vm", {"d0": img2})
+        monkeypatch.undo()
+        new_packs = set(pack_files(repo)) - packs_before
+        with Repository.open(str(repo)) as r:
+            indexed = r.index.read(lambda t: {k for k, _ in r.index.items(t, "packs")})
+        assert all(bytes.fromhex(p.stem) in indexed for p in new_packs)  # the record's is gone
+        assert rp_ids(repo, "vm") == [first]
+        result = collect_garbage(str(repo))
+        assert result.warnings == []
+        assert_healthy(repo, committed)
 
 
 @contextlib.contextmanager
