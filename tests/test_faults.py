@@ -412,11 +412,18 @@ class TestFullDisk:
             first = repofs("ingest", repo, "--vm", "vm", f"d0={small}").stdout.split()[-1]
             committed = {first: digest_of_disk(repo, "vm", first)}
             free_before = free_bytes(fs)
+            packs_before = set(pack_files(repo))
             big = random_file(tmp_path / "big.img", 100 * MiB)
             proc = repofs("ingest", repo, "--vm", "vm", f"d0={big}", check=False)
             assert proc.returncode == 8, proc.stderr
             assert_one_line_error(proc, "no space left")
-            assert free_bytes(fs) < free_before / 2  # the published packs of the failed ingest
+            # The packs the failed ingest published stay for gc, each indexed: one whose
+            # indexing the full disk stopped was deleted at once.
+            left = set(pack_files(repo)) - packs_before
+            with Repository.open(str(repo)) as r:
+                indexed = r.index.read(lambda t: {k for k, _ in r.index.items(t, "packs")})
+            assert all(bytes.fromhex(p.stem) in indexed for p in left)
+            assert free_bytes(fs) < free_before - sum(p.stat().st_size for p in left) + MiB
             assert_healthy(repo, committed)
             repofs("gc", repo)
             assert free_bytes(fs) > free_before - 2 * MiB
