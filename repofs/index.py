@@ -91,14 +91,19 @@ class Index:
         if map_size is None:
             map_size = _address_space_share(int(os.environ.get(MAP_SIZE_ENV) or DEFAULT_MAP_SIZE))
         self._resize = _ResizeGate()
+        self._map_size = map_size
+        self.env, self.dbs = self._open_env(create)
+        self._identity = self._file_identity()
+
+    def _open_env(self, create: bool) -> tuple[lmdb.Environment, dict[str, Any]]:
         if not create:
-            _check_openable(path)
-        _check_room(path, create)
+            _check_openable(self.path)
+        _check_room(self.path, create)
         try:
-            self.env = lmdb.open(
-                path,
+            env = lmdb.open(
+                self.path,
                 subdir=True,
-                map_size=map_size,
+                map_size=self._map_size,
                 max_dbs=len(DATABASES) + 2,
                 max_readers=512,
                 mode=0o600,
@@ -106,10 +111,37 @@ class Index:
                 meminit=False,
                 create=create,
             )
-            self.dbs = {name: self.env.open_db(name.encode()) for name in DATABASES}
         except lmdb.Error as exc:
-            raise _open_error(path, exc) from None
-        self._identity = self._file_identity()
+            raise _open_error(self.path, exc) from None
+        try:
+            return env, {name: env.open_db(name.encode()) for name in DATABASES}
+        except lmdb.Error as exc:
+            env.close()
+            raise _open_error(self.path, exc) from None
+
+    def follow_replacement(self) -> bool:
+        """Reopen the index if rebuild-index has replaced it since we opened it; True if so.
+
+        For readers that keep the index open without the repository lock
+        (the mount): rebuild-index swaps in a new directory, and the old
+        environment then goes on showing the old file, which knows no
+        restore point committed since and points into packs that a gc on
+        the new index deletes.  Waits for this process's open transactions
+        (the map-resize gate), so no thread reads through a closed
+        environment.  A replacement that does not open (half there, damaged)
+        raises the open error and leaves the old environment in use.
+        """
+        identity = self._file_identity()
+        if identity is None or identity == self._identity:
+            return False
+        with self._resize.exclusive():
+            identity = self._file_identity()
+            if identity is None or identity == self._identity:
+                return False
+            env, dbs = self._open_env(create=False)
+            old, self.env, self.dbs, self._identity = self.env, env, dbs, identity
+            old.close()
+        return True
 
     def is_empty(self) -> bool:
         """True if no pack was ever indexed: a new repository, or an index that lost its data."""

@@ -24,11 +24,12 @@ import logging
 import os
 import stat
 import threading
+import time
 from dataclasses import dataclass
 
 from repofs.descriptor import descriptor_text
 from repofs.diskread import ChunkCache, DiskReader, Prefetcher
-from repofs.errors import IntegrityError
+from repofs.errors import IntegrityError, RepositoryError
 from repofs.index import U64, split_rp_key
 from repofs.records import RecordType
 from repofs.repository import Repository
@@ -67,6 +68,7 @@ class _Rp:
 
 
 WARM_MAP_PAGES = 1024  # 32 MiB of references: the whole map of a disk up to 64 GiB
+INDEX_CHECK_INTERVAL = 1.0  # seconds between looks for an index that rebuild-index replaced
 
 
 class RepoView:
@@ -83,7 +85,48 @@ class RepoView:
         self._lock = threading.Lock()
         self._to_warm: set[int] = set()  # opened disks whose map loads after their first read
         self._logged: set[str] = set()
+        self._index_checked = time.monotonic()
         self.root_mtime = os.stat(os.path.join(repo.path, "config.json")).st_mtime
+
+    # -- following the index -----------------------------------------------------------
+
+    def _follow_index(self, now: bool = False) -> bool:
+        """Switch to the index rebuild-index put in place, if it did; True if we switched.
+
+        The mount reads the index without the repository lock, so a
+        rebuild can replace it under us: without this, the tree would never
+        show a restore point committed after the rebuild, and reads would
+        fail once a gc on the new index moved their chunks.  Tree
+        operations look once a second (a ``stat``); a read that fails looks
+        at once (``now``) and is retried.  Everything cached is
+        content-addressed (chunks, map pages) and stays valid, except the
+        restore points and open disks, which are looked up again.
+        """
+        if not now:
+            t = time.monotonic()
+            if t - self._index_checked < INDEX_CHECK_INTERVAL:
+                return False
+            self._index_checked = t
+        try:
+            switched = self.repo.index.follow_replacement()
+        except RepositoryError as exc:  # a replacement that does not open: keep the old one
+            message = f"the index was replaced but cannot be opened ({exc}); keeping the old one"
+            self._log_once(message, message)
+            return False
+        if switched:
+            with self._lock:
+                self._rps.clear()
+                self._readers.clear()
+            log.warning("the index was replaced (rebuild-index): reading the new one")
+        return switched
+
+    def _log_once(self, key: str, message: str) -> None:
+        """Log ``message`` the first time ``key`` (the problem, not the request) comes up."""
+        with self._lock:
+            if key in self._logged:
+                return
+            self._logged.add(key)
+        log.error("%s", message)
 
     # -- resolving inodes ------------------------------------------------------------
 
@@ -133,6 +176,7 @@ class RepoView:
     # -- attributes ------------------------------------------------------------------
 
     def getattr(self, ino: int) -> Attr:
+        self._follow_index()
         if ino == ROOT_INODE:
             return Attr(ino, stat.S_IFDIR | 0o555, 0, self.root_mtime)
         seq, slot = split_ino(ino)
@@ -190,6 +234,7 @@ class RepoView:
     # -- directories -----------------------------------------------------------------
 
     def lookup(self, parent: int, name: str) -> Attr:
+        self._follow_index()
         if parent == ROOT_INODE:
             idx = self.repo.index
             seq = idx.read(lambda t: idx.vm_seq(t, name))
@@ -219,6 +264,7 @@ class RepoView:
         return self.getattr((seq << SLOT_BITS) | slot)
 
     def listdir(self, ino: int) -> list[tuple[str, Attr]]:
+        self._follow_index()
         idx = self.repo.index
         if ino == ROOT_INODE:
 
@@ -296,34 +342,44 @@ class RepoView:
 
     def read(self, ino: int, offset: int, size: int) -> bytes:
         """File bytes, or :class:`IntegrityError` (logged once per problem) for damaged data."""
+        try:
+            return self._read(ino, offset, size)
+        except IntegrityError as exc:
+            error = exc
+        if self._follow_index(now=True):  # the chunks may have moved under a rebuilt index
+            try:
+                return self._read(ino, offset, size)
+            except IntegrityError as exc:
+                error = exc
+        rp = self._rp_by_seq(split_ino(ino)[0]).rp
+        where = f"{rp.vm}/{rp.id}"
+        slot = split_ino(ino)[1]
+        if 2 <= slot < 2 + 2 * len(rp.disks):
+            where += f"/{rp.disks[(slot - 2) // 2].name}-flat.vmdk"
+        self._log_once(
+            str(error), f"I/O error reading {where} bytes {offset}-{offset + size}: {error}"
+        )
+        raise error
+
+    def _read(self, ino: int, offset: int, size: int) -> bytes:
         seq, slot = split_ino(ino)
         entry = self._rp_by_seq(seq)
         rp = entry.rp
         nd = len(rp.disks)
-        try:
-            if 2 <= slot < 2 + 2 * nd:
-                disk = rp.disks[(slot - 2) // 2]
-                if slot % 2 == 0:
-                    return descriptor_text(rp.vm, rp.id, disk.name, disk.capacity)[
-                        offset : offset + size
-                    ]
-                data = self._reader(seq, slot, rp).read(offset, size)
-                self._warm_after_read(ino)
-                return data
-            j = slot - 2 - 2 * nd
-            if 0 <= j < len(rp.configs):
-                cfg = rp.configs[j]
-                blob = self.repo.read_object(RecordType.BLOB, bytes.fromhex(cfg.digest))
-                return blob[offset : offset + size]
-        except IntegrityError as exc:
-            key = str(exc)
-            if key not in self._logged:
-                self._logged.add(key)
-                where = f"{rp.vm}/{rp.id}"
-                if 2 <= slot < 2 + 2 * nd:
-                    where += f"/{rp.disks[(slot - 2) // 2].name}-flat.vmdk"
-                log.error("I/O error reading %s bytes %d-%d: %s", where, offset, offset + size, exc)
-            raise
+        if 2 <= slot < 2 + 2 * nd:
+            disk = rp.disks[(slot - 2) // 2]
+            if slot % 2 == 0:
+                return descriptor_text(rp.vm, rp.id, disk.name, disk.capacity)[
+                    offset : offset + size
+                ]
+            data = self._reader(seq, slot, rp).read(offset, size)
+            self._warm_after_read(ino)
+            return data
+        j = slot - 2 - 2 * nd
+        if 0 <= j < len(rp.configs):
+            cfg = rp.configs[j]
+            blob = self.repo.read_object(RecordType.BLOB, bytes.fromhex(cfg.digest))
+            return blob[offset : offset + size]
         raise NotFound(ino)
 
     def warm(self, ino: int) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -182,6 +185,51 @@ class TestRebuild:
         assert_one_line_error(
             repofs("rebuild-index", tmp_path, check=False), "not a repofs repository"
         )
+
+
+def read_direct(fd: int) -> bytes:
+    """The whole open file through the daemon (``O_DIRECT``: no page cache of the mount)."""
+    buf = mmap.mmap(-1, max(os.fstat(fd).st_size, 4096))
+    return bytes(buf[: os.preadv(fd, [buf], 0)])
+
+
+def test_a_running_mount_follows_a_rebuilt_index(tmp_path: Path) -> None:
+    """A mount that stays up through rebuild-index and a gc that moves chunks keeps reading
+    every restore point's bytes, and shows restore points committed afterwards."""
+    repo = new_repo(tmp_path / "repo")
+    shared, old = noise(2 * MiB, 1), noise(2 * MiB, 2)
+    first_img = make_image(tmp_path / "a.img", 4 * MiB, [(0, old), (2 * MiB, shared)])
+    ingest_here(repo, "vm", {"d0": first_img}, now=1_700_000_000)
+    second_img = make_image(
+        tmp_path / "b.img", 4 * MiB, [(0, noise(2 * MiB, 3)), (2 * MiB, shared)]
+    )
+    second = ingest_here(repo, "vm", {"d0": second_img}, now=1_700_000_100)
+    with contextlib.ExitStack() as stack:
+        mnt = stack.enter_context(mounted(repo, tmp_path / "mnt"))
+        assert sorted(p.name for p in (mnt / "vm").iterdir()) == [
+            "2023-11-14T221320Z",
+            second,
+            "latest",
+        ]
+        # Opened before, read after: the read itself meets the moved chunks first.
+        fd = os.open(mnt / "vm" / second / "d0-flat.vmdk", os.O_RDONLY | os.O_DIRECT)
+        stack.callback(os.close, fd)
+        repofs("prune", repo, "--keep-last", "1")
+        repofs("rebuild-index", repo)
+        out = repofs("gc", repo).stdout  # moves the second one's shared chunks out of the
+        assert "rewrote 1" in out, out  # first one's pack, then deletes that pack
+        third_img = make_image(tmp_path / "c.img", 4 * MiB, [(0, noise(4 * MiB, 4))])
+        assert read_direct(fd) == second_img.read_bytes()
+        third = repofs("ingest", repo, "--vm", "vm", f"d0={third_img}").stdout.split()[-1]
+        deadline = time.monotonic() + 10
+        while third not in {p.name for p in (mnt / "vm").iterdir()}:
+            assert time.monotonic() < deadline, "the new restore point never showed up"
+            time.sleep(0.2)
+        fd3 = os.open(mnt / "vm" / third / "d0-flat.vmdk", os.O_RDONLY | os.O_DIRECT)
+        stack.callback(os.close, fd3)
+        assert read_direct(fd3) == third_img.read_bytes()
+    log = (tmp_path / "mnt.log").read_text()
+    assert "the index was replaced (rebuild-index)" in log and "I/O error" not in log, log
 
 
 @pytest.mark.parametrize("damage", ["pack deleted", "record flipped"])
