@@ -94,6 +94,7 @@ class Index:
         self._map_size = map_size
         self.env, self.dbs = self._open_env(create)
         self._identity = self._file_identity()
+        self.generation = 0  #: how many times :meth:`follow_replacement` reopened it
 
     def _open_env(self, create: bool) -> tuple[lmdb.Environment, dict[str, Any]]:
         if not create:
@@ -140,6 +141,7 @@ class Index:
                 return False
             env, dbs = self._open_env(create=False)
             old, self.env, self.dbs, self._identity = self.env, env, dbs, identity
+            self.generation += 1
             old.close()
         return True
 

@@ -342,11 +342,15 @@ class RepoView:
 
     def read(self, ino: int, offset: int, size: int) -> bytes:
         """File bytes, or :class:`IntegrityError` (logged once per problem) for damaged data."""
+        generation = self.repo.index.generation
         try:
             return self._read(ino, offset, size)
         except IntegrityError as exc:
             error = exc
-        if self._follow_index(now=True):  # the chunks may have moved under a rebuilt index
+        self._follow_index(now=True)
+        # Retried if the index was replaced since this read began, by us or by a concurrent
+        # request (the kernel splits a large read): its chunks may have moved.
+        if self.repo.index.generation != generation:
             try:
                 return self._read(ino, offset, size)
             except IntegrityError as exc:
