@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -63,6 +62,8 @@ class Repository:
             if os.listdir(path):
                 if not _interrupted_init(path):
                     raise UsageError(f"{path}: directory is not empty")
+                import shutil  # only here: it imports bz2 and lzma, 5 ms of every start
+
                 try:
                     shutil.rmtree(path)  # what an init killed before config.json left
                 except OSError as exc:
@@ -244,12 +245,17 @@ class Repository:
 
         1. every chunk, page and blob the restore point references is in a
            published (fsynced, renamed, directory-fsynced) pack, and indexed;
-        2. its own record goes into a last pack, published the same way, so
-           ``rebuild-index`` can find it without the index;
+        2. its own record, so that ``rebuild-index`` can find it without the
+           index, lies after all of them: in the ingest's last pack (or a
+           pack of its own when that one is full).  The writer publishes its
+           packs one after the other, so the pack with the record becomes
+           durable only once every earlier one is;
         3. one LMDB transaction adds it to ``rps`` and drops its reservation.
            Before that commit nothing shows it; after it, all of it is durable.
+
+        Steps 1 and 2 are one ``flush``: a record of its own pack cost every
+        ingest one more pack file, ``fsync`` and index transaction.
         """
-        writer.flush()
         body = json.dumps(rp.to_doc(), sort_keys=True).encode()
         _digest, loc = writer.put_new(RecordType.RESTORE_POINT, body)
         writer.flush()

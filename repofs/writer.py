@@ -7,6 +7,7 @@ import contextlib
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from repofs.errors import RepositoryError
 from repofs.index import Index, Location
 from repofs.packstore import PackSink, PackStore
 from repofs.records import Codec, Compressor, RecordType, digest_of, encode_header, pack_header
@@ -52,6 +53,7 @@ class ObjectWriter:
         self._lock = threading.Lock()
         self._publisher: ThreadPoolExecutor | None = None
         self._publishing: collections.deque[tuple[Future[bytes], list[Entry]]] = collections.deque()
+        self._failed = False  # a publication failed: publish nothing after it
 
     def known(self, rtype: RecordType, digest: bytes) -> bool:
         """True if the object is stored or about to be: no need to write it again."""
@@ -113,14 +115,23 @@ class ObjectWriter:
         index lost (it refuses to run until a rebuild-index, which would
         bring the failed restore point back).
         """
-        sink.publish()
+        if self._failed:
+            # Never publish past a pack that failed: the restore point record goes into the
+            # last pack (see Repository.commit), and must not outlive data that was lost.
+            sink.abort()
+            raise RepositoryError(f"pack {sink.pack_id.hex()} not published: an earlier one failed")
         try:
-            self._index.write(
-                lambda txn: self._index.add_pack(txn, sink.pack_id, sink.size, entries)
-            )
+            sink.publish()
+            try:
+                self._index.write(
+                    lambda txn: self._index.add_pack(txn, sink.pack_id, sink.size, entries)
+                )
+            except BaseException:
+                with contextlib.suppress(Exception):  # the indexing error is the one to report
+                    self._packs.delete(sink.pack_id)
+                raise
         except BaseException:
-            with contextlib.suppress(Exception):  # the indexing error is the one to report
-                self._packs.delete(sink.pack_id)
+            self._failed = True
             raise
         return sink.pack_id
 
@@ -161,4 +172,5 @@ class ObjectWriter:
             self._sink = None
             self._entries = []
         self.pending.clear()
+        self._failed = False
         self.close()

@@ -30,6 +30,7 @@ from repofs.index import Index
 from repofs.rebuild import rebuild_index
 from repofs.records import RECORD_HEADER_SIZE, RecordType
 from repofs.repository import Repository
+from repofs.reserve import set_aside
 from repofs.verify import verify_repository
 from tests.maint_helpers import (
     MiB,
@@ -270,7 +271,7 @@ class TestKilledLastPack:
     it leaves that record in a pack the index does not know; only the ingest's reservation
     tells it from a committed restore point that the index lost."""
 
-    @pytest.mark.parametrize("gc_kill", [None, 1, 2, 3])
+    @pytest.mark.parametrize("gc_kill", [None, 1, 2])  # its leftover pack, the doomed one
     def test_gc_collects_it_even_when_killed_itself(
         self, tmp_path: Path, gc_kill: int | None
     ) -> None:
@@ -335,6 +336,33 @@ class TestKilledLastPack:
         result = collect_garbage(str(repo))
         assert result.warnings == []
         assert_healthy(repo, committed)
+
+
+def compact_index(repo: Path) -> None:
+    """Rewrite the index without free pages, so that its next write needs new blocks.
+
+    LMDB reuses the pages earlier transactions freed: on a full disk a
+    command then succeeds or fails by how many a previous command happened
+    to leave, and the tests that need the disk to refuse an index write
+    depended on that luck.
+    """
+    import lmdb
+
+    index, copy = repo / "index", repo / "index.compact"
+    copy.mkdir()
+    env = lmdb.open(str(index), max_dbs=16, readonly=True, lock=False)
+    try:
+        env.copy(str(copy), compact=True)
+    finally:
+        env.close()
+    os.replace(copy / "data.mdb", index / "data.mdb")
+    copy.rmdir()
+
+
+def fill_up(path: Path) -> None:
+    """Fill the file system with one file; dd, because root may also write ext4's reserved
+    blocks that statvfs hides."""
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=64k"], capture_output=True)
 
 
 @contextlib.contextmanager
@@ -466,9 +494,10 @@ class TestFullDisk:
             assert_healthy(repo, committed)
 
     def test_prune_and_gc_on_a_filesystem_without_a_free_byte(self, tmp_path: Path) -> None:
-        """With not one byte free, prune still works, and gc gives up the repository's
-        reserve to commit its sweep, frees what prune released and sets the reserve aside
-        again.  Without a reserve gc stops with one line and exit 8, harming nothing."""
+        """With not one byte free (and an index without freed pages to reuse), prune gives
+        up the repository's reserve and works; gc does the same to commit its sweep, frees
+        what prune released and sets the reserve aside again.  Without a reserve gc stops
+        with one line and exit 8, harming nothing."""
         with small_filesystem(tmp_path) as fs:
             repo = fs / "repo"
             repofs("init", repo)
@@ -486,10 +515,15 @@ class TestFullDisk:
             ]
             committed = {ids[-1]: digest_of_disk(repo, "vm", ids[-1])}
             fill = fs / "filler"
-            # dd, because root may also write ext4's reserved blocks that statvfs hides
-            subprocess.run(["dd", "if=/dev/zero", f"of={fill}", "bs=64k"], capture_output=True)
-            repofs("prune", repo, "--keep-last", "1")
+            compact_index(repo)
+            fill_up(fill)
+            out = repofs("prune", repo, "--keep-last", "1").stdout
             assert rp_ids(repo, "vm") == [ids[-1]]
+            assert "gave up the repository's reserve" in out and not reserve.exists(), out
+            fill.unlink()  # gc's part below needs the reserve: set it aside, fill up again
+            assert set_aside(str(repo))
+            compact_index(repo)
+            fill_up(fill)
 
             aside = fs / "reserve.elsewhere"  # same file system: its space stays used
             reserve.rename(aside)

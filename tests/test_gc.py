@@ -137,6 +137,8 @@ class TestSweep:
         repo = new_repo(tmp_path / "repo")
         img = make_image(tmp_path / "a.img", 4 * MiB, [(0, noise(MiB, 1))])
         rp = ingest_here(repo, "a", {"d0": img})
+        other = make_image(tmp_path / "b.img", 4 * MiB, [(0, noise(MiB, 2))])
+        ingest_here(repo, "b", {"d0": other})  # a pack the index still lists: not an empty index
         pack, _o, _s = chunk_record(repo, "a", rp, 0)
         with Repository.open(str(repo)) as r:
             r.index.write(lambda t: r.index.delete(t, "packs", bytes.fromhex(pack.stem)))

@@ -243,8 +243,9 @@ def test_a_restore_point_whose_record_is_lost_is_written_again_from_the_old_inde
     img = make_image(tmp_path / "a.img", 2 * MiB, [(0, noise(2 * MiB, 1))])
     ids = [ingest_here(repo, "vm", {"d0": img}, now=1_700_000_000 + k) for k in range(2)]
     expected = img.read_bytes()
+    lost = ids[1]  # deduplicated whole: its last pack holds its record alone
     with Repository.open(str(repo)) as r:
-        record = r.resolve("vm", ids[0]).record
+        record = r.resolve("vm", lost).record
         assert record is not None
         pack = Path(r.packs.path_of(bytes.fromhex(record[0])))
     if damage == "pack deleted":
@@ -252,10 +253,10 @@ def test_a_restore_point_whose_record_is_lost_is_written_again_from_the_old_inde
     else:
         flip_byte(pack, record[1] + RECORD_HEADER_SIZE + 3)
         proc = repofs("verify", repo, check=False)
-        assert proc.returncode != 0 and f"vm/{ids[0]}: its own record" in proc.stdout
+        assert proc.returncode != 0 and f"vm/{lost}: its own record" in proc.stdout
 
     out = repofs("rebuild-index", repo).stdout
-    assert f"rewritten: vm/{ids[0]}" in out, out
+    assert f"rewritten: vm/{lost}" in out, out
     assert rp_ids(repo, "vm") == ids
     repofs("gc", repo)
     shutil.rmtree(repo / "index")  # now from the packs alone

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from repofs.errors import NoSpaceError
+from repofs.index import Index
 from repofs.records import Codec, RecordType, digest_of
 from repofs.repository import Repository
 from repofs.writer import ObjectWriter
@@ -48,5 +53,40 @@ def test_abort_waits_for_publications_and_drops_the_open_pack(repo: Path) -> Non
         packs = sorted(Path(repo, "packs").glob("*/*.pack"))
         assert len(packs) == len(w.packs_published)
         assert list(Path(repo).rglob("*.tmp")) == []
+    finally:
+        r.close()
+
+
+def test_nothing_is_published_after_a_pack_that_could_not_be_indexed(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The restore point record goes into the last pack: when an earlier pack's indexing
+    fails, that pack is deleted and no later one is published, so no record outlives its
+    data; flush reports the first failure."""
+    r = Repository.open(str(repo))
+    try:
+        cfg = r.config
+        w = ObjectWriter(r.index, r.packs, cfg.repository_id, 64 * 1024, (cfg.codec, cfg.level))
+        add_pack = Index.add_pack
+        calls = []
+
+        def fail_first(self: Index, *args: Any) -> None:
+            calls.append(args[0])
+            if len(calls) == 1:
+                raise NoSpaceError("no space left on device (test)")
+            add_pack(self, *args)
+
+        monkeypatch.setattr(Index, "add_pack", fail_first)
+        with pytest.raises(NoSpaceError):  # from a later put, or from flush
+            for _ in range(6):  # three packs of two records each
+                b = os.urandom(40_000)
+                w.put(RecordType.CHUNK, digest_of(b), Codec.NONE, len(b), b)
+            w.put_new(RecordType.RESTORE_POINT, b'{"vm": "x"}')
+            w.flush()
+        w.abort()
+        assert len(calls) == 1  # only the first pack got as far as its index write
+        assert sorted(Path(repo, "packs").glob("*/*.pack")) == []
+        assert list(Path(repo).rglob("*.tmp")) == []
+        assert r.index.read(lambda t: list(r.index.items(t, "packs"))) == []
     finally:
         r.close()
