@@ -355,15 +355,22 @@ class RepoView:
                 return self._read(ino, offset, size)
             except IntegrityError as exc:
                 error = exc
-        rp = self._rp_by_seq(split_ino(ino)[0]).rp
-        where = f"{rp.vm}/{rp.id}"
-        slot = split_ino(ino)[1]
-        if 2 <= slot < 2 + 2 * len(rp.disks):
-            where += f"/{rp.disks[(slot - 2) // 2].name}-flat.vmdk"
         self._log_once(
-            str(error), f"I/O error reading {where} bytes {offset}-{offset + size}: {error}"
+            str(error),
+            f"I/O error reading {self._file_name(ino)} bytes {offset}-{offset + size}: {error}",
         )
         raise error
+
+    def _file_name(self, ino: int) -> str:
+        """``vm/id/disk-flat.vmdk`` (or ``vm/id``) for log lines; the inode if that is gone."""
+        seq, slot = split_ino(ino)
+        try:
+            rp = self._rp_by_seq(seq).rp
+        except NotFound:
+            return f"inode {ino}"
+        if 2 <= slot < 2 + 2 * len(rp.disks):
+            return f"{rp.vm}/{rp.id}/{rp.disks[(slot - 2) // 2].name}-flat.vmdk"
+        return f"{rp.vm}/{rp.id}"
 
     def _read(self, ino: int, offset: int, size: int) -> bytes:
         seq, slot = split_ino(ino)
