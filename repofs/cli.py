@@ -42,7 +42,25 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+class Stopped(Exception):
+    """An interrupt carried past click, which would print a blank line for it first.
+
+    The blank line ends a terminal's ``^C`` echo; in a log or a script's
+    captured stderr it made the one-line error two lines.
+    """
+
+    def __init__(self, terminated: bool) -> None:
+        super().__init__("terminated" if terminated else "interrupted")
+        self.exit_code = 143 if terminated else 130
+
+
 class RepofsGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            raise Stopped(isinstance(exc, Terminated)) from None
+
     def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         kwargs["standalone_mode"] = False
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # an inherited SIG_IGN stays
@@ -61,6 +79,10 @@ class RepofsGroup(click.Group):
         except click.ClickException as exc:
             _fail(exc.format_message(), 2)
         except RepofsError as exc:
+            _fail(str(exc), exc.exit_code)
+        except Stopped as exc:
+            if sys.stderr.isatty():
+                print(file=sys.stderr)  # past the ^C echo or a progress bar
             _fail(str(exc), exc.exit_code)
         except Terminated:
             _fail("terminated", 143)

@@ -42,6 +42,7 @@ MOUNTINFO = "/proc/self/mountinfo"
 class MountEntry(NamedTuple):
     device: str  # major:minor
     fstype: str
+    owner: int | None  # a FUSE mount's user_id=, the user who may unmount it
 
 
 def is_mountpoint(path: str) -> bool:
@@ -65,8 +66,9 @@ def top_mount(resolved_path: str) -> MountEntry | None:
             fields = line.split()
             if len(fields) < 10 or b"-" not in fields[6:] or _unescape(fields[4]) != target:
                 continue
-            fstype = fields[fields.index(b"-", 6) + 1]
-            entry = MountEntry(fields[2].decode(), _unescape(fstype).decode(errors="replace"))
+            separator = fields.index(b"-", 6)
+            fstype = _unescape(fields[separator + 1]).decode(errors="replace")
+            entry = MountEntry(fields[2].decode(), fstype, _fuse_owner(fields[separator + 3 :]))
             entries.append((fields[0], fields[1], entry))
     parents = {parent for _id, parent, _entry in entries}
     on_top = [entry for mount_id, _parent, entry in entries if mount_id not in parents]
@@ -77,6 +79,16 @@ def _mount_device(resolved_path: str) -> str | None:
     """``major:minor`` of the file system mounted at ``resolved_path`` (already realpath'd)."""
     entry = top_mount(resolved_path)
     return entry.device if entry else None
+
+
+def _fuse_owner(super_options: list[bytes]) -> int | None:
+    for option in b",".join(super_options).split(b","):
+        if option.startswith(b"user_id="):
+            try:
+                return int(option[len(b"user_id=") :])
+            except ValueError:
+                return None
+    return None
 
 
 def _unescape(field: bytes) -> bytes:
@@ -188,9 +200,10 @@ def open_log(log_file: str, repo_path: str) -> TextIO:
         raise MountError(f"{log_file}: the log file may not be inside the repository")
     try:
         fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        # "a" seeks to the end: files of /proc and /sys refuse that (EINVAL)
+        return open(_above_stdio(fd), "a", encoding="utf-8", errors="backslashreplace")
     except OSError as exc:
         raise MountError(f"{log_file}: cannot open the log file: {exc.strerror}") from None
-    return open(_above_stdio(fd), "a", encoding="utf-8", errors="backslashreplace")
 
 
 def _above_stdio(fd: int) -> int:
@@ -425,6 +438,11 @@ def umount(mountpoint: str) -> None:
         raise MountError(f"{mountpoint}: is not mounted")
     if entry.fstype != REPOFS_FSTYPE:
         raise MountError(f"{mountpoint}: is not a repofs mount")
+    if os.geteuid() != 0 and entry.owner is not None and entry.owner != os.geteuid():
+        raise MountError(
+            f"{mountpoint}: mounted by another user (uid {entry.owner}); "
+            "only that user or root can unmount it"
+        )
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool is None:
         raise MountError("fusermount3 not found: install fuse3")

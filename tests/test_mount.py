@@ -424,6 +424,31 @@ class TestDaemonLife:
         finally:
             unmount(mnt)
 
+    def test_umount_of_another_users_mount_says_so(
+        self, tmp_path: Path, repo: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """fusermount3 told another user the mount was "not found in /etc/mtab".
+
+        The mount is real; only the caller's uid is faked, as this machine's
+        interpreter is not reachable for another user.
+        """
+        from repofs import mount as mount_module
+        from repofs.errors import MountError
+
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        repofs("mount", repo, mnt)
+        try:
+            entry = mount_module.top_mount(str(mnt.resolve()))
+            assert entry is not None and entry.owner == 0
+            monkeypatch.setattr(mount_module.os, "geteuid", lambda: 65534)
+            with pytest.raises(MountError, match=r"mounted by another user \(uid 0\)"):
+                mount_module.umount(str(mnt))
+            monkeypatch.undo()
+            assert is_mounted(mnt)
+        finally:
+            unmount(mnt)
+
     @pytest.mark.parametrize(
         "name", ["r,allow_other", "rü", "a\\b c"], ids=["comma", "utf8", "backslash-space"]
     )
@@ -516,7 +541,12 @@ class TestDaemonLife:
             )
         assert (repo / "config.json").read_bytes() == config
         assert not (repo / "new.log").exists()
-        for log, why in ((tmp_path / "no" / "dir" / "log", "No such file"), (tmp_path, "Is a dir")):
+        cases = (
+            (tmp_path / "no" / "dir" / "log", "No such file"),
+            (tmp_path, "Is a dir"),
+            (Path("/proc/version"), "Invalid argument"),  # opens, but refuses the seek of "a"
+        )
+        for log, why in cases:
             assert_one_line_error(
                 repofs("mount", repo, mnt, "--log", log, check=False),
                 f"{log}: cannot open the log file: {why}",
