@@ -238,7 +238,10 @@ class Ingest:
                 data = d.source.read(i * cs, length)
                 ref = ZERO_DIGEST if data == bytes(length) else digest_of(data)
                 if ref != preader.ref_at(i):
-                    bad.append((i * cs, i * cs + length))
+                    if bad and bad[-1][1] == i * cs:  # one range for neighbouring chunks
+                        bad[-1] = (bad[-1][0], i * cs + length)
+                    else:
+                        bad.append((i * cs, i * cs + length))
             if bad:
                 ranges = ", ".join(f"{a}-{b}" for a, b in bad[:5])
                 more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""

@@ -237,14 +237,15 @@ def list_cmd(repo: str, vm: str | None, as_json: bool) -> None:
     if not rps:
         click.echo("no restore points")
         return
+    vm_width = max(16, *(len(p.vm) for p in rps))
     header = (
-        f"{'VM':<16} {'RESTORE POINT':<19} {'KIND':<11} {'DISKS':>5} {'CAPACITY':>10} "
+        f"{'VM':<{vm_width}} {'RESTORE POINT':<19} {'KIND':<11} {'DISKS':>5} {'CAPACITY':>10} "
         f"{'READ':>10} {'NEW':>10}  PARENT"
     )
     click.echo(header)
     for p in rps:
         click.echo(
-            f"{p.vm:<16} {p.id:<19} {p.kind:<11} {len(p.disks):>5} "
+            f"{p.vm:<{vm_width}} {p.id:<19} {p.kind:<11} {len(p.disks):>5} "
             f"{human_bytes(p.capacity):>10} {human_bytes(p.bytes_read):>10} "
             f"{human_bytes(p.bytes_new):>10}  {p.parent or '-'}"
         )

@@ -162,10 +162,12 @@ class TestVmwareList:
 
 class TestCbtCheck:
     def test_a_lying_list_is_caught(self, tmp_path: Path, repo: Path) -> None:
-        """A change the list does not mention fails the ingest, naming disk and offsets."""
+        """A change the list does not mention fails the ingest, naming disk and offsets, one
+        range for neighbouring chunks."""
         img = make_image(tmp_path / "d.img", 2 * MiB, [(0, os.urandom(2 * MiB))])
         ingest(repo, "vm", f"d={img}")
-        poke(img, 5 * CHUNK + 10, b"unlisted")
+        for chunk in (5, 6, 7):
+            poke(img, chunk * CHUNK + 10, b"unlisted")
         cbt = write_list(tmp_path / "c.json", [poke(img, 0, b"listed")])
         p = repofs(
             "ingest",
@@ -179,7 +181,7 @@ class TestCbtCheck:
             "100",
             check=False,
         )
-        assert_one_line_error(p, "--cbt-check failed", "disk d", f"{5 * CHUNK}-{6 * CHUNK}")
+        assert_one_line_error(p, "--cbt-check failed", "disk d", f"bytes {5 * CHUNK}-{8 * CHUNK} ")
         assert len(listing(repo, "vm")) == 1
 
 

@@ -137,6 +137,16 @@ class TestEmptyPaths:
             assert_one_line_error(repofs(*args, check=False), "mount point path is empty")
 
 
+class TestList:
+    def test_columns_stay_aligned_with_long_vm_names(self, tmp_path: Path, repo: Path) -> None:
+        """A VM name past 16 characters pushed the rest of its row out of line."""
+        img = make_image(tmp_path / "d.img", MiB, [(0, b"x" * 4096)])
+        ids = [ingest(repo, vm, f"d={img}") for vm in ("web", "a-vm-with-a-long-name-01")]
+        lines = repofs("list", repo).stdout.splitlines()
+        columns = {line.index(rp) for line, rp in zip(lines[1:], ids, strict=True)}
+        assert columns == {lines[0].index("RESTORE POINT")}
+
+
 class TestIngest:
     def test_round_trip_odd_size_and_configs(self, tmp_path: Path, repo: Path) -> None:
         """A disk of odd size and its config files come back byte for byte (see test_mount)."""
