@@ -53,24 +53,45 @@ def detect_format(path: str, head: bytes) -> str:
 
         if looks_like_vmdk(head):
             return "vmdk"
-    last = _last_sector(path)
+    last = _read_at(path, -512, 512)
     if last[:8] == b"conectix":  # only then import the VHD reader (uuid, urllib)
-        from ingest.vhd import is_fixed_footer
+        from ingest.vhd import parse_footer
 
-        if is_fixed_footer(last):
+        # a fixed VHD, or a dynamic one whose footer copy at offset 0 is damaged
+        if parse_footer(last) is not None:
             return "vhd"
+    for offset in VHDX_HEADER_OFFSETS:
+        if _read_at(path, offset, 4)[:4] == b"head":
+            from ingest.vhdx import is_valid_header
+
+            if is_valid_header(_read_at(path, offset, 4096)):
+                raise SourceError(
+                    f"{path}: a VHDX image whose file identifier is damaged (a valid VHDX "
+                    f"header at {offset // 1024} KiB); give --format raw to store its bytes "
+                    "as they are"
+                )
     return "raw"
 
 
-def _last_sector(path: str) -> bytes:
-    """The last 512 bytes of ``path`` (where a fixed VHD keeps its footer), or b""."""
+#: Where a VHDX keeps its two headers; a raw disk holds a valid one there only by design.
+VHDX_HEADER_OFFSETS = (64 * 1024, 128 * 1024)
+
+
+def _read_at(path: str, offset: int, length: int) -> bytes:
+    """``length`` bytes of ``path`` at ``offset`` (negative: from the end), or b"".
+
+    Block devices too, whose size only ``lseek`` tells (``st_size`` is 0).
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return b""
     try:
-        size = os.lseek(fd, 0, os.SEEK_END)  # block devices too, where st_size is 0
-        return os.pread(fd, 512, size - 512) if size >= 1024 else b""
+        size = os.lseek(fd, 0, os.SEEK_END)
+        start = size + offset if offset < 0 else offset
+        if size < 1024 or start < 0 or start + length > size:
+            return b""
+        return os.pread(fd, length, start)
     except OSError:
         return b""
     finally:

@@ -141,6 +141,11 @@ def _checked(buf: bytes, field: int) -> bool:
     return crc32c(buf[:field] + b"\0\0\0\0" + buf[field + 4 :]) == stored
 
 
+def is_valid_header(buf: bytes) -> bool:
+    """Whether ``buf`` (4 KiB at 64 or 128 KiB) is a VHDX header with a valid CRC32C."""
+    return len(buf) >= 4 * KiB and buf[:4] == b"head" and _checked(buf[: 4 * KiB], 4)
+
+
 class VhdxSource(LayeredSource):
     """A VHDX image; a differencing disk reads through its parent."""
 
@@ -168,7 +173,7 @@ class VhdxSource(LayeredSource):
         best: tuple[int, bytes] | None = None
         for off in HEADER_OFFSETS:
             buf = self.pread(off, 4 * KiB)
-            if buf[:4] != b"head" or not _checked(buf, 4):
+            if not is_valid_header(buf):
                 continue
             (seq,) = struct.unpack_from("<Q", buf, 8)
             (version,) = struct.unpack_from("<H", buf, 66)

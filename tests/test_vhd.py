@@ -290,6 +290,19 @@ def test_vhd_bad_footer(dyn: Path, tmp_path: Path) -> None:
     fails(tiny, "too small", "vhd")
 
 
+def test_vhd_damaged_footer_copy_is_still_a_vhd(dyn: Path) -> None:
+    """Damage at offset 0 made a dynamic VHD "raw": its container bytes were stored, no error.
+
+    The footer at the end still says what the file is, as for a fixed VHD.
+    """
+    with open_source(str(dyn)) as src:
+        before = read_all(src)
+    patch(dyn, 4, os.urandom(200))
+    assert detect_format(str(dyn), dyn.read_bytes()[:4096]) == "vhd"
+    with open_source(str(dyn)) as src:
+        assert src.format_name == "vhd:dynamic" and read_all(src) == before
+
+
 @pytest.mark.parametrize(
     ("offset", "value", "match"),
     [
@@ -606,6 +619,15 @@ def test_vhdx_one_bad_header_falls_back(vx: Path) -> None:
         assert read_all(src) == before
     patch(vx, 64 * KiB + 100, b"\xff")
     fails(vx, "neither VHDX header is valid")
+
+
+def test_vhdx_damaged_file_identifier_is_refused_not_raw(vx: Path) -> None:
+    """Damage to the first bytes made a VHDX "raw": its container bytes were stored, no
+    error.  Its valid headers give it away; --format raw still stores the bytes as asked."""
+    patch(vx, 4, os.urandom(200))
+    fails(vx, "VHDX image whose file identifier is damaged")
+    with open_source(str(vx), "raw") as src:
+        assert src.size == vx.stat().st_size
 
 
 def test_vhdx_region_tables(vx: Path) -> None:
