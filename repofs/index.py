@@ -50,6 +50,9 @@ U64 = struct.Struct(">Q")
 LOCATION = struct.Struct(">16sQII")
 PACK_INFO = struct.Struct(">QI")
 DEFAULT_MAP_SIZE = 1 << 36  # 64 GiB of address space; grows on demand
+#: What LMDB says when a write walks into a damaged page (nothing is written then).
+DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PageFullError)
+TAIL_PADDING = 1 << 20  # sparse zeros after data.mdb's last page, see Index._pad_tail
 NEARLY_FULL_BYTES = 1 << 20  # under this, a failed index write is taken for a full disk
 CREATE_ROOM_BYTES = 256 * 1024  # LMDB's new files need a few pages; QA saw SIGBUS at 4 KiB
 MAP_SIZE_ENV = "REPOFS_LMDB_MAP_SIZE"  # tests set a tiny initial map to exercise growth
@@ -94,6 +97,7 @@ class Index:
         self._map_size = map_size
         self.env, self.dbs = self._open_env(create)
         self._identity = self._file_identity()
+        self._pad_tail()
         self.generation = 0  #: how many times :meth:`follow_replacement` reopened it
 
     def _open_env(self, create: bool) -> tuple[lmdb.Environment, dict[str, Any]]:
@@ -216,7 +220,9 @@ class Index:
         while True:
             try:
                 with self._resize.shared(), self.env.begin(write=True) as txn:
-                    return fn(txn)
+                    result = fn(txn)
+                self._pad_tail()
+                return result
             except lmdb.MapFullError:
                 self._set_mapsize(self.env.info()["map_size"] * 2)
             except lmdb.MapResizedError:
@@ -226,7 +232,36 @@ class Index:
                 free = free_bytes(self.path)
                 if "No space" in str(exc) or (free is not None and free < NEARLY_FULL_BYTES):
                     raise os_error(OSError(errno.ENOSPC, "No space"), self.path) from None
+                if isinstance(exc, DAMAGE_ERRORS):
+                    raise RepositoryError(
+                        f"{self.path}: the index is damaged ({exc}); run 'repofs rebuild-index'"
+                    ) from None
                 raise RepositoryError(f"{self.path}: cannot write the index: {exc}") from None
+
+    def _pad_tail(self) -> None:
+        """Keep :data:`TAIL_PADDING` zero bytes (sparse) past the last page of ``data.mdb``.
+
+        A damaged page can send LMDB up to 128 KiB past itself (a node
+        offset and a key length of 64 KiB each).  Past the end of the file
+        that is SIGBUS: ingest died without an error line.  Within the
+        padding LMDB reads zeros and reports the damage.  Done under LMDB's
+        writer lock (an empty write transaction), so no other process is
+        extending the file meanwhile, which a late ``ftruncate`` would cut.
+        Never raises: the padding is a safety margin, not something a
+        command must have (a read-only repository goes without).
+        """
+        try:
+            with self._resize.shared():
+                txn = self.env.begin(write=True)
+                try:
+                    want = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+                    with open(os.path.join(self.path, "data.mdb"), "r+b") as f:
+                        if os.fstat(f.fileno()).st_size < want + TAIL_PADDING:
+                            os.ftruncate(f.fileno(), want + TAIL_PADDING)
+                finally:
+                    txn.abort()
+        except (OSError, lmdb.Error):
+            return
 
     def _set_mapsize(self, size: int) -> None:
         """Grow (or adopt) the map; LMDB requires that no transaction of this process is open."""
@@ -269,7 +304,14 @@ class Index:
             return [self.locate(rtype, d, txn) for d in digests]
 
     def has(self, txn: lmdb.Transaction, rtype: RecordType, digest: bytes) -> bool:
-        return txn.get(object_key(rtype, digest), db=self.dbs["objects"]) is not None
+        """Positions a cursor and never touches the value.
+
+        ``txn.get`` copies the value, and a damaged leaf can claim a value of
+        gigabytes: the copy ran past the end of the mapped file and ingest
+        died of SIGBUS with no error line.
+        """
+        with txn.cursor(db=self.dbs["objects"]) as cursor:
+            return cursor.set_key(object_key(rtype, digest))
 
     def add_pack(
         self,

@@ -39,7 +39,8 @@ def reserve_size(repo_path: str) -> int:
     try:
         st = os.statvfs(repo_path)
         # repository.INDEX_DIR, spelled out: repository imports this module
-        index = os.stat(os.path.join(repo_path, "index", "data.mdb")).st_size
+        index_st = os.stat(os.path.join(repo_path, "index", "data.mdb"))
+        index = min(index_st.st_size, index_st.st_blocks * 512)  # not its sparse padding
     except OSError:
         return 0
     want = max(MIN_BYTES, min(MAX_BYTES, index // 2))
