@@ -8,7 +8,6 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import time
 from typing import Any
@@ -17,23 +16,11 @@ import click
 import lmdb
 
 from ingest.progress import human_bytes
+from repofs import stopping
 from repofs.config import DEFAULT_CHUNK, DEFAULT_COMPRESSION, parse_size, size_label
 from repofs.errors import RepofsError, UsageError
 from repofs.names import validate_vm_name
 from repofs.repository import Repository
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into an interrupt so it cleans up exactly as Ctrl-C does.
-
-    Schedulers and systemd cancel a job with SIGTERM; by default that killed
-    Python on the spot, leaving an unpublished pack in ``packs/tmp`` and
-    the ingest's reservation for gc to find.
-    """
-
-
-def _terminate(_signum: int, _frame: object) -> None:
-    raise Terminated
 
 
 def _fail(message: str, code: int) -> None:
@@ -59,12 +46,11 @@ class RepofsGroup(click.Group):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt as exc:
-            raise Stopped(isinstance(exc, Terminated)) from None
+            raise Stopped(isinstance(exc, stopping.Terminated)) from None
 
     def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         kwargs["standalone_mode"] = False
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # an inherited SIG_IGN stays
-            signal.signal(signal.SIGTERM, _terminate)
+        stopping.install()
         try:
             rv = super().main(*args, **kwargs)
         except click.exceptions.NoArgsIsHelpError as exc:
@@ -73,7 +59,7 @@ class RepofsGroup(click.Group):
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.Abort as exc:  # click's wrapping of an interrupt inside a command
-            if isinstance(exc.__cause__, Terminated):
+            if isinstance(exc.__cause__, stopping.Terminated):
                 _fail("terminated", 143)
             _fail("interrupted", 130)
         except click.ClickException as exc:
@@ -84,7 +70,7 @@ class RepofsGroup(click.Group):
             if sys.stderr.isatty():
                 print(file=sys.stderr)  # past the ^C echo or a progress bar
             _fail(str(exc), exc.exit_code)
-        except Terminated:
+        except stopping.Terminated:
             _fail("terminated", 143)
         except KeyboardInterrupt:
             _fail("interrupted", 130)

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from repofs import stopping
 from repofs.config import CONFIG_FILE, RepoConfig
 from repofs.durable import os_error, write_file_atomic
 from repofs.errors import IntegrityError, RepositoryError, UsageError
@@ -267,6 +268,7 @@ class Repository:
             self.index.set_vm_seq(txn, rp.vm, rp.vm_seq)
             self.index.put_rp(txn, rp.vm, rp.id, rp.seq, doc)
 
+        stopping.ignore_from_now_on()
         self.index.write(txn_fn)
 
     # -- statistics ---------------------------------------------------------------

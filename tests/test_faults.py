@@ -385,6 +385,22 @@ def small_filesystem(tmp_path: Path, size_mib: int = 64) -> Iterator[Path]:
 
 
 class TestSignals:
+    def test_sigterm_after_the_commit_is_success(self, tmp_path: Path) -> None:
+        """A SIGTERM just after the commit made ingest exit 143 with its restore point
+        stored and its id printed: a wrapper would retry, for a duplicate.  From the
+        commit on the command's status is the commit's."""
+        repo = new_repo(tmp_path / "repo")
+        img = make_image(tmp_path / "a.img", 4 * MiB, [(0, noise(4 * MiB, 6))])
+        proc = spawn("ingest", repo, "--vm", "vm", f"d0={img}")
+        assert proc.stdout is not None
+        while "committed" not in (line := proc.stdout.readline()):  # the summary, then the id
+            assert line, "ingest ended before its summary"
+        proc.send_signal(signal.SIGTERM)
+        with proc.stdout, proc.stderr:  # type: ignore[union-attr]
+            out = proc.stdout.read()  # communicate() would skip what readline() buffered
+            assert proc.wait(timeout=60) == 0, proc.stderr.read()  # type: ignore[union-attr]
+        assert rp_ids(repo, "vm") == [out.split()[-1]]
+
     @pytest.mark.parametrize(
         ("sig", "code", "word"),
         [
