@@ -215,5 +215,10 @@ def rebuild_index(repo: str) -> None:
         f"{r.records} records): {r.restore_points} restore point(s) of {r.vms} VM(s), "
         f"{r.tombstoned} pruned one(s) left out, in {r.seconds:.1f} s"
     )
-    if r.damaged or r.incomplete:
-        click.echo("some data could not be recovered; run 'repofs verify' for the affected ranges")
+    if r.incomplete:  # a script must see it; the new index is in place all the same
+        raise IntegrityError(
+            f"the index is rebuilt, but {len(r.incomplete)} restore point(s) are incomplete "
+            "(see the lines above); 'repofs verify' shows the byte ranges"
+        )
+    if r.damaged:
+        click.echo("damaged records were left out; every restore point is complete")

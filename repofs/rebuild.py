@@ -323,8 +323,8 @@ def _check_complete(repo: Repository, result: RebuildResult) -> None:
         )
         if lost:
             result.incomplete.append(
-                f"{rp.vm}/{rp.id}: {lost} chunk(s), page(s) or config "
-                "file(s) missing; 'repofs verify' shows the byte ranges"
+                f"{rp.vm}/{rp.id}: {lost} reference(s) to chunks, pages or config "
+                "files that no pack holds; 'repofs verify' shows the byte ranges"
             )
 
 
