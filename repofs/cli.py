@@ -250,6 +250,9 @@ def list_cmd(repo: str, vm: str | None, as_json: bool) -> None:
     "slower small reads (tar's default 10 KiB).",
 )
 @click.option("--log", "log_file", default=None, metavar="FILE", help="Daemon log file.")
+@click.option(
+    "--nonempty", is_flag=True, help="Mount over a directory that has files (hiding them)."
+)
 def mount(
     repo: str,
     mountpoint: str,
@@ -258,6 +261,7 @@ def mount(
     cache_size: str,
     direct_io: bool,
     log_file: str | None,
+    nonempty: bool,
 ) -> None:
     """Mount every restore point of REPO read-only at MOUNTPOINT."""
     from repofs.mount import mount as do_mount
@@ -270,6 +274,7 @@ def mount(
         cache_bytes=parse_size(cache_size, "--cache-size"),
         log_file=log_file,
         direct_io=direct_io,
+        nonempty=nonempty,
     )
 
 

@@ -127,6 +127,25 @@ def check_mountpoint(mountpoint: str) -> None:
         raise MountError(f"{mountpoint}: mount point is not a directory")
 
 
+def check_empty(mountpoint: str) -> None:
+    """Refuse a mount point with files in it, as FUSE 2 did (fuse3 dropped the check).
+
+    The mount hides them for as long as it is up: a directory of another
+    repository (its ``packs/``) then looked damaged to verify, and what a
+    job writes there meanwhile lands in nobody's view.
+    """
+    try:
+        with os.scandir(mountpoint) as entries:
+            occupied = next(entries, None) is not None
+    except OSError as exc:
+        raise MountError(f"{mountpoint}: cannot read the mount point: {exc.strerror}") from None
+    if occupied:
+        raise MountError(
+            f"{mountpoint}: the mount point is not empty (the mount would hide its files); "
+            "give --nonempty to mount over them anyway"
+        )
+
+
 def is_within(path: str, directory: str) -> bool:
     """Whether ``path`` is ``directory`` or lies under it (both already realpath'd)."""
     return os.path.commonpath([path, directory]) == directory
@@ -244,12 +263,15 @@ def mount(
     cache_bytes: int = 256 * 1024 * 1024,
     log_file: str | None = None,
     direct_io: bool = False,
+    nonempty: bool = False,
 ) -> None:
     RepoConfig.load(repo_path)  # a clear error now, before forking
     if not os.path.exists(os.path.join(repo_path, INDEX_DIR, "data.mdb")):
         raise MountError(f"{repo_path}: the index is missing; run 'repofs rebuild-index'")
     check_mountpoint(mountpoint)
     check_apart(repo_path, mountpoint)
+    if not nonempty:
+        check_empty(mountpoint)
     check_fuse_access(allow_other)
     log_stream = open_log(log_file, repo_path) if log_file else None
     if foreground:

@@ -424,6 +424,23 @@ class TestDaemonLife:
         finally:
             unmount(mnt)
 
+    def test_nonempty_mount_point_is_refused_unless_asked(self, tmp_path: Path, repo: Path) -> None:
+        """fuse3 mounts over files silently: over another repository's packs/ that made the
+        repository look damaged for as long as the mount was up."""
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        (mnt / "keep").write_text("hi")
+        assert_one_line_error(
+            repofs("mount", repo, mnt, check=False), f"{mnt}: the mount point is not empty"
+        )
+        assert not is_mounted(mnt)
+        repofs("mount", repo, mnt, "--nonempty")
+        try:
+            assert is_mounted(mnt) and not (mnt / "keep").exists()
+        finally:
+            unmount(mnt)
+        assert (mnt / "keep").read_text() == "hi"
+
     def test_umount_of_another_users_mount_says_so(
         self, tmp_path: Path, repo: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
