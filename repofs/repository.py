@@ -12,7 +12,7 @@ from typing import Any
 from repofs import stopping
 from repofs.config import CONFIG_FILE, RepoConfig
 from repofs.durable import os_error, write_file_atomic
-from repofs.errors import IntegrityError, RepositoryError, UsageError
+from repofs.errors import IntegrityError, RepofsError, RepositoryError, UsageError
 from repofs.index import LOCATION, PACK_INFO, Index, Location, rp_key
 from repofs.maps import MapReader, PageCache
 from repofs.names import rp_id_for, rp_id_seconds
@@ -20,6 +20,7 @@ from repofs.packstore import LocalPackStore
 from repofs.records import RECORD_HEADER_SIZE, RecordType, decode_header, decode_payload
 from repofs.reserve import set_aside
 from repofs.restorepoint import DiskInfo, RestorePoint
+from repofs.rprecords import Tombstone
 from repofs.writer import ObjectWriter
 
 INDEX_DIR = "index"
@@ -259,10 +260,14 @@ class Repository:
         """
         body = json.dumps(rp.to_doc(), sort_keys=True).encode()
         _digest, loc = writer.put_new(RecordType.RESTORE_POINT, body)
-        writer.flush()
-        rp.record = [loc.pack_id.hex(), loc.offset]
-        doc = rp.to_doc()
-        _pause_for_fault_tests()
+        try:
+            writer.flush()
+            rp.record = [loc.pack_id.hex(), loc.offset]
+            doc = rp.to_doc()
+            _pause_for_fault_tests()
+        except KeyboardInterrupt:
+            self._bury_uncommitted(rp)
+            raise
 
         def txn_fn(txn: Any) -> None:
             self.index.set_vm_seq(txn, rp.vm, rp.vm_seq)
@@ -270,6 +275,27 @@ class Repository:
 
         stopping.ignore_from_now_on()
         self.index.write(txn_fn)
+
+    def _bury_uncommitted(self, rp: RestorePoint) -> None:
+        """Tombstone the record of an ingest stopped (Ctrl-C, SIGTERM) before its commit.
+
+        The record may already be in a published pack.  gc tombstones such
+        records too, but a rebuild-index before the next gc brought the
+        restore point back, complete, although its ingest had reported
+        "terminated": a job run again for it then made a duplicate.  Only
+        a kill -9 now leaves that to gc.  Best effort: with no space, gc
+        does it later.
+        """
+        writer = self.writer()
+        try:
+            tomb = Tombstone(rp.vm, rp.id, rp.seq, rp.vm_seq)
+            writer.put_new(RecordType.TOMBSTONE, tomb.body())
+            writer.flush()
+        except (RepofsError, OSError):
+            writer.abort()
+        except BaseException:
+            writer.abort()
+            raise
 
     # -- statistics ---------------------------------------------------------------
 

@@ -434,6 +434,10 @@ class TestSignals:
         assert err.splitlines() == [f"repofs: error: {word}"], err  # no blank line before it
         assert not list((repo / "packs" / "tmp").iterdir())
         assert_healthy(repo, committed)
+        # Its record was published before the stop, and is tombstoned: a rebuild before any
+        # gc brought back a restore point whose ingest had said "terminated".
+        repofs("rebuild-index", repo)
+        assert rp_ids(repo, "vm") == [first]
         again = repofs("ingest", repo, "--vm", "vm", f"d0={img}").stdout.split()[-1]
         assert rp_ids(repo, "vm") == sorted([first, again])
 
