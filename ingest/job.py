@@ -54,6 +54,8 @@ def run_ingest(
         changed_by_disk[name] = value
     if cbt_check < 0:
         raise UsageError("--cbt-check must be zero or more")
+    if cbt_check and not changed_by_disk:  # silently checking nothing would read as a pass
+        raise UsageError("--cbt-check checks changed-block lists: give --changed-blocks too")
     if parent_spec is not None and not parent_spec.strip():
         # Never read as "no --parent": that would quietly mean the latest.
         raise UsageError("--parent is empty: give a restore point id or 'latest'")

@@ -29,6 +29,9 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+MIN_CACHE_BYTES = 1024 * 1024  # one FUSE request's worth; the default is 256M
+
+
 class Stopped(Exception):
     """An interrupt carried past click, which would print a blank line for it first.
 
@@ -266,12 +269,16 @@ def mount(
     """Mount every restore point of REPO read-only at MOUNTPOINT."""
     from repofs.mount import mount as do_mount
 
+    cache_bytes = parse_size(cache_size, "--cache-size")
+    if cache_bytes < MIN_CACHE_BYTES:
+        # 0 or a few bytes were taken: then not even the chunks of one 1 MiB request stay.
+        raise UsageError(f"--cache-size must be at least {size_label(MIN_CACHE_BYTES)}")
     do_mount(
         repo,
         mountpoint,
         foreground=foreground,
         allow_other=allow_other,
-        cache_bytes=parse_size(cache_size, "--cache-size"),
+        cache_bytes=cache_bytes,
         log_file=log_file,
         direct_io=direct_io,
         nonempty=nonempty,

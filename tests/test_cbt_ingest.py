@@ -184,6 +184,14 @@ class TestCbtCheck:
         assert_one_line_error(p, "--cbt-check failed", "disk d", f"bytes {5 * CHUNK}-{8 * CHUNK} ")
         assert len(listing(repo, "vm")) == 1
 
+    def test_cbt_check_without_a_list_is_refused(self, tmp_path: Path, repo: Path) -> None:
+        """It checked nothing, silently: a scheduled job would have taken that for a pass."""
+        img = make_image(tmp_path / "d.img", MiB, [(0, os.urandom(MiB))])
+        ingest(repo, "vm", f"d={img}")
+        p = repofs("ingest", repo, "--vm", "vm", f"d={img}", "--cbt-check", "5", check=False)
+        assert_one_line_error(p, "--cbt-check checks changed-block lists")
+        assert len(listing(repo, "vm")) == 1
+
 
 class TestBadLists:
     @pytest.fixture

@@ -424,6 +424,15 @@ class TestDaemonLife:
         finally:
             unmount(mnt)
 
+    @pytest.mark.parametrize("size", ["0", "1", "1023K"])
+    def test_cache_too_small_to_hold_one_request_is_refused(
+        self, tmp_path: Path, repo: Path, size: str
+    ) -> None:
+        (tmp_path / "mnt").mkdir()
+        proc = repofs("mount", repo, tmp_path / "mnt", "--cache-size", size, check=False)
+        assert_one_line_error(proc, "--cache-size must be at least 1M")
+        assert not is_mounted(tmp_path / "mnt")
+
     def test_nonempty_mount_point_is_refused_unless_asked(self, tmp_path: Path, repo: Path) -> None:
         """fuse3 mounts over files silently: over another repository's packs/ that made the
         repository look damaged for as long as the mount was up."""
