@@ -30,14 +30,19 @@ def register(main: click.Group) -> None:
     metavar="PERCENT",
     help="Re-hash only this percentage of the chunks (maps are always checked whole).",
 )
-def verify(repo: str, vm: str | None, sample: float | None) -> None:
+@click.option(
+    "--all-ranges", is_flag=True, help="Name every damaged byte range, not only the first few."
+)
+def verify(repo: str, vm: str | None, sample: float | None, all_ranges: bool) -> None:
     """Re-read and re-hash stored data; name every damaged VM, restore point, disk and byte range.
 
     Exits non-zero when anything is missing or damaged.
     """
-    from repofs.verify import verify_repository
+    from repofs.verify import MAX_RANGES_SHOWN, verify_repository
 
-    r = verify_repository(repo, vm=vm, sample=sample)
+    r = verify_repository(
+        repo, vm=vm, sample=sample, max_ranges=None if all_ranges else MAX_RANGES_SHOWN
+    )
     for p in r.problems:
         click.echo(f"PROBLEM {p.subject}: {p.message}")
         for a in p.affects:

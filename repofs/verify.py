@@ -149,8 +149,12 @@ def verify_repository(
     sample: float | None = None,
     progress: bool | None = None,
     threads: int | None = None,
+    max_ranges: int | None = MAX_RANGES_SHOWN,
 ) -> VerifyResult:
-    """Check ``path`` and return what is wrong; raises only for bad arguments or no repository."""
+    """Check ``path`` and return what is wrong; raises only for bad arguments or no repository.
+
+    ``max_ranges`` byte ranges are named per damaged disk (None: all of them).
+    """
     if vm is not None:
         validate_vm_name(vm)
     if sample is not None and not 0 < sample <= 100:
@@ -166,7 +170,7 @@ def verify_repository(
     else:
         try:
             with repository_lock(path, exclusive=False):
-                result = _Verifier(repo, vm, sample, progress, threads).run()
+                result = _Verifier(repo, vm, sample, progress, threads, max_ranges).run()
         except INDEX_DAMAGE as exc:
             result = _without_index(path, config, f"the index is damaged ({exc})", threads)
         finally:
@@ -183,8 +187,10 @@ class _Verifier:
         sample: float | None,
         progress: bool | None,
         threads: int | None,
+        max_ranges: int | None = MAX_RANGES_SHOWN,
     ) -> None:
         self.repo = repo
+        self.max_ranges = max_ranges
         self.index = repo.index
         self.cs = repo.config.chunk_size
         self.vm = vm
@@ -561,10 +567,11 @@ class _Verifier:
                                 "map pages", "became unreadable while verify ran"
                             )
                         spans = byte_ranges(ranges, self.cs, disk.capacity)
-                        shown = ", ".join(f"{a}-{b - 1}" for a, b in spans[:MAX_RANGES_SHOWN])
+                        limit = len(spans) if self.max_ranges is None else self.max_ranges
+                        shown = ", ".join(f"{a}-{b - 1}" for a, b in spans[:limit])
                         more = (
-                            f" and {len(spans) - MAX_RANGES_SHOWN} more ranges"
-                            if len(spans) > MAX_RANGES_SHOWN
+                            f" and {len(spans) - limit} more ranges (--all-ranges names them)"
+                            if len(spans) > limit
                             else ""
                         )
                         problems[label].affects.append(

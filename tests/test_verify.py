@@ -367,6 +367,28 @@ class TestDamage:
         assert "config.json is accessible to others" in proc.stdout
 
 
+def test_all_ranges_names_every_damaged_range(tmp_path: Path) -> None:
+    """Past the first eight ranges verify said "and N more ranges", with no way to see them.
+
+    One chunk stored once and used at ten places of the disk: one damaged record, ten
+    ranges."""
+    repo = new_repo(tmp_path / "repo")
+    with Repository.open(str(repo)) as r:
+        chunk = r.config.chunk_size
+    block = noise(chunk, 3)
+    starts = [k * 4 * chunk for k in range(10)]  # whole other chunks between them
+    img = make_image(tmp_path / "a.img", 40 * chunk, [(s, block) for s in starts])
+    rp = ingest_here(repo, "a", {"d0": img})
+    pack, offset, _stored = chunk_record(repo, "a", rp, 0)
+    flip_byte(pack, offset + RECORD_HEADER_SIZE + 9)
+    short = repofs("verify", repo, check=False).stdout
+    assert "and 2 more ranges (--all-ranges names them)" in short, short
+    full = repofs("verify", repo, "--all-ranges", check=False)
+    assert full.returncode == 5 and "more ranges" not in full.stdout
+    named = ", ".join(f"{s}-{s + chunk - 1}" for s in starts)
+    assert f"a/{rp} d0-flat.vmdk bytes {named}" in full.stdout, full.stdout
+
+
 class TestBrokenIndex:
     def test_missing_index_names_the_restore_points(self, two_rps: Fixture) -> None:
         """Without data.mdb, verify scans the packs and names what cannot be read now."""
