@@ -40,7 +40,8 @@ def detect_format(path: str, head: bytes) -> str:
     """Name the format of ``path`` from its content; ``raw`` when nothing matches.
 
     Magic numbers at the start are checked first; a fixed VHD, which is raw
-    data followed by a footer, is recognised last by its final 512 bytes.
+    data followed by a footer, is recognised last by its final 512 bytes,
+    and a VHDX by its headers when its first bytes are damaged.
     """
     if head[:4] == b"QFI\xfb":
         return "qcow2"
@@ -53,49 +54,51 @@ def detect_format(path: str, head: bytes) -> str:
 
         if looks_like_vmdk(head):
             return "vmdk"
-    last = _read_at(path, -512, 512)
-    if last[:8] == b"conectix":  # only then import the VHD reader (uuid, urllib)
-        from ingest.vhd import parse_footer
-
-        # a fixed VHD, or a dynamic one whose footer copy at offset 0 is damaged
-        if parse_footer(last) is not None:
-            return "vhd"
-    for offset in VHDX_HEADER_OFFSETS:
-        if _read_at(path, offset, 4)[:4] == b"head":
-            from ingest.vhdx import is_valid_header
-
-            if is_valid_header(_read_at(path, offset, 4096)):
-                raise SourceError(
-                    f"{path}: a VHDX image whose file identifier is damaged (a valid VHDX "
-                    f"header at {offset // 1024} KiB); give --format raw to store its bytes "
-                    "as they are"
-                )
-    return "raw"
+    return _detect_without_magic(path)
 
 
 #: Where a VHDX keeps its two headers; a raw disk holds a valid one there only by design.
 VHDX_HEADER_OFFSETS = (64 * 1024, 128 * 1024)
 
 
-def _read_at(path: str, offset: int, length: int) -> bytes:
-    """``length`` bytes of ``path`` at ``offset`` (negative: from the end), or b"".
+def _detect_without_magic(path: str) -> str:
+    """What a file whose first bytes name no format still shows, read through one descriptor.
 
-    Block devices too, whose size only ``lseek`` tells (``st_size`` is 0).
+    A VHD footer in its last 512 bytes: a fixed VHD, or a dynamic one whose
+    footer copy at offset 0 is damaged.  A valid VHDX header at 64 or 128
+    KiB behind a damaged file identifier: refused, as storing the container's
+    bytes as a raw disk would be a wrong backup without a word.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return b""
+        return "raw"
     try:
-        size = os.lseek(fd, 0, os.SEEK_END)
-        start = size + offset if offset < 0 else offset
-        if size < 1024 or start < 0 or start + length > size:
-            return b""
-        return os.pread(fd, length, start)
+        size = os.lseek(fd, 0, os.SEEK_END)  # block devices too, where st_size is 0
+        if size < 1024:
+            return "raw"
+        last = os.pread(fd, 512, size - 512)
+        if last[:8] == b"conectix":  # only then import the VHD reader (uuid, urllib)
+            from ingest.vhd import parse_footer
+
+            if parse_footer(last) is not None:
+                return "vhd"
+        for offset in VHDX_HEADER_OFFSETS:
+            header = os.pread(fd, 4096, offset) if offset + 4096 <= size else b""
+            if header[:4] == b"head":
+                from ingest.vhdx import is_valid_header
+
+                if is_valid_header(header):
+                    raise SourceError(
+                        f"{path}: a VHDX image whose file identifier is damaged (a valid "
+                        f"VHDX header at {offset // 1024} KiB); give --format raw to store "
+                        "its bytes as they are"
+                    )
     except OSError:
-        return b""
+        return "raw"
     finally:
         os.close(fd)
+    return "raw"
 
 
 def open_source(path: str, fmt: str | None = None) -> DiskSource:
