@@ -32,6 +32,13 @@ def _fail(message: str, code: int) -> None:
 MIN_CACHE_BYTES = 1024 * 1024  # one FUSE request's worth; the default is 256M
 
 
+def _fail_stopped(interrupt: BaseException | None) -> None:
+    """The one line and exit status of a stop: 143 for SIGTERM, 130 for Ctrl-C."""
+    if isinstance(interrupt, stopping.Terminated):
+        _fail("terminated", 143)
+    _fail("interrupted", 130)
+
+
 class Stopped(Exception):
     """An interrupt carried past click, which would print a blank line for it first.
 
@@ -39,9 +46,9 @@ class Stopped(Exception):
     captured stderr it made the one-line error two lines.
     """
 
-    def __init__(self, terminated: bool) -> None:
-        super().__init__("terminated" if terminated else "interrupted")
-        self.exit_code = 143 if terminated else 130
+    def __init__(self, interrupt: KeyboardInterrupt) -> None:
+        super().__init__()
+        self.interrupt = interrupt
 
 
 class RepofsGroup(click.Group):
@@ -49,7 +56,7 @@ class RepofsGroup(click.Group):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt as exc:
-            raise Stopped(isinstance(exc, stopping.Terminated)) from None
+            raise Stopped(exc) from None
 
     def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         kwargs["standalone_mode"] = False
@@ -61,10 +68,8 @@ class RepofsGroup(click.Group):
             sys.exit(2)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
-        except click.Abort as exc:  # click's wrapping of an interrupt inside a command
-            if isinstance(exc.__cause__, stopping.Terminated):
-                _fail("terminated", 143)
-            _fail("interrupted", 130)
+        except click.Abort as exc:  # click's wrapping of an interrupt outside a command
+            _fail_stopped(exc.__cause__)
         except click.ClickException as exc:
             _fail(exc.format_message(), 2)
         except RepofsError as exc:
@@ -72,11 +77,9 @@ class RepofsGroup(click.Group):
         except Stopped as exc:
             if sys.stderr.isatty():
                 print(file=sys.stderr)  # past the ^C echo or a progress bar
-            _fail(str(exc), exc.exit_code)
-        except stopping.Terminated:
-            _fail("terminated", 143)
-        except KeyboardInterrupt:
-            _fail("interrupted", 130)
+            _fail_stopped(exc.interrupt)
+        except KeyboardInterrupt as exc:  # SIGTERM's Terminated included
+            _fail_stopped(exc)
         except BrokenPipeError:
             sys.exit(141)
         except lmdb.Error as exc:  # damage LMDB finds only when a lookup walks into it
