@@ -307,8 +307,8 @@ class Index:
         """Positions a cursor and never touches the value.
 
         ``txn.get`` copies the value, and a damaged leaf can claim a value of
-        gigabytes: the copy ran past the end of the mapped file and ingest
-        died of SIGBUS with no error line.
+        gigabytes: a copy that long runs past the end of the file, far past
+        the padding that :meth:`_pad_tail` keeps there, and dies of SIGBUS.
         """
         with txn.cursor(db=self.dbs["objects"]) as cursor:
             return cursor.set_key(object_key(rtype, digest))
