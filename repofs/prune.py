@@ -30,11 +30,9 @@ from typing import Any
 from repofs.errors import UsageError
 from repofs.lock import repository_lock
 from repofs.names import validate_vm_name
-from repofs.records import RecordType
 from repofs.repository import Repository
 from repofs.reserve import retry_with_reserve
 from repofs.restorepoint import RestorePoint
-from repofs.rprecords import Tombstone
 
 
 def _iso_week(t: time.struct_time) -> str:
@@ -147,14 +145,7 @@ def prune_repository(
 
 
 def _remove(repo: Repository, doomed: list[RestorePoint]) -> int:
-    writer = repo.writer()
-    try:
-        for rp in doomed:
-            writer.put_new(RecordType.TOMBSTONE, Tombstone(rp.vm, rp.id, rp.seq, rp.vm_seq).body())
-        writer.flush()  # durable and indexed before anything leaves the index
-    except BaseException:
-        writer.abort()
-        raise
+    repo.write_tombstones(doomed)  # durable and indexed before anything leaves the index
 
     def txn_fn(txn: Any) -> int:
         removed = 0

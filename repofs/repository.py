@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -286,13 +287,17 @@ class Repository:
         a kill -9 now leaves that to gc.  Best effort: with no space, gc
         does it later.
         """
+        with contextlib.suppress(RepofsError, OSError):
+            self.write_tombstones([rp])
+
+    def write_tombstones(self, rps: list[RestorePoint]) -> None:
+        """Tombstone records for ``rps``, durable and indexed when this returns, or none."""
         writer = self.writer()
         try:
-            tomb = Tombstone(rp.vm, rp.id, rp.seq, rp.vm_seq)
-            writer.put_new(RecordType.TOMBSTONE, tomb.body())
+            for rp in rps:
+                tomb = Tombstone(rp.vm, rp.id, rp.seq, rp.vm_seq)
+                writer.put_new(RecordType.TOMBSTONE, tomb.body())
             writer.flush()
-        except (RepofsError, OSError):
-            writer.abort()
         except BaseException:
             writer.abort()
             raise
