@@ -187,7 +187,7 @@ class _Verifier:
         sample: float | None,
         progress: bool | None,
         threads: int | None,
-        max_ranges: int | None = MAX_RANGES_SHOWN,
+        max_ranges: int | None,
     ) -> None:
         self.repo = repo
         self.max_ranges = max_ranges
