@@ -332,7 +332,15 @@ def _check_complete(repo: Repository, result: RebuildResult) -> None:
     """Name restore points whose maps or blobs reach objects no pack holds any more."""
     walker = MapWalker(repo.config.page_refs, lambda d: repo.read_object(RecordType.PAGE, d))
     index = repo.index
+    cfg = repo.config
     for rp in repo.restore_points():
+        inconsistent = rp.inconsistency(cfg.chunk_size, cfg.page_refs)
+        if inconsistent is not None:
+            result.incomplete.append(
+                f"{rp.vm}/{rp.id}: its record disagrees with its map ({inconsistent}); "
+                "reads of its disks fail with EIO"
+            )
+            continue
         faults_before = len(walker.faults)
         missing = _MissingChunks(index)
         for disk in rp.disks:

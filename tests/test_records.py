@@ -21,6 +21,7 @@ import pytest
 from repofs.errors import IntegrityError
 from repofs.gc import collect_garbage
 from repofs.index import Index
+from repofs.records import RecordType
 from repofs.repository import Repository
 from repofs.restorepoint import RestorePoint
 from tests.maint_helpers import (
@@ -365,6 +366,28 @@ class TestInconsistentRecords:
             read_disk(repo, "vm", rp)
         out = repofs("verify", repo, check=False).stdout
         assert f"PROBLEM restore point vm/{rp}: its record disagrees with its map" in out
+
+    def test_rebuild_index_names_an_inconsistent_record(self, tmp_path: Path) -> None:
+        """A restore point whose own record disagrees with its map comes back from the packs
+        listed, named by rebuild-index (exit 5), and unreadable rather than short."""
+        repo = new_repo(tmp_path / "repo")
+        rp = ingest_here(repo, "vm", {"d0": image(tmp_path, "a.img", 1, size=MiB)})
+        with Repository.open(str(repo)) as r:
+            bad = r.resolve("vm", rp)
+            bad.id, bad.seq, bad.record = "2001-01-01T000000Z", 999, None
+            bad.disks[0].capacity += 64 * 1024
+            writer = r.writer()
+            writer.put_new(RecordType.RESTORE_POINT, json.dumps(bad.to_doc()).encode())
+            writer.flush()
+        proc = repofs("rebuild-index", repo, check=False)
+        assert proc.returncode == 5
+        assert "incomplete: vm/2001-01-01T000000Z: its record disagrees with its map" in (
+            proc.stdout
+        )
+        assert rp_ids(repo) == ["2001-01-01T000000Z", rp]
+        with pytest.raises(IntegrityError, match="inconsistent restore point record"):
+            read_disk(repo, "vm", "2001-01-01T000000Z")
+        assert read_disk(repo, "vm", rp) == (tmp_path / "a.img").read_bytes()
 
     def test_a_short_map_under_a_consistent_record_is_eio(self, tmp_path: Path) -> None:
         """The reader itself refuses to assemble fewer bytes than asked for: a map that ends
