@@ -522,6 +522,14 @@ def _buried(repo: Repository, tombs: list[bytes]) -> set[tuple[str, str, int]]:
     return buried
 
 
+def buried_restore_points(repo: Repository) -> set[tuple[str, str, int]]:
+    """(vm, id, seq) of every restore point a readable, indexed tombstone names."""
+    tombs = repo.index.read(
+        lambda t: [k for k, _ in repo.index.items(t, "objects", bytes((_TOMB,)))]
+    )
+    return _buried(repo, tombs)
+
+
 def unindexed_packs(repo: Repository) -> list[bytes]:
     known = repo.index.read(lambda t: {k for k, _ in repo.index.items(t, "packs")})
     return [p for p in repo.packs.list() if p not in known]

@@ -251,11 +251,32 @@ def set_protected(path: str, vm: str, specs: list[str], protected: bool) -> list
         keep_lock(path),
     ):
         rps = list({rp.id: rp for rp in (repo.resolve(vm, spec) for spec in specs)}.values())
+        if protected:
+            _refuse_tombstoned(repo, rps)
         changes = [FlagChange(rp, rp.protected != protected) for rp in rps]
         todo = [c.rp for c in changes if c.changed]
         if todo:
             _flag(repo, todo, protected)
     return changes
+
+
+def _refuse_tombstoned(repo: Repository, rps: list[RestorePoint]) -> None:
+    """Refuse to protect a restore point that a tombstone already names.
+
+    A prune or delete killed between its tombstones and its index
+    transaction leaves the restore point listed, but the next rebuild-index
+    drops it: a protection then would promise what it cannot keep.
+    """
+    from repofs.gc import buried_restore_points
+
+    buried = buried_restore_points(repo)
+    for rp in rps:
+        if (rp.vm, rp.id, rp.seq) in buried:
+            raise UsageError(
+                f"restore point {rp.vm}/{rp.id} was being removed (a prune or delete was "
+                "interrupted after writing its tombstone) and cannot be protected; run "
+                f"'repofs delete REPO {rp.vm} {rp.id}' to finish the removal"
+            )
 
 
 def _flag(repo: Repository, rps: list[RestorePoint], protected: bool) -> None:

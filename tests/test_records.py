@@ -267,6 +267,20 @@ class TestProtect:
         assert rp_ids(repo) == []
         assert new  # removed first, by the first prune
 
+    def test_a_half_removed_restore_point_cannot_be_protected(self, tmp_path: Path) -> None:
+        """A restore point whose prune was killed after its tombstone is refused by protect
+        (rebuild-index would drop it all the same); delete finishes the removal."""
+        repo = new_repo(tmp_path / "repo")
+        rp = ingest_here(repo, "vm", {"d0": image(tmp_path, "a.img", 1)})
+        with Repository.open(str(repo)) as r:
+            r.write_tombstones([r.resolve("vm", rp)])  # what a prune killed here leaves
+        proc = repofs("protect", repo, "vm", rp, check=False)
+        assert proc.returncode == 2
+        assert_one_line_error(proc, "was being removed")
+        assert [p["protected"] for p in listing(repo)] == [False]
+        repofs("delete", repo, "vm", rp)
+        assert rp_ids(repo) == []
+
     def test_gc_keeps_protection_records(self, tmp_path: Path) -> None:
         """gc keeps the small pack that holds a protection record (nothing else references
         it), even when it rewrites every pack: rebuild-index after gc still knows the flag."""
