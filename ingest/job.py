@@ -26,6 +26,24 @@ def split_assignment(spec: str, what: str) -> tuple[str, str]:
     return name, value
 
 
+MAX_NOTE = 1000
+
+
+def validate_note(note: str | None) -> str | None:
+    """An ``--note`` as it is stored: None for none; one line of printable text.
+
+    ``list`` shows it on its restore point's line, so a newline or a tab
+    would break the columns that scripts cut.
+    """
+    if note is None or not note.strip():
+        return None
+    if any(not ch.isprintable() for ch in note):
+        raise UsageError("--note must be one line of printable text (no tabs or newlines)")
+    if len(note) > MAX_NOTE:
+        raise UsageError(f"--note is {len(note)} characters long; at most {MAX_NOTE} are kept")
+    return note.strip()
+
+
 def run_ingest(
     repo_path: str,
     vm: str,
@@ -37,8 +55,11 @@ def run_ingest(
     changed_specs: list[str] | None = None,
     cbt_check: int = 0,
     progress: bool | None = None,
+    consistency: str = "crash",
+    note: str | None = None,
 ) -> RestorePoint:
     validate_vm_name(vm, new=True)
+    note = validate_note(note)
     pairs = [split_assignment(s, "disk") for s in disk_specs]
     if not pairs:
         raise UsageError("no disks given: name at least one DISK=SOURCE")
@@ -77,7 +98,16 @@ def run_ingest(
                 listed = load_changed_blocks(changed_by_disk[name], source.size, path)
                 changed = list(listed.extents)
             requests.append(DiskRequest(name, source, changed))
-        job = Ingest(repo, vm, requests, configs, parent=parent, progress=progress)
+        job = Ingest(
+            repo,
+            vm,
+            requests,
+            configs,
+            parent=parent,
+            progress=progress,
+            consistency=consistency,
+            note=note,
+        )
         job.check_cbt(cbt_check)
         with repository_lock(repo_path, exclusive=False):
             if parent_spec is None:

@@ -162,8 +162,12 @@ class Ingest:
         parent: RestorePoint | None,
         progress: bool | None = None,
         threads: int | None = None,
+        consistency: str = "crash",
+        note: str | None = None,
     ) -> None:
         self.repo = repo
+        self.consistency = consistency  #: stored in the record: see RestorePoint.consistency
+        self.note = note
         self.vm = validate_vm_name(vm, new=True)
         self.disks = disks
         self.configs = configs
@@ -290,6 +294,8 @@ class Ingest:
                 parent=self.parent.id if self.parent else None,
                 disks=disks,
                 configs=configs,
+                consistency=self.consistency,
+                note=self.note,
             )
             repo.commit(writer, rp)
         except BaseException:

@@ -21,6 +21,7 @@ from repofs.config import DEFAULT_CHUNK, DEFAULT_COMPRESSION, parse_size, size_l
 from repofs.errors import RepofsError, UsageError
 from repofs.names import validate_vm_name
 from repofs.repository import Repository
+from repofs.restorepoint import CONSISTENCY
 
 
 def _fail(message: str, code: int) -> None:
@@ -146,6 +147,15 @@ def init(repo: str, chunk_size: str, compression: str) -> None:
     metavar="N",
     help="Compare N chunks the list calls unchanged with the parent; fail on a difference.",
 )
+@click.option(
+    "--consistency",
+    type=click.Choice(CONSISTENCY),
+    default="crash",
+    show_default=True,
+    help="How the guest was quiesced before the snapshot: crash (not at all), filesystem "
+    "(fs-freeze) or application (VSS, application hooks).",
+)
+@click.option("--note", default=None, metavar="TEXT", help="A note kept with the restore point.")
 def ingest(
     repo: str,
     disks: tuple[str, ...],
@@ -155,6 +165,8 @@ def ingest(
     parent: str | None,
     changed: tuple[str, ...],
     cbt_check: int,
+    consistency: str,
+    note: str | None,
 ) -> None:
     """Ingest the disks of one VM as one new restore point; print its id last."""
     from ingest.job import run_ingest
@@ -171,6 +183,8 @@ def ingest(
         parent_spec=parent,
         changed_specs=list(changed),
         cbt_check=cbt_check,
+        consistency=consistency,
+        note=note,
     )
     elapsed = time.monotonic() - t0
     for d in rp.disks:
@@ -221,6 +235,9 @@ def list_cmd(repo: str, vm: str | None, as_json: bool) -> None:
                     for d in p.disks
                 ],
                 "configs": [c.name for c in p.configs],
+                "consistency": p.consistency,
+                "note": p.note,
+                "protected": p.protected,
             }
             for p in rps
         ]
@@ -232,15 +249,17 @@ def list_cmd(repo: str, vm: str | None, as_json: bool) -> None:
     vm_width = max(16, *(len(p.vm) for p in rps))
     header = (
         f"{'VM':<{vm_width}} {'RESTORE POINT':<19} {'KIND':<11} {'DISKS':>5} {'CAPACITY':>10} "
-        f"{'READ':>10} {'NEW':>10}  PARENT"
+        f"{'READ':>10} {'NEW':>10}  {'PARENT':<19} {'CONSISTENCY':<11} {'PROTECTED':<9}  NOTE"
     )
-    click.echo(header)
+    click.echo(header.rstrip())
     for p in rps:
-        click.echo(
+        line = (
             f"{p.vm:<{vm_width}} {p.id:<19} {p.kind:<11} {len(p.disks):>5} "
             f"{human_bytes(p.capacity):>10} {human_bytes(p.bytes_read):>10} "
-            f"{human_bytes(p.bytes_new):>10}  {p.parent or '-'}"
+            f"{human_bytes(p.bytes_new):>10}  {p.parent or '-':<19} {p.consistency:<11} "
+            f"{'yes' if p.protected else '-':<9}  {p.note or ''}"
         )
+        click.echo(line.rstrip())
 
 
 @main.command()

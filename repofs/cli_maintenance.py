@@ -1,4 +1,5 @@
-"""The maintenance commands: ``verify``, ``prune``, ``gc`` and ``rebuild-index``.
+"""The maintenance commands: ``verify``, ``prune``, ``delete``, ``protect``, ``unprotect``,
+``gc`` and ``rebuild-index``.
 
 They live apart from :mod:`repofs.cli` so that they can evolve without
 touching the commands everyone else edits; :func:`register` adds them to
@@ -8,6 +9,8 @@ the main group.  Errors follow the same rule as every other command: a
 
 from __future__ import annotations
 
+import json
+
 import click
 
 from ingest.progress import human_bytes
@@ -16,7 +19,7 @@ from repofs.errors import IntegrityError
 
 def register(main: click.Group) -> None:
     """Add the maintenance commands to the ``repofs`` command group."""
-    for command in (verify, prune, gc, rebuild_index):
+    for command in (verify, prune, delete, protect, unprotect, gc, rebuild_index):
         main.add_command(command)
 
 
@@ -127,7 +130,7 @@ def prune(
     r = prune_repository(repo, policy, vm=vm, dry_run=dry_run, force=force)
     verb = "would remove" if dry_run else "remove"
     for name, decisions in sorted(r.decisions.items()):
-        for d in decisions:
+        for d in decisions:  # a protected one says "keep (..., protected)"
             action = "keep" if d.keep else verb
             why = f"  ({', '.join(d.reasons)})" if d.keep else ""
             click.echo(f"{name:<16} {d.rp.id:<19} {action}{why}")
@@ -143,6 +146,66 @@ def prune(
         )
     else:
         click.echo("nothing to remove")
+
+
+@click.command()
+@click.argument("repo")
+@click.argument("vm")
+@click.argument("ids", nargs=-1, required=True, metavar="RP...")
+@click.option("--dry-run", "-n", is_flag=True, help="Only show what would be deleted.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def delete(repo: str, vm: str, ids: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
+    """Remove restore points of VM by id (not 'latest'); run gc to free the space.
+
+    The way out when gc refuses to run past damaged restore points.  All or
+    none: an unknown or protected id deletes nothing.
+    """
+    from repofs.prune import delete_restore_points
+
+    r = delete_restore_points(repo, vm, list(ids), dry_run=dry_run)
+    if as_json:
+        out = {
+            "vm": vm,
+            "dry_run": dry_run,
+            "restore_points": [rp.id for rp in r.doomed],
+            "removed": r.removed,
+        }
+        click.echo(json.dumps(out, indent=2))
+        return
+    verb = "would delete" if dry_run else "delete"
+    for rp in r.doomed:
+        click.echo(f"{vm:<16} {rp.id:<19} {verb}")
+    if dry_run:
+        click.echo(f"dry run: would delete {len(r.doomed)} restore point(s)")
+        return
+    _reserve_warning(r.reserve_given_up, "delete")
+    click.echo(f"deleted {r.removed} restore point(s); run 'repofs gc {repo}' to free their space")
+
+
+def _flag_command(repo: str, vm: str, specs: tuple[str, ...], protected: bool) -> None:
+    from repofs.prune import set_protected
+
+    word = "protected" if protected else "unprotected"
+    for c in set_protected(repo, vm, list(specs), protected):
+        click.echo(f"{c.rp.vm}/{c.rp.id}: {word}" + ("" if c.changed else " (it already was)"))
+
+
+@click.command()
+@click.argument("repo")
+@click.argument("vm")
+@click.argument("specs", nargs=-1, required=True, metavar="RP|latest...")
+def protect(repo: str, vm: str, specs: tuple[str, ...]) -> None:
+    """Protect restore points: prune keeps them and delete refuses them."""
+    _flag_command(repo, vm, specs, True)
+
+
+@click.command()
+@click.argument("repo")
+@click.argument("vm")
+@click.argument("specs", nargs=-1, required=True, metavar="RP|latest...")
+def unprotect(repo: str, vm: str, specs: tuple[str, ...]) -> None:
+    """Take the protection of restore points away again."""
+    _flag_command(repo, vm, specs, False)
 
 
 @click.command()

@@ -4,10 +4,11 @@ The phases and the lock each holds (``docs/maintenance.md`` explains why):
 
 1. **mark** (shared lock, beside ingests, prunes and mounts): walk the maps
    of every committed restore point, each distinct page once; everything
-   they reach is live, with their config blobs, their own records and every
-   tombstone.  A referenced object that is missing or unreadable stops gc
-   before anything is written: sweeping then could destroy the only copy
-   of data that a rebuilt index would find again.
+   they reach is live, with their config blobs, their own records, every
+   tombstone and every protection record.  A referenced object that is
+   missing or unreadable stops gc before anything is written: sweeping
+   then could destroy the only copy of data that a rebuilt index would
+   find again.
 2. **plan and copy** (shared lock): per pack, the bytes of live objects.
    Packs with nothing live are doomed; packs below the threshold have their
    live records copied, verbatim and verified, into new packs, which are
@@ -72,6 +73,8 @@ SMALL_PACKS_TO_MERGE = 8
 #: so that a kill -9 at a random moment can land in every phase.
 DELAY_ENV = "REPOFS_TEST_GC_DELAY"
 _TOMB = RecordType.TOMBSTONE
+#: Record types gc keeps forever: what rebuild-index needs to know beside restore point records.
+_KEPT = frozenset({RecordType.TOMBSTONE, RecordType.PROTECTION})
 
 
 @dataclass
@@ -165,7 +168,8 @@ class Marker:
             raise IntegrityError(
                 f"gc stopped before deleting anything: {len(faults)} map page(s) of live restore "
                 f"points are missing or damaged (first: {f.message}); run 'repofs verify', and "
-                "prune the damaged restore points or rebuild the index"
+                "remove the damaged restore points with 'repofs delete REPO VM ID...' "
+                "or rebuild the index"
             )
 
 
@@ -188,7 +192,8 @@ def collect_garbage(
                 raise IntegrityError(
                     f"gc stopped before deleting anything: {len(missing)} object(s) that restore "
                     f"points reference are not in the index (first: {_describe(missing[0])}); run "
-                    "'repofs verify', and prune the damaged restore points or rebuild the index"
+                    "'repofs verify', and remove the damaged restore points with "
+                    "'repofs delete REPO VM ID...' or rebuild the index"
                 )
             result.packs_before = len(uses)
             doomed = {p for p, u in uses.items() if u.live_bytes == 0}
@@ -269,7 +274,7 @@ def _scan(repo: Repository, live: set[bytes]) -> tuple[dict[bytes, _PackUse], li
         found = 0
         for key, value in index.items(txn, "objects"):
             in_live = key in live
-            if not (in_live or key[0] == _TOMB):
+            if not (in_live or key[0] in _KEPT):
                 continue
             found += in_live
             loc = Location(*LOCATION.unpack(value))
@@ -402,7 +407,7 @@ def _sweep(
         for key, value in index.items(txn, "objects"):
             pack_id = value[:16]
             used.add(pack_id)
-            if pack_id in doomed and (key in live or key[0] == _TOMB):
+            if pack_id in doomed and (key in live or key[0] in _KEPT):
                 keep.add(pack_id)
         return keep, used
 
@@ -515,6 +520,14 @@ def _buried(repo: Repository, tombs: list[bytes]) -> set[tuple[str, str, int]]:
             if t is not None:
                 buried.add(t.target)
     return buried
+
+
+def buried_restore_points(repo: Repository) -> set[tuple[str, str, int]]:
+    """(vm, id, seq) of every restore point a readable, indexed tombstone names."""
+    tombs = repo.index.read(
+        lambda t: [k for k, _ in repo.index.items(t, "objects", bytes((_TOMB,)))]
+    )
+    return _buried(repo, tombs)
 
 
 def unindexed_packs(repo: Repository) -> list[bytes]:

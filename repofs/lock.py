@@ -25,6 +25,7 @@ from repofs.errors import BusyError
 
 GATE = "lock.gate"
 MAIN = "lock.main"
+KEEP = "lock.keep"
 
 
 def open_lock_file(path: str) -> int:
@@ -69,3 +70,23 @@ def repository_lock(repo_path: str, *, exclusive: bool, wait: bool = True) -> It
     finally:
         os.close(main)
         os.close(gate)
+
+
+@contextlib.contextmanager
+def keep_lock(repo_path: str) -> Iterator[None]:
+    """Held by prune, delete, protect and unprotect, one at a time, inside the shared lock.
+
+    They decide from the index and then write records that rebuild-index
+    obeys (tombstones, protection records) before their index transaction.
+    Between one's decision and its transaction another must not change
+    the same restore points: a prune that planned to remove a restore point
+    that was protected meanwhile would leave a tombstone beside a protected
+    restore point, which the next rebuild-index would drop.  They are short,
+    so a second one waits.
+    """
+    fd = open_lock_file(os.path.join(repo_path, KEEP))
+    try:
+        _acquire(fd, fcntl.LOCK_EX, True, "another prune, delete or protect is running")
+        yield
+    finally:
+        os.close(fd)

@@ -30,7 +30,7 @@ class TestInit:
         repofs("init", tmp_path / "r", "--chunk-size", "128K", "--compression", "zstd:5")
         cfg = json.loads((tmp_path / "r" / "config.json").read_text())
         assert (
-            cfg["version"] == 1 and cfg["chunk_size"] == 131072 and cfg["compression"] == "zstd:5"
+            cfg["version"] == 2 and cfg["chunk_size"] == 131072 and cfg["compression"] == "zstd:5"
         )
         assert stat.S_IMODE(os.stat(tmp_path / "r").st_mode) == 0o700
 
@@ -74,7 +74,8 @@ class TestDamagedConfig:
             ("pack_target_size", 1 << 40, "out of range"),
             ("version", True, "not an integer"),
             ("version", 1.0, "not an integer"),
-            ("version", 2, "not supported"),
+            ("version", 3, "written by a newer repofs"),
+            ("version", 0, "not supported"),
             ("chunk_size", True, "not an integer"),
             ("chunk_size", 131072.0, "not an integer"),
             ("page_refs", "1024", "not an integer"),
