@@ -181,6 +181,24 @@ class ChangedBlocks:
         obj._init(capacity, starts, ends, granularity, origin)
         return obj
 
+    @classmethod
+    def from_chunk_ranges(
+        cls, capacity: int, ranges: Iterable[tuple[int, int]], chunk_size: int, origin: str = ""
+    ) -> ChangedBlocks:
+        """The list marking the chunks of ``(first, stop)`` index ranges, sorted and disjoint.
+
+        It is how an ingest states what it will read (the list's chunks and
+        those a grown disk forces), so ``--cbt-check`` samples the chunks
+        really taken from the parent with :func:`sample_unchanged_chunks`.
+        """
+        _check_chunk_size(chunk_size)
+        starts, ends = _merge_sorted(
+            (first * chunk_size, min(capacity, stop * chunk_size))
+            for first, stop in ranges
+            if first * chunk_size < capacity and stop > first
+        )
+        return cls._from_columns(capacity, starts, ends, chunk_size, origin)
+
     # -- the list itself -------------------------------------------------
 
     @property

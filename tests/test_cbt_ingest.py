@@ -12,6 +12,9 @@ import pytest
 
 from ingest.cbt_json import MAX_LIST_BYTES
 from repofs.config import DEFAULT_CHUNK
+from repofs.records import RECORD_HEADER_SIZE, RecordType
+from repofs.repository import Repository
+from repofs.restorepoint import DiskInfo
 from tests.helpers import (
     assert_one_line_error,
     ingest,
@@ -21,6 +24,7 @@ from tests.helpers import (
     qemu_compare,
     repofs,
 )
+from tests.maint_helpers import flip_byte, read_disk
 
 KiB, MiB = 1 << 10, 1 << 20
 CHUNK = DEFAULT_CHUNK  # repositories here are made by a plain 'repofs init'
@@ -363,3 +367,80 @@ class TestQemuBitmap:
                 text=True,
             )
             assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def damage_record(repo: Path, rtype: RecordType, digest: bytes) -> None:
+    """Flip a byte in an object's pack record, then rebuild-index, which rightly drops it."""
+    with Repository.open(str(repo)) as r:
+        loc = r.index.locate(rtype, digest)
+        assert loc is not None
+        pack = r.packs.path_of(loc.pack_id)
+    flip_byte(pack, loc.offset + RECORD_HEADER_SIZE + 3)
+    out = repofs("rebuild-index", repo, check=False).stdout
+    assert "record dropped" in out
+    with Repository.open(str(repo)) as r:
+        assert r.index.locate(rtype, digest) is None
+
+
+def disk_map(repo: Path, vm: str, rp_id: str) -> tuple[Repository, DiskInfo]:
+    r = Repository.open(str(repo))
+    info = r.resolve(vm, rp_id).disk("d")
+    assert info is not None
+    return r, info
+
+
+class TestInheritedDamage:
+    def test_a_lost_chunk_is_read_from_the_source(self, tmp_path: Path, repo: Path) -> None:
+        """A chunk rebuild-index dropped is not inherited: the incremental reads it again, says
+        so, and heals the chain; verify passes and every restore point reads back."""
+        data = os.urandom(4 * MiB)
+        img = make_image(tmp_path / "d.img", 4 * MiB, [(0, data)])
+        full = ingest(repo, "vm", f"d={img}")
+        r, info = disk_map(repo, "vm", full)
+        with r:
+            lost = r.map_reader(info).ref_at(MiB // CHUNK)
+        damage_record(repo, RecordType.CHUNK, lost)
+        assert repofs("verify", repo, check=False).returncode == 5
+        cbt = write_list(tmp_path / "c1.json", [poke(img, 0, b"changed")])
+        p = repofs("ingest", repo, "--vm", "vm", f"d={img}", "--changed-blocks", f"d={cbt}")
+        assert f"disk d: 0.1 MiB the parent {full} lacked were read from the source" in p.stderr
+        first = p.stdout.split()[-1]
+        assert listing(repo, "vm")[-1]["disks"][0]["bytes_read"] == 2 * CHUNK
+        assert repofs("verify", repo, check=False).returncode == 0
+        day1 = tmp_path / "day1.img"
+        shutil.copy(img, day1)
+        cbt = write_list(tmp_path / "c2.json", [poke(img, 3 * MiB, b"again")])
+        p = repofs("ingest", repo, "--vm", "vm", f"d={img}", "--changed-blocks", f"d={cbt}")
+        assert "lacked" not in p.stderr
+        second = p.stdout.split()[-1]
+        assert listing(repo, "vm")[-1]["disks"][0]["bytes_read"] == CHUNK
+        assert repofs("verify", repo).returncode == 0
+        assert read_disk(repo, "vm", first, "d") == day1.read_bytes()
+        assert read_disk(repo, "vm", full, "d") == data
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            qemu_compare(day1, mnt / "vm" / first / "d.vmdk")
+            qemu_compare(img, mnt / "vm" / second / "d.vmdk")
+
+    def test_a_lost_map_page_is_read_whole(self, tmp_path: Path, repo: Path) -> None:
+        """A parent whose level-0 page is gone has its whole range read again, only the
+        allocated part of it, and the new restore point counts its allocation right."""
+        size = 2 * 1024 * CHUNK  # two level-0 pages under a root
+        img = make_image(
+            tmp_path / "d.img",
+            size,
+            [(0, os.urandom(MiB)), (1024 * CHUNK + 5 * MiB, os.urandom(MiB + 512))],
+        )
+        full = ingest(repo, "vm", f"d={img}")
+        r, info = disk_map(repo, "vm", full)
+        with r:
+            page = r.map_reader(info).subtree_ref(0, 1)
+        damage_record(repo, RecordType.PAGE, page)
+        cbt = write_list(tmp_path / "c.json", [poke(img, 0, b"changed")])
+        p = repofs("ingest", repo, "--vm", "vm", f"d={img}", "--changed-blocks", f"d={cbt}")
+        assert f"disk d: 1.1 MiB the parent {full} lacked were read from the source" in p.stderr
+        rp = p.stdout.split()[-1]
+        disk = listing(repo, "vm")[-1]["disks"][0]
+        assert disk["bytes_read"] == CHUNK + MiB + CHUNK  # the change, the 1.1 MiB as chunks
+        assert disk["allocated"] == MiB + MiB + CHUNK
+        assert repofs("verify", repo).returncode == 0
+        assert read_disk(repo, "vm", rp, "d") == img.read_bytes()
