@@ -39,11 +39,16 @@ INGEST_INDEX_WARM_BYTES = 128 * 1024 * 1024  # about 600,000 objects (40 GB of u
 
 @dataclass
 class DiskRequest:
-    """One ``DISK=SOURCE`` of an ingest, with its changed-block extents if any."""
+    """One ``DISK=SOURCE`` of an ingest, with its changed-block extents if any.
+
+    ``position`` is the changed-block tracking position the source was
+    taken at (``--cbt-position``), recorded for the next incremental.
+    """
 
     name: str
     source: DiskSource
     changed: list[Extent] | None = None
+    position: str | None = None
 
 
 @dataclass
@@ -452,4 +457,5 @@ class Ingest:
             bytes_read=stats["read"],
             bytes_new=stats["new"],
             chunks_read=stats["chunks"],
+            cbt_position=d.position,
         )

@@ -146,6 +146,20 @@ def init(repo: str, chunk_size: str, compression: str) -> None:
     metavar="N",
     help="Compare N chunks the list calls unchanged with the parent; fail on a difference.",
 )
+@click.option(
+    "--cbt-position",
+    "positions",
+    multiple=True,
+    metavar="DISK=ID",
+    help="Record the disk's changed-block tracking position (VMware changeId, qemu bitmap).",
+)
+@click.option(
+    "--cbt-base",
+    "bases",
+    multiple=True,
+    metavar="DISK=ID",
+    help="Position the disk's changed-block list starts at; must be the parent's.",
+)
 def ingest(
     repo: str,
     disks: tuple[str, ...],
@@ -155,6 +169,8 @@ def ingest(
     parent: str | None,
     changed: tuple[str, ...],
     cbt_check: int,
+    positions: tuple[str, ...],
+    bases: tuple[str, ...],
 ) -> None:
     """Ingest the disks of one VM as one new restore point; print its id last."""
     from ingest.job import run_ingest
@@ -171,6 +187,8 @@ def ingest(
         parent_spec=parent,
         changed_specs=list(changed),
         cbt_check=cbt_check,
+        position_specs=list(positions),
+        base_specs=list(bases),
     )
     elapsed = time.monotonic() - t0
     for d in rp.disks:
@@ -217,6 +235,7 @@ def list_cmd(repo: str, vm: str | None, as_json: bool) -> None:
                         "bytes_read": d.bytes_read,
                         "bytes_new": d.bytes_new,
                         "allocated": d.allocated_bytes,
+                        "cbt_position": d.cbt_position,
                     }
                     for d in p.disks
                 ],
