@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ingest.cbt import ChangedBlocks, sample_unchanged_chunks
-from ingest.inherit import PageMemo, check_inherited
+from ingest.inherit import PageMemo, check_inherited, whole_inherited_bytes
 from ingest.plan import Interval, Run, chunk_intervals, complement, intersect, plan_runs, union
 from ingest.progress import Progress
 from ingest.raw import read_small_file
@@ -215,10 +215,15 @@ class Ingest:
         healed: list[Interval] = []
         inherited_bytes = 0
         if changed is not None and parent_disk is not None:
-            # Whatever the parent lost since it was taken must not be inherited: read it.
-            found = check_inherited(self.repo, parent_disk, complement(changed, n), memo)
-            healed, inherited_bytes = found.missing, found.nonzero_bytes
-            changed = union(changed, healed)
+            inherited = complement(changed, n)
+            assert self.parent is not None
+            if self.parent.seq in memo.whole:
+                inherited_bytes = whole_inherited_bytes(self.repo, parent_disk, inherited)
+            else:
+                # Whatever the parent lost since it was taken must not be inherited: read it.
+                found = check_inherited(self.repo, parent_disk, inherited, memo)
+                healed, inherited_bytes = found.missing, found.nonzero_bytes
+                changed = union(changed, healed)
             # Only changed chunks are read, so only their allocation matters.
             extents = d.source.allocated_within((a * cs, (b - a) * cs) for a, b in changed)
             mode = "cbt"
@@ -293,6 +298,8 @@ class Ingest:
         # an incremental's time.  A small index is cheaper read whole, in the background.
         repo.index.warm(INGEST_INDEX_WARM_BYTES)
         memo = PageMemo()
+        if self.parent is not None and repo.known_whole(self.parent):
+            memo.whole.add(self.parent.seq)
         plans = [self._plan(d, memo) for d in self.disks]
         for d, plan in zip(self.disks, plans, strict=True):
             if plan.healed:

@@ -382,6 +382,11 @@ def damage_record(repo: Path, rtype: RecordType, digest: bytes) -> None:
         assert r.index.locate(rtype, digest) is None
 
 
+def known_whole(repo: Path, vm: str, rp_id: str) -> bool:
+    with Repository.open(str(repo)) as r:
+        return r.known_whole(r.resolve(vm, rp_id))
+
+
 def disk_map(repo: Path, vm: str, rp_id: str) -> tuple[Repository, DiskInfo]:
     r = Repository.open(str(repo))
     info = r.resolve(vm, rp_id).disk("d")
@@ -396,16 +401,19 @@ class TestInheritedDamage:
         data = os.urandom(4 * MiB)
         img = make_image(tmp_path / "d.img", 4 * MiB, [(0, data)])
         full = ingest(repo, "vm", f"d={img}")
+        assert known_whole(repo, "vm", full)
         r, info = disk_map(repo, "vm", full)
         with r:
             lost = r.map_reader(info).ref_at(MiB // CHUNK)
         damage_record(repo, RecordType.CHUNK, lost)
         assert repofs("verify", repo, check=False).returncode == 5
+        assert not known_whole(repo, "vm", full)  # the rebuilt index checks it once
         cbt = write_list(tmp_path / "c1.json", [poke(img, 0, b"changed")])
         p = repofs("ingest", repo, "--vm", "vm", f"d={img}", "--changed-blocks", f"d={cbt}")
         assert f"disk d: 0.1 MiB the parent {full} lacked were read from the source" in p.stderr
         first = p.stdout.split()[-1]
         assert listing(repo, "vm")[-1]["disks"][0]["bytes_read"] == 2 * CHUNK
+        assert known_whole(repo, "vm", first)
         assert repofs("verify", repo, check=False).returncode == 0
         day1 = tmp_path / "day1.img"
         shutil.copy(img, day1)
