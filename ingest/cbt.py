@@ -199,7 +199,7 @@ class ChangedBlocks:
     def from_chunk_ranges(
         cls, capacity: int, ranges: Iterable[tuple[int, int]], chunk_size: int, origin: str = ""
     ) -> ChangedBlocks:
-        """The list marking the chunks of ``(first, stop)`` index ranges, sorted and disjoint.
+        """The list marking the chunks of ``(first, stop)`` index ranges, in any order.
 
         It is how an ingest states what it will read (the list's chunks and
         those a grown disk forces), so ``--cbt-check`` samples the chunks
@@ -207,9 +207,11 @@ class ChangedBlocks:
         """
         _check_chunk_size(chunk_size)
         starts, ends = _merge_sorted(
-            (first * chunk_size, min(capacity, stop * chunk_size))
-            for first, stop in ranges
-            if first * chunk_size < capacity and stop > first
+            sorted(
+                (first * chunk_size, min(capacity, stop * chunk_size))
+                for first, stop in ranges
+                if first * chunk_size < capacity and stop > first
+            )
         )
         return cls._from_columns(capacity, starts, ends, chunk_size, origin)
 

@@ -188,6 +188,24 @@ class TestCbtCheck:
         assert_one_line_error(p, "--cbt-check failed", "disk d", f"bytes {5 * CHUNK}-{8 * CHUNK} ")
         assert len(listing(repo, "vm")) == 1
 
+    def test_a_grown_disk_is_sampled_only_where_inherited(self, tmp_path: Path, repo: Path) -> None:
+        """With a sample larger than the disk every inherited chunk is compared, and the
+        grown area, read whatever the list says, is not: a true list passes, a lie is named."""
+        img = make_image(tmp_path / "d.img", MiB, [(0, os.urandom(MiB))])
+        ingest(repo, "vm", f"d={img}")
+        with open(img, "r+b") as f:
+            f.truncate(2 * MiB)
+            f.seek(MiB)
+            f.write(os.urandom(MiB))
+        cbt = write_list(tmp_path / "c.json", [poke(img, 0, b"listed")])
+        rp = ingest(
+            repo, "vm", f"d={img}", extra=("--changed-blocks", f"d={cbt}", "--cbt-check", "99")
+        )
+        poke(img, 3 * CHUNK, b"unlisted")
+        p = cbt_ingest(repo, img, cbt, "--cbt-check", "99", check=False)
+        assert_one_line_error(p, "--cbt-check failed", f"bytes {3 * CHUNK}-{4 * CHUNK} differ")
+        assert listing(repo, "vm")[-1]["id"] == rp
+
     def test_cbt_check_without_a_list_is_refused(self, tmp_path: Path, repo: Path) -> None:
         """It checked nothing, silently: a scheduled job would have taken that for a pass."""
         img = make_image(tmp_path / "d.img", MiB, [(0, os.urandom(MiB))])
