@@ -92,6 +92,22 @@ def _overlaps(intervals: list[Interval], starts: list[int], lo: int, hi: int) ->
     return i >= 0 and intervals[i][1] > lo
 
 
+def _clip(intervals: list[Interval], starts: list[int], lo: int, hi: int) -> list[Interval]:
+    """The parts of the sorted, disjoint ``intervals`` inside ``[lo, hi)``, by binary search.
+
+    ``intersect`` walks the whole list, once per page: a list of a million
+    extents made that a million steps for each of a 1 TiB disk's 8192 pages.
+    """
+    i = max(0, bisect_right(starts, lo) - 1)
+    out = []
+    while i < len(intervals) and intervals[i][0] < hi:
+        a, b = max(lo, intervals[i][0]), min(hi, intervals[i][1])
+        if a < b:
+            out.append((a, b))
+        i += 1
+    return out
+
+
 def check_inherited(
     repo: Repository, parent: DiskInfo, inherited: list[Interval], memo: PageMemo
 ) -> Inheritance:
@@ -126,7 +142,7 @@ def check_inherited(
             except IntegrityError:
                 page = b""
             if len(page) != expected * REF:  # gone, damaged or malformed: read its range anew
-                missing += intersect([(first, end)], inherited)
+                missing += _clip(inherited, starts, first, end)
                 continue
             if level > 0:
                 children = [
@@ -156,7 +172,7 @@ def check_inherited(
                         k for k, r in enumerate(refs) if r != ZERO_DIGEST and r not in have
                     )
                 memo.missing[ref] = lacking
-            here = intersect([(first, end)], inherited)
+            here = _clip(inherited, starts, first, end)
             here_starts = [lo for lo, _hi in here]
             missing += [
                 (first + k, first + k + 1)
