@@ -156,6 +156,20 @@ def init(repo: str, chunk_size: str, compression: str) -> None:
     "(fs-freeze) or application (VSS, application hooks).",
 )
 @click.option("--note", default=None, metavar="TEXT", help="A note kept with the restore point.")
+@click.option(
+    "--cbt-position",
+    "positions",
+    multiple=True,
+    metavar="DISK=ID",
+    help="Record the disk's changed-block tracking position (VMware changeId, qemu bitmap).",
+)
+@click.option(
+    "--cbt-base",
+    "bases",
+    multiple=True,
+    metavar="DISK=ID",
+    help="Position the disk's changed-block list starts at; must be the parent's.",
+)
 def ingest(
     repo: str,
     disks: tuple[str, ...],
@@ -167,6 +181,8 @@ def ingest(
     cbt_check: int,
     consistency: str,
     note: str | None,
+    positions: tuple[str, ...],
+    bases: tuple[str, ...],
 ) -> None:
     """Ingest the disks of one VM as one new restore point; print its id last."""
     from ingest.job import run_ingest
@@ -185,6 +201,8 @@ def ingest(
         cbt_check=cbt_check,
         consistency=consistency,
         note=note,
+        position_specs=list(positions),
+        base_specs=list(bases),
     )
     elapsed = time.monotonic() - t0
     for d in rp.disks:
@@ -231,6 +249,7 @@ def list_cmd(repo: str, vm: str | None, as_json: bool) -> None:
                         "bytes_read": d.bytes_read,
                         "bytes_new": d.bytes_new,
                         "allocated": d.allocated_bytes,
+                        "cbt_position": d.cbt_position,
                     }
                     for d in p.disks
                 ],

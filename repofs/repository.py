@@ -15,7 +15,7 @@ from repofs import stopping
 from repofs.config import CONFIG_FILE, FORMAT_VERSION, RepoConfig, upgrade_in_place
 from repofs.durable import os_error, write_file_atomic
 from repofs.errors import IntegrityError, RepofsError, RepositoryError, UsageError
-from repofs.index import LOCATION, PACK_INFO, Index, Location, rp_key
+from repofs.index import LOCATION, PACK_INFO, U64, Index, Location, rp_key
 from repofs.maps import MapReader, PageCache
 from repofs.names import rp_id_for, rp_id_seconds
 from repofs.packstore import LocalPackStore
@@ -24,6 +24,10 @@ from repofs.reserve import retry_with_reserve, set_aside
 from repofs.restorepoint import DiskInfo, RestorePoint
 from repofs.rprecords import Tombstone
 from repofs.writer import ObjectWriter
+
+#: Key prefix, in the index's ``meta`` database, of a restore point's sequence
+#: number whose every referenced object this index held when it committed it.
+WHOLE_PREFIX = b"whole\0"
 
 INDEX_DIR = "index"
 NEW_INDEX_DIR = "index.new"  # where rebuild-index builds the next index
@@ -299,6 +303,7 @@ class Repository:
         def txn_fn(txn: Any) -> None:
             self.index.set_vm_seq(txn, rp.vm, rp.vm_seq)
             self.index.put_rp(txn, rp.vm, rp.id, rp.seq, doc)
+            self.index.put(txn, "meta", WHOLE_PREFIX + U64.pack(rp.seq), b"")
 
         stopping.ignore_from_now_on()
         try:
@@ -309,6 +314,20 @@ class Repository:
             else:  # the failure came after LMDB's commit (its padding): it is there
                 return
             raise
+
+    def known_whole(self, rp: RestorePoint) -> bool:
+        """Whether this index has held every object ``rp`` references since its commit.
+
+        Every ingest references only objects it found in the index or wrote
+        (a changed-block incremental checks what it inherits), and commit
+        marks it so in the index itself, not in its record: an index that
+        ``rebuild-index`` builds anew, perhaps without a damaged record, has
+        no such marks, so the next incremental checks its parent once.  gc
+        removes only objects no restore point references; whatever else
+        removes referenced objects from an index must drop these marks.
+        """
+        key = WHOLE_PREFIX + U64.pack(rp.seq)
+        return self.index.read(lambda txn: self.index.get(txn, "meta", key)) is not None
 
     def _committed(self, rp: RestorePoint) -> bool:
         """Whether the index shows ``rp`` after all (a failure after LMDB's own commit)."""

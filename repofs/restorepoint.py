@@ -27,6 +27,12 @@ class DiskInfo:
     byte read), ``cbt`` (only the changed-block list's extents read, the rest
     taken from the parent) or ``dedup`` (everything read, deduplicated
     against the parent).
+
+    ``cbt_position`` is the changed-block tracking position the disk was
+    read at (``--cbt-position``: VMware's changeId, a qemu bitmap's name),
+    so that the next incremental's list can be checked to start there.  It
+    is left out of the record when there is none, so records written
+    before it existed keep their exact bytes.
     """
 
     name: str
@@ -41,6 +47,7 @@ class DiskInfo:
     bytes_read: int = 0
     bytes_new: int = 0
     chunks_read: int = 0
+    cbt_position: str | None = None
 
     @property
     def map(self) -> MapRoot:
@@ -140,6 +147,9 @@ class RestorePoint:
         doc = asdict(self)
         doc.pop("protected")
         doc.pop("protected_seq")
+        for disk in doc["disks"]:
+            if disk["cbt_position"] is None:
+                del disk["cbt_position"]
         doc["format"] = 2
         return doc
 
