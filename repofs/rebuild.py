@@ -14,8 +14,9 @@ exclusive lock and swapped in with one atomic ``renameat2(RENAME_EXCHANGE)``
 (two renames where the kernel lacks it), so a crash leaves the old index or
 the new one, and running it again is always safe.  Processes that still
 hold the old index open notice at their next write (``Index.write`` checks
-that its file is still the current one); a running mount keeps showing the
-old index until it is remounted.
+that its file is still the current one); a running mount follows the new
+index (:meth:`Index.follow_replacement`, looked at once a second and at once
+when a read fails), so it needs no remount.
 """
 
 from __future__ import annotations
