@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import lmdb
@@ -67,6 +67,10 @@ class RebuildResult:
     reserve_given_up: int = 0
     #: restore points whose own record was lost, written again from the old index
     rewritten: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``rebuild-index --json``: every field; ``incomplete`` non-empty means exit 5."""
+        return asdict(self)
 
 
 @dataclass

@@ -20,6 +20,7 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PYTHONPATH"] = str(REPO_ROOT)
     env.pop("REPOFS_TEST_PAUSE_BEFORE_COMMIT", None)
     env.pop("REPOFS_TEST_GC_DELAY", None)
+    env.pop("REPOFS_REPOSITORY", None)  # a developer's own default must not leak into a test
     if extra:
         env.update(extra)
     return env
