@@ -41,11 +41,11 @@ def one_rp(tmp_path: Path, repo: Path) -> tuple[Path, Path, str]:
 class TestJson:
     def test_ingest(self, tmp_path: Path, repo: Path) -> None:
         """ingest --json prints the restore point (id, vm, disks, bytes read and stored), only."""
-        img = make_image(tmp_path / "d.img", 2 * MiB, [(0, noise(MiB, 2))])
+        img = make_image(tmp_path / "d.img", 2 * MiB, [(0, noise(2 * MiB, 2))])
         doc = json_of(repofs("ingest", repo, "--vm", "web", f"d0={img}", "--json"))
         assert isinstance(doc, dict)
         assert doc["vm"] == "web" and doc["kind"] == "full" and doc["parent"] is None
-        assert doc["bytes_read"] == MiB and 0 < doc["bytes_new"] <= MiB + 4096
+        assert doc["bytes_read"] == 2 * MiB and 2 * MiB <= doc["bytes_new"] < 2 * MiB + 4096
         (disk,) = doc["disks"]
         assert disk["name"] == "d0" and disk["capacity"] == 2 * MiB and disk["format"] == "raw"
         assert doc["seconds"] >= 0
