@@ -99,7 +99,11 @@ class RepofsGroup(click.Group):
 @click.group(cls=RepofsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="repofs")
 def main() -> None:
-    """A deduplicated repository of image-level VM backups, mounted as flat VMDKs."""
+    """A deduplicated repository of image-level VM backups, mounted as flat VMDKs.
+
+    REPO may be left out when the environment variable REPOFS_REPOSITORY names
+    the repository.
+    """
 
 
 @main.command()
