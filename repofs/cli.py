@@ -7,7 +7,7 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import json
+import os
 import sys
 import time
 from typing import Any
@@ -17,6 +17,15 @@ import lmdb
 
 from ingest.progress import human_bytes
 from repofs import stopping
+from repofs.cli_common import (
+    REPO_ENV,
+    emit_json,
+    json_option,
+    progress_option,
+    repo_argument,
+    repo_from_env,
+    restore_point_doc,
+)
 from repofs.config import DEFAULT_CHUNK, DEFAULT_COMPRESSION, parse_size, size_label
 from repofs.errors import RepofsError, UsageError
 from repofs.names import validate_vm_name
@@ -91,11 +100,15 @@ class RepofsGroup(click.Group):
 @click.group(cls=RepofsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="repofs")
 def main() -> None:
-    """A deduplicated repository of image-level VM backups, mounted as flat VMDKs."""
+    """A deduplicated repository of image-level VM backups, mounted as flat VMDKs.
+
+    REPO may be left out when the environment variable REPOFS_REPOSITORY names
+    the repository.
+    """
 
 
 @main.command()
-@click.argument("repo")
+@repo_argument
 @click.option(
     "--chunk-size",
     default=size_label(DEFAULT_CHUNK),
@@ -116,7 +129,7 @@ def init(repo: str, chunk_size: str, compression: str) -> None:
 
 
 @main.command()
-@click.argument("repo")
+@click.argument("repo", required=False, metavar="REPO")
 @click.argument("disks", nargs=-1, metavar="DISK=SOURCE...")
 @click.option("--vm", "vm", required=True, help="VM name.")
 @click.option(
@@ -170,8 +183,10 @@ def init(repo: str, chunk_size: str, compression: str) -> None:
     metavar="DISK=ID",
     help="Position the disk's changed-block list starts at; must be the parent's.",
 )
+@progress_option
+@json_option
 def ingest(
-    repo: str,
+    repo: str | None,
     disks: tuple[str, ...],
     vm: str,
     configs: tuple[str, ...],
@@ -183,11 +198,21 @@ def ingest(
     note: str | None,
     positions: tuple[str, ...],
     bases: tuple[str, ...],
+    progress: bool | None,
+    as_json: bool,
 ) -> None:
-    """Ingest the disks of one VM as one new restore point; print its id last."""
+    """Ingest the disks of one VM as one new restore point; print its id last.
+
+    With REPOFS_REPOSITORY set, REPO may be left out: a first argument with
+    an '=' that is not a directory is then the first DISK=SOURCE.
+    """
     from ingest.job import run_ingest
     from repofs.malloc import keep_freed_memory
 
+    if repo is not None and "=" in repo and not os.path.isdir(repo):
+        disks = (repo, *disks)  # no REPO given: the variable names it
+        repo = None
+    repo = repo_from_env(repo)
     keep_freed_memory()
     t0 = time.monotonic()
     rp = run_ingest(
@@ -203,8 +228,12 @@ def ingest(
         note=note,
         position_specs=list(positions),
         base_specs=list(bases),
+        progress=progress,
     )
     elapsed = time.monotonic() - t0
+    if as_json:
+        emit_json({**restore_point_doc(rp), "seconds": elapsed})
+        return
     for d in rp.disks:
         click.echo(
             f"{d.name}: {human_bytes(d.capacity)} {d.source_format}, {d.read_mode}: "
@@ -218,9 +247,9 @@ def ingest(
 
 
 @main.command(name="list")
-@click.argument("repo")
+@repo_argument
 @click.argument("vm", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def list_cmd(repo: str, vm: str | None, as_json: bool) -> None:
     """List VMs and their restore points."""
     with Repository.open(repo) as r:
@@ -230,37 +259,7 @@ def list_cmd(repo: str, vm: str | None, as_json: bool) -> None:
         if vm is not None and not rps:
             raise UsageError(f"unknown VM {vm!r}: it has no restore points")
     if as_json:
-        out = [
-            {
-                "vm": p.vm,
-                "id": p.id,
-                "created": p.created,
-                "kind": p.kind,
-                "parent": p.parent,
-                "capacity": p.capacity,
-                "bytes_read": p.bytes_read,
-                "bytes_new": p.bytes_new,
-                "disks": [
-                    {
-                        "name": d.name,
-                        "capacity": d.capacity,
-                        "format": d.source_format,
-                        "read_mode": d.read_mode,
-                        "bytes_read": d.bytes_read,
-                        "bytes_new": d.bytes_new,
-                        "allocated": d.allocated_bytes,
-                        "cbt_position": d.cbt_position,
-                    }
-                    for d in p.disks
-                ],
-                "configs": [c.name for c in p.configs],
-                "consistency": p.consistency,
-                "note": p.note,
-                "protected": p.protected,
-            }
-            for p in rps
-        ]
-        click.echo(json.dumps(out, indent=2))
+        emit_json([restore_point_doc(p) for p in rps])
         return
     if not rps:
         click.echo("no restore points")
@@ -282,8 +281,8 @@ def list_cmd(repo: str, vm: str | None, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("repo")
-@click.argument("mountpoint")
+@click.argument("repo", required=False, metavar="REPO")
+@click.argument("mountpoint", required=False, metavar="MOUNTPOINT")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground.")
 @click.option("--allow-other", is_flag=True, help="Let other users read the mount.")
 @click.option("--cache-size", default="256M", show_default=True, help="Chunk cache size.")
@@ -298,8 +297,8 @@ def list_cmd(repo: str, vm: str | None, as_json: bool) -> None:
     "--nonempty", is_flag=True, help="Mount over a directory that has files (hiding them)."
 )
 def mount(
-    repo: str,
-    mountpoint: str,
+    repo: str | None,
+    mountpoint: str | None,
     foreground: bool,
     allow_other: bool,
     cache_size: str,
@@ -307,8 +306,17 @@ def mount(
     log_file: str | None,
     nonempty: bool,
 ) -> None:
-    """Mount every restore point of REPO read-only at MOUNTPOINT."""
+    """Mount every restore point of REPO read-only at MOUNTPOINT.
+
+    With REPOFS_REPOSITORY set, REPO may be left out: a lone argument is MOUNTPOINT.
+    """
     from repofs.mount import mount as do_mount
+
+    if mountpoint is None:
+        if repo is None or not os.environ.get(REPO_ENV):
+            raise click.UsageError("Missing argument 'MOUNTPOINT'.")
+        repo, mountpoint = repo_from_env(None), repo
+    assert repo is not None
 
     cache_bytes = parse_size(cache_size, "--cache-size")
     if cache_bytes < MIN_CACHE_BYTES:
@@ -336,14 +344,14 @@ def umount(mountpoint: str) -> None:
 
 
 @main.command()
-@click.argument("repo")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@repo_argument
+@json_option
 def stats(repo: str, as_json: bool) -> None:
     """Space used and saved: logical bytes, unique stored bytes, dedup and compression ratios."""
     with Repository.open(repo) as r:
         s = r.stats()
     if as_json:
-        click.echo(json.dumps(s, indent=2))
+        emit_json(s)
         return
     rows = [
         ("VMs", str(s["vms"])),

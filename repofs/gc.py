@@ -41,7 +41,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import lmdb
@@ -98,6 +98,10 @@ class GcResult:
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``gc --json``: every field, and ``freed``, the net bytes the text reports freed."""
+        return {"freed": max(self.bytes_freed - self.bytes_written, 0), **asdict(self)}
 
 
 @dataclass

@@ -133,6 +133,24 @@ class PruneResult:
     def to_remove(self) -> list[Decision]:
         return [d for ds in self.decisions.values() for d in ds if not d.keep]
 
+    def to_dict(self) -> dict[str, Any]:
+        """``prune --json``: what was kept and why, what the policy removes, what left the index.
+
+        ``removed`` lists the restore points the policy removes (would, in a
+        dry run); ``removed_count`` counts those this run took out of the
+        index (0 in a dry run; fewer if a concurrent prune took some first).
+        """
+        ordered = [d for _vm, ds in sorted(self.decisions.items()) for d in ds]
+        return {
+            "dry_run": self.dry_run,
+            "kept": [
+                {"vm": d.rp.vm, "id": d.rp.id, "reasons": d.reasons} for d in ordered if d.keep
+            ],
+            "removed": [{"vm": d.rp.vm, "id": d.rp.id} for d in ordered if not d.keep],
+            "removed_count": self.removed,
+            "reserve_given_up": self.reserve_given_up,
+        }
+
 
 def prune_repository(
     path: str, policy: Policy, *, vm: str | None = None, dry_run: bool = False, force: bool = False

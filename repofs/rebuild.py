@@ -15,8 +15,9 @@ exclusive lock and swapped in with one atomic ``renameat2(RENAME_EXCHANGE)``
 (two renames where the kernel lacks it), so a crash leaves the old index or
 the new one, and running it again is always safe.  Processes that still
 hold the old index open notice at their next write (``Index.write`` checks
-that its file is still the current one); a running mount keeps showing the
-old index until it is remounted.
+that its file is still the current one); a running mount follows the new
+index (:meth:`Index.follow_replacement`, looked at once a second and at once
+when a read fails), so it needs no remount.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import lmdb
@@ -74,6 +75,10 @@ class RebuildResult:
     reserve_given_up: int = 0
     #: restore points whose own record was lost, written again from the old index
     rewritten: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``rebuild-index --json``: every field; ``incomplete`` non-empty means exit 5."""
+        return asdict(self)
 
 
 @dataclass

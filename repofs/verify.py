@@ -47,7 +47,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import blake3
@@ -113,6 +113,10 @@ class VerifyResult:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def to_dict(self) -> dict[str, object]:
+        """``verify --json``: every field, and ``ok``."""
+        return {"ok": self.ok, **asdict(self)}
 
 
 class _Entry(NamedTuple):
