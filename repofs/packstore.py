@@ -16,7 +16,7 @@ import os
 import threading
 from collections.abc import Iterator
 
-from repofs.durable import fsync_dir, os_error
+from repofs.durable import fsync_dir, make_dirs, os_error
 from repofs.errors import IntegrityError, RepositoryError
 
 PACK_ID_BYTES = 16
@@ -106,7 +106,7 @@ class _LocalSink(PackSink):
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
-            os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
+            self._store.make_subdir(os.path.dirname(final))
             os.rename(self._tmp, final)
             fsync_dir(os.path.dirname(final))
         except OSError as exc:
@@ -153,6 +153,7 @@ class LocalPackStore(PackStore):
         self.tmp_dir = os.path.join(root, "tmp")
         self._fds: collections.OrderedDict[bytes, _Descriptor] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._durable_subdirs: set[str] = set()
 
     def path_of(self, pack_id: bytes) -> str:
         h = pack_id.hex()
@@ -160,6 +161,19 @@ class LocalPackStore(PackStore):
 
     def create(self) -> PackSink:
         return _LocalSink(self, new_pack_id())
+
+    def make_subdir(self, path: str) -> None:
+        """Create ``packs/XX`` if needed, and make its entry in ``packs/`` durable.
+
+        Without it a power loss could take a whole ``packs/XX`` directory
+        with it, packs the index already pointed into included: the packs
+        themselves and ``packs/XX`` were fsynced, the entry leading to them
+        was not.  Once per directory and process (at most 256 ``fsync``).
+        """
+        if path in self._durable_subdirs:
+            return
+        make_dirs(path)
+        self._durable_subdirs.add(path)
 
     @contextlib.contextmanager
     def using(self, pack_id: bytes) -> Iterator[int]:
