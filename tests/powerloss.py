@@ -283,8 +283,8 @@ def _cut(
         shutil.rmtree(after)
     after_power_loss(before, done.log, after)
     result = CutResult(cut, done.killed, None)
-    if not final and not done.killed and done.returncode != 0:
-        result.error = f"the command failed instead of being cut:\n{done.stderr}"
+    if not done.killed and done.returncode != 0:
+        result.error = f"the command failed ({done.returncode}):\n{done.stderr}"
         return result
     try:
         result.state = scenario.check(after, cut, final or not done.killed)
