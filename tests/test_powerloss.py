@@ -105,6 +105,16 @@ class TestModel:
             "f": b"abcdef",
         }
 
+    def test_sync_makes_everything_durable(self, tmp_path: Path, setup: tuple[Path, Path]) -> None:
+        """After sync() the power loss takes nothing: the tree is what the command left."""
+        root, lib = setup
+        before = snapshot(root)
+        script = MODEL_SCRIPT + "os.sync()\n"
+        done = run([sys.executable, "-c", script], root, tmp_path / "log", lib, cwd=root)
+        assert done.returncode == 0, done.stderr
+        after_power_loss(before, done.log, tmp_path / "after")
+        assert _tree(tmp_path / "after") == _tree(root)
+
     def test_samples_keep_the_ends(self) -> None:
         """A sample cuts at the first and last point and lets one run finish."""
         assert cut_points(3, None) == [1, 2, 3, 4]
