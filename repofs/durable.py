@@ -34,7 +34,9 @@ def make_dirs(path: str, mode: int = 0o700) -> None:
 
     Also when ``path`` already existed: another process may have just made
     it and not synced its parent yet, and whatever the caller puts inside
-    must not outlive the entry that leads to it.  Raises ``OSError``.
+    must not outlive the entry that leads to it.  A parent this user may
+    write into but not open (mode 0733) cannot be fsynced; that one is
+    left to the file system.  Raises ``OSError``.
     """
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
@@ -45,7 +47,8 @@ def make_dirs(path: str, mode: int = 0o700) -> None:
     except FileExistsError:
         if not os.path.isdir(path):
             raise
-    fsync_dir(parent)
+    with contextlib.suppress(PermissionError):
+        fsync_dir(parent)
 
 
 def free_bytes(path: str, *, as_this_user: bool = False) -> int | None:
