@@ -8,12 +8,14 @@ sample of its points; the slow campaign and ``tools/powerloss`` cut at all.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import REPO_ROOT, cli_env
 from tests.powerloss import (
     after_power_loss,
     build_library,
@@ -140,3 +142,20 @@ class TestCampaigns:
         campaign = run_campaign(scenarios()[name], tmp_path)
         assert len(campaign.results) == campaign.points + 1
         assert not campaign.failures, summary(campaign)
+
+
+class TestTool:
+    def test_the_script_prints_a_summary(self, tmp_path: Path) -> None:
+        """tools/powerloss runs a campaign and ends with one line saying how it went."""
+        script = REPO_ROOT / "tools" / "powerloss.py"
+        proc = subprocess.run(
+            [sys.executable, script, "--scenario", "prune", "--sample", "2", "--dir", tmp_path],
+            capture_output=True,
+            text=True,
+            env=cli_env(),
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        lines = proc.stdout.splitlines()
+        assert lines[0].startswith("prune: ") and "0 failed" in lines[0]
+        assert lines[-1] == "power loss: every committed restore point survived every cut"
