@@ -186,16 +186,16 @@ def _build(
 class Scenario:
     """A command to cut, on a repository ``prepare`` sets up under ``base``.
 
-    ``check(base, cut, final)`` inspects the tree left by a cut (``final``:
-    the command was never killed) and returns what the test should compare
-    across cuts (e.g. whether the new restore point is visible), raising
-    ``AssertionError`` for a broken promise.
+    ``check(base)`` inspects the tree a cut left, raises ``AssertionError``
+    for a broken promise, and returns whether what the command commits is
+    there (None where both outcomes look the same): that must stay true at
+    every later cut and be true after the uncut run.
     """
 
     name: str
     prepare: Callable[[Path], None]
     argv: Callable[[Path], list[str]]
-    check: Callable[[Path, int, bool], object]
+    check: Callable[[Path], object]
 
 
 @dataclass
@@ -259,21 +259,24 @@ def run_campaign(
     return campaign
 
 
-def _one_run(scenario: Scenario, pristine: Path, workdir: Path, lib: Path, cut: int) -> Run:
+def _fresh(pristine: Path, workdir: Path) -> Path:
+    """A copy of the prepared tree to run the command on."""
     base = workdir / "base"
     if base.exists():
         shutil.rmtree(base)
     shutil.copytree(pristine, base, symlinks=True)
+    return base
+
+
+def _one_run(scenario: Scenario, pristine: Path, workdir: Path, lib: Path, cut: int) -> Run:
+    base = _fresh(pristine, workdir)
     return run(cli_argv(*scenario.argv(base)), base, workdir / "log", lib, kill_at=cut)
 
 
 def _cut(
     scenario: Scenario, pristine: Path, workdir: Path, lib: Path, cut: int, final: bool
 ) -> CutResult:
-    base = workdir / "base"
-    if base.exists():
-        shutil.rmtree(base)
-    shutil.copytree(pristine, base, symlinks=True)
+    base = _fresh(pristine, workdir)
     before = snapshot(base)
     done = run(
         cli_argv(*scenario.argv(base)), base, workdir / "log", lib, kill_at=0 if final else cut
@@ -287,7 +290,7 @@ def _cut(
         result.error = f"the command failed ({done.returncode}):\n{done.stderr}"
         return result
     try:
-        result.state = scenario.check(after, cut, final or not done.killed)
+        result.state = scenario.check(after)
     except AssertionError as exc:
         result.error = str(exc) or repr(exc)
     except Exception as exc:  # a check that crashes is a finding too, not a harness failure
@@ -430,7 +433,7 @@ def _prepare_with(rps: list[str]) -> Callable[[Path], None]:
     return prepare
 
 
-def _check_init(base: Path, _cut: int, _completed: bool) -> bool:
+def _check_init(base: Path) -> bool:
     from tests.maint_helpers import ingest_here, read_disk
 
     repo = base / "repo"
@@ -447,8 +450,8 @@ def _check_init(base: Path, _cut: int, _completed: bool) -> bool:
     return True
 
 
-def _check_ingest(new_image: str) -> Callable[[Path, int, bool], object]:
-    def check(base: Path, _cut: int, _completed: bool) -> bool:
+def _check_ingest(new_image: str) -> Callable[[Path], object]:
+    def check(base: Path) -> bool:
         repo = base / "repo"
         old, new = _image(base, "a.img"), _image(base, new_image)
         contents = _expect(_restore_points(repo), [old], [new])
@@ -458,19 +461,19 @@ def _check_ingest(new_image: str) -> Callable[[Path, int, bool], object]:
     return check
 
 
-def _check_gc(base: Path, _cut: int, _completed: bool) -> None:
+def _check_gc(base: Path) -> None:
     repo = base / "repo"
     _expect(_restore_points(repo), [_image(base, "b.img")], [])
     _healthy(repo)
 
 
-def _check_rebuild(base: Path, _cut: int, _completed: bool) -> None:
+def _check_rebuild(base: Path) -> None:
     repo = base / "repo"
     _expect(_restore_points(repo), [_image(base, "a.img"), _image(base, "b.img")], [])
     _healthy(repo)
 
 
-def _check_prune(base: Path, _cut: int, _completed: bool) -> bool:
+def _check_prune(base: Path) -> bool:
     repo = base / "repo"
     old = _image(base, "a.img")
     contents = _expect(_restore_points(repo), [_image(base, "b.img")], [old])
