@@ -41,7 +41,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import lmdb
 
-from repofs.durable import free_bytes, os_error
+from repofs.durable import free_bytes, fsync_dir, os_error
 from repofs.errors import IndexAccessError, RepositoryError
 from repofs.records import RecordType
 
@@ -96,6 +96,8 @@ class Index:
         self._resize = _ResizeGate()
         self._map_size = map_size
         self.env, self.dbs = self._open_env(create)
+        if create:
+            self._sync_entries()
         self._identity = self._file_identity()
         self._pad_tail()
         self.generation = 0  #: how many times :meth:`follow_replacement` reopened it
@@ -123,6 +125,19 @@ class Index:
         except lmdb.Error as exc:
             env.close()
             raise _open_error(self.path, exc) from None
+
+    def _sync_entries(self) -> None:
+        """Make ``data.mdb``'s entry in the index directory durable; LMDB syncs only its content.
+
+        Without it a power loss after ``init``, or after rebuild-index swapped
+        its new directory in, could leave the index directory empty while
+        everything written through it had been reported durable.
+        """
+        try:
+            fsync_dir(self.path)
+        except OSError as exc:
+            self.env.close()
+            raise os_error(exc, self.path) from None
 
     def follow_replacement(self) -> bool:
         """Reopen the index if rebuild-index has replaced it since we opened it; True if so.

@@ -13,7 +13,7 @@ from typing import Any
 
 from repofs import stopping
 from repofs.config import CONFIG_FILE, FORMAT_VERSION, RepoConfig, upgrade_in_place
-from repofs.durable import os_error, write_file_atomic
+from repofs.durable import make_dirs, os_error, write_file_atomic
 from repofs.errors import IntegrityError, RepofsError, RepositoryError, UsageError
 from repofs.index import LOCATION, PACK_INFO, U64, Index, Location, rp_key
 from repofs.maps import MapReader, PageCache
@@ -90,11 +90,13 @@ class Repository:
             if up == ancestor:
                 break
             ancestor = up
+        # Every directory durable in its parent (the repository's own entry too: a power loss
+        # must not take the repository away after its first ingest), config.json last.
         try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
+            make_dirs(path)
             os.chmod(path, 0o700)
             for sub in (PACKS_DIR, os.path.join(PACKS_DIR, "tmp"), INDEX_DIR):
-                os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+                make_dirs(os.path.join(path, sub))
         except OSError as exc:
             raise os_error(exc, path) from None
         Index(os.path.join(path, INDEX_DIR), create=True).close()
