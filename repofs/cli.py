@@ -19,6 +19,7 @@ from ingest.progress import human_bytes
 from repofs import stopping
 from repofs.config import DEFAULT_CHUNK, DEFAULT_COMPRESSION, parse_size, size_label
 from repofs.errors import RepofsError, UsageError
+from repofs.lock import lock_wait_option
 from repofs.names import validate_vm_name
 from repofs.repository import Repository
 
@@ -146,6 +147,7 @@ def init(repo: str, chunk_size: str, compression: str) -> None:
     metavar="N",
     help="Compare N chunks the list calls unchanged with the parent; fail on a difference.",
 )
+@lock_wait_option()
 def ingest(
     repo: str,
     disks: tuple[str, ...],
