@@ -12,6 +12,7 @@ import click
 
 from ingest.progress import human_bytes
 from repofs.errors import IntegrityError
+from repofs.lock import lock_wait_option
 
 
 def register(main: click.Group) -> None:
@@ -33,6 +34,7 @@ def register(main: click.Group) -> None:
 @click.option(
     "--all-ranges", is_flag=True, help="Name every damaged byte range, not only the first few."
 )
+@lock_wait_option()
 def verify(repo: str, vm: str | None, sample: float | None, all_ranges: bool) -> None:
     """Re-read and re-hash stored data; name every damaged VM, restore point, disk and byte range.
 
@@ -108,6 +110,7 @@ def verify(repo: str, vm: str | None, sample: float | None, all_ranges: bool) ->
 )
 @click.option("--dry-run", "-n", is_flag=True, help="Only show what would be kept and removed.")
 @click.option("--force", is_flag=True, help="Allow a policy that keeps nothing.")
+@lock_wait_option()
 def prune(
     repo: str,
     vm: str | None,
@@ -156,6 +159,7 @@ def prune(
     help="Rewrite packs whose live data is below this percentage.",
 )
 @click.option("--dry-run", "-n", is_flag=True, help="Mark and plan only; delete nothing.")
+@lock_wait_option()
 def gc(repo: str, threshold: float, dry_run: bool) -> None:
     """Free the space of data no restore point references; may run beside ingests and mounts."""
     from repofs.gc import collect_garbage
@@ -180,6 +184,11 @@ def gc(repo: str, threshold: float, dry_run: bool) -> None:
         f"{r.orphan_packs} unindexed pack(s), {r.reservations_removed} stale "
         f"reservation(s); spared {r.packs_spared} pack(s) a running ingest used"
     )
+    if r.packs_held:
+        click.echo(
+            f"kept {r.packs_held} condemned pack(s) that ingests still running may use; "
+            "the next gc deletes them"
+        )
     net = r.bytes_freed - r.bytes_written
     click.echo(
         f"freed {human_bytes(max(net, 0))} ({human_bytes(r.bytes_freed)} deleted, "
@@ -199,6 +208,7 @@ def _reserve_warning(held: int, action: str) -> None:
 
 @click.command(name="rebuild-index")
 @click.argument("repo")
+@lock_wait_option()
 def rebuild_index(repo: str) -> None:
     """Rebuild the index from the pack files alone, and swap it in atomically."""
     from repofs.rebuild import rebuild_index as do_rebuild

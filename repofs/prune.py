@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from repofs.errors import UsageError
-from repofs.lock import repository_lock
 from repofs.names import validate_vm_name
 from repofs.repository import Repository
 from repofs.reserve import retry_with_reserve
@@ -127,7 +126,7 @@ def prune_repository(
             "this policy keeps nothing: give at least one --keep-* option above zero, "
             "or --force to remove every restore point"
         )
-    with Repository.open(path) as repo, repository_lock(path, exclusive=False):
+    with Repository.open(path) as repo, repo.lock():  # decides on the index it holds locked
         rps = repo.restore_points(vm)
         if vm is not None and not rps:
             raise UsageError(f"unknown VM {vm!r}: it has no restore points")

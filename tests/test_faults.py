@@ -758,3 +758,39 @@ def test_gc_after_rebuild_keeps_everything(damaged_repo: tuple[Path, dict[str, P
         assert read_disk(repo, "vm", rp) == src.read_bytes()
     with Repository.open(str(repo)) as r:
         assert len(r.restore_points()) == 3
+
+
+class TestGcBesideRebuild:
+    def test_rebuild_before_gc_holds_the_lock_loses_nothing(self, tmp_path: Path) -> None:
+        """Issue 18 item 1: an ingest killed between publishing its last pack and indexing it;
+        gc opens the index; rebuild-index brings the killed restore point back whole; gc then
+        takes the lock: it follows the new index, deletes nothing that index lists, verify
+        passes and a second rebuild calls nothing incomplete."""
+        repo = new_repo(tmp_path / "repo")
+        img = make_image(tmp_path / "a.img", 4 * MiB, [(0, noise(4 * MiB, 1))])
+        ingest_here(repo, "vm", {"d0": img}, now=1_700_000_000)
+        img2 = make_image(tmp_path / "b.img", 4 * MiB, [(0, noise(4 * MiB, 2))])
+        kept = ingest_here(repo, "vm", {"d0": img2}, now=1_700_000_100)
+        repofs("prune", repo, "--keep-last", "1")  # garbage for gc to collect
+        img3 = make_image(tmp_path / "c.img", 4 * MiB, [(0, noise(4 * MiB, 3))])
+        killed_at("index-rp", tmp_path, "ingest", repo, "--vm", "vm", f"d0={img3}")
+        assert rp_ids(repo, "vm") == [kept]
+        gc = spawn("gc", repo, env={"REPOFS_TEST_GC_DELAY": "2"})
+        wait_for_line(gc, "gc opened the index")
+        out = repofs("rebuild-index", repo).stdout
+        assert "incomplete" not in out
+        back = [rp for rp in rp_ids(repo, "vm") if rp != kept]
+        assert len(back) == 1  # the killed restore point, whole, as documented
+        _out, gc_err = gc.communicate(timeout=120)
+        assert gc.returncode == 0, gc_err
+        committed = {
+            kept: digest_of_disk(repo, "vm", kept),
+            back[0]: digest_of_disk(repo, "vm", back[0]),
+        }
+        assert committed[back[0]] == hashlib.sha256(img3.read_bytes()).digest()
+        assert_healthy(repo, committed)
+        out = repofs("rebuild-index", repo).stdout
+        assert "incomplete" not in out
+        assert_healthy(repo, committed)
+        collect_garbage(str(repo))
+        assert_healthy(repo, committed)
