@@ -516,38 +516,58 @@ def _purge(repo: Repository, result: GcResult) -> None:
 
     A condemned object or doomed pack of generation G can matter only to a
     writer that was running at G: one whose reservation or lease carries a
-    generation below G.  Once none is left, one transaction forgets them
-    (a doomed pack that was indexed after all, by the writer that had
-    published it, is only forgotten), and only after that transaction is
-    durable are the files deleted.
+    generation below G.  Once none is left, no one will index or read them
+    any more.  A doomed pack the index never knew goes first, file before
+    entry: its entry is what tells it from a pack of restore points the
+    index lost, once the reservation of the killed ingest that wrote it is
+    gone (a doomed pack its writer indexed after all is only forgotten).
+    Then one transaction forgets the rest, and only after it is durable are
+    their files deleted: a kill in between leaves packs that the index does
+    not know and that hold only records it has or tombstones.
     """
     index = repo.index
 
-    def txn_fn(txn: lmdb.Transaction) -> list[tuple[bytes, bool]]:
+    def leftovers(txn: lmdb.Transaction) -> list[bytes]:
         oldest = _oldest_writer(index, txn)
+        return [
+            pack_id
+            for pack_id, value in index.items(txn, "doomed")
+            if DOOMED.unpack(value)[1] == 0  # never indexed: an indexed pack has a record
+            and DOOMED.unpack(value)[2] <= oldest
+            and index.get(txn, "packs", pack_id) is None
+        ]
+
+    index.check_current()  # belt and braces: under the shared lock no rebuild can run
+    unindexed = index.read(leftovers)
+    for pack_id in unindexed:
+        result.bytes_freed += _size(repo.packs, pack_id)
+        repo.packs.delete(pack_id)
+        result.orphan_packs += 1
+        _pause()
+    gone = set(unindexed)
+
+    def forget(txn: lmdb.Transaction) -> tuple[list[bytes], int]:
+        oldest = _oldest_writer(index, txn)  # only newer writers since: none below it
         for key, value in list(index.items(txn, "condemned")):
             if U64.unpack(value[-8:])[0] <= oldest:
                 index.delete(txn, "condemned", key)
-        out = []
+        out, held = [], 0
         for pack_id, value in list(index.items(txn, "doomed")):
             _size_of, count, gen = DOOMED.unpack(value)
-            if gen <= oldest:
-                index.delete(txn, "doomed", pack_id)
-                if index.get(txn, "packs", pack_id) is None:  # else its writer indexed it
-                    out.append((pack_id, count == 0))
-            else:
-                result.packs_held += 1
-        return out
+            indexed = index.get(txn, "packs", pack_id) is not None
+            if gen > oldest or (count == 0 and not indexed and pack_id not in gone):
+                held += 1  # (an unindexed one that qualified only now: the next gc)
+                continue
+            index.delete(txn, "doomed", pack_id)
+            if count and not indexed:
+                out.append(pack_id)
+        return out, held
 
-    packs = index.write(txn_fn)
-    index.check_current()  # belt and braces: under the shared lock no rebuild can run
-    for pack_id, unindexed in sorted(packs):
+    doomed, result.packs_held = index.write(forget)
+    for pack_id in sorted(doomed):
         result.bytes_freed += _size(repo.packs, pack_id)
         repo.packs.delete(pack_id)
-        if unindexed:  # an indexed pack has at least one record
-            result.orphan_packs += 1
-        else:
-            result.packs_deleted += 1
+        result.packs_deleted += 1
         _pause()
 
 
