@@ -1,29 +1,32 @@
-"""``repofs gc``: mark from every live restore point, then sweep packs, beside running ingests.
+"""``repofs gc``: mark from every live restore point, then condemn and delete, beside ingests.
 
-The phases and the lock each holds (``docs/maintenance.md`` explains why):
+gc holds the repository *shared* from start to end: it never stops an
+ingest, a prune, a verify or a mount (``docs/maintenance.md`` has the
+argument, and how it carries over to object storage).
 
-1. **mark** (shared lock, beside ingests, prunes and mounts): walk the maps
-   of every committed restore point, each distinct page once; everything
-   they reach is live, with their config blobs, their own records and every
-   tombstone.  A referenced object that is missing or unreadable stops gc
-   before anything is written: sweeping then could destroy the only copy
-   of data that a rebuilt index would find again.
-2. **plan and copy** (shared lock): per pack, the bytes of live objects.
-   Packs with nothing live are doomed; packs below the threshold have their
-   live records copied, verbatim and verified, into new packs, which are
-   published and indexed (one LMDB transaction per new pack) before
-   anything is deleted.
-3. **sweep** (exclusive lock: no ingest, prune or verify runs): mark the
-   restore points committed since phase 1 - an ingest may have
-   deduplicated against an object that looked dead - and spare every
-   doomed pack that now holds a live object; tombstone restore point
-   records that were never committed (killed ingests) so rebuild-index
-   cannot resurrect them half-collected; delete the packs the index does
-   not know (leftovers of killed ingests and gcs), while the reservations
-   that vouch for their restore point records are still there; then one
-   LMDB transaction drops the dead objects, the doomed packs and stale
-   reservations, and only after it is durable are the doomed pack files
-   deleted, with unfinished temporary packs.
+1. **mark**: walk the maps of every committed restore point, each distinct
+   page once; everything they reach is live, with their config blobs, their
+   own records and every tombstone.  A referenced object that is missing or
+   unreadable stops gc before anything is written: sweeping then could
+   destroy the only copy of data that a rebuilt index would find again.
+2. **plan and copy**: per pack, the bytes of live objects.  Packs with
+   nothing live are doomed; packs below the threshold have their live
+   records copied, verbatim and verified, into new packs, which are
+   published and indexed (one LMDB transaction per new pack) first.
+3. **condemn**: mark the restore points committed since phase 1 (an ingest
+   may have deduplicated against an object that looked dead) and spare
+   every doomed pack that now holds a live object; tombstone restore point
+   records that were never committed (killed ingests, not running ones);
+   then one transaction, which no commit can pass, marks what was committed
+   meanwhile, bumps the gc generation, moves the doomed packs' objects from
+   ``objects`` to ``condemned`` and the packs from ``packs`` to ``doomed``,
+   records the packs the index does not know in ``doomed`` too, and drops
+   the reservations and leases of processes that are gone.
+4. **purge**: what was condemned at a generation that no running ingest,
+   prune or verify predates is forgotten, and only then are the files
+   deleted; the rest waits for a later gc.  An ingest that predates a
+   generation brings back in its commit what it references
+   (:mod:`repofs.revive`).
 
 A kill at any moment leaves either the old pack or the new index entry (or
 both): never an index entry without its data.  Mount readers need no lock:
@@ -433,7 +436,7 @@ def _sweep(repo: Repository, marker: Marker, doomed: set[bytes], result: GcResul
         )
     unindexed = unindexed_packs(repo)
     _refuse_if_index_is_behind(unlisted_restore_points(repo, unindexed))
-    _tombstone_orphans(repo, marker, result)
+    _tombstone_orphans(repo, marker, result, unindexed)
 
     # Doomed packs that hold a live object (a late restore point deduplicated into them) are
     # spared; the rest of their objects are the ones to condemn.  Read first, checked again
@@ -538,6 +541,11 @@ def _purge(repo: Repository, result: GcResult) -> None:
         ]
 
     index.check_current()  # belt and braces: under the shared lock no rebuild can run
+    # Ingests that died since the first round leave records no tombstone names yet.
+    doomed_unindexed = index.read(
+        lambda t: [p for p, v in index.items(t, "doomed") if DOOMED.unpack(v)[1] == 0]
+    )
+    _tombstone_orphans(repo, None, result, doomed_unindexed)
     unindexed = index.read(leftovers)
     for pack_id in unindexed:
         result.bytes_freed += _size(repo.packs, pack_id)
@@ -615,25 +623,43 @@ def _size(store: PackStore, pack_id: bytes) -> int:
         return 0
 
 
-def _tombstone_orphans(repo: Repository, marker: Marker, result: GcResult) -> None:
+def _tombstone_orphans(
+    repo: Repository,
+    marker: Marker | None,
+    result: GcResult,
+    packs: list[bytes],
+) -> bool:
     """Tombstone restore point records that were never committed (their ingest was killed).
 
     Without a tombstone, rebuild-index would bring such a restore point back
-    after this gc deleted the data only it referenced.  If there is no space
-    for the tombstones, the orphans are marked live instead, for now.
+    after gc deleted data only it referenced, and call it incomplete.  The
+    records are those indexed but not live, those condemned, and those in
+    ``packs`` (unindexed: an ingest killed between publishing its last pack
+    and indexing it).  Records of a running ingest are left alone: it may
+    still commit.  Runs before gc condemns anything, and again before it
+    purges anything (an ingest may have died in between).  Without space
+    for the tombstones, the indexed orphans are marked live instead (given a
+    ``marker``: before condemning) and False is returned; unindexed ones
+    make it raise, so that nothing is deleted.
     """
     index = repo.index
     rp_type = bytes((RecordType.RESTORE_POINT,))
-    live = marker.live
+    live = marker.live if marker is not None else set()
 
     def keys(txn: lmdb.Transaction) -> tuple[list[bytes], list[bytes]]:
         records = [k for k, _ in index.items(txn, "objects", rp_type) if k not in live]
+        records += [k for k, _ in index.items(txn, "condemned", rp_type)]
         tombs = [k for k, _ in index.items(txn, "objects", bytes((_TOMB,)))]
         return records, tombs
 
     records, tombs = index.read(keys)
-    if not records:
-        return
+    found = [
+        doc
+        for p in packs
+        for _d, doc in restore_point_records(repo.packs, p, repo.config.repository_id)
+    ]
+    if not records and not found:
+        return True
     buried = _buried(repo, tombs)
     docs = []
     for key in records:
@@ -641,8 +667,10 @@ def _tombstone_orphans(repo: Repository, marker: Marker, result: GcResult) -> No
             doc = parse_rp_record(repo.read_object(RecordType.RESTORE_POINT, key[1:]))
         except IntegrityError:
             continue  # unreadable: rebuild-index cannot resurrect it either
-        if doc is not None and (doc["vm"], doc["id"], doc["seq"]) not in buried:
+        if doc is not None:
             docs.append(doc)
+    unindexed = {(d["vm"], d["id"], d["seq"]) for d in found}
+    docs = [d for d in docs + found if (d["vm"], d["id"], d["seq"]) not in buried]
 
     def uncommitted(txn: lmdb.Transaction) -> list[dict[str, Any]]:
         """Records of neither a committed restore point nor a running ingest (it may commit)."""
@@ -658,9 +686,9 @@ def _tombstone_orphans(repo: Repository, marker: Marker, result: GcResult) -> No
             out.append(doc)
         return out
 
-    orphans = index.read(uncommitted) if docs else []
+    orphans = list({(d["vm"], d["id"], d["seq"]): d for d in index.read(uncommitted)}.values())
     if not orphans:
-        return
+        return True
     writer = repo.writer()
     try:
         for doc in orphans:
@@ -669,6 +697,8 @@ def _tombstone_orphans(repo: Repository, marker: Marker, result: GcResult) -> No
         writer.flush()
     except NoSpaceError as exc:
         writer.abort()
+        if marker is None or any((d["vm"], d["id"], d["seq"]) in unindexed for d in orphans):
+            raise
         result.warnings.append(
             f"kept {len(orphans)} uncommitted restore point record(s) and their "
             f"data: no space for their tombstones ({exc})"
@@ -676,12 +706,13 @@ def _tombstone_orphans(repo: Repository, marker: Marker, result: GcResult) -> No
         for doc in orphans:
             marker.mark(doc)
         marker.absorb_pages()
-        return
+        return False
     except BaseException:
         writer.abort()
         raise
-    result.tombstones_written = len(orphans)
+    result.tombstones_written += len(orphans)
     result.bytes_written += writer.bytes_stored
+    return True
 
 
 def _buried(repo: Repository, tombs: list[bytes]) -> set[tuple[str, str, int]]:
