@@ -117,7 +117,7 @@ def repository_lock(repo_path: str, *, exclusive: bool, wait: bool = True) -> It
         raise
     try:
         busy = (
-            "the repository is busy with gc or rebuild-index"
+            "the repository is busy with rebuild-index"
             if not exclusive
             else ("the repository is in use by an ingest, prune, verify or gc")
         )
