@@ -182,8 +182,14 @@ class Index:
         return True
 
     def is_empty(self) -> bool:
-        """True if no pack was ever indexed: a new repository, or an index that lost its data."""
-        return self.read(lambda txn: txn.stat(self.dbs["packs"])["entries"] == 0)
+        """True if no pack is indexed or condemned: a new repository, or an index that lost it all.
+
+        Condemned packs count: gc may condemn every pack there is (the only
+        ingest is still running), and the index has not lost them.
+        """
+        return self.read(
+            lambda txn: all(txn.stat(self.dbs[db])["entries"] == 0 for db in ("packs", "doomed"))
+        )
 
     def warm(self, budget: int) -> bool:
         """Ask the kernel to read the whole index into the page cache, if it is under ``budget``.

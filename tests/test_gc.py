@@ -261,6 +261,22 @@ class TestRaces:
         repofs("verify", repo)
         assert read_disk(repo, "vm", rp) == expected
 
+    def test_gc_may_condemn_every_pack_while_the_first_ingest_runs(self, tmp_path: Path) -> None:
+        """The first ingest of a repository is paused when gc runs: every pack is condemned,
+        and the index is still not taken for a lost one; the ingest commits clean."""
+        repo = new_repo(tmp_path / "repo")
+        img = make_image(tmp_path / "a.img", 4 * MiB, [(0, noise(4 * MiB, 1))])
+        ingest = spawn("ingest", repo, "--vm", "a", f"d0={img}", env=LONG_PAUSE)
+        wait_for_line(ingest, "pausing before commit")
+        repofs("gc", repo, timeout=30)
+        with Repository.open(str(repo)) as r:
+            assert r.index.read(lambda t: t.stat(r.index.dbs["packs"])["entries"]) == 0
+        assert repofs("list", repo).returncode == 0
+        i_out, i_err = ingest.communicate(timeout=60)
+        assert ingest.returncode == 0, i_err
+        repofs("verify", repo)
+        assert read_disk(repo, "a", i_out.strip().splitlines()[-1]) == img.read_bytes()
+
     @pytest.mark.slow
     def test_gc_beside_running_ingests_of_a_sparse_image(self, tmp_path: Path) -> None:
         """Unhooked ingests of a large sparse image (half of it garbage the ingest will reuse,
