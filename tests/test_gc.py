@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from repofs.errors import UsageError
 from repofs.gc import collect_garbage
 from repofs.index import rp_key
 from repofs.repository import Repository
@@ -276,6 +277,19 @@ class TestRaces:
         assert ingest.returncode == 0, i_err
         repofs("verify", repo)
         assert read_disk(repo, "a", i_out.strip().splitlines()[-1]) == img.read_bytes()
+
+    def test_reservation_refuses_a_parent_pruned_before_it(self, tmp_path: Path) -> None:
+        """The parent is checked in the reservation's own transaction: from then on a gc that
+        condemns its pages has a newer generation, which the commit sees; a parent pruned
+        before that is refused, and nothing is reserved."""
+        repo = new_repo(tmp_path / "repo")
+        img = make_image(tmp_path / "a.img", MiB, [(0, noise(MiB, 1))])
+        parent = ingest_here(repo, "vm", {"d0": img})
+        repofs("prune", repo, "--force")
+        with Repository.open(str(repo)) as r:
+            with pytest.raises(UsageError, match="was pruned while this ingest started"):
+                r.reserve("vm", parent=parent)
+            assert r.index.read(lambda t: t.stat(r.index.dbs["reservations"])["entries"]) == 0
 
     @pytest.mark.slow
     def test_gc_beside_running_ingests_of_a_sparse_image(self, tmp_path: Path) -> None:
