@@ -124,14 +124,25 @@ class ChangedBlocks:
     source tracked changes in (bitmap granularity, JSON ``block_size``, or 1
     when the source reports exact byte ranges); it is informational and does
     not take part in equality.  ``origin`` says where the list came from, for
-    the restore point record and for messages.
+    the restore point record and for messages.  ``base`` is the changed-block
+    tracking position the list starts from (the repofs JSON ``base``), if it
+    says; ingest refuses a list whose base is not the parent's position.
     """
 
-    __slots__ = ("_changed_bytes", "_ends", "_starts", "capacity", "granularity", "origin")
+    __slots__ = (
+        "_changed_bytes",
+        "_ends",
+        "_starts",
+        "base",
+        "capacity",
+        "granularity",
+        "origin",
+    )
 
     capacity: int
     granularity: int
     origin: str
+    base: str | None
 
     def __init__(
         self,
@@ -140,6 +151,7 @@ class ChangedBlocks:
         *,
         granularity: int = 1,
         origin: str = "",
+        base: str | None = None,
     ) -> None:
         """Build a list from ``extents`` in any order, possibly overlapping.
 
@@ -161,6 +173,7 @@ class ChangedBlocks:
 
         starts, ends = _merge_sorted(checked())
         self._init(capacity, starts, ends, granularity, origin)
+        self.base = base
 
     def _init(
         self, capacity: int, starts: array[int], ends: array[int], granularity: int, origin: str
@@ -168,6 +181,7 @@ class ChangedBlocks:
         self.capacity = capacity
         self.granularity = granularity
         self.origin = origin
+        self.base = None
         self._starts = starts
         self._ends = ends
         self._changed_bytes = sum(ends) - sum(starts)
@@ -180,6 +194,26 @@ class ChangedBlocks:
         obj = cls.__new__(cls)
         obj._init(capacity, starts, ends, granularity, origin)
         return obj
+
+    @classmethod
+    def from_chunk_ranges(
+        cls, capacity: int, ranges: Iterable[tuple[int, int]], chunk_size: int, origin: str = ""
+    ) -> ChangedBlocks:
+        """The list marking the chunks of ``(first, stop)`` index ranges, in any order.
+
+        It is how an ingest states what it will read (the list's chunks and
+        those a grown disk forces), so ``--cbt-check`` samples the chunks
+        really taken from the parent with :func:`sample_unchanged_chunks`.
+        """
+        _check_chunk_size(chunk_size)
+        starts, ends = _merge_sorted(
+            sorted(
+                (first * chunk_size, min(capacity, stop * chunk_size))
+                for first, stop in ranges
+                if first * chunk_size < capacity and stop > first
+            )
+        )
+        return cls._from_columns(capacity, starts, ends, chunk_size, origin)
 
     # -- the list itself -------------------------------------------------
 
@@ -240,7 +274,9 @@ class ChangedBlocks:
             (start - start % chunk_size, min(capacity, -(-end // chunk_size) * chunk_size))
             for start, end in zip(self._starts, self._ends, strict=True)
         )
-        return ChangedBlocks._from_columns(capacity, starts, ends, chunk_size, self.origin)
+        out = ChangedBlocks._from_columns(capacity, starts, ends, chunk_size, self.origin)
+        out.base = self.base
+        return out
 
     def chunk_ranges(self, chunk_size: int) -> Iterator[tuple[int, int]]:
         """Yield merged ``(first, stop)`` half-open ranges of changed chunk indexes.
@@ -329,6 +365,68 @@ def sample_unchanged_chunks(
             first, stop = next(gap_iter)
         picked.append(first + (rank - base))
     return picked
+
+
+#: Longest changed-block tracking position (``--cbt-position``, ``--cbt-base``, JSON
+#: ``base``): a VMware changeId is about 55 characters, a qemu bitmap name at most 1023
+#: bytes but in practice a short name.
+MAX_CBT_ID = 256
+
+
+def cbt_id_problem(value: object) -> str | None:
+    """What is wrong with ``value`` as a changed-block tracking position, or None.
+
+    Positions are compared as exact strings, so the rules keep out what
+    would make two spellings of one position differ unseen or break a
+    one-line message: control characters and whitespace at either end.
+    """
+    if not isinstance(value, str):
+        return f"must be a string, not {type(value).__name__}"
+    if not value:
+        return "is empty"
+    if len(value) > MAX_CBT_ID:
+        return f"is longer than {MAX_CBT_ID} characters"
+    if not value.isprintable():
+        return "holds a control character"
+    if value != value.strip():
+        return "begins or ends with whitespace"
+    return None
+
+
+def check_base(
+    disk: str, base: str | None, *, implied: bool, parent_id: str, position: str | None
+) -> str | None:
+    """Refuse a list that does not start where the parent was taken; return a warning or None.
+
+    ``base`` is where the list says it starts (``--cbt-base``, the JSON
+    ``base``, or ``implied`` by a qemu bitmap's name), ``position`` what the
+    parent recorded for the disk.  A different base means a backup was
+    skipped (the list misses the changes before it) or repeated (it starts
+    before the parent): either would store stale data silently.  An implied
+    base is only checked against a recorded position, so scripts that never
+    record positions go on as before.  A list without a base, against a
+    parent that recorded a position, is taken with a warning for the same
+    reason.
+    """
+    if base is None or (implied and position is None):
+        if position is None:
+            return None
+        return (
+            f"disk {disk}: the changed-block list names no base, so it is not checked against "
+            f"parent {parent_id}'s changed-block position {position!r} (give --cbt-base)"
+        )
+    if position is None:
+        raise SourceError(
+            f"disk {disk}: the changed-block list starts at {base!r}, but parent {parent_id} "
+            "recorded no changed-block position; take a full backup or give the list that "
+            "starts where the parent was taken"
+        )
+    if base != position:
+        raise SourceError(
+            f"disk {disk}: the changed-block list starts at {base!r}, but parent {parent_id} "
+            f"was taken at {position!r}: a backup was skipped or repeated; nothing written"
+        )
+    return None
 
 
 def load_changed_blocks(spec: str, capacity: int, source_path: str | None) -> ChangedBlocks:

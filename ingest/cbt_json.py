@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 from typing import Any, NoReturn
 
-from ingest.cbt import ChangedBlocks
+from ingest.cbt import ChangedBlocks, cbt_id_problem
 from ingest.raw import read_small_file
 from ingest.source import Extent
 from repofs.errors import SourceError
 
-REPOFS_KEYS = frozenset({"block_size", "extents", "capacity"})
+REPOFS_KEYS = frozenset({"block_size", "extents", "capacity", "base"})
 #: Lower-cased: PowerCLI writes ``StartOffset``, pyVmomi ``startOffset``.
 VMWARE_KEYS = frozenset({"startoffset", "length", "changedarea"})
 #: Keys that carry a type name in JSON dumps of vSphere data objects
@@ -126,7 +126,9 @@ def _load_repofs(rd: _Reader, doc: dict[str, Any], capacity: int) -> ChangedBloc
     """
     unknown = sorted(set(doc) - REPOFS_KEYS)
     if unknown:
-        rd.fail(f"unknown key {unknown[0]!r} (a repofs list has block_size, extents, capacity)")
+        rd.fail(
+            f"unknown key {unknown[0]!r} (a repofs list has block_size, extents, capacity, base)"
+        )
     for key in ("block_size", "extents"):
         if key not in doc:
             rd.fail(f"missing {key!r}")
@@ -137,6 +139,11 @@ def _load_repofs(rd: _Reader, doc: dict[str, Any], capacity: int) -> ChangedBloc
         declared = rd.integer(doc["capacity"], "capacity")
         if declared != capacity:
             rd.fail(f"list is for a disk of {declared} bytes, but the disk has {capacity}")
+    base = doc.get("base")
+    if "base" in doc:
+        problem = cbt_id_problem(base)
+        if problem is not None:
+            rd.fail(f"base {_short(base)} {problem}")
     raw = doc["extents"]
     if not isinstance(raw, list):
         rd.fail(f"extents must be a list of [offset, length] pairs, not {_short(raw)}")
@@ -161,7 +168,7 @@ def _load_repofs(rd: _Reader, doc: dict[str, Any], capacity: int) -> ChangedBloc
         if length % block_size and end < capacity:
             rd.fail(f"{where} length {length} is not a multiple of block_size {block_size}")
         extents.append((off, min(end, capacity) - off))
-    return ChangedBlocks(capacity, extents, granularity=block_size, origin="repofs-json")
+    return ChangedBlocks(capacity, extents, granularity=block_size, origin="repofs-json", base=base)
 
 
 # -- VMware form -----------------------------------------------------------

@@ -7,8 +7,9 @@ the repository is locked or written, so bad input never leaves a trace.
 from __future__ import annotations
 
 import contextlib
+import sys
 
-from ingest.cbt import load_changed_blocks
+from ingest.cbt import QEMU_BITMAP_PREFIX, cbt_id_problem, check_base, load_changed_blocks
 from ingest.detect import open_source
 from ingest.pipeline import DiskRequest, Ingest
 from repofs.errors import UsageError
@@ -25,6 +26,45 @@ def split_assignment(spec: str, what: str) -> tuple[str, str]:
     return name, value
 
 
+MAX_NOTE = 1000
+
+
+def validate_note(note: str | None) -> str | None:
+    """An ``--note`` as it is stored: None for none; one line of printable text.
+
+    ``list`` shows it on its restore point's line, so a newline or a tab
+    would break the columns that scripts cut.
+    """
+    if note is None or not note.strip():
+        return None
+    if any(not ch.isprintable() for ch in note):
+        raise UsageError("--note must be one line of printable text (no tabs or newlines)")
+    if len(note) > MAX_NOTE:
+        raise UsageError(f"--note is {len(note)} characters long; at most {MAX_NOTE} are kept")
+    return note.strip()
+def per_disk(specs: list[str] | None, option: str, disks: set[str]) -> dict[str, str]:
+    """``--option DISK=VALUE`` given any number of times, at most once per disk of this ingest."""
+    out: dict[str, str] = {}
+    for spec in specs or []:
+        name, value = split_assignment(spec, option)
+        if name not in disks:
+            raise UsageError(f"{option} names disk {name!r}, which is not in this ingest")
+        if name in out:
+            raise UsageError(f"{option} given twice for disk {name!r}")
+        out[name] = value
+    return out
+
+
+def cbt_ids(specs: list[str] | None, option: str, disks: set[str]) -> dict[str, str]:
+    """:func:`per_disk` for changed-block tracking positions, each checked."""
+    out = per_disk(specs, option, disks)
+    for name, value in out.items():
+        problem = cbt_id_problem(value)
+        if problem is not None:
+            raise UsageError(f"{option} for disk {name!r} {problem}")
+    return out
+
+
 def run_ingest(
     repo_path: str,
     vm: str,
@@ -36,21 +76,24 @@ def run_ingest(
     changed_specs: list[str] | None = None,
     cbt_check: int = 0,
     progress: bool | None = None,
+    consistency: str = "crash",
+    note: str | None = None,
+    position_specs: list[str] | None = None,
+    base_specs: list[str] | None = None,
 ) -> RestorePoint:
     validate_vm_name(vm, new=True)
+    note = validate_note(note)
     pairs = [split_assignment(s, "disk") for s in disk_specs]
     if not pairs:
         raise UsageError("no disks given: name at least one DISK=SOURCE")
     validate_restore_point_names([name for name, _ in pairs], configs)
     seen = {name for name, _ in pairs}
-    changed_by_disk: dict[str, str] = {}
-    for spec in changed_specs or []:
-        name, value = split_assignment(spec, "--changed-blocks")
-        if name not in seen:
-            raise UsageError(f"--changed-blocks names disk {name!r}, which is not in this ingest")
-        if name in changed_by_disk:
-            raise UsageError(f"--changed-blocks given twice for disk {name!r}")
-        changed_by_disk[name] = value
+    changed_by_disk = per_disk(changed_specs, "--changed-blocks", seen)
+    positions = cbt_ids(position_specs, "--cbt-position", seen)
+    bases = cbt_ids(base_specs, "--cbt-base", seen)
+    for name in bases:
+        if name not in changed_by_disk:
+            raise UsageError(f"--cbt-base for disk {name!r} needs its --changed-blocks")
     if cbt_check < 0:
         raise UsageError("--cbt-check must be zero or more")
     if cbt_check and not changed_by_disk:  # silently checking nothing would read as a pass
@@ -73,10 +116,21 @@ def run_ingest(
                     raise UsageError(
                         f"--changed-blocks needs a parent restore point and VM {vm!r} has none"
                     )
-                listed = load_changed_blocks(changed_by_disk[name], source.size, path)
+                spec = changed_by_disk[name]
+                listed = load_changed_blocks(spec, source.size, path)
+                _check_list_base(name, spec, listed.base, bases.get(name), parent)
                 changed = list(listed.extents)
-            requests.append(DiskRequest(name, source, changed))
-        job = Ingest(repo, vm, requests, configs, parent=parent, progress=progress)
+            requests.append(DiskRequest(name, source, changed, positions.get(name)))
+        job = Ingest(
+            repo,
+            vm,
+            requests,
+            configs,
+            parent=parent,
+            progress=progress,
+            consistency=consistency,
+            note=note,
+        )
         job.check_cbt(cbt_check)
         with repo.lock():  # follows an index that rebuild-index replaced while we waited
             if parent_spec is None:
@@ -91,3 +145,30 @@ def run_ingest(
                     "this ingest started; run the ingest again"
                 )
             return job.run()
+
+
+def _check_list_base(
+    disk: str, spec: str, in_list: str | None, given: str | None, parent: RestorePoint
+) -> None:
+    """Refuse a list that does not start at the parent's position (see :func:`check_base`).
+
+    The base is ``--cbt-base``, or the list's own ``base``, or for a qemu
+    bitmap its name: a bitmap holds the changes since it was created, at
+    the checkpoint the parent's ``--cbt-position`` names.
+    """
+    if given is not None and in_list is not None and given != in_list:
+        raise UsageError(
+            f"--cbt-base for disk {disk!r} is {given!r}, but {spec} says its base is {in_list!r}"
+        )
+    base = given if given is not None else in_list
+    implied = False
+    if base is None and spec.startswith(QEMU_BITMAP_PREFIX):
+        base, implied = spec[len(QEMU_BITMAP_PREFIX) :], True
+    pdisk = parent.disk(disk)
+    if pdisk is None:  # a disk new in this restore point is read whole
+        return
+    warning = check_base(
+        disk, base, implied=implied, parent_id=parent.id, position=pdisk.cbt_position
+    )
+    if warning is not None:
+        print(f"repofs: warning: {warning}", file=sys.stderr, flush=True)

@@ -12,16 +12,19 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ingest.plan import Run, chunk_intervals, plan_runs, union
+from ingest.cbt import ChangedBlocks, sample_unchanged_chunks
+from ingest.inherit import PageMemo, check_inherited, whole_inherited_bytes
+from ingest.plan import Interval, Run, chunk_intervals, complement, intersect, plan_runs, union
 from ingest.progress import Progress
 from ingest.raw import read_small_file
 from ingest.source import DiskSource, Extent, clip_extents
-from repofs.errors import SourceError, UsageError
+from repofs.errors import IntegrityError, SourceError, UsageError
 from repofs.maps import MapBuilder, MapReader
 from repofs.names import validate_restore_point_names, validate_vm_name
 from repofs.records import ZERO_DIGEST, Codec, Compressor, RecordType, digest_of
@@ -36,11 +39,28 @@ INGEST_INDEX_WARM_BYTES = 128 * 1024 * 1024  # about 600,000 objects (40 GB of u
 
 @dataclass
 class DiskRequest:
-    """One ``DISK=SOURCE`` of an ingest, with its changed-block extents if any."""
+    """One ``DISK=SOURCE`` of an ingest, with its changed-block extents if any.
+
+    ``position`` is the changed-block tracking position the source was
+    taken at (``--cbt-position``), recorded for the next incremental.
+    """
 
     name: str
     source: DiskSource
     changed: list[Extent] | None = None
+    position: str | None = None
+
+
+@dataclass
+class DiskPlan:
+    """How one disk is ingested: its runs, and what the parent could not supply."""
+
+    n_chunks: int
+    runs: list[tuple[Run, int, int]]
+    mode: str  #: ``full``, ``dedup`` or ``cbt``, as :class:`DiskInfo` records it
+    healed: list[Interval]  #: inherited chunks the repository lacked, read from the source
+    healed_bytes: int  #: what of ``healed`` is read (its allocated part)
+    inherited_bytes: int  #: allocated bytes of the chunks taken from the parent
 
 
 # A worker's verdict on one chunk: zero, known (digest only), or new (with payload).
@@ -139,16 +159,6 @@ def _copy_parent(builder: MapBuilder, preader: MapReader, start: int, count: int
             pos += step
 
 
-def _nonzero_bytes(
-    preader: MapReader, start: int, count: int, chunk_size: int, capacity: int
-) -> int:
-    total = 0
-    for k, ref in enumerate(preader.refs(start, count)):
-        if ref != ZERO_DIGEST:
-            total += chunk_length(start + k, chunk_size, capacity)
-    return total
-
-
 class Ingest:
     """One ingest of one VM's disks into one restore point."""
 
@@ -162,8 +172,12 @@ class Ingest:
         parent: RestorePoint | None,
         progress: bool | None = None,
         threads: int | None = None,
+        consistency: str = "crash",
+        note: str | None = None,
     ) -> None:
         self.repo = repo
+        self.consistency = consistency  #: stored in the record: see RestorePoint.consistency
+        self.note = note
         self.vm = validate_vm_name(vm, new=True)
         self.disks = disks
         self.configs = configs
@@ -182,23 +196,51 @@ class Ingest:
 
     # -- planning -----------------------------------------------------------------
 
-    def _plan(self, d: DiskRequest) -> tuple[int, list[tuple[Run, int, int]], str]:
+    def _changed(self, d: DiskRequest) -> list[Interval] | None:
+        """Chunks a CBT incremental reads: the list's and those the parent's shape cannot give.
+
+        None when the disk is read whole (no list, or no such disk in the parent).
+        """
+        parent_disk = self.parent.disk(d.name) if self.parent else None
+        if d.changed is None or parent_disk is None:
+            return None
+        cs = self.repo.config.chunk_size
+        capacity = d.source.size
+        n = -(-capacity // cs)
+        changed = chunk_intervals(sorted(d.changed), cs, n)
+        return union(changed, _forced_changes(capacity, parent_disk, cs, n))
+
+    def _plan(self, d: DiskRequest, memo: PageMemo) -> DiskPlan:
         cs = self.repo.config.chunk_size
         capacity = d.source.size
         n = -(-capacity // cs)
         parent_disk = self.parent.disk(d.name) if self.parent else None
-        if d.changed is not None and parent_disk is not None:
-            changed = chunk_intervals(sorted(d.changed), cs, n)
-            changed = union(changed, _forced_changes(capacity, parent_disk, cs, n))
+        changed = self._changed(d)
+        healed: list[Interval] = []
+        inherited_bytes = 0
+        if changed is not None and parent_disk is not None:
+            inherited = complement(changed, n)
+            assert self.parent is not None
+            if self.parent.seq in memo.whole:
+                inherited_bytes = whole_inherited_bytes(self.repo, parent_disk, inherited)
+            else:
+                # Whatever the parent lost since it was taken must not be inherited: read it.
+                found = check_inherited(self.repo, parent_disk, inherited, memo)
+                healed, inherited_bytes = found.missing, found.nonzero_bytes
+                changed = union(changed, healed)
             # Only changed chunks are read, so only their allocation matters.
             extents = d.source.allocated_within((a * cs, (b - a) * cs) for a, b in changed)
             mode = "cbt"
         else:
-            changed = None
             extents = d.source.allocated_extents()
             mode = "dedup" if parent_disk is not None else "full"
         allocated = chunk_intervals(clip_extents(extents, capacity), cs, n)
-        return n, list(plan_runs(n, allocated, changed)), mode
+        healed_bytes = sum(
+            min(b * cs, capacity) - a * cs
+            for a, b in intersect(intersect(healed, allocated), [(0, n)])
+        )
+        runs = list(plan_runs(n, allocated, changed))
+        return DiskPlan(n, runs, mode, healed, healed_bytes, inherited_bytes)
 
     # -- CBT sanity check -----------------------------------------------------------
 
@@ -206,7 +248,12 @@ class Ingest:
         """Compare ``samples`` chunks the list calls unchanged with the parent; fail if one differs.
 
         CBT bugs (VMware's after a disk grew is the famous one) silently
-        corrupt every later backup; a few sampled reads catch them.
+        corrupt every later backup; a few sampled reads catch them.  The
+        sample is drawn by :func:`~ingest.cbt.sample_unchanged_chunks` over
+        the chunks the ingest would take from the parent (the list's
+        unchanged chunks less those a grown or shrunk disk reads anyway).
+        A sampled chunk whose parent page the repository lost is skipped:
+        the ingest reads that range from the source in any case.
         """
         if samples <= 0 or self.parent is None:
             return
@@ -216,28 +263,23 @@ class Ingest:
         cs = self.repo.config.chunk_size
         for d in self.disks:
             pdisk = self.parent.disk(d.name)
-            if d.changed is None or pdisk is None:
+            changed = self._changed(d)
+            if changed is None or pdisk is None:
                 continue
-            _n, runs, _ = self._plan(d)
-            unchanged = [(start, count) for kind, start, count in runs if kind is Run.PARENT]
-            total = sum(c for _, c in unchanged)
-            if not total:
-                continue
-            picks = sorted(rng.sample(range(total), min(samples, total)))
+            capacity = d.source.size
+            read = ChangedBlocks.from_chunk_ranges(capacity, changed, cs)
+            picks = sample_unchanged_chunks(read, cs, capacity, samples, rng)
             preader = self.repo.map_reader(pdisk)
-            bad = []
-            it = iter(unchanged)
-            start, count = next(it)
-            base = 0
-            for p in picks:
-                while p >= base + count:
-                    base += count
-                    start, count = next(it)
-                i = start + (p - base)
-                length = chunk_length(i, cs, d.source.size)
+            bad: list[tuple[int, int]] = []
+            for i in picks:
+                try:
+                    parent_ref = preader.ref_at(i)
+                except IntegrityError:
+                    continue
+                length = chunk_length(i, cs, capacity)
                 data = d.source.read(i * cs, length)
                 ref = ZERO_DIGEST if data == bytes(length) else digest_of(data)
-                if ref != preader.ref_at(i):
+                if ref != parent_ref:
                     if bad and bad[-1][1] == i * cs:  # one range for neighbouring chunks
                         bad[-1] = (bad[-1][0], i * cs + length)
                     else:
@@ -259,11 +301,23 @@ class Ingest:
         # map: with a cold cache each lookup waited for B-tree pages from disk, most of
         # an incremental's time.  A small index is cheaper read whole, in the background.
         repo.index.warm(INGEST_INDEX_WARM_BYTES)
-        plans = [self._plan(d) for d in self.disks]
+        memo = PageMemo()
+        if self.parent is not None and repo.known_whole(self.parent):
+            memo.whole.add(self.parent.seq)
+        plans = [self._plan(d, memo) for d in self.disks]
+        for d, plan in zip(self.disks, plans, strict=True):
+            if plan.healed:
+                assert self.parent is not None
+                print(
+                    f"repofs: disk {d.name}: {plan.healed_bytes / (1 << 20):.1f} MiB the parent "
+                    f"{self.parent.id} lacked were read from the source",
+                    file=sys.stderr,
+                    flush=True,
+                )
         total = sum(
             count * repo.config.chunk_size
-            for _n, runs, _m in plans
-            for kind, _s, count in runs
+            for plan in plans
+            for kind, _s, count in plan.runs
             if kind is Run.READ
         )
         progress = Progress(total, enabled=self.progress_enabled)
@@ -290,6 +344,8 @@ class Ingest:
                 parent=self.parent.id if self.parent else None,
                 disks=disks,
                 configs=configs,
+                consistency=self.consistency,
+                note=self.note,
             )
             repo.commit(writer, rp, since_gen=res.gen)
         except BaseException:
@@ -315,7 +371,7 @@ class Ingest:
     def _ingest_disk(
         self,
         d: DiskRequest,
-        plan: tuple[int, list[tuple[Run, int, int]], str],
+        plan: DiskPlan,
         writer: ObjectWriter,
         workers: _Workers,
         progress: Progress,
@@ -323,24 +379,14 @@ class Ingest:
         repo = self.repo
         cs = repo.config.chunk_size
         capacity = d.source.size
-        n, runs, mode = plan
+        n, runs, mode = plan.n_chunks, plan.runs, plan.mode
         builder = MapBuilder(
             n, repo.config.page_refs, lambda raw: writer.put_raw(RecordType.PAGE, raw)
         )
         pdisk = self.parent.disk(d.name) if self.parent else None
         preader = repo.map_reader(pdisk) if (pdisk is not None and mode == "cbt") else None
-        stats = {"read": 0, "new": 0, "chunks": 0, "allocated": 0}
-        if preader is not None and pdisk is not None:
-            # allocated = parent's, minus what we replace, plus what we produce
-            stats["allocated"] = pdisk.allocated_bytes
-            for kind, start, count in runs:
-                if kind is not Run.PARENT and start < pdisk.n_chunks:
-                    c = min(count, pdisk.n_chunks - start)
-                    stats["allocated"] -= _nonzero_bytes(preader, start, c, cs, pdisk.capacity)
-            if pdisk.n_chunks > n:
-                stats["allocated"] -= _nonzero_bytes(
-                    preader, n, pdisk.n_chunks - n, cs, pdisk.capacity
-                )
+        # allocated = what we take from the parent, plus what we produce
+        stats = {"read": 0, "new": 0, "chunks": 0, "allocated": plan.inherited_bytes}
 
         queue: collections.deque[Callable[[], None] | tuple[Future[list[ChunkResult]], int]] = (
             collections.deque()
@@ -424,4 +470,5 @@ class Ingest:
             bytes_read=stats["read"],
             bytes_new=stats["new"],
             chunks_read=stats["chunks"],
+            cbt_position=d.position,
         )

@@ -7,7 +7,7 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import json
+import os
 import sys
 import time
 from typing import Any
@@ -17,11 +17,21 @@ import lmdb
 
 from ingest.progress import human_bytes
 from repofs import stopping
+from repofs.cli_common import (
+    REPO_ENV,
+    emit_json,
+    json_option,
+    progress_option,
+    repo_argument,
+    repo_from_env,
+    restore_point_doc,
+)
 from repofs.config import DEFAULT_CHUNK, DEFAULT_COMPRESSION, parse_size, size_label
 from repofs.errors import RepofsError, UsageError
 from repofs.lock import lock_wait_option
 from repofs.names import validate_vm_name
 from repofs.repository import Repository
+from repofs.restorepoint import CONSISTENCY
 
 
 def _fail(message: str, code: int) -> None:
@@ -91,11 +101,15 @@ class RepofsGroup(click.Group):
 @click.group(cls=RepofsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="repofs")
 def main() -> None:
-    """A deduplicated repository of image-level VM backups, mounted as flat VMDKs."""
+    """A deduplicated repository of image-level VM backups, mounted as flat VMDKs.
+
+    REPO may be left out when the environment variable REPOFS_REPOSITORY names
+    the repository.
+    """
 
 
 @main.command()
-@click.argument("repo")
+@repo_argument
 @click.option(
     "--chunk-size",
     default=size_label(DEFAULT_CHUNK),
@@ -116,7 +130,7 @@ def init(repo: str, chunk_size: str, compression: str) -> None:
 
 
 @main.command()
-@click.argument("repo")
+@click.argument("repo", required=False, metavar="REPO")
 @click.argument("disks", nargs=-1, metavar="DISK=SOURCE...")
 @click.option("--vm", "vm", required=True, help="VM name.")
 @click.option(
@@ -147,9 +161,34 @@ def init(repo: str, chunk_size: str, compression: str) -> None:
     metavar="N",
     help="Compare N chunks the list calls unchanged with the parent; fail on a difference.",
 )
+@click.option(
+    "--consistency",
+    type=click.Choice(CONSISTENCY),
+    default="crash",
+    show_default=True,
+    help="How the guest was quiesced before the snapshot: crash (not at all), filesystem "
+    "(fs-freeze) or application (VSS, application hooks).",
+)
+@click.option("--note", default=None, metavar="TEXT", help="A note kept with the restore point.")
+@click.option(
+    "--cbt-position",
+    "positions",
+    multiple=True,
+    metavar="DISK=ID",
+    help="Record the disk's changed-block tracking position (VMware changeId, qemu bitmap).",
+)
+@click.option(
+    "--cbt-base",
+    "bases",
+    multiple=True,
+    metavar="DISK=ID",
+    help="Position the disk's changed-block list starts at; must be the parent's.",
+)
+@progress_option
+@json_option
 @lock_wait_option()
 def ingest(
-    repo: str,
+    repo: str | None,
     disks: tuple[str, ...],
     vm: str,
     configs: tuple[str, ...],
@@ -157,11 +196,25 @@ def ingest(
     parent: str | None,
     changed: tuple[str, ...],
     cbt_check: int,
+    consistency: str,
+    note: str | None,
+    positions: tuple[str, ...],
+    bases: tuple[str, ...],
+    progress: bool | None,
+    as_json: bool,
 ) -> None:
-    """Ingest the disks of one VM as one new restore point; print its id last."""
+    """Ingest the disks of one VM as one new restore point; print its id last.
+
+    With REPOFS_REPOSITORY set, REPO may be left out: a first argument with
+    an '=' that is not a directory is then the first DISK=SOURCE.
+    """
     from ingest.job import run_ingest
     from repofs.malloc import keep_freed_memory
 
+    if repo is not None and "=" in repo and not os.path.isdir(repo):
+        disks = (repo, *disks)  # no REPO given: the variable names it
+        repo = None
+    repo = repo_from_env(repo)
     keep_freed_memory()
     t0 = time.monotonic()
     rp = run_ingest(
@@ -173,8 +226,16 @@ def ingest(
         parent_spec=parent,
         changed_specs=list(changed),
         cbt_check=cbt_check,
+        consistency=consistency,
+        note=note,
+        position_specs=list(positions),
+        base_specs=list(bases),
+        progress=progress,
     )
     elapsed = time.monotonic() - t0
+    if as_json:
+        emit_json({**restore_point_doc(rp), "seconds": elapsed})
+        return
     for d in rp.disks:
         click.echo(
             f"{d.name}: {human_bytes(d.capacity)} {d.source_format}, {d.read_mode}: "
@@ -188,9 +249,9 @@ def ingest(
 
 
 @main.command(name="list")
-@click.argument("repo")
+@repo_argument
 @click.argument("vm", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def list_cmd(repo: str, vm: str | None, as_json: bool) -> None:
     """List VMs and their restore points."""
     with Repository.open(repo) as r:
@@ -200,33 +261,7 @@ def list_cmd(repo: str, vm: str | None, as_json: bool) -> None:
         if vm is not None and not rps:
             raise UsageError(f"unknown VM {vm!r}: it has no restore points")
     if as_json:
-        out = [
-            {
-                "vm": p.vm,
-                "id": p.id,
-                "created": p.created,
-                "kind": p.kind,
-                "parent": p.parent,
-                "capacity": p.capacity,
-                "bytes_read": p.bytes_read,
-                "bytes_new": p.bytes_new,
-                "disks": [
-                    {
-                        "name": d.name,
-                        "capacity": d.capacity,
-                        "format": d.source_format,
-                        "read_mode": d.read_mode,
-                        "bytes_read": d.bytes_read,
-                        "bytes_new": d.bytes_new,
-                        "allocated": d.allocated_bytes,
-                    }
-                    for d in p.disks
-                ],
-                "configs": [c.name for c in p.configs],
-            }
-            for p in rps
-        ]
-        click.echo(json.dumps(out, indent=2))
+        emit_json([restore_point_doc(p) for p in rps])
         return
     if not rps:
         click.echo("no restore points")
@@ -234,20 +269,22 @@ def list_cmd(repo: str, vm: str | None, as_json: bool) -> None:
     vm_width = max(16, *(len(p.vm) for p in rps))
     header = (
         f"{'VM':<{vm_width}} {'RESTORE POINT':<19} {'KIND':<11} {'DISKS':>5} {'CAPACITY':>10} "
-        f"{'READ':>10} {'NEW':>10}  PARENT"
+        f"{'READ':>10} {'NEW':>10}  {'PARENT':<19} {'CONSISTENCY':<11} {'PROTECTED':<9}  NOTE"
     )
-    click.echo(header)
+    click.echo(header.rstrip())
     for p in rps:
-        click.echo(
+        line = (
             f"{p.vm:<{vm_width}} {p.id:<19} {p.kind:<11} {len(p.disks):>5} "
             f"{human_bytes(p.capacity):>10} {human_bytes(p.bytes_read):>10} "
-            f"{human_bytes(p.bytes_new):>10}  {p.parent or '-'}"
+            f"{human_bytes(p.bytes_new):>10}  {p.parent or '-':<19} {p.consistency:<11} "
+            f"{'yes' if p.protected else '-':<9}  {p.note or ''}"
         )
+        click.echo(line.rstrip())
 
 
 @main.command()
-@click.argument("repo")
-@click.argument("mountpoint")
+@click.argument("repo", required=False, metavar="REPO")
+@click.argument("mountpoint", required=False, metavar="MOUNTPOINT")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground.")
 @click.option("--allow-other", is_flag=True, help="Let other users read the mount.")
 @click.option("--cache-size", default="256M", show_default=True, help="Chunk cache size.")
@@ -262,8 +299,8 @@ def list_cmd(repo: str, vm: str | None, as_json: bool) -> None:
     "--nonempty", is_flag=True, help="Mount over a directory that has files (hiding them)."
 )
 def mount(
-    repo: str,
-    mountpoint: str,
+    repo: str | None,
+    mountpoint: str | None,
     foreground: bool,
     allow_other: bool,
     cache_size: str,
@@ -271,8 +308,17 @@ def mount(
     log_file: str | None,
     nonempty: bool,
 ) -> None:
-    """Mount every restore point of REPO read-only at MOUNTPOINT."""
+    """Mount every restore point of REPO read-only at MOUNTPOINT.
+
+    With REPOFS_REPOSITORY set, REPO may be left out: a lone argument is MOUNTPOINT.
+    """
     from repofs.mount import mount as do_mount
+
+    if mountpoint is None:
+        if repo is None or not os.environ.get(REPO_ENV):
+            raise click.UsageError("Missing argument 'MOUNTPOINT'.")
+        repo, mountpoint = repo_from_env(None), repo
+    assert repo is not None
 
     cache_bytes = parse_size(cache_size, "--cache-size")
     if cache_bytes < MIN_CACHE_BYTES:
@@ -300,14 +346,14 @@ def umount(mountpoint: str) -> None:
 
 
 @main.command()
-@click.argument("repo")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@repo_argument
+@json_option
 def stats(repo: str, as_json: bool) -> None:
     """Space used and saved: logical bytes, unique stored bytes, dedup and compression ratios."""
     with Repository.open(repo) as r:
         s = r.stats()
     if as_json:
-        click.echo(json.dumps(s, indent=2))
+        emit_json(s)
         return
     rows = [
         ("VMs", str(s["vms"])),

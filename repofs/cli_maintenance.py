@@ -1,4 +1,5 @@
-"""The maintenance commands: ``verify``, ``prune``, ``gc`` and ``rebuild-index``.
+"""The maintenance commands: ``verify``, ``prune``, ``delete``, ``protect``, ``unprotect``,
+``gc``, ``rebuild-index`` and ``info``.
 
 They live apart from :mod:`repofs.cli` so that they can evolve without
 touching the commands everyone else edits; :func:`register` adds them to
@@ -11,18 +12,25 @@ from __future__ import annotations
 import click
 
 from ingest.progress import human_bytes
+from repofs.cli_common import (
+    emit_json,
+    json_option,
+    progress_option,
+    repo_argument,
+    repo_vm_and_rest,
+)
 from repofs.errors import IntegrityError
 from repofs.lock import lock_wait_option
 
 
 def register(main: click.Group) -> None:
     """Add the maintenance commands to the ``repofs`` command group."""
-    for command in (verify, prune, gc, rebuild_index):
+    for command in (verify, prune, delete, protect, unprotect, gc, rebuild_index, info):
         main.add_command(command)
 
 
 @click.command()
-@click.argument("repo")
+@repo_argument
 @click.option("--vm", default=None, metavar="NAME", help="Check only this VM's restore points.")
 @click.option(
     "--sample",
@@ -34,8 +42,17 @@ def register(main: click.Group) -> None:
 @click.option(
     "--all-ranges", is_flag=True, help="Name every damaged byte range, not only the first few."
 )
+@progress_option
+@json_option
 @lock_wait_option()
-def verify(repo: str, vm: str | None, sample: float | None, all_ranges: bool) -> None:
+def verify(
+    repo: str,
+    vm: str | None,
+    sample: float | None,
+    all_ranges: bool,
+    progress: bool | None,
+    as_json: bool,
+) -> None:
     """Re-read and re-hash stored data; name every damaged VM, restore point, disk and byte range.
 
     Exits non-zero when anything is missing or damaged.
@@ -43,8 +60,17 @@ def verify(repo: str, vm: str | None, sample: float | None, all_ranges: bool) ->
     from repofs.verify import MAX_RANGES_SHOWN, verify_repository
 
     r = verify_repository(
-        repo, vm=vm, sample=sample, max_ranges=None if all_ranges else MAX_RANGES_SHOWN
+        repo,
+        vm=vm,
+        sample=sample,
+        max_ranges=None if all_ranges else MAX_RANGES_SHOWN,
+        progress=progress,
     )
+    if as_json:
+        emit_json(r.to_dict())
+        if r.problems:  # the exit status still says it
+            raise IntegrityError(f"verify found {len(r.problems)} problem(s)")
+        return
     for p in r.problems:
         click.echo(f"PROBLEM {p.subject}: {p.message}")
         for a in p.affects:
@@ -64,7 +90,7 @@ def verify(repo: str, vm: str | None, sample: float | None, all_ranges: bool) ->
 
 
 @click.command()
-@click.argument("repo")
+@repo_argument
 @click.option("--vm", default=None, metavar="NAME", help="Prune only this VM (default: every VM).")
 @click.option(
     "--keep-last",
@@ -110,6 +136,7 @@ def verify(repo: str, vm: str | None, sample: float | None, all_ranges: bool) ->
 )
 @click.option("--dry-run", "-n", is_flag=True, help="Only show what would be kept and removed.")
 @click.option("--force", is_flag=True, help="Allow a policy that keeps nothing.")
+@json_option
 @lock_wait_option()
 def prune(
     repo: str,
@@ -122,15 +149,19 @@ def prune(
     keep_yearly: int,
     dry_run: bool,
     force: bool,
+    as_json: bool,
 ) -> None:
     """Remove restore points that a retention policy does not keep (run gc to free the space)."""
     from repofs.prune import Policy, prune_repository
 
     policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly)
     r = prune_repository(repo, policy, vm=vm, dry_run=dry_run, force=force)
+    if as_json:
+        emit_json(r.to_dict())
+        return
     verb = "would remove" if dry_run else "remove"
     for name, decisions in sorted(r.decisions.items()):
-        for d in decisions:
+        for d in decisions:  # a protected one says "keep (..., protected)"
             action = "keep" if d.keep else verb
             why = f"  ({', '.join(d.reasons)})" if d.keep else ""
             click.echo(f"{name:<16} {d.rp.id:<19} {action}{why}")
@@ -149,7 +180,68 @@ def prune(
 
 
 @click.command()
-@click.argument("repo")
+@click.argument("args", nargs=-1, required=True, metavar="[REPO] VM RP...")
+@click.option("--dry-run", "-n", is_flag=True, help="Only show what would be deleted.")
+@json_option
+@lock_wait_option()
+def delete(args: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
+    """Remove restore points of VM by id (not 'latest'); run gc to free the space.
+
+    The way out when gc refuses to run past damaged restore points.  All or
+    none: an unknown or protected id deletes nothing.
+    """
+    from repofs.prune import delete_restore_points
+
+    repo, vm, ids = repo_vm_and_rest(args, "RP")
+    r = delete_restore_points(repo, vm, list(ids), dry_run=dry_run)
+    if as_json:
+        emit_json(
+            {
+                "vm": vm,
+                "dry_run": dry_run,
+                "restore_points": [rp.id for rp in r.doomed],
+                "removed": r.removed,
+            }
+        )
+        return
+    verb = "would delete" if dry_run else "delete"
+    for rp in r.doomed:
+        click.echo(f"{vm:<16} {rp.id:<19} {verb}")
+    if dry_run:
+        click.echo(f"dry run: would delete {len(r.doomed)} restore point(s)")
+        return
+    _reserve_warning(r.reserve_given_up, "delete")
+    click.echo(f"deleted {r.removed} restore point(s); run 'repofs gc {repo}' to free their space")
+
+
+def _flag_command(args: tuple[str, ...], protected: bool) -> None:
+    from repofs.prune import set_protected
+
+    repo, vm, specs = repo_vm_and_rest(args, "RP")
+
+    word = "protected" if protected else "unprotected"
+    for c in set_protected(repo, vm, list(specs), protected):
+        click.echo(f"{c.rp.vm}/{c.rp.id}: {word}" + ("" if c.changed else " (it already was)"))
+
+
+@click.command()
+@click.argument("args", nargs=-1, required=True, metavar="[REPO] VM RP|latest...")
+@lock_wait_option()
+def protect(args: tuple[str, ...]) -> None:
+    """Protect restore points: prune keeps them and delete refuses them."""
+    _flag_command(args, True)
+
+
+@click.command()
+@click.argument("args", nargs=-1, required=True, metavar="[REPO] VM RP|latest...")
+@lock_wait_option()
+def unprotect(args: tuple[str, ...]) -> None:
+    """Take the protection of restore points away again."""
+    _flag_command(args, False)
+
+
+@click.command()
+@repo_argument
 @click.option(
     "--threshold",
     type=click.FloatRange(0, 100),
@@ -159,12 +251,16 @@ def prune(
     help="Rewrite packs whose live data is below this percentage.",
 )
 @click.option("--dry-run", "-n", is_flag=True, help="Mark and plan only; delete nothing.")
+@json_option
 @lock_wait_option()
-def gc(repo: str, threshold: float, dry_run: bool) -> None:
+def gc(repo: str, threshold: float, dry_run: bool, as_json: bool) -> None:
     """Free the space of data no restore point references; may run beside ingests and mounts."""
     from repofs.gc import collect_garbage
 
     r = collect_garbage(repo, threshold=threshold / 100, dry_run=dry_run)
+    if as_json:
+        emit_json(r.to_dict())
+        return
     for w in r.warnings:
         click.echo(f"warning: {w}")
     click.echo(
@@ -207,13 +303,22 @@ def _reserve_warning(held: int, action: str) -> None:
 
 
 @click.command(name="rebuild-index")
-@click.argument("repo")
+@repo_argument
+@progress_option
+@json_option
 @lock_wait_option()
-def rebuild_index(repo: str) -> None:
+def rebuild_index(repo: str, progress: bool | None, as_json: bool) -> None:
     """Rebuild the index from the pack files alone, and swap it in atomically."""
     from repofs.rebuild import rebuild_index as do_rebuild
 
-    r = do_rebuild(repo)
+    r = do_rebuild(repo, progress=progress)
+    if as_json:
+        emit_json(r.to_dict())
+        if r.incomplete:  # the exit status still says it; the new index is in place
+            raise IntegrityError(
+                f"the index is rebuilt, but {len(r.incomplete)} restore point(s) are incomplete"
+            )
+        return
     _reserve_warning(r.reserve_given_up, "rebuild")
     for line in r.skipped_packs:
         click.echo(f"skipped: {line}")
@@ -237,3 +342,46 @@ def rebuild_index(repo: str) -> None:
         )
     if r.damaged:
         click.echo("damaged records were left out; every restore point is complete")
+
+
+@click.command()
+@repo_argument
+@json_option
+def info(repo: str, as_json: bool) -> None:
+    """Show the repository's format, chunking, encryption, sizes and the locks held now.
+
+    Takes no lock and walks no object, so it answers at once, even beside gc.
+    """
+    from repofs.info import repository_info
+
+    doc = repository_info(repo)
+    if as_json:
+        emit_json(doc)
+        return
+    rows = [
+        ("repository", doc["path"]),
+        ("id", doc["repository_id"]),
+        ("format", f"{doc['format']} version {doc['version']}"),
+        ("chunk size", human_bytes(doc["chunk_size"])),
+        ("compression", doc["compression"]),
+        ("encryption", doc["encryption"]),
+        ("map page", f"{doc['page_refs']} references"),
+        ("pack target size", human_bytes(doc["pack_target_size"])),
+        ("VMs", str(doc["vms"])),
+        ("restore points", str(doc["restore_points"])),
+        ("packs", f"{doc['pack_count']} ({human_bytes(doc['pack_bytes'])})"),
+        ("index", human_bytes(doc["index_bytes"])),
+        ("reserve", human_bytes(doc["reserve_bytes"])),
+        ("on disk", human_bytes(doc["total_bytes"])),
+    ]
+    locks = doc["locks"]
+    if locks is None:
+        rows.append(("locks held", "unknown (/proc/locks cannot be read)"))
+    elif not locks:
+        rows.append(("locks held", "none"))
+    for h in locks or []:
+        state = "waiting for" if h["waiting"] else "held"
+        who = f"pid {h['pid']}" + (f" ({h['command']})" if h["command"] else "")
+        rows.append(("lock", f"{h['file']} {h['mode']}, {state} by {who}"))
+    for k, v in rows:
+        click.echo(f"{k:<20} {v}")

@@ -1,8 +1,9 @@
 """The repository's config file: format version, chunk size, codec and id.
 
-It is written once by ``init`` and never changed, so a reader can trust it
-for the repository's whole life.  Every field is checked on open, and a
-message names the file and the value that was wrong.
+It is written by ``init`` and changed only once more, by the upgrade of a
+version-1 repository (:func:`upgrade_in_place`), so a reader can trust it.
+Every field is checked on open, and a message names the file and the value
+that was wrong.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import re
 import stat
 from dataclasses import asdict, dataclass, fields
 
+from repofs.durable import write_file_atomic
 from repofs.errors import RepositoryError, UsageError
 
 FORMAT_NAME = "repofs"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this code opens; an older one is upgraded in place before its first pack write.
+READABLE_VERSIONS = (1, 2)
 CONFIG_FILE = "config.json"
 MIN_CHUNK = 4096
 MAX_CHUNK = 4 * 1024 * 1024
@@ -136,10 +140,12 @@ class RepoConfig:
         version = data.get("version")
         if "version" in data and _not_int(version):
             raise RepositoryError(f"{path}: version {_shown(version)} is not an integer")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
+            newer = isinstance(version, int) and version > FORMAT_VERSION
             raise RepositoryError(
                 f"{path}: format version {_shown(version)} is not supported "
-                f"(this repofs reads version {FORMAT_VERSION})"
+                f"(this repofs reads versions 1 to {FORMAT_VERSION}"
+                + ("; it was written by a newer repofs)" if newer else ")")
             )
         for field in fields(cls):
             if field.name not in data:
@@ -170,6 +176,31 @@ class RepoConfig:
         except UsageError as exc:
             raise RepositoryError(f"{path}: compression {_shown(cfg.compression)}: {exc}") from None
         return cfg
+
+
+def upgrade_in_place(repo_path: str) -> bool:
+    """Raise ``config.json`` to :data:`FORMAT_VERSION`; True if it was older.
+
+    Version 2 only adds things (record fields and a record type, see
+    docs/format.md), so nothing but this field changes: the file is
+    replaced atomically (temporary file, fsync, rename, directory fsync), a
+    crash leaves version 1 or version 2, and both open.  Every other field,
+    unknown ones too, is kept as it was.  Called before the first pack of
+    version 2 is written, so an older repofs never meets a record it would
+    misread: it refuses the repository at open instead.
+    """
+    path = os.path.join(repo_path, CONFIG_FILE)
+    RepoConfig.load(repo_path)  # the same checks as every open
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(65536))
+    except (OSError, ValueError) as exc:
+        raise RepositoryError(f"{path}: cannot read it to upgrade it: {exc}") from None
+    if data["version"] >= FORMAT_VERSION:
+        return False
+    data["version"] = FORMAT_VERSION
+    write_file_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    return True
 
 
 def _not_int(value: object) -> bool:

@@ -317,7 +317,11 @@ class DiskReader:
             return None
 
     def read(self, offset: int, size: int) -> bytes:
-        """Exactly the bytes in ``[offset, offset+size)`` clipped to the capacity, or an error."""
+        """Exactly the bytes in ``[offset, offset+size)`` clipped to the capacity, or an error.
+
+        Never fewer: pyfuse3 and the kernel's page cache take a short read
+        for the end of the file and fill the rest with zeros.
+        """
         data = self._read(offset, size, self._cache.get, load=True)
         assert data is not None
         return data
@@ -331,6 +335,11 @@ class DiskReader:
         cs = self.chunk_size
         first, last = offset // cs, (end - 1) // cs
         refs = self.map.refs(first, last - first + 1, load)
+        if len(refs) != last - first + 1:  # map_reader checks the record; this is the last word
+            raise IntegrityError(
+                f"the map of disk {self.disk.name} ends at chunk {first + len(refs)}, "
+                f"before byte {end} of its capacity {self.disk.capacity}"
+            )
         if all(ref == ZERO_DIGEST for ref in refs):
             # Most of a thin disk: no readahead to schedule, no bytes to build.
             with self._lock:
@@ -356,4 +365,10 @@ class DiskReader:
             parts.append(data[lo:hi] if (lo, hi) != (0, len(data)) else data)
         if not load:
             self._readahead(offset, end, background=True)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(data) != end - offset:  # a short read would reach the reader as zeros
+            raise IntegrityError(
+                f"disk {self.disk.name}: assembled {len(data)} of the {end - offset} bytes "
+                f"at offset {offset}"
+            )
+        return data

@@ -6,9 +6,10 @@ argument, and how it carries over to object storage).
 
 1. **mark**: walk the maps of every committed restore point, each distinct
    page once; everything they reach is live, with their config blobs, their
-   own records and every tombstone.  A referenced object that is missing or
-   unreadable stops gc before anything is written: sweeping then could
-   destroy the only copy of data that a rebuilt index would find again.
+   own records, every tombstone and every protection record.  A referenced
+   object that is missing or unreadable stops gc before anything is
+   written: sweeping then could destroy the only copy of data that a
+   rebuilt index would find again.
 2. **plan and copy**: per pack, the bytes of live objects.  Packs with
    nothing live are doomed; packs below the threshold have their live
    records copied, verbatim and verified, into new packs, which are
@@ -44,7 +45,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import lmdb
@@ -86,6 +87,8 @@ SMALL_PACKS_TO_MERGE = 8
 #: so that a kill -9 at a random moment can land in every phase.
 DELAY_ENV = "REPOFS_TEST_GC_DELAY"
 _TOMB = RecordType.TOMBSTONE
+#: Record types gc keeps forever: what rebuild-index needs to know beside restore point records.
+_KEPT = frozenset({RecordType.TOMBSTONE, RecordType.PROTECTION})
 
 
 @dataclass
@@ -110,6 +113,10 @@ class GcResult:
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``gc --json``: every field, and ``freed``, the net bytes the text reports freed."""
+        return {"freed": max(self.bytes_freed - self.bytes_written, 0), **asdict(self)}
 
 
 @dataclass
@@ -204,7 +211,8 @@ class Marker:
             raise IntegrityError(
                 f"gc stopped before deleting anything: {len(faults)} map page(s) of live restore "
                 f"points are missing or damaged (first: {f.message}); run 'repofs verify', and "
-                "prune the damaged restore points or rebuild the index"
+                "remove the damaged restore points with 'repofs delete REPO VM ID...' "
+                "or rebuild the index"
             )
 
 
@@ -228,7 +236,8 @@ def collect_garbage(
                 raise IntegrityError(
                     f"gc stopped before deleting anything: {len(missing)} object(s) that restore "
                     f"points reference are not in the index (first: {_describe(missing[0])}); run "
-                    "'repofs verify', and prune the damaged restore points or rebuild the index"
+                    "'repofs verify', and remove the damaged restore points with "
+                    "'repofs delete REPO VM ID...' or rebuild the index"
                 )
             result.packs_before = len(uses)
             doomed = {p for p, u in uses.items() if u.live_bytes == 0}
@@ -310,7 +319,7 @@ def _scan(repo: Repository, live: set[bytes]) -> tuple[dict[bytes, _PackUse], li
         found = 0
         for key, value in index.items(txn, "objects"):
             in_live = key in live
-            if not (in_live or key[0] == _TOMB):
+            if not (in_live or key[0] in _KEPT):
                 continue
             found += in_live
             loc = Location(*LOCATION.unpack(value))
@@ -449,7 +458,7 @@ def _sweep(repo: Repository, marker: Marker, doomed: set[bytes], result: GcResul
             pack_id = value[:16]
             used.add(pack_id)
             if pack_id in doomed:
-                if key in live or key[0] == _TOMB:
+                if key in live or key[0] in _KEPT:
                     keep.add(pack_id)
                 else:
                     dead.append(key)
@@ -724,6 +733,14 @@ def _buried(repo: Repository, tombs: list[bytes]) -> set[tuple[str, str, int]]:
             if t is not None:
                 buried.add(t.target)
     return buried
+
+
+def buried_restore_points(repo: Repository) -> set[tuple[str, str, int]]:
+    """(vm, id, seq) of every restore point a readable, indexed tombstone names."""
+    tombs = repo.index.read(
+        lambda t: [k for k, _ in repo.index.items(t, "objects", bytes((_TOMB,)))]
+    )
+    return _buried(repo, tombs)
 
 
 def unindexed_packs(repo: Repository) -> list[bytes]:

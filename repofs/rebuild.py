@@ -5,8 +5,9 @@ Every pack of this repository is read record by record (see
 holds and its content matches its digest, so damaged records drop out and
 reads of them become clean I/O errors.  Packs of another repository are
 left out.  Restore points come back from their own records, minus those a
-tombstone names; their sequence numbers, and their VMs', come back from the
-records too, so inode numbers in the mount stay what they were, and the
+tombstone names, with the protected flag of their newest PROTECTION record;
+their sequence numbers, and their VMs', come back from the records too, so
+inode numbers in the mount stay what they were, and the
 sequence counter resumes above every number ever used.
 
 The new index is built beside the old one (``index.new``) under the
@@ -14,8 +15,9 @@ exclusive lock and swapped in with one atomic ``renameat2(RENAME_EXCHANGE)``
 (two renames where the kernel lacks it), so a crash leaves the old index or
 the new one, and running it again is always safe.  Processes that still
 hold the old index open notice at their next write (``Index.write`` checks
-that its file is still the current one); a running mount keeps showing the
-old index until it is remounted.
+that its file is still the current one); a running mount follows the new
+index (:meth:`Index.follow_replacement`, looked at once a second and at once
+when a read fails), so it needs no remount.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import lmdb
@@ -44,10 +46,17 @@ from repofs.packstore import LocalPackStore
 from repofs.records import ZERO_DIGEST, RecordType
 from repofs.repository import INDEX_DIR, NEW_INDEX_DIR, PACKS_DIR, Repository
 from repofs.reserve import retry_with_reserve
-from repofs.rprecords import parse_rp_record, parse_tombstone, rp_record_body
+from repofs.rprecords import (
+    Protection,
+    latest_protections,
+    parse_protection,
+    parse_rp_record,
+    parse_tombstone,
+    rp_record_body,
+)
 
 NEW_DIR = NEW_INDEX_DIR
-_KEEP = frozenset({RecordType.RESTORE_POINT, RecordType.TOMBSTONE})
+_KEEP = frozenset({RecordType.RESTORE_POINT, RecordType.TOMBSTONE, RecordType.PROTECTION})
 
 
 @dataclass
@@ -66,6 +75,10 @@ class RebuildResult:
     reserve_given_up: int = 0
     #: restore points whose own record was lost, written again from the old index
     rewritten: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``rebuild-index --json``: every field; ``incomplete`` non-empty means exit 5."""
+        return asdict(self)
 
 
 @dataclass
@@ -94,10 +107,10 @@ def rebuild_index(
             index = Index(new_dir, create=True)
             store = LocalPackStore(os.path.join(path, PACKS_DIR))
             try:
-                found, tombs = _scan_all(store, index, config, attempt, threads, progress)
+                found, tombs, flags = _scan_all(store, index, config, attempt, threads, progress)
                 repo = Repository(path, config, index, store)
                 found += _rewrite_lost_records(repo, found, tombs, known, attempt)
-                _restore_points(index, found, tombs, attempt)
+                _restore_points(index, found, tombs, latest_protections(flags), attempt)
                 _check_complete(repo, attempt)
             finally:
                 index.close()
@@ -155,7 +168,7 @@ def _scan_all(
     result: RebuildResult,
     threads: int | None,
     progress: bool | None,
-) -> tuple[list[_Found], dict[Any, Any]]:
+) -> tuple[list[_Found], dict[Any, Any], list[Protection]]:
     pack_ids = list(store.list())
     sizes = {}
     for p in pack_ids:
@@ -166,6 +179,7 @@ def _scan_all(
     bar = Progress(sum(sizes.values()), label="rebuild-index: ", enabled=progress)
     found: list[_Found] = []
     tombs: dict[tuple[str, str, int], int | None] = {}
+    flags: list[Protection] = []
     with ThreadPoolExecutor(threads or max(2, os.cpu_count() or 1)) as pool:
         for pack_id in pack_ids:
             name = pack_id.hex()
@@ -201,6 +215,10 @@ def _scan_all(
                     t = parse_tombstone(raw)
                     if t is not None:
                         tombs[t.target] = t.vm_seq
+                elif h.type == RecordType.PROTECTION and raw is not None:
+                    flag = parse_protection(raw)
+                    if flag is not None:
+                        flags.append(flag)
             for area in scan.damaged:
                 result.damaged.append(
                     f"pack {name}: {area.length} bytes at offset {area.offset} "
@@ -209,7 +227,7 @@ def _scan_all(
             result.records += len(entries)
             index.write(lambda txn, p=pack_id, s=scan.size, e=entries: index.add_pack(txn, p, s, e))
     bar.finish()
-    return found, tombs
+    return found, tombs, flags
 
 
 def _old_restore_points(path: str) -> list[dict[str, Any]]:
@@ -270,11 +288,16 @@ def _rewrite_lost_records(
 
 
 def _restore_points(
-    index: Index, found: list[_Found], tombs: dict[Any, Any], result: RebuildResult
+    index: Index,
+    found: list[_Found],
+    tombs: dict[Any, Any],
+    flags: dict[tuple[str, str, int], Protection],
+    result: RebuildResult,
 ) -> None:
-    """Index the restore points no tombstone names; restore every sequence number."""
+    """Index the restore points no tombstone names, with their flags; restore every sequence
+    number (those of protection records too: the counter gives them their order)."""
     chosen: dict[tuple[str, str], _Found] = {}
-    top = 0
+    top = max((f.flag_seq for f in flags.values()), default=0)
     for f in found:
         d = f.doc
         top = max(top, d["seq"], d["vm_seq"])
@@ -296,6 +319,9 @@ def _restore_points(
         for (vm, rp_id), f in sorted(chosen.items()):
             doc = dict(f.doc)
             doc["record"] = [f.loc.pack_id.hex(), f.loc.offset]
+            flag = flags.get((vm, rp_id, doc["seq"]))
+            if flag is not None:
+                doc["protected"], doc["protected_seq"] = flag.protected, flag.flag_seq
             index.put_rp(txn, vm, rp_id, doc["seq"], doc)
         for vm, seq in vm_seqs.items():
             index.set_vm_seq(txn, vm, seq)
@@ -311,7 +337,15 @@ def _check_complete(repo: Repository, result: RebuildResult) -> None:
     """Name restore points whose maps or blobs reach objects no pack holds any more."""
     walker = MapWalker(repo.config.page_refs, lambda d: repo.read_object(RecordType.PAGE, d))
     index = repo.index
+    cfg = repo.config
     for rp in repo.restore_points():
+        inconsistent = rp.inconsistency(cfg.chunk_size, cfg.page_refs)
+        if inconsistent is not None:
+            result.incomplete.append(
+                f"{rp.vm}/{rp.id}: its record disagrees with its map ({inconsistent}); "
+                "reads of its disks fail with EIO"
+            )
+            continue
         faults_before = len(walker.faults)
         missing = _MissingChunks(index)
         for disk in rp.disks:

@@ -39,7 +39,8 @@ class RecordType(enum.IntEnum):
     PAGE = 2  #: a map page: up to page_refs 32-byte digests
     BLOB = 3  #: a VM configuration file attached to a restore point
     RESTORE_POINT = 4  #: a restore point's JSON description
-    TOMBSTONE = 5  #: JSON naming a restore point removed by prune
+    TOMBSTONE = 5  #: JSON naming a restore point removed by prune or delete
+    PROTECTION = 6  #: JSON setting or clearing a restore point's protected flag (format 2)
 
 
 class Codec(enum.IntEnum):

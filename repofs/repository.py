@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -12,19 +13,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from repofs import stopping
-from repofs.config import CONFIG_FILE, RepoConfig
+from repofs.config import CONFIG_FILE, FORMAT_VERSION, RepoConfig, upgrade_in_place
 from repofs.durable import os_error, write_file_atomic
 from repofs.errors import IntegrityError, RepofsError, RepositoryError, UsageError
-from repofs.index import LOCATION, PACK_INFO, Index, Location, rp_key
+from repofs.index import LOCATION, PACK_INFO, U64, Index, Location, rp_key
 from repofs.lock import repository_lock
 from repofs.maps import MapReader, PageCache
 from repofs.names import rp_id_for, rp_id_seconds
 from repofs.packstore import LocalPackStore
 from repofs.records import RECORD_HEADER_SIZE, RecordType, decode_header, decode_payload
-from repofs.reserve import set_aside
+from repofs.reserve import retry_with_reserve, set_aside
 from repofs.restorepoint import DiskInfo, RestorePoint
 from repofs.rprecords import Tombstone
 from repofs.writer import ObjectWriter
+
+#: Key prefix, in the index's ``meta`` database, of a restore point's sequence
+#: number whose every referenced object this index held when it committed it.
+WHOLE_PREFIX = b"whole\0"
 
 INDEX_DIR = "index"
 NEW_INDEX_DIR = "index.new"  # where rebuild-index builds the next index
@@ -169,6 +174,15 @@ class Repository:
             return self.read_at(rtype, digest, again)
 
     def map_reader(self, disk: DiskInfo) -> MapReader:
+        """A reader of ``disk``'s map; :class:`IntegrityError` if its record disagrees with it.
+
+        Every reader of a disk (the mount, an incremental's parent) comes
+        through here, so a record whose capacity says more than its map
+        covers is an I/O error, never a short read or zeros.
+        """
+        problem = disk.inconsistency(self.config.chunk_size, self.config.page_refs)
+        if problem is not None:
+            raise IntegrityError(f"inconsistent restore point record: {problem}")
         return MapReader(disk.map, self.config.page_refs, self.page_cache)
 
     # -- restore points -----------------------------------------------------------
@@ -200,7 +214,23 @@ class Repository:
 
     # -- writing ------------------------------------------------------------------
 
+    def upgrade(self) -> bool:
+        """Upgrade a version-1 repository in place to this format; True if it was older.
+
+        Called before the first pack is written (see :meth:`writer`): version 2
+        only adds record fields and a record type, so the config's version
+        is all that changes, atomically.  Reading never upgrades, so a
+        repository that is only listed, mounted or verified stays readable
+        by an older repofs.
+        """
+        if self.config.version >= FORMAT_VERSION:
+            return False
+        upgraded = upgrade_in_place(self.path)
+        self.config = dataclasses.replace(self.config, version=FORMAT_VERSION)
+        return upgraded
+
     def writer(self) -> ObjectWriter:
+        self.upgrade()
         cfg = self.config
         return ObjectWriter(
             self.index, self.packs, cfg.repository_id, cfg.pack_target_size, (cfg.codec, cfg.level)
@@ -354,22 +384,57 @@ class Repository:
                 revive(self, txn, rp)
             self.index.set_vm_seq(txn, rp.vm, rp.vm_seq)
             self.index.put_rp(txn, rp.vm, rp.id, rp.seq, doc)
+            self.index.put(txn, "meta", WHOLE_PREFIX + U64.pack(rp.seq), b"")
 
         stopping.ignore_from_now_on()
-        self.index.write(txn_fn)
+        try:
+            self.index.write(txn_fn)
+        except RepofsError:
+            if not self._committed(rp):
+                self._bury_uncommitted(rp, use_reserve=True)
+            else:  # the failure came after LMDB's commit (its padding): it is there
+                return
+            raise
 
-    def _bury_uncommitted(self, rp: RestorePoint) -> None:
-        """Tombstone the record of an ingest stopped (Ctrl-C, SIGTERM) before its commit.
+    def known_whole(self, rp: RestorePoint) -> bool:
+        """Whether this index has held every object ``rp`` references since its commit.
+
+        Every ingest references only objects it found in the index or wrote
+        (a changed-block incremental checks what it inherits), and commit
+        marks it so in the index itself, not in its record: an index that
+        ``rebuild-index`` builds anew, perhaps without a damaged record, has
+        no such marks, so the next incremental checks its parent once.  gc
+        removes only objects no restore point references; whatever else
+        removes referenced objects from an index must drop these marks.
+        """
+        key = WHOLE_PREFIX + U64.pack(rp.seq)
+        return self.index.read(lambda txn: self.index.get(txn, "meta", key)) is not None
+
+    def _committed(self, rp: RestorePoint) -> bool:
+        """Whether the index shows ``rp`` after all (a failure after LMDB's own commit)."""
+        try:
+            doc = self.index.read(lambda t: self.index.get_rp(t, rp.vm, rp.id))
+        except Exception:  # an index that cannot be read shows nothing
+            return False
+        return doc is not None and doc.get("seq") == rp.seq
+
+    def _bury_uncommitted(self, rp: RestorePoint, *, use_reserve: bool = False) -> None:
+        """Tombstone the record of an ingest stopped before its commit, or whose commit failed.
 
         The record may already be in a published pack.  gc tombstones such
         records too, but a rebuild-index before the next gc brought the
         restore point back, complete, although its ingest had reported
-        "terminated": a job run again for it then made a duplicate.  Only
-        a kill -9 now leaves that to gc.  Best effort: with no space, gc
-        does it later.
+        "terminated" (or failed): a job run again for it then made a
+        duplicate.  A final index write that failed (a full disk, an fsync
+        error) gives up the repository's reserve for the tombstone if the
+        disk is full (``use_reserve``): it is what failed the commit.  Only
+        a kill -9, or no room even then, leaves it to gc.
         """
         with contextlib.suppress(RepofsError, OSError):
-            self.write_tombstones([rp])
+            if use_reserve:
+                retry_with_reserve(self.path, lambda: self.write_tombstones([rp]))
+            else:
+                self.write_tombstones([rp])
 
     def write_tombstones(self, rps: list[RestorePoint]) -> None:
         """Tombstone records for ``rps``, durable and indexed when this returns, or none."""

@@ -6,9 +6,11 @@ single pack.  On a file system without a free byte both failed, and the
 administrator had to find something else to delete.  ``init`` therefore
 sets aside a small preallocated file.  When prune or gc runs out of space
 they delete it and try once more; gc sets it aside again when it has
-freed enough.  Ingest never touches it, so a full disk always leaves the
-way out open.  (borg makes the administrator do this by hand with
-``borg repo-space``.)
+freed enough.  Ingest never writes data into the space, so a full disk
+always leaves the way out open; only an ingest whose final commit failed
+for lack of space gives it up, to tombstone its record (a way out too: a
+rebuild-index would otherwise revive a restore point whose ingest failed).
+(borg makes the administrator do this by hand with ``borg repo-space``.)
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import blake3
@@ -112,6 +112,10 @@ class VerifyResult:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def to_dict(self) -> dict[str, object]:
+        """``verify --json``: every field, and ``ok``."""
+        return {"ok": self.ok, **asdict(self)}
 
 
 class _Entry(NamedTuple):
@@ -255,6 +259,17 @@ class _Verifier:
 
     def _check_rp(self, rp: RestorePoint, doc: dict[str, object] | None) -> None:
         name = f"{rp.vm}/{rp.id}"
+        shape = self.repo.config
+        inconsistent = rp.inconsistency(shape.chunk_size, shape.page_refs)
+        if inconsistent is not None:
+            self.result.problems.append(
+                Problem(
+                    f"restore point {name}",
+                    f"its record disagrees with its map ({inconsistent}): every read of its "
+                    "disks fails with EIO",
+                    [name],
+                )
+            )
         if doc is not None:
             digest = rp_record_digest(doc)
             if self.index.locate(RecordType.RESTORE_POINT, digest) is None:
@@ -278,6 +293,8 @@ class _Verifier:
             else:
                 self.referenced.add(bytes((RecordType.BLOB,)) + digest)
         for disk in rp.disks:
+            if disk.inconsistency(shape.chunk_size, shape.page_refs) is not None:
+                continue  # named above; its map's shape is not known
             with self.index.reading() as txn:
                 self.walker.walk(
                     disk.map, functools.partial(self._check_chunk_refs, txn, capacity=disk.capacity)
@@ -507,6 +524,10 @@ class _Verifier:
             elif rtype == RecordType.TOMBSTONE:
                 self.result.problems[n].affects.append(
                     "a tombstone: rebuild-index could bring a pruned restore point back"
+                )
+            elif rtype == RecordType.PROTECTION:
+                self.result.problems[n].affects.append(
+                    "a protection record: rebuild-index could restore an older protected flag"
                 )
 
     def _record_owners(self) -> dict[bytes, str]:

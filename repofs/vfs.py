@@ -390,6 +390,11 @@ class RepoView:
         if 0 <= j < len(rp.configs):
             cfg = rp.configs[j]
             blob = self.repo.read_object(RecordType.BLOB, bytes.fromhex(cfg.digest))
+            if len(blob) != cfg.size:  # the file's size says more (or less): never a short read
+                raise IntegrityError(
+                    f"config file {cfg.name}: the record says {cfg.size} bytes, "
+                    f"its blob has {len(blob)}"
+                )
             return blob[offset : offset + size]
         raise NotFound(ino)
 

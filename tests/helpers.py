@@ -11,6 +11,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -20,6 +22,7 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PYTHONPATH"] = str(REPO_ROOT)
     env.pop("REPOFS_TEST_PAUSE_BEFORE_COMMIT", None)
     env.pop("REPOFS_TEST_GC_DELAY", None)
+    env.pop("REPOFS_REPOSITORY", None)  # a developer's own default must not leak into a test
     if extra:
         env.update(extra)
     return env
@@ -76,6 +79,46 @@ def ingest(
     """Ingest and return the new restore point id (the last line of stdout)."""
     out = repofs("ingest", repo, "--vm", vm, *disks, *extra, env=env).stdout
     return out.strip().splitlines()[-1]
+
+
+def fs_type(path: Path) -> str:
+    """The type of the file system ``path`` is on (ext4, tmpfs, ramfs...), as stat -f says it."""
+    proc = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True)
+    return proc.stdout.strip() or "unknown"
+
+
+def skip_unless_o_direct(path: Path) -> None:
+    """Skip a test of an ``O_DIRECT`` fast path where ``path``'s file system refuses O_DIRECT.
+
+    ext4 and xfs take it, tmpfs only since Linux 6.6, ramfs and some FUSE and
+    network file systems never; the fallback path has tests of its own.
+    """
+    probe = path / ".o_direct_probe"
+    probe.write_bytes(bytes(4096))
+    try:
+        fd = os.open(probe, os.O_RDONLY | os.O_DIRECT)
+    except OSError as exc:
+        pytest.skip(f"{path} is on {fs_type(path)}, which refuses O_DIRECT ({exc.strerror})")
+    else:
+        os.close(fd)
+    finally:
+        probe.unlink()
+
+
+def skip_unless_holes(path: Path) -> None:
+    """Skip a test that counts the bytes a sparse image costs where ``path`` has no holes.
+
+    A file system without ``SEEK_HOLE`` (ramfs, some FUSE and network ones)
+    reports a sparse file as all data, so an ingest reads it all.
+    """
+    probe = path / ".holes_probe"
+    with open(probe, "wb") as f:
+        f.write(b"x" * 4096)
+        f.truncate(4 << 20)
+        hole = os.lseek(f.fileno(), 0, os.SEEK_HOLE)
+    probe.unlink()
+    if hole >= 4 << 20:
+        pytest.skip(f"{path} is on {fs_type(path)}, which reports no holes in sparse files")
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:

@@ -40,9 +40,21 @@ class TestBenchSmoke:
             assert figure in text, figure
         results = json.loads((tmp_path / "out" / "results.json").read_text())
         for key in ("repofs.full_s", "repofs.seq_direct_MBps", "repofs.seq_dio_mount_MBps",
-                    "passthrough_direct_cold_MBps"):
+                    "passthrough_direct_cold_MBps", "limit_read_MBps",
+                    "limit_read_hashzstd_MBps"):
             assert results["samples"][key], key
+        assert "the read with hash+compress" in text and "O_DIRECT, read-ahead threads" in text
         assert not list((tmp_path / "out").glob("work")), "work directory left behind"
+        # --limits-only: the same corpus (cached), the limits beside one full ingest
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "tools" / "bench.py"), "--limits-only", "--quick",
+             "--out", str(tmp_path / "out"), "--size", "64M", "--data", "12M"],
+            env=env, capture_output=True, text=True, timeout=180,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "x the read with hash+compress" in proc.stderr, proc.stderr
+        limits = json.loads((tmp_path / "out" / "results-limits.json").read_text())
+        assert limits["samples"]["repofs.full_s"] and limits["samples"]["limit_read_MBps"]
 
     def test_cbt_reads_tool_reads_the_chunks_a_list_touches(self, tmp_path: Path) -> None:
         """``tools/bench_cbt_reads.py`` rounds the list out to whole chunks and reads them."""

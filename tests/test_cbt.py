@@ -131,6 +131,15 @@ def test_sampling_returns_only_unchanged_distinct_sorted_chunks() -> None:
         sample_unchanged_chunks(cb, 512, cb.capacity + 1, 5, rng)
 
 
+def test_chunk_ranges_make_the_list_an_ingest_reads() -> None:
+    """The chunk ranges an ingest reads become a list whose unchanged chunks are the rest."""
+    cb = ChangedBlocks.from_chunk_ranges(10 * 512 + 100, [(3, 5), (0, 1), (10, 11)], 512)
+    assert cb.extents == [(0, 512), (3 * 512, 2 * 512), (10 * 512, 100)]
+    assert list(cb.unchanged_chunk_ranges(512)) == [(1, 3), (5, 10)]
+    picked = sample_unchanged_chunks(cb, 512, cb.capacity, 100, random.Random(2))
+    assert picked == [1, 2, 5, 6, 7, 8, 9]
+
+
 def test_sampling_is_uniform_over_unchanged_chunks() -> None:
     cb = ChangedBlocks(100, [(0, 10), (40, 20), (95, 5)])  # 65 unchanged chunks of 1 byte
     rng = random.Random(42)

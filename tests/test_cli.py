@@ -19,6 +19,7 @@ from tests.helpers import (
     make_image,
     not_a_small_regular_file,
     repofs,
+    skip_unless_holes,
 )
 
 MiB = 1 << 20
@@ -30,7 +31,7 @@ class TestInit:
         repofs("init", tmp_path / "r", "--chunk-size", "128K", "--compression", "zstd:5")
         cfg = json.loads((tmp_path / "r" / "config.json").read_text())
         assert (
-            cfg["version"] == 1 and cfg["chunk_size"] == 131072 and cfg["compression"] == "zstd:5"
+            cfg["version"] == 2 and cfg["chunk_size"] == 131072 and cfg["compression"] == "zstd:5"
         )
         assert stat.S_IMODE(os.stat(tmp_path / "r").st_mode) == 0o700
 
@@ -74,7 +75,8 @@ class TestDamagedConfig:
             ("pack_target_size", 1 << 40, "out of range"),
             ("version", True, "not an integer"),
             ("version", 1.0, "not an integer"),
-            ("version", 2, "not supported"),
+            ("version", 3, "written by a newer repofs"),
+            ("version", 0, "not supported"),
             ("chunk_size", True, "not an integer"),
             ("chunk_size", 131072.0, "not an integer"),
             ("page_refs", "1024", "not an integer"),
@@ -177,6 +179,7 @@ class TestIngest:
 
     def test_sparse_64g_reads_only_data(self, tmp_path: Path, repo: Path) -> None:
         """A 64 GiB sparse image with a little data is ingested without reading its holes."""
+        skip_unless_holes(tmp_path)  # else 64 GiB of zeros are read, for minutes
         img = make_image(
             tmp_path / "big.img",
             64 << 30,

@@ -13,6 +13,7 @@ import pytest
 from ingest.raw import RawSource
 from repofs.directio import SequentialReader
 from repofs.errors import SourceError
+from tests.helpers import skip_unless_o_direct
 
 MiB = 1024 * 1024
 
@@ -30,6 +31,7 @@ def _image(path: Path, size: int) -> bytes:
 
 def test_ranges_read_back_as_pread_would(tmp_path: Path) -> None:
     """Aligned, unaligned, across the end and past the end: each equals the file's bytes."""
+    skip_unless_o_direct(tmp_path)  # the fast path is the one tested; the fallback is pread's
     size = 3 * MiB + 1000
     data = _image(tmp_path / "img", size)
     ranges = [(0, MiB), (MiB, MiB), (2 * MiB, MiB), (3 * MiB, 64 * 1024), (4096 + 3, 5000),
@@ -37,7 +39,6 @@ def test_ranges_read_back_as_pread_would(tmp_path: Path) -> None:
     fd = os.open(tmp_path / "img", os.O_RDONLY)
     try:
         with SequentialReader(fd, iter(ranges)) as reader:
-            # /tmp is ext4 here, which takes O_DIRECT: the fast path is the one tested
             assert reader.direct
             got = list(reader)
     finally:

@@ -150,7 +150,9 @@ class TestBackupsNeverWaitForGc:
 
 
 class TestLockWait:
-    @pytest.mark.parametrize("command", ["ingest", "prune", "gc", "verify", "rebuild-index"])
+    @pytest.mark.parametrize(
+        "command", ["ingest", "prune", "delete", "protect", "gc", "verify", "rebuild-index"]
+    )
     def test_gives_up_in_one_line_with_nothing_changed(self, tmp_path: Path, command: str) -> None:
         """--lock-wait SECONDS gives up after SECONDS with one error line, exit 6, and the
         repository as it was; without it the command waits."""
@@ -160,6 +162,8 @@ class TestLockWait:
         args = {
             "ingest": ["--vm", "a", f"d0={img}"],
             "prune": ["--force"],
+            "delete": ["a", rp],
+            "protect": ["a", "latest"],
             "gc": [],
             "verify": [],
             "rebuild-index": [],

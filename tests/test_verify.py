@@ -17,6 +17,7 @@ from repofs.index import LOCATION, object_key
 from repofs.records import RECORD_HEADER_SIZE, RecordType
 from repofs.repository import Repository
 from repofs.verify import PackReader, plan_windows, verify_repository
+from tests.helpers import skip_unless_o_direct
 from tests.maint_helpers import (
     MiB,
     assert_one_line_error,
@@ -91,9 +92,9 @@ class TestCleanRepository:
     ) -> None:
         """Objects are read sorted by pack and offset, in large block-aligned O_DIRECT windows."""
         repo, _img, _ids = two_rps
+        skip_unless_o_direct(repo)  # the fast path is the one tested; ramfs has its own test
         assert verify_repository(str(repo), threads=2).ok
         (reader,) = pack_readers
-        # ext4 takes O_DIRECT: the fast path is the one tested
         assert reader.direct_packs == len(pack_files(repo)) and reader.buffered_packs == 0
         reads = [(w.pack_id, w.start, w.length) for w in reader.windows]
         assert any(n > 4 * CS for _p, _o, n in reads), reads
@@ -107,6 +108,7 @@ class TestCleanRepository:
 
     def test_reader_returns_what_ranged_reads_return(self, tmp_path: Path) -> None:
         """PackReader (O_DIRECT, reused buffers) and a store's ranged reads see the same bytes."""
+        skip_unless_o_direct(tmp_path)
         repo = new_repo(tmp_path / "repo")
         img = make_image(tmp_path / "a.img", 20 * MiB, [(0, noise(20 * MiB, 3))])
         ingest_here(repo, "a", {"d0": img})

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from repofs.config import PAGE_REFS
 from repofs.errors import IntegrityError
+from repofs.maps import NotCached
 from repofs.records import RecordType
 from repofs.repository import Repository
 from repofs.vfs import ROOT_INODE, NotFound, RepoView
-from tests.helpers import ingest, make_image
+from tests.helpers import ingest, make_image, repofs
 
 MiB = 1 << 20
 
@@ -133,17 +135,39 @@ def test_prefetched_runs_skip_a_damaged_chunk_only(tmp_path: Path, repo: Path) -
         r.close()
 
 
-def test_opening_a_disk_warms_its_map_and_the_index(view: RepoView) -> None:
-    """warm() loads the opened disk's map pages in the background; the index warms whole."""
-    vm = view.lookup(ROOT_INODE, "vm")
-    rp = view.lookup(vm.ino, view.readlink(view.lookup(vm.ino, "latest").ino))
-    flat = view.lookup(rp.ino, "d-flat.vmdk")
-    desc = view.lookup(rp.ino, "d.vmdk")
-    view.warm(desc.ino)  # a descriptor has no map: nothing to do, nothing raised
-    view.warm(flat.ino)
-    assert view.read(flat.ino, 0, 4096)  # the first read starts the warm-up
-    view.prefetcher._pool.shutdown(wait=True)  # let the background work finish
-    reader = next(iter(view._readers.values()))
-    assert reader.map.refs(0, reader.disk.n_chunks, load=False)  # every page is cached now
-    assert view.repo.index.warm(1 << 30) is True
-    assert view.repo.index.warm(1) is False  # larger than the budget: left to the kernel
+def test_opening_a_disk_warms_its_map_and_the_index(tmp_path: Path) -> None:
+    """warm() loads every page of the opened disk's map in the background; the index warms whole.
+
+    The map has several pages, and a read alone loads only its own: the
+    pages past the first can only be in memory because the warm-up loaded them.
+    """
+    repo = tmp_path / "repo"
+    repofs("init", repo, "--chunk-size", "4K")
+    span = PAGE_REFS * 4096  # the disk bytes one map page covers
+    pages = 4
+    img = make_image(
+        tmp_path / "d.img", pages * span, [(k * span, os.urandom(4096)) for k in range(pages)]
+    )
+    ingest(repo, "vm", f"d={img}")
+    view = RepoView(Repository.open(str(repo)), cache_bytes=8 * MiB)
+    try:
+        vm = view.lookup(ROOT_INODE, "vm")
+        rp = view.lookup(vm.ino, view.readlink(view.lookup(vm.ino, "latest").ino))
+        flat = view.lookup(rp.ino, "d-flat.vmdk")
+        desc = view.lookup(rp.ino, "d.vmdk")
+        view.warm(desc.ino)  # a descriptor has no map: nothing to do, nothing raised
+        assert view.read(flat.ino, 0, 4096)  # not warmed: this read loads its own page only
+        reader = next(iter(view._readers.values()))
+        n = reader.disk.n_chunks
+        assert n == pages * PAGE_REFS
+        with pytest.raises(NotCached):
+            reader.map.refs(0, n, load=False)
+        view.warm(flat.ino)
+        assert view.read(flat.ino, 0, 4096)  # the first read after warm() starts the warm-up
+        view.prefetcher._pool.shutdown(wait=True)  # let the background work finish
+        assert len(reader.map.refs(0, n, load=False)) == n  # every page is cached now
+        assert view.repo.index.warm(1 << 30) is True
+        assert view.repo.index.warm(1) is False  # larger than the budget: left to the kernel
+    finally:
+        view.close()
+        view.repo.close()
