@@ -13,7 +13,6 @@ from ingest.cbt import QEMU_BITMAP_PREFIX, cbt_id_problem, check_base, load_chan
 from ingest.detect import open_source
 from ingest.pipeline import DiskRequest, Ingest
 from repofs.errors import UsageError
-from repofs.lock import repository_lock
 from repofs.names import validate_restore_point_names, validate_vm_name
 from repofs.repository import Repository
 from repofs.restorepoint import RestorePoint
@@ -133,7 +132,7 @@ def run_ingest(
             note=note,
         )
         job.check_cbt(cbt_check)
-        with repository_lock(repo_path, exclusive=False):
+        with repo.lock():  # follows an index that rebuild-index replaced while we waited
             if parent_spec is None:
                 # The latest may have changed while we waited for the lock.
                 latest = repo.latest(vm)

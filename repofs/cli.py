@@ -28,6 +28,7 @@ from repofs.cli_common import (
 )
 from repofs.config import DEFAULT_CHUNK, DEFAULT_COMPRESSION, parse_size, size_label
 from repofs.errors import RepofsError, UsageError
+from repofs.lock import lock_wait_option
 from repofs.names import validate_vm_name
 from repofs.repository import Repository
 from repofs.restorepoint import CONSISTENCY
@@ -185,6 +186,7 @@ def init(repo: str, chunk_size: str, compression: str) -> None:
 )
 @progress_option
 @json_option
+@lock_wait_option()
 def ingest(
     repo: str | None,
     disks: tuple[str, ...],
