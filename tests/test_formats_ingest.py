@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import assert_one_line_error, ingest, make_image, mounted, repofs
+from tests.vmdk_builders import write_mkimg_sparse
 
 MiB = 1 << 20
 
@@ -106,6 +107,28 @@ class TestVmdk:
         assert chain["format"].startswith("vmdk")
         with mounted(repo, tmp_path / "mnt") as mnt:
             compare_with_qemu(child, mnt / "v" / rp / "d.vmdk")
+
+    def test_freebsd_mkimg_vmdk(self, tmp_path: Path, repo: Path, base_raw: Path) -> None:
+        """mkimg's monolithicSparse (its extent named ``""``) is ingested as qemu reads it."""
+        raw = base_raw.read_bytes()
+        raw = raw.ljust(-(-len(raw) // MiB) * MiB, b"\0")
+        plain = make_image(tmp_path / "FreeBSD.raw", len(raw), [(0, raw)])
+        src = tmp_path / "FreeBSD.vmdk"
+        write_mkimg_sparse(str(src), raw)
+        info = json.loads(
+            subprocess.run(
+                ["qemu-img", "info", "--output=json", str(src)],
+                check=True, capture_output=True, text=True,
+            ).stdout
+        )
+        assert info["format"] == "vmdk" and info["virtual-size"] == len(raw)
+        compare_with_qemu(src, plain)
+        rp = ingest(repo, "v", f"d={src}")  # self-contained: detection needs no option
+        disk = json.loads(repofs("list", repo, "--json").stdout)[0]["disks"][0]
+        assert disk["format"] == "vmdk:monolithicSparse"
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            assert (mnt / "v" / rp / "d-flat.vmdk").read_bytes() == raw
+            compare_with_qemu(src, mnt / "v" / rp / "d.vmdk")
 
     def test_broken_vmdk_is_refused(self, tmp_path: Path, repo: Path, base_raw: Path) -> None:
         """A truncated sparse VMDK and a chain with a missing parent: one line, no restore point."""

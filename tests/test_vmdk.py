@@ -39,6 +39,7 @@ from tests.vmdk_builders import (
     descriptor,
     sparse_header,
     write_cowd,
+    write_mkimg_sparse,
     write_sesparse,
     write_stream_optimized,
 )
@@ -556,6 +557,36 @@ class TestStreamOptimized:
         path = tmp_path / "small.vmdk"
         write_stream_optimized(str(path), sample.read_bytes(), name=path.name, grain=8)
         check(path)
+
+
+class TestMkimg:
+    """FreeBSD's mkimg names the extent of its embedded descriptors ``""``: the file itself."""
+
+    def test_monolithic_sparse_as_mkimg_writes_it(self, sample: Path, tmp_path: Path) -> None:
+        """mkimg's monolithicSparse (version 1, redundant GD, extent ``""``) matches qemu."""
+        raw = sample.read_bytes()
+        raw = raw.ljust(-(-len(raw) // MiB) * MiB, b"\0")  # mkimg rounds to whole MiB
+        path = tmp_path / "FreeBSD.vmdk"
+        write_mkimg_sparse(str(path), raw)
+        with check(path, "monolithicSparse") as src:
+            assert src.chain() == [str(path)]
+            assert_not_allocated(src, *HOLE)
+
+    def test_stream_optimized_with_a_nameless_extent(self, sample: Path, tmp_path: Path) -> None:
+        """mkimg's streamOptimized names its extent ``""`` too."""
+        path = tmp_path / "FreeBSD-stream.vmdk"
+        write_stream_optimized(str(path), sample.read_bytes(), name="")
+        check(path, "streamOptimized")
+
+    def test_only_an_embedded_descriptor_may_leave_the_name_empty(self) -> None:
+        """A text descriptor's extent has to name a file; an embedded one's is the sparse file."""
+        text = b'createType="monolithicSparse"\nRW 2048 SPARSE ""\n'
+        assert parse_descriptor(text, "d", embedded=True).extents[0].filename == ""
+        with pytest.raises(SourceError, match="needs a quoted file name"):
+            parse_descriptor(text, "d")
+        flat = b'createType="monolithicFlat"\nRW 2048 FLAT ""\n'
+        with pytest.raises(SourceError, match="needs a quoted file name"):
+            parse_descriptor(flat, "d", embedded=True)
 
 
 # -- redundant grain directory ---------------------------------------------------------------
