@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from ingest.cbt import QEMU_BITMAP_PREFIX, cbt_id_problem, check_base, load_changed_blocks
 from ingest.detect import FORMATS, open_source
 from ingest.pipeline import DiskRequest, Ingest
-from repofs.errors import UsageError
+from repofs.errors import SourceError, UsageError
 from repofs.lock import repository_lock
 from repofs.names import validate_restore_point_names, validate_vm_name
 from repofs.repository import Repository
@@ -167,6 +167,13 @@ def run_ingest(
                         f"--changed-blocks needs a parent restore point and VM {vm!r} has none"
                     )
                 spec = changed_by_disk[name]
+                if spec.startswith(QEMU_BITMAP_PREFIX) and source.format_name != "qcow2":
+                    # qemu would probe the file's format itself, and open what a
+                    # guest-made header names: only a disk we read as qcow2 goes to it.
+                    raise SourceError(
+                        f"{path}: --changed-blocks {name}={spec} reads a qcow2 bitmap, but "
+                        f"this disk is read as {source.format_name}"
+                    )
                 listed = load_changed_blocks(spec, source.size, path)
                 _check_list_base(name, spec, listed.base, bases.get(name), parent)
                 changed = list(listed.extents)

@@ -278,6 +278,21 @@ class TestHostileRawDisk:
                 assert flat.read_bytes() == disk.read_bytes(), (vm, disk)
 
 
+    def test_qemu_bitmap_of_a_disk_read_as_raw(self, host: Host, repo: Path) -> None:
+        """A qemu bitmap is not read from a raw disk: qemu would probe the guest's fake qcow2."""
+        hdr = host.pool / "hdr.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "../host/secret", "-F", "raw", hdr,
+                 "4M")
+        qemu_img("bitmap", "--add", hdr, "b0")
+        disk = guest_disk(host.pool / "guest.img", 4 * MiB, hdr.read_bytes())
+        ingest(repo, "guest", f"d={disk}", extra=("--format", "raw"))
+        before = repo_files(repo)
+        proc = repofs("ingest", repo, "--vm", "guest", f"d={disk}", "--format", "raw",
+                      "--changed-blocks", "d=qemu-bitmap:b0", check=False)
+        assert_one_line_error(proc, "reads a qcow2 bitmap", "read as raw")
+        assert proc.returncode == BAD_SOURCE and repo_files(repo) == before
+
+
 class TestVouching:
     """--format (for every disk or one) and --backing-dir: how a real chain is ingested."""
 
