@@ -339,6 +339,19 @@ class TestVouching:
                       check=False)
         assert f"resolves to {host.secret}" in assert_refused(proc, "base.raw", repo, before)
 
+    def test_a_directory_sharing_the_prefix_is_outside(self, host: Host, repo: Path) -> None:
+        """--backing-dir /x/pool does not allow /x/pool2/base."""
+        pool2 = host.pool.with_name("pool2")
+        pool2.mkdir()
+        qemu_img("convert", "-f", "raw", "-O", "qcow2", host.secret, pool2 / "base.qcow2")
+        top = host.pool / "top.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "../pool2/base.qcow2", "-F", "qcow2", top)
+        before = repo_files(repo)
+        proc = repofs("ingest", repo, "--vm", "vm", f"d={top}", "--backing-dir", host.pool,
+                      check=False)
+        assert_refused(proc, "../pool2/base.qcow2", repo, before)
+        ingest(repo, "vm", f"d={top}", extra=("--backing-dir", str(pool2)))
+
     def test_a_detected_backing_file_is_not_vouched_for(self, host: Host, repo: Path) -> None:
         """--format vouches for the disk and the formats its metadata states, not for content.
 
