@@ -318,8 +318,7 @@ def open_backing(
             trust.backing_dirs,
             f"the format of {what} {backing_path} was detected from its content, as "
             f"{child_path} does not state it: give --backing-dir with the directory that "
-            "holds the file it names, or record the format in its child "
-            "(qemu-img rebase -u -F)",
+            f"holds the file, or record the format in {child_path} (qemu-img rebase -u -F)",
         )
     token = _OPENING.set((*stack, real))
     try:
