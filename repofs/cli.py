@@ -140,7 +140,22 @@ def init(repo: str, chunk_size: str, compression: str) -> None:
     metavar="FILE",
     help="VM configuration file (.vmx, .ovf, libvirt XML) to keep with the restore point.",
 )
-@click.option("--format", "fmt", default=None, help="Source format (default: detect from content).")
+@click.option(
+    "--format",
+    "formats",
+    multiple=True,
+    metavar="[DISK=]FORMAT",
+    help="Source format (raw, vmdk, qcow2, vhd, vhdx) of every disk or of DISK; default: "
+    "block devices raw, files detected from their content.",
+)
+@click.option(
+    "--backing-dir",
+    "backing_dirs",
+    multiple=True,
+    metavar="DIR",
+    help="Directory whose files a disk with a detected format may name as backing file, "
+    "extent or parent (repeatable).",
+)
 @click.option(
     "--parent",
     default=None,
@@ -192,7 +207,8 @@ def ingest(
     disks: tuple[str, ...],
     vm: str,
     configs: tuple[str, ...],
-    fmt: str | None,
+    formats: tuple[str, ...],
+    backing_dirs: tuple[str, ...],
     parent: str | None,
     changed: tuple[str, ...],
     cbt_check: int,
@@ -222,7 +238,8 @@ def ingest(
         vm,
         list(disks),
         list(configs),
-        fmt=fmt,
+        formats=formats,
+        backing_dirs=backing_dirs,
         parent_spec=parent,
         changed_specs=list(changed),
         cbt_check=cbt_check,
@@ -231,6 +248,9 @@ def ingest(
         position_specs=list(positions),
         base_specs=list(bases),
         progress=progress,
+        on_detected=lambda disk, path, fmt: click.echo(
+            f"{disk}: {path} is read as {fmt}: no --format given", err=True
+        ),
     )
     elapsed = time.monotonic() - t0
     if as_json:

@@ -63,6 +63,8 @@ def main() -> None:
         "--vm",
         "sample",
         f"disk0={disk}",
+        "--format",
+        "raw",
     )
     build(disk, 2)
     step(
@@ -73,6 +75,8 @@ def main() -> None:
         "--vm",
         "sample",
         f"disk0={disk}",
+        "--format",
+        "raw",
     )
     step("List restore points", *REPOFS, "list", str(repo))
     step("Repository statistics", *REPOFS, "stats", str(repo))
