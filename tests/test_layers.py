@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO_ROOT
+#: The checkout; not tests.helpers' REPO_ROOT, which the layout change moves to tests/support/.
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.skipif(
