@@ -172,7 +172,12 @@ def check(root: Path) -> list[str]:
         if mine is None:
             problems.append(f"{path.relative_to(root)}: module {name} is in no declared layer")
             continue
-        for target, line, runs in sorted(set(imports_of(name, path, modules))):
+        try:
+            imported = sorted(set(imports_of(name, path, modules)))
+        except SyntaxError as exc:
+            problems.append(f"{path.relative_to(root)}:{exc.lineno}: cannot parse: {exc.msg}")
+            continue
+        for target, line, runs in imported:
             if target == name:
                 continue
             if runs and not (target.startswith(name + ".") or name.startswith(target + ".")):
