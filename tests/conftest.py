@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import repofs
+from tests.support.helpers import repofs
 
 
 @pytest.fixture
