@@ -256,9 +256,11 @@ class FlagChange:
 def set_protected(path: str, vm: str, specs: list[str], protected: bool) -> list[FlagChange]:
     """Protect or unprotect restore points of ``vm`` (ids, or ``latest``).
 
-    Each change is a PROTECTION record, durable and indexed before one
-    transaction sets the flag in the index: a crash leaves the old flag
-    or the new one, and rebuild-index finds the new one in the packs.
+    Each restore point gets a PROTECTION record, durable and indexed before
+    one transaction sets the flag in the index: a crash leaves the old flag
+    or the new one, and rebuild-index finds the new one in the packs.  The
+    record is written also when the index already has the flag, as the
+    packs may hold a newer record of a killed command that says otherwise.
     """
     validate_vm_name(vm)
     if not specs:
@@ -272,9 +274,10 @@ def set_protected(path: str, vm: str, specs: list[str], protected: bool) -> list
         if protected:
             _refuse_tombstoned(repo, rps)
         changes = [FlagChange(rp, rp.protected != protected) for rp in rps]
-        todo = [c.rp for c in changes if c.changed]
-        if todo:
-            _flag(repo, todo, protected)
+        # Written even where the index already has the flag: a protect or unprotect
+        # killed between its record and its transaction leaves a newer record that
+        # says the opposite, which rebuild-index would follow.  This record is newer.
+        _flag(repo, rps, protected)
     return changes
 
 

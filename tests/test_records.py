@@ -24,6 +24,7 @@ from repofs.index import Index
 from repofs.records import RecordType
 from repofs.repository import Repository
 from repofs.restorepoint import RestorePoint
+from repofs.rprecords import Protection
 from tests.maint_helpers import (
     MiB,
     assert_one_line_error,
@@ -280,6 +281,26 @@ class TestProtect:
         assert [p["protected"] for p in listing(repo)] == [False]
         repofs("delete", repo, "vm", rp)
         assert rp_ids(repo) == []
+
+    def test_a_flag_already_set_is_written_again(self, tmp_path: Path) -> None:
+        """protect after an unprotect killed between its record and its transaction (the
+        index still says protected) writes its own record: rebuild-index and prune keep it."""
+        repo = new_repo(tmp_path / "repo")
+        rp = ingest_here(repo, "vm", {"d0": image(tmp_path, "a.img", 1)})
+        repofs("protect", repo, "vm", rp)
+        with Repository.open(str(repo)) as r:  # what an unprotect killed here leaves
+            target = r.resolve("vm", rp)
+            flag_seq = r.index.write(r.index.next_seq)
+            writer = r.writer()
+            writer.put_new(
+                RecordType.PROTECTION, Protection("vm", rp, target.seq, flag_seq, False).body()
+            )
+            writer.flush()
+        assert "(it already was)" in repofs("protect", repo, "vm", rp).stdout
+        repofs("rebuild-index", repo)
+        assert [p["protected"] for p in listing(repo)] == [True]
+        repofs("prune", repo, "--force")
+        assert rp_ids(repo) == [rp]
 
     def test_gc_keeps_protection_records(self, tmp_path: Path) -> None:
         """gc keeps the small pack that holds a protection record (nothing else references
