@@ -13,12 +13,12 @@ import os
 from typing import Any
 
 from repofs.gc import GC_LOCK
-from repofs.lock import GATE, MAIN, lock_holders
+from repofs.lock import GATE, KEEP, MAIN, lock_holders
 from repofs.repository import INDEX_DIR, PACKS_DIR, Repository
 from repofs.reserve import RESERVE_FILE
 
 #: the lock files, in the order they are described (docs/maintenance.md, "Locks")
-LOCK_FILES = (MAIN, GATE, GC_LOCK)
+LOCK_FILES = (MAIN, GATE, GC_LOCK, KEEP)
 
 
 def _allocated(path: str) -> int:

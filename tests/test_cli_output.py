@@ -234,3 +234,19 @@ class TestInfo:
         finally:
             os.close(fd)
         assert "locks held           none" in repofs("info", repo).stdout
+
+    def test_the_keep_lock_is_named(self, one_rp: tuple[Path, Path, str]) -> None:
+        """info names the holder of lock.keep (a prune, delete or protect), for which a
+        waiting protect says it waits."""
+        repo, _img, _rp = one_rp
+        repofs("protect", repo, "vm", "latest")  # makes lock.keep
+        fd = os.open(repo / "lock.keep", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # as a prune holds it from its plan to its commit
+            doc = json_of(repofs("info", repo, "--json"))
+            assert isinstance(doc, dict)
+            (lock,) = doc["locks"]
+            assert lock["file"] == "lock.keep" and lock["mode"] == "exclusive"
+            assert lock["pid"] == os.getpid()
+        finally:
+            os.close(fd)
