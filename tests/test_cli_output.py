@@ -102,6 +102,26 @@ class TestJson:
         doc = json_of(proc)
         assert isinstance(doc, dict) and len(doc["incomplete"]) == 1 and doc["damaged"]
 
+    def test_protect_and_unprotect(self, one_rp: tuple[Path, Path, str]) -> None:
+        """protect --json names the id 'latest' resolved to and whether it changed;
+        unprotect --json likewise; a refusal prints nothing on stdout."""
+        repo, _img, rp = one_rp
+        doc = json_of(repofs("protect", repo, "vm", "latest", rp, "--json"))
+        assert doc == {
+            "vm": "vm",
+            "protected": True,
+            "restore_points": [{"id": rp, "changed": True}],
+        }
+        doc = json_of(repofs("unprotect", repo, "vm", rp, "--json"))
+        assert doc == {
+            "vm": "vm",
+            "protected": False,
+            "restore_points": [{"id": rp, "changed": True}],
+        }
+        proc = repofs("protect", repo, "vm", "nope", "--json", check=False)
+        assert_one_line_error(proc, "no restore point 'nope'")
+        assert proc.stdout == ""
+
     def test_stats_and_errors(self, repo: Path, tmp_path: Path) -> None:
         """stats --json is one document; an error under --json is still one line on stderr."""
         doc = json_of(repofs("stats", repo, "--json"))
