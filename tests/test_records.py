@@ -136,6 +136,19 @@ class TestFormatUpgrade:
         collect_garbage(str(repo))
         assert "no problems found" in repofs("verify", repo).stdout
 
+    def test_the_upgrade_says_so_once(self, tmp_path: Path) -> None:
+        """The command that upgrades warns on stderr (a mount an older repofs started shows
+        a VM with a format-2 record as an I/O error until remounted); later ones do not."""
+        repo = v1_repo(tmp_path)
+        img = tmp_path / "day4.img"
+        img.write_bytes(v1_day(4))
+        first = repofs("ingest", repo, "--vm", "web", f"d0={img}", "--json")
+        assert first.stderr.count("upgraded to format version 2") == 1
+        assert "must be remounted" in first.stderr
+        assert json.loads(first.stdout)["vm"] == "web"
+        second = repofs("protect", repo, "web", "latest")
+        assert "upgraded" not in second.stderr
+
     @pytest.mark.parametrize(
         "command",
         [["protect", "web", V1_IDS[0]], ["delete", "web", V1_IDS[0]], ["gc", "--threshold", "100"]],
