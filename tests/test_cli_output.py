@@ -190,6 +190,32 @@ class TestRepositoryVariable:
         assert_one_line_error(proc, "name the VM and at least one RP")
         assert proc.returncode == 2
 
+    def test_a_vm_named_like_a_directory_here(self, tmp_path: Path, repo: Path) -> None:
+        """Run where a VM's disks lie in a directory of its name, protect and delete still
+        take that name as the VM; a repository named here without '/' is still REPO."""
+        env = cli_env({"REPOFS_REPOSITORY": str(repo)})
+        (tmp_path / "web01").mkdir()
+        img = make_image(tmp_path / "web01" / "d.img", MiB, [(0, noise(MiB, 7))])
+        rp = ingest(repo, "web01", f"d0={img}")
+
+        def here(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "repofs", *args],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=tmp_path,
+                timeout=300,
+            )
+
+        proc = here("protect", "web01", "latest")
+        assert proc.returncode == 0, proc.stderr
+        assert json_of(repofs("list", repo, "--json"))[0]["protected"] is True  # type: ignore[index]
+        proc = here("unprotect", repo.name, "web01", rp)  # the repository itself, by name
+        assert proc.returncode == 0, proc.stderr
+        doc = json_of(here("delete", "web01", rp, "--dry-run", "--json"))
+        assert doc["restore_points"] == [rp]  # type: ignore[index]
+
     def test_mount_takes_a_lone_mount_point(
         self, tmp_path: Path, one_rp: tuple[Path, Path, str]
     ) -> None:
