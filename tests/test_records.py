@@ -338,7 +338,13 @@ class TestDelete:
         out = repofs("delete", repo, "vm", ids[1], "--dry-run").stdout
         assert f"{ids[1]:<19} would delete" in out and rp_ids(repo) == ids
         got = json.loads(repofs("delete", repo, "vm", ids[1], ids[1], "--json").stdout)
-        assert got == {"vm": "vm", "dry_run": False, "restore_points": [ids[1]], "removed": 1}
+        assert got == {
+            "vm": "vm",
+            "dry_run": False,
+            "restore_points": [ids[1]],
+            "removed": 1,
+            "reserve_given_up": 0,
+        }
         assert rp_ids(repo) == [ids[0], ids[2]]
         repofs("rebuild-index", repo)
         collect_garbage(str(repo))
