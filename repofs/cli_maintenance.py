@@ -216,17 +216,19 @@ def _flag_command(args: tuple[str, ...], protected: bool, as_json: bool) -> None
 
     repo, vm, specs = repo_vm_and_rest(args, "RP")
 
-    changes = set_protected(repo, vm, list(specs), protected)
+    changes, held = set_protected(repo, vm, list(specs), protected)
     if as_json:  # ``latest`` resolved: a script learns which id it protected
         emit_json(
             {
                 "vm": vm,
                 "protected": protected,
                 "restore_points": [{"id": c.rp.id, "changed": c.changed} for c in changes],
+                "reserve_given_up": held,
             }
         )
         return
     word = "protected" if protected else "unprotected"
+    _reserve_warning(held, "protect" if protected else "unprotect")
     for c in changes:
         click.echo(f"{c.rp.vm}/{c.rp.id}: {word}" + ("" if c.changed else " (it already was)"))
 

@@ -253,7 +253,9 @@ class FlagChange:
     changed: bool  #: False: it already had the flag asked for
 
 
-def set_protected(path: str, vm: str, specs: list[str], protected: bool) -> list[FlagChange]:
+def set_protected(
+    path: str, vm: str, specs: list[str], protected: bool
+) -> tuple[list[FlagChange], int]:
     """Protect or unprotect restore points of ``vm`` (ids, or ``latest``).
 
     Each restore point gets a PROTECTION record, durable and indexed before
@@ -261,6 +263,8 @@ def set_protected(path: str, vm: str, specs: list[str], protected: bool) -> list
     or the new one, and rebuild-index finds the new one in the packs.  The
     record is written also when the index already has the flag, as the
     packs may hold a newer record of a killed command that says otherwise.
+    Returns the changes and the bytes of the reserve given up: on a full
+    disk unprotect is the step before a delete that frees space.
     """
     validate_vm_name(vm)
     if not specs:
@@ -277,8 +281,8 @@ def set_protected(path: str, vm: str, specs: list[str], protected: bool) -> list
         # Written even where the index already has the flag: a protect or unprotect
         # killed between its record and its transaction leaves a newer record that
         # says the opposite, which rebuild-index would follow.  This record is newer.
-        _flag(repo, rps, protected)
-    return changes
+        _, held = retry_with_reserve(path, lambda: _flag(repo, rps, protected))
+    return changes, held
 
 
 def _refuse_tombstoned(repo: Repository, rps: list[RestorePoint]) -> None:

@@ -111,12 +111,14 @@ class TestJson:
             "vm": "vm",
             "protected": True,
             "restore_points": [{"id": rp, "changed": True}],
+            "reserve_given_up": 0,
         }
         doc = json_of(repofs("unprotect", repo, "vm", rp, "--json"))
         assert doc == {
             "vm": "vm",
             "protected": False,
             "restore_points": [{"id": rp, "changed": True}],
+            "reserve_given_up": 0,
         }
         proc = repofs("protect", repo, "vm", "nope", "--json", check=False)
         assert_one_line_error(proc, "no restore point 'nope'")
