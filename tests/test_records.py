@@ -9,9 +9,11 @@ apart, then ``prune --keep-last 2``.  So it holds two restore points and a tombs
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -314,6 +316,38 @@ class TestProtect:
         assert [p["protected"] for p in listing(repo)] == [True]
         repofs("prune", repo, "--force")
         assert rp_ids(repo) == [rp]
+
+    @pytest.mark.parametrize("command", ["protect", "delete"])
+    def test_a_rebuild_while_waiting_for_the_lock_is_followed(
+        self, tmp_path: Path, command: str
+    ) -> None:
+        """protect and delete that waited for a rebuild-index act on the new index; they
+        failed with "the index was replaced ... run the command again"."""
+        repo = new_repo(tmp_path / "repo")
+        rp = ingest_here(repo, "vm", {"d0": image(tmp_path, "a.img", 1)})
+        rebuilt = tmp_path / "copy"
+        shutil.copytree(repo, rebuilt)
+        repofs("rebuild-index", rebuilt)
+        fds = [
+            os.open(repo / name, os.O_RDWR | os.O_CREAT, 0o600)
+            for name in ("lock.gate", "lock.main")
+        ]
+        try:
+            for fd in fds:  # as rebuild-index holds them, up to its swap
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            proc = spawn(command, repo, "vm", rp)
+            wait_for_line(proc, "waiting")
+            os.rename(repo / "index", tmp_path / "index.old")
+            shutil.copytree(rebuilt / "index", repo / "index")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        _out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        if command == "protect":
+            assert [p["protected"] for p in listing(repo)] == [True]
+        else:
+            assert rp_ids(repo) == []
 
     def test_gc_keeps_protection_records(self, tmp_path: Path) -> None:
         """gc keeps the small pack that holds a protection record (nothing else references
