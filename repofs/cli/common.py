@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from repofs.errors import UsageError
+from repofs.store.config import CONFIG_FILE
 from repofs.store.lock import set_lock_wait
 from repofs.store.restorepoint import RestorePoint
 
@@ -49,10 +50,16 @@ def repo_vm_and_rest(args: tuple[str, ...], what: str) -> tuple[str, str, tuple[
 
     The count cannot tell whether REPO was left out, so the first argument
     is REPO unless ``REPOFS_REPOSITORY`` is set and it cannot be a
-    repository path: a VM name holds no ``/`` and is no directory here.
+    repository path: a VM name holds no ``/`` and is no repository here.
+    Any directory would not do: run where each VM's disks lie in a
+    directory of its name, ``protect web01 latest`` took ``web01`` for REPO.
     """
     first = args[0] if args else ""
-    is_repo = not os.environ.get(REPO_ENV) or "/" in first or os.path.isdir(first)
+    is_repo = (
+        not os.environ.get(REPO_ENV)
+        or "/" in first
+        or os.path.isfile(os.path.join(first, CONFIG_FILE))
+    )
     repo, rest = (first, args[1:]) if is_repo else (repo_from_env(None), args)
     if len(rest) < 2:
         raise UsageError(f"name the VM and at least one {what}")

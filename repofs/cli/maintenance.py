@@ -201,6 +201,7 @@ def delete(args: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
                 "dry_run": dry_run,
                 "restore_points": [rp.id for rp in r.doomed],
                 "removed": r.removed,
+                "reserve_given_up": r.reserve_given_up,
             }
         )
         return
@@ -214,30 +215,44 @@ def delete(args: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
     click.echo(f"deleted {r.removed} restore point(s); run 'repofs gc {repo}' to free their space")
 
 
-def _flag_command(args: tuple[str, ...], protected: bool) -> None:
+def _flag_command(args: tuple[str, ...], protected: bool, as_json: bool) -> None:
     from repofs.maintenance.prune import set_protected
 
     repo, vm, specs = repo_vm_and_rest(args, "RP")
 
+    changes, held = set_protected(repo, vm, list(specs), protected)
+    if as_json:  # ``latest`` resolved: a script learns which id it protected
+        emit_json(
+            {
+                "vm": vm,
+                "protected": protected,
+                "restore_points": [{"id": c.rp.id, "changed": c.changed} for c in changes],
+                "reserve_given_up": held,
+            }
+        )
+        return
     word = "protected" if protected else "unprotected"
-    for c in set_protected(repo, vm, list(specs), protected):
+    _reserve_warning(held, "protect" if protected else "unprotect")
+    for c in changes:
         click.echo(f"{c.rp.vm}/{c.rp.id}: {word}" + ("" if c.changed else " (it already was)"))
 
 
 @click.command()
 @click.argument("args", nargs=-1, required=True, metavar="[REPO] VM RP|latest...")
 @lock_wait_option()
-def protect(args: tuple[str, ...]) -> None:
+@json_option
+def protect(args: tuple[str, ...], as_json: bool) -> None:
     """Protect restore points: prune keeps them and delete refuses them."""
-    _flag_command(args, True)
+    _flag_command(args, True, as_json)
 
 
 @click.command()
 @click.argument("args", nargs=-1, required=True, metavar="[REPO] VM RP|latest...")
 @lock_wait_option()
-def unprotect(args: tuple[str, ...]) -> None:
+@json_option
+def unprotect(args: tuple[str, ...], as_json: bool) -> None:
     """Take the protection of restore points away again."""
-    _flag_command(args, False)
+    _flag_command(args, False, as_json)
 
 
 @click.command()

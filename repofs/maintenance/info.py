@@ -13,12 +13,12 @@ import os
 from typing import Any
 
 from repofs.maintenance.gc import GC_LOCK
-from repofs.store.lock import GATE, MAIN, lock_holders
+from repofs.store.lock import GATE, KEEP, MAIN, lock_holders
 from repofs.store.repository import INDEX_DIR, PACKS_DIR, Repository
 from repofs.store.reserve import RESERVE_FILE
 
 #: the lock files, in the order they are described (docs/maintenance.md, "Locks")
-LOCK_FILES = (MAIN, GATE, GC_LOCK)
+LOCK_FILES = (MAIN, GATE, GC_LOCK, KEEP)
 
 
 def _allocated(path: str) -> int:

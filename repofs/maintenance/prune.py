@@ -168,6 +168,7 @@ def prune_repository(
         repo.lock(),  # decides on the index in force, not one replaced while it waited
         keep_lock(path),
     ):
+        _follow_a_rebuild(repo)
         rps = repo.restore_points(vm)
         if vm is not None and not rps:
             raise UsageError(f"unknown VM {vm!r}: it has no restore points")
@@ -182,6 +183,18 @@ def prune_repository(
                 path, lambda: _remove(repo, doomed)
             )
     return result
+
+
+def _follow_a_rebuild(repo: Repository) -> None:
+    """Decide on the index a rebuild-index swapped in while this command waited for its locks.
+
+    The repository is opened (and checked) before the locks are taken; a
+    rebuild-index that held them meanwhile replaced the index, which the
+    old handle no longer writes to ("run the command again"), and whose
+    restore points and flags the old one no longer shows.  Under the shared
+    lock no other rebuild can swap it again.
+    """
+    repo.index.follow_replacement()
 
 
 def _remove(repo: Repository, doomed: list[RestorePoint]) -> int:
@@ -230,6 +243,7 @@ def delete_restore_points(
         repo.lock(),  # decides on the index in force, not one replaced while it waited
         keep_lock(path),
     ):
+        _follow_a_rebuild(repo)
         doomed = []
         for rp_id in dict.fromkeys(ids):
             rp = repo.resolve(vm, rp_id)
@@ -253,12 +267,18 @@ class FlagChange:
     changed: bool  #: False: it already had the flag asked for
 
 
-def set_protected(path: str, vm: str, specs: list[str], protected: bool) -> list[FlagChange]:
+def set_protected(
+    path: str, vm: str, specs: list[str], protected: bool
+) -> tuple[list[FlagChange], int]:
     """Protect or unprotect restore points of ``vm`` (ids, or ``latest``).
 
-    Each change is a PROTECTION record, durable and indexed before one
-    transaction sets the flag in the index: a crash leaves the old flag
-    or the new one, and rebuild-index finds the new one in the packs.
+    Each restore point gets a PROTECTION record, durable and indexed before
+    one transaction sets the flag in the index: a crash leaves the old flag
+    or the new one, and rebuild-index finds the new one in the packs.  The
+    record is written also when the index already has the flag, as the
+    packs may hold a newer record of a killed command that says otherwise.
+    Returns the changes and the bytes of the reserve given up: on a full
+    disk unprotect is the step before a delete that frees space.
     """
     validate_vm_name(vm)
     if not specs:
@@ -268,14 +288,16 @@ def set_protected(path: str, vm: str, specs: list[str], protected: bool) -> list
         repo.lock(),  # decides on the index in force, not one replaced while it waited
         keep_lock(path),
     ):
+        _follow_a_rebuild(repo)
         rps = list({rp.id: rp for rp in (repo.resolve(vm, spec) for spec in specs)}.values())
         if protected:
             _refuse_tombstoned(repo, rps)
         changes = [FlagChange(rp, rp.protected != protected) for rp in rps]
-        todo = [c.rp for c in changes if c.changed]
-        if todo:
-            _flag(repo, todo, protected)
-    return changes
+        # Written even where the index already has the flag: a protect or unprotect
+        # killed between its record and its transaction leaves a newer record that
+        # says the opposite, which rebuild-index would follow.  This record is newer.
+        _, held = retry_with_reserve(path, lambda: _flag(repo, rps, protected))
+    return changes, held
 
 
 def _refuse_tombstoned(repo: Repository, rps: list[RestorePoint]) -> None:

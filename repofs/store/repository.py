@@ -229,6 +229,16 @@ class Repository:
             return False
         upgraded = upgrade_in_place(self.path)
         self.config = dataclasses.replace(self.config, version=FORMAT_VERSION)
+        if upgraded:
+            # A mount an older repofs started before this keeps its open index and
+            # fails every VM directory holding a format-2 record with EIO: say so once.
+            print(
+                f"repofs: warning: {self.path}: upgraded to format version {FORMAT_VERSION}; "
+                "an older repofs cannot open it now, and a mount an older repofs started "
+                "must be remounted",
+                file=sys.stderr,
+                flush=True,
+            )
         return upgraded
 
     def writer(self) -> ObjectWriter:

@@ -102,6 +102,28 @@ class TestJson:
         doc = json_of(proc)
         assert isinstance(doc, dict) and len(doc["incomplete"]) == 1 and doc["damaged"]
 
+    def test_protect_and_unprotect(self, one_rp: tuple[Path, Path, str]) -> None:
+        """protect --json names the id 'latest' resolved to and whether it changed;
+        unprotect --json likewise; a refusal prints nothing on stdout."""
+        repo, _img, rp = one_rp
+        doc = json_of(repofs("protect", repo, "vm", "latest", rp, "--json"))
+        assert doc == {
+            "vm": "vm",
+            "protected": True,
+            "restore_points": [{"id": rp, "changed": True}],
+            "reserve_given_up": 0,
+        }
+        doc = json_of(repofs("unprotect", repo, "vm", rp, "--json"))
+        assert doc == {
+            "vm": "vm",
+            "protected": False,
+            "restore_points": [{"id": rp, "changed": True}],
+            "reserve_given_up": 0,
+        }
+        proc = repofs("protect", repo, "vm", "nope", "--json", check=False)
+        assert_one_line_error(proc, "no restore point 'nope'")
+        assert proc.stdout == ""
+
     def test_stats_and_errors(self, repo: Path, tmp_path: Path) -> None:
         """stats --json is one document; an error under --json is still one line on stderr."""
         doc = json_of(repofs("stats", repo, "--json"))
@@ -170,6 +192,32 @@ class TestRepositoryVariable:
         assert_one_line_error(proc, "name the VM and at least one RP")
         assert proc.returncode == 2
 
+    def test_a_vm_named_like_a_directory_here(self, tmp_path: Path, repo: Path) -> None:
+        """Run where a VM's disks lie in a directory of its name, protect and delete still
+        take that name as the VM; a repository named here without '/' is still REPO."""
+        env = cli_env({"REPOFS_REPOSITORY": str(repo)})
+        (tmp_path / "web01").mkdir()
+        img = make_image(tmp_path / "web01" / "d.img", MiB, [(0, noise(MiB, 7))])
+        rp = ingest(repo, "web01", f"d0={img}")
+
+        def here(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "repofs", *args],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=tmp_path,
+                timeout=300,
+            )
+
+        proc = here("protect", "web01", "latest")
+        assert proc.returncode == 0, proc.stderr
+        assert json_of(repofs("list", repo, "--json"))[0]["protected"] is True  # type: ignore[index]
+        proc = here("unprotect", repo.name, "web01", rp)  # the repository itself, by name
+        assert proc.returncode == 0, proc.stderr
+        doc = json_of(here("delete", "web01", rp, "--dry-run", "--json"))
+        assert doc["restore_points"] == [rp]  # type: ignore[index]
+
     def test_mount_takes_a_lone_mount_point(
         self, tmp_path: Path, one_rp: tuple[Path, Path, str]
     ) -> None:
@@ -234,3 +282,19 @@ class TestInfo:
         finally:
             os.close(fd)
         assert "locks held           none" in repofs("info", repo).stdout
+
+    def test_the_keep_lock_is_named(self, one_rp: tuple[Path, Path, str]) -> None:
+        """info names the holder of lock.keep (a prune, delete or protect), for which a
+        waiting protect says it waits."""
+        repo, _img, _rp = one_rp
+        repofs("protect", repo, "vm", "latest")  # makes lock.keep
+        fd = os.open(repo / "lock.keep", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # as a prune holds it from its plan to its commit
+            doc = json_of(repofs("info", repo, "--json"))
+            assert isinstance(doc, dict)
+            (lock,) = doc["locks"]
+            assert lock["file"] == "lock.keep" and lock["mode"] == "exclusive"
+            assert lock["pid"] == os.getpid()
+        finally:
+            os.close(fd)

@@ -596,6 +596,27 @@ def test_init_and_rebuild_index_on_a_filesystem_without_a_free_byte(tmp_path: Pa
         Path(f"{fill}.2").unlink()
 
 
+def test_unprotect_on_a_filesystem_without_a_free_byte(tmp_path: Path) -> None:
+    """unprotect, the step before deleting a protected restore point to free space, gives up
+    the reserve as delete does; it failed with "no space left" while the reserve stood."""
+    with small_filesystem(tmp_path) as fs:
+        repo = fs / "repo"
+        repofs("init", repo)
+        img = make_image(tmp_path / "a.img", 4 * MiB, [(0, noise(4 * MiB, 31))])
+        rp = repofs("ingest", repo, "--vm", "vm", f"d0={img}").stdout.split()[-1]
+        repofs("protect", repo, "vm", rp)
+        fill = fs / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={fill}", "bs=64k"], capture_output=True)
+        subprocess.run(["dd", "if=/dev/zero", f"of={fill}.2", "bs=4k"], capture_output=True)
+        proc = repofs("unprotect", repo, "vm", rp)
+        assert "gave up the repository's reserve" in proc.stdout, proc.stdout
+        assert f"vm/{rp}: unprotected" in proc.stdout
+        repofs("delete", repo, "vm", rp)
+        assert rp_ids(repo, "vm") == []
+        fill.unlink()
+        Path(f"{fill}.2").unlink()
+
+
 def test_prune_gives_up_the_reserve_when_its_first_attempt_finds_no_space(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

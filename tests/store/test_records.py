@@ -9,9 +9,11 @@ apart, then ``prune --keep-last 2``.  So it holds two restore points and a tombs
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -24,6 +26,7 @@ from repofs.store.index import Index
 from repofs.store.records import RecordType
 from repofs.store.repository import Repository
 from repofs.store.restorepoint import RestorePoint
+from repofs.store.rprecords import Protection
 from tests.support.maint import (
     MiB,
     assert_one_line_error,
@@ -134,6 +137,19 @@ class TestFormatUpgrade:
         assert "no problems found" in repofs("verify", repo).stdout
         collect_garbage(str(repo))
         assert "no problems found" in repofs("verify", repo).stdout
+
+    def test_the_upgrade_says_so_once(self, tmp_path: Path) -> None:
+        """The command that upgrades warns on stderr (a mount an older repofs started shows
+        a VM with a format-2 record as an I/O error until remounted); later ones do not."""
+        repo = v1_repo(tmp_path)
+        img = tmp_path / "day4.img"
+        img.write_bytes(v1_day(4))
+        first = repofs("ingest", repo, "--vm", "web", f"d0={img}", "--json")
+        assert first.stderr.count("upgraded to format version 2") == 1
+        assert "must be remounted" in first.stderr
+        assert json.loads(first.stdout)["vm"] == "web"
+        second = repofs("protect", repo, "web", "latest")
+        assert "upgraded" not in second.stderr
 
     @pytest.mark.parametrize(
         "command",
@@ -281,6 +297,58 @@ class TestProtect:
         repofs("delete", repo, "vm", rp)
         assert rp_ids(repo) == []
 
+    def test_a_flag_already_set_is_written_again(self, tmp_path: Path) -> None:
+        """protect after an unprotect killed between its record and its transaction (the
+        index still says protected) writes its own record: rebuild-index and prune keep it."""
+        repo = new_repo(tmp_path / "repo")
+        rp = ingest_here(repo, "vm", {"d0": image(tmp_path, "a.img", 1)})
+        repofs("protect", repo, "vm", rp)
+        with Repository.open(str(repo)) as r:  # what an unprotect killed here leaves
+            target = r.resolve("vm", rp)
+            flag_seq = r.index.write(r.index.next_seq)
+            writer = r.writer()
+            writer.put_new(
+                RecordType.PROTECTION, Protection("vm", rp, target.seq, flag_seq, False).body()
+            )
+            writer.flush()
+        assert "(it already was)" in repofs("protect", repo, "vm", rp).stdout
+        repofs("rebuild-index", repo)
+        assert [p["protected"] for p in listing(repo)] == [True]
+        repofs("prune", repo, "--force")
+        assert rp_ids(repo) == [rp]
+
+    @pytest.mark.parametrize("command", ["protect", "delete"])
+    def test_a_rebuild_while_waiting_for_the_lock_is_followed(
+        self, tmp_path: Path, command: str
+    ) -> None:
+        """protect and delete that waited for a rebuild-index act on the new index; they
+        failed with "the index was replaced ... run the command again"."""
+        repo = new_repo(tmp_path / "repo")
+        rp = ingest_here(repo, "vm", {"d0": image(tmp_path, "a.img", 1)})
+        rebuilt = tmp_path / "copy"
+        shutil.copytree(repo, rebuilt)
+        repofs("rebuild-index", rebuilt)
+        fds = [
+            os.open(repo / name, os.O_RDWR | os.O_CREAT, 0o600)
+            for name in ("lock.gate", "lock.main")
+        ]
+        try:
+            for fd in fds:  # as rebuild-index holds them, up to its swap
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            proc = spawn(command, repo, "vm", rp)
+            wait_for_line(proc, "waiting")
+            os.rename(repo / "index", tmp_path / "index.old")
+            shutil.copytree(rebuilt / "index", repo / "index")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        _out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        if command == "protect":
+            assert [p["protected"] for p in listing(repo)] == [True]
+        else:
+            assert rp_ids(repo) == []
+
     def test_gc_keeps_protection_records(self, tmp_path: Path) -> None:
         """gc keeps the small pack that holds a protection record (nothing else references
         it), even when it rewrites every pack: rebuild-index after gc still knows the flag."""
@@ -304,7 +372,13 @@ class TestDelete:
         out = repofs("delete", repo, "vm", ids[1], "--dry-run").stdout
         assert f"{ids[1]:<19} would delete" in out and rp_ids(repo) == ids
         got = json.loads(repofs("delete", repo, "vm", ids[1], ids[1], "--json").stdout)
-        assert got == {"vm": "vm", "dry_run": False, "restore_points": [ids[1]], "removed": 1}
+        assert got == {
+            "vm": "vm",
+            "dry_run": False,
+            "restore_points": [ids[1]],
+            "removed": 1,
+            "reserve_given_up": 0,
+        }
         assert rp_ids(repo) == [ids[0], ids[2]]
         repofs("rebuild-index", repo)
         collect_garbage(str(repo))

@@ -494,6 +494,65 @@ def _prepare_gc(base: Path) -> None:
     prune_repository(str(base / "repo"), Policy(last=1))
 
 
+def _check_delete(base: Path) -> bool:
+    repo = base / "repo"
+    old = _image(base, "a.img")
+    contents = _expect(_restore_points(repo), [_image(base, "b.img")], [old])
+    _healthy(repo, pruning=old)
+    return old not in contents
+
+
+V1_FIXTURE = Path(__file__).parents[1] / "data" / "v1-repository.tar.gz"
+V1_VM, V1_RP = "web", "2026-12-07T162524Z"  # the fixture's VM and its older restore point
+
+
+def _prepare_v1(base: Path) -> None:
+    """The version-1 repository of tests/data, which protect upgrades before it writes."""
+    import tarfile
+
+    base.mkdir(parents=True)
+    with tarfile.open(V1_FIXTURE) as tar:
+        tar.extractall(base, filter="data")
+    os.chmod(base / "repo", 0o700)
+
+
+def _check_protect_v1(base: Path) -> bool:
+    """Version 1 or 2, both restore points whole and listed; the flag only once committed.
+
+    Between the protection record and the index transaction the index says
+    unprotected and rebuild-index protected: the two states a cut may leave.
+    """
+    from repofs.maintenance.gc import collect_garbage
+    from repofs.maintenance.rebuild import rebuild_index
+    from repofs.maintenance.verify import verify_repository
+    from repofs.store.config import RepoConfig
+    from repofs.store.repository import Repository
+
+    repo = base / "repo"
+    assert RepoConfig.load(str(repo)).version in (1, 2)
+    with Repository.open(str(repo)) as r:
+        flags = {rp.id: rp.protected for rp in r.restore_points(V1_VM)}
+    assert len(flags) == 2 and V1_RP in flags, flags
+    result = verify_repository(str(repo), threads=2)
+    assert result.ok, f"verify after the cut: {_problems(result)}"
+    collect_garbage(str(repo))
+    rebuilt = rebuild_index(str(repo), threads=2, progress=False)
+    assert not rebuilt.incomplete and not rebuilt.damaged, rebuilt
+    with Repository.open(str(repo)) as r:
+        after = {rp.id: rp.protected for rp in r.restore_points(V1_VM)}
+    assert after.keys() == flags.keys(), "rebuild-index changed the restore points"
+    assert after[V1_RP] or not flags[V1_RP], "rebuild-index lost a committed protection"
+    result = verify_repository(str(repo), threads=2)
+    assert result.ok, f"verify after gc and rebuild-index: {_problems(result)}"
+    return flags[V1_RP]
+
+
+def _oldest(repo: Path) -> str:
+    from tests.support.maint import rp_ids
+
+    return rp_ids(repo, VM)[0]
+
+
 def scenarios() -> dict[str, Scenario]:
     """Every command whose cuts the campaign checks, by name."""
     return {
@@ -543,6 +602,18 @@ def scenarios() -> dict[str, Scenario]:
                 _prepare_with(["a.img", "b.img"]),
                 lambda base: ["prune", str(base / "repo"), "--keep-last", "1"],
                 _check_prune,
+            ),
+            Scenario(
+                "delete",
+                _prepare_with(["a.img", "b.img"]),
+                lambda base: ["delete", str(base / "repo"), VM, _oldest(base / "repo")],
+                _check_delete,
+            ),
+            Scenario(
+                "protect-v1",
+                _prepare_v1,
+                lambda base: ["protect", str(base / "repo"), V1_VM, V1_RP],
+                _check_protect_v1,
             ),
         )
     }
