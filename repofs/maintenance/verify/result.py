@@ -21,15 +21,17 @@ class Problem:
 
 @dataclass
 class VerifyResult:
-    problems: list[Problem] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    vms: int = 0
-    restore_points: int = 0
-    pages: int = 0
-    objects_checked: int = 0
-    bytes_checked: int = 0
-    elapsed: float = 0.0
-    sample: float | None = None
+    """What one run found and covered; its fields are the keys of ``verify --json``."""
+
+    problems: list[Problem] = field(default_factory=list)  #: any of them: exit status 5
+    warnings: list[str] = field(default_factory=list)  #: harmless (leftovers, loose modes): exit 0
+    vms: int = 0  #: VMs checked (of ``--vm``: one)
+    restore_points: int = 0  #: restore points checked; without an index, those the packs hold
+    pages: int = 0  #: map pages loaded with their digest checked (a shared page once)
+    objects_checked: int = 0  #: records re-read and re-hashed from the packs
+    bytes_checked: int = 0  #: their bytes as stored (headers included)
+    elapsed: float = 0.0  #: seconds, from opening the repository to the last check
+    sample: float | None = None  #: ``--sample``: the percentage of chunks re-read; None: all
 
     @property
     def ok(self) -> bool:
