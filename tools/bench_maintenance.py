@@ -155,7 +155,8 @@ def core_rates(repo_path: Path) -> dict[str, float]:
     import blake3
     import zstandard
 
-    from repofs.maintenance.verify import _check_window, _Entry, plan_windows
+    from repofs.maintenance.verify.recordcheck import _check_window
+    from repofs.maintenance.verify.windows import _Entry, plan_windows
     from repofs.store.index import LOCATION
     from repofs.store.records import RECORD_HEADER, RECORD_HEADER_SIZE, Codec
 

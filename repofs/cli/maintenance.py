@@ -57,7 +57,7 @@ def verify(
 
     Exits non-zero when anything is missing or damaged.
     """
-    from repofs.maintenance.verify import MAX_RANGES_SHOWN, verify_repository
+    from repofs.maintenance.verify.checks import MAX_RANGES_SHOWN, verify_repository
 
     r = verify_repository(
         repo,

@@ -28,7 +28,7 @@ from repofs.errors import IntegrityError, NoSpaceError
 from repofs.maintenance import prune as prune_module
 from repofs.maintenance.gc import collect_garbage
 from repofs.maintenance.rebuild import rebuild_index
-from repofs.maintenance.verify import verify_repository
+from repofs.maintenance.verify.checks import verify_repository
 from repofs.store.index import Index
 from repofs.store.records import RECORD_HEADER_SIZE, RecordType
 from repofs.store.repository import Repository

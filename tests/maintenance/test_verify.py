@@ -12,8 +12,10 @@ from typing import Any
 import lmdb
 import pytest
 
-import repofs.maintenance.verify as verify_module
-from repofs.maintenance.verify import PackReader, plan_windows, verify_repository
+import repofs.maintenance.verify.checks as verify_module
+from repofs.maintenance.verify.checks import verify_repository
+from repofs.maintenance.verify.packreader import PackReader, _read_from_store
+from repofs.maintenance.verify.windows import _Entry, plan_windows
 from repofs.store.index import LOCATION, object_key
 from repofs.store.records import RECORD_HEADER_SIZE, RecordType
 from repofs.store.repository import Repository
@@ -114,14 +116,12 @@ class TestCleanRepository:
         ingest_here(repo, "a", {"d0": img})
         with Repository.open(str(repo)) as r:
             entries = sorted(
-                verify_module._Entry(*LOCATION.unpack(v), k[0], k[1:])
+                _Entry(*LOCATION.unpack(v), k[0], k[1:])
                 for k, v in r.index.read(lambda t: list(r.index.items(t, "objects")))
             )
             windows = plan_windows(entries)
             assert len(windows) >= 3  # 20 MiB of chunks: several windows in one pack
-            want = [
-                bytes(data) for _w, data, _n in verify_module._read_from_store(r.packs, windows)
-            ]
+            want = [bytes(data) for _w, data, _n in _read_from_store(r.packs, windows)]
             with PackReader(r.packs, windows, 2) as reader:  # two buffers: reuse is exercised
                 got = []
                 for _window, buf, n in reader:

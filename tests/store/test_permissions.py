@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from repofs.maintenance.verify import permission_warnings
+from repofs.maintenance.verify.permissions import permission_warnings
 from tests.support.maint import MiB, cli_argv, cli_env, make_image, mounted, noise, repofs
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]

@@ -393,7 +393,7 @@ def _healthy(repo: Path, pruning: bytes | None = None) -> None:
     """
     from repofs.maintenance.gc import collect_garbage
     from repofs.maintenance.rebuild import rebuild_index
-    from repofs.maintenance.verify import verify_repository
+    from repofs.maintenance.verify.checks import verify_repository
 
     result = verify_repository(str(repo), threads=2)
     assert result.ok, f"verify after the cut: {_problems(result)}"

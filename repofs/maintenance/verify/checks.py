@@ -15,134 +15,64 @@ The checks, in the order they run:
 5. every indexed object (or those of ``--vm``, or a ``--sample`` of the
    chunks) is re-read and re-hashed.  Objects are sorted by pack and offset
    and read in large sequential windows by one thread, with ``O_DIRECT``
-   into a few reused buffers (:class:`PackReader`); decompression and
+   into a few reused buffers (:mod:`.packreader`); decompression and
    hashing run straight from those buffers on every core, one window per
-   task (:func:`_check_window`), so verify reads each pack once, front to
+   task (:mod:`.recordcheck`), so verify reads each pack once, front to
    back, at the disk's speed or the cores' (zstd and BLAKE3), whichever is
    lower;
 6. leftovers (packs the index does not know, unfinished packs) and files
    that others than the owner may read are reported as warnings.
 
 Each problem then lists the restore points, disks and byte ranges it
-affects: bad chunks and pages are mapped back through every map that
-references them (memoised per page).
+affects (:mod:`.damage`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import itertools
 import json
-import mmap
 import os
-import queue
 import random
-import stat
 import struct
-import threading
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from typing import NamedTuple
 
-import blake3
 import lmdb
-import zstandard
 
 from repofs.errors import IndexAccessError, IntegrityError, RepositoryError, UsageError
 from repofs.maintenance.gc import unindexed_packs, unlisted_restore_points
-from repofs.maintenance.packscan import scan_pack
+from repofs.maintenance.verify.damage import map_damage
+from repofs.maintenance.verify.noindex import _without_index
+from repofs.maintenance.verify.packreader import PackReader, _keep, _read_from_store
+from repofs.maintenance.verify.permissions import permission_warnings
+from repofs.maintenance.verify.recordcheck import _check_window
+from repofs.maintenance.verify.result import Problem, VerifyResult
+from repofs.maintenance.verify.windows import _Buffer, _Entry, _Failures, _Window, plan_windows
 from repofs.store.config import RepoConfig
 from repofs.store.index import LOCATION, PACK_INFO, Location
-from repofs.store.mapwalk import DamageMapper, MapWalker, byte_ranges
+from repofs.store.mapwalk import MapWalker
 from repofs.store.names import validate_vm_name
-from repofs.store.packstore import LocalPackStore, PackStore
+from repofs.store.packstore import LocalPackStore
 from repofs.store.records import (
     PACK_HEADER,
-    RECORD_HEADER,
     RECORD_HEADER_SIZE,
-    RECORD_MAGIC,
     ZERO_DIGEST,
-    Codec,
     RecordType,
     check_pack_header,
-    decode_header,
-    thread_decompressor,
 )
-from repofs.store.repository import NEW_INDEX_DIR, PACKS_DIR, Repository
+from repofs.store.repository import NEW_INDEX_DIR, Repository
 from repofs.store.restorepoint import RestorePoint
-from repofs.store.rprecords import parse_rp_record, parse_tombstone, rp_record_digest
-from repofs.util.directio import ALIGN, HUGE_PAGE, direct_buffer, read_into
+from repofs.store.rprecords import rp_record_digest
 from repofs.util.progress import Progress
 
-WINDOW = 8 * 1024 * 1024  # one sequential read
-GAP = 1024 * 1024  # read through holes smaller than this rather than seek
 MAX_RANGES_SHOWN = 8
 _RAW_LEN = struct.Struct(">I")  # the last field of index.LOCATION
 assert LOCATION.size == 32 and LOCATION.format.endswith("I")
 INDEX_DAMAGE = (lmdb.Error, json.JSONDecodeError, struct.error, UnicodeDecodeError)
-
-
-@dataclass
-class Problem:
-    """Something stored that is missing or wrong, and what it harms."""
-
-    subject: str
-    message: str
-    affects: list[str] = field(default_factory=list)
-
-
-@dataclass
-class VerifyResult:
-    problems: list[Problem] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    vms: int = 0
-    restore_points: int = 0
-    pages: int = 0
-    objects_checked: int = 0
-    bytes_checked: int = 0
-    elapsed: float = 0.0
-    sample: float | None = None
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def to_dict(self) -> dict[str, object]:
-        """``verify --json``: every field, and ``ok``."""
-        return {"ok": self.ok, **asdict(self)}
-
-
-class _Entry(NamedTuple):
-    """One object to re-read.  A tuple, so that sorting by pack and offset runs in C."""
-
-    pack_id: bytes
-    offset: int
-    stored_len: int
-    raw_len: int
-    rtype: int  # a RecordType; kept a plain int in the hot loop
-    digest: bytes
-
-
-@dataclass(slots=True)
-class _Window:
-    """One sequential read: block-aligned ``start``, and the records lying wholly inside it."""
-
-    pack_id: bytes
-    start: int
-    length: int
-    entries: list[_Entry]
-    nbytes: int  # record bytes in it, for the counters and the progress line
-
-
-_Buffer = mmap.mmap | bytes  # what a window is read into
-#: the failures of one window, ``(entry, message)``; records that checked out are not listed
-_Failures = list[tuple[_Entry, str]]
 
 
 def verify_repository(
@@ -575,366 +505,21 @@ class _Verifier:
     # -- mapping damage to disks ------------------------------------------------------
 
     def _map_damage(self, rps: list[RestorePoint]) -> None:
-        problems = self.result.problems
-        if self.bad_chunks or self.bad_pages:
-            mapper = DamageMapper(
-                self.repo.config.page_refs, self._load_page, self.bad_chunks, self.bad_pages
-            )
-            unlabelled = -1
-            for rp in rps:
-                for disk in rp.disks:
-                    for label, ranges in sorted(mapper.chunk_ranges(disk.map).items()):
-                        if label == unlabelled:
-                            label = unlabelled = self._problem(
-                                "map pages", "became unreadable while verify ran"
-                            )
-                        spans = byte_ranges(ranges, self.cs, disk.capacity)
-                        limit = len(spans) if self.max_ranges is None else self.max_ranges
-                        shown = ", ".join(f"{a}-{b - 1}" for a, b in spans[:limit])
-                        more = (
-                            f" and {len(spans) - limit} more ranges (--all-ranges names them)"
-                            if len(spans) > limit
-                            else ""
-                        )
-                        problems[label].affects.append(
-                            f"{rp.vm}/{rp.id} {disk.name}-flat.vmdk bytes {shown}{more}"
-                        )
-        for digest, label in self.bad_blobs.items():
-            for rp in rps:
-                for cfg in rp.configs:
-                    entry = f"{rp.vm}/{rp.id} config file {cfg.name}"
-                    if cfg.digest == digest.hex() and entry not in problems[label].affects:
-                        problems[label].affects.append(entry)
-        for p in problems:
-            if not p.affects:
-                p.affects.append(
-                    "no restore point reaches it through a readable map, but a later "
-                    "ingest could deduplicate against it: 'repofs rebuild-index' "
-                    "drops what is damaged from the index"
-                )
-
-
-def plan_windows(work: list[_Entry]) -> list[_Window]:
-    """Cut ``work`` (sorted by pack, offset) into reads of at most ``WINDOW`` bytes.
-
-    A window holds whole records only and reads through holes under
-    ``GAP``, where seeking would cost more than reading.  Its start is
-    rounded down to a block boundary so that it can be read with
-    ``O_DIRECT``; neighbouring windows may share that one block.
-    """
-    out: list[_Window] = []
-    i, n = 0, len(work)
-    while i < n:
-        first = work[i]
-        pack, begin = first.pack_id, first.offset
-        start = begin - begin % ALIGN
-        end = begin + RECORD_HEADER_SIZE + first.stored_len
-        nbytes = end - begin
-        j = i + 1
-        while j < n:
-            e = work[j]
-            e_end = e.offset + RECORD_HEADER_SIZE + e.stored_len
-            if e.pack_id != pack or e.offset - end > GAP or e_end - start > WINDOW:
-                break
-            end = max(end, e_end)
-            nbytes += e_end - e.offset
-            j += 1
-        out.append(_Window(pack, start, end - start, work[i:j], nbytes))
-        i = j
-    return out
-
-
-class PackReader:
-    """Reads windows of many packs in order on one thread, into a few reused aligned buffers.
-
-    Yields ``(window, buffer, length)``, or ``(window, None, error)`` for a
-    window that cannot be read; give each buffer back with :meth:`release`
-    once nothing looks at it any more.  At most ``buffers`` windows are read
-    ahead of the releases, which bounds memory and throttles the reader to
-    the checkers' pace.
-
-    Why not one :class:`repofs.util.directio.SequentialReader` per pack: each one
-    maps and faults in a fresh buffer (shared memory, 8 MiB here) and copies
-    every window out of it into new ``bytes``.  With 32 MiB packs that
-    was 1.1-1.4 s of system time and 4.4-4.5 s of CPU for the 2 GiB
-    benchmark, against 0.2-0.3 s and 3.0-3.4 s here: the buffers are mapped
-    once per run, one thread reads across pack boundaries, and the
-    checkers read straight from the buffers.  The reads themselves are the
-    same: ``O_DIRECT`` (no page cache: no kernel page allocation, zero-fill
-    and copy per byte, and the bytes checked are the disk's, not a cached
-    copy), and the page cache for packs whose file system refuses it.
-    """
-
-    def __init__(self, store: LocalPackStore, windows: list[_Window], buffers: int) -> None:
-        size = max((w.length for w in windows), default=0)
-        size = max(HUGE_PAGE, -(-size // HUGE_PAGE) * HUGE_PAGE)
-        self._buffers = [direct_buffer(size) for _ in range(buffers)]
-        self._free: queue.SimpleQueue[mmap.mmap | None] = queue.SimpleQueue()
-        for buf in self._buffers:
-            self._free.put(buf)
-        self._out: queue.SimpleQueue[tuple[_Window, mmap.mmap | None, int | str] | None] = (
-            queue.SimpleQueue()
+        map_damage(
+            self.result.problems,
+            self._problem,
+            rps,
+            page_refs=self.repo.config.page_refs,
+            chunk_size=self.cs,
+            load_page=self._load_page,
+            bad_chunks=self.bad_chunks,
+            bad_pages=self.bad_pages,
+            bad_blobs=self.bad_blobs,
+            max_ranges=self.max_ranges,
         )
-        self._store = store
-        self.windows = windows
-        self._stop = threading.Event()
-        self._crash: BaseException | None = None
-        #: packs read with O_DIRECT and through the page cache (for tests and curiosity)
-        self.direct_packs = 0
-        self.buffered_packs = 0
-        self._thread = threading.Thread(target=self._run, name="repofs-verify-read", daemon=True)
-        self._thread.start()
-
-    def __iter__(self) -> Iterator[tuple[_Window, mmap.mmap | None, int | str]]:
-        while (item := self._out.get()) is not None:
-            yield item
-        if self._crash is not None:
-            raise RuntimeError("verify's pack reader failed") from self._crash
-
-    def release(self, buf: mmap.mmap) -> None:
-        self._free.put(buf)
-
-    def close(self) -> None:
-        """Stop reading ahead and free the buffers; safe to call twice."""
-        self._stop.set()
-        self._free.put(None)  # wakes the reader if it waits for a buffer
-        self._thread.join()
-        for buf in self._buffers:
-            with contextlib.suppress(BufferError):  # a view is still out: the GC frees it
-                buf.close()
-
-    def __enter__(self) -> PackReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _run(self) -> None:
-        try:
-            for pack_id, group in itertools.groupby(self.windows, key=lambda w: w.pack_id):
-                if self._stop.is_set() or not self._read_pack(pack_id, list(group)):
-                    return
-        except BaseException as exc:  # a bug: must not end the stream as if all was read
-            self._crash = exc
-        finally:
-            self._out.put(None)
-
-    def _read_pack(self, pack_id: bytes, group: list[_Window]) -> bool:
-        """Read one pack's windows; False when asked to stop."""
-        name = pack_id.hex()
-        path = self._store.path_of(pack_id)
-        direct = True
-        try:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                direct = False  # the file system refuses O_DIRECT
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                error = f"pack {name} is missing"
-            else:
-                error = f"pack {name}: cannot open: {exc.strerror}"
-            for w in group:
-                self._out.put((w, None, error))
-            return True
-        try:
-            for w in group:
-                buf = self._free.get()
-                if buf is None or self._stop.is_set():
-                    return False
-                try:
-                    try:
-                        n = read_into(fd, buf, w.start, w.length, direct)
-                    except OSError as exc:
-                        if not direct or exc.errno != errno.EINVAL:
-                            raise
-                        # The file system took the open but not the read: the page cache then.
-                        os.close(fd)
-                        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                        direct = False
-                        n = read_into(fd, buf, w.start, w.length, direct)
-                except OSError as exc:
-                    self._free.put(buf)
-                    error = f"pack {name}: read error at offset {w.start}: {exc.strerror}"
-                    self._out.put((w, None, error))
-                else:
-                    self._out.put((w, buf, n))
-        finally:
-            os.close(fd)
-            if direct:
-                self.direct_packs += 1
-            else:
-                self.buffered_packs += 1
-        return True
-
-
-def _read_from_store(
-    store: PackStore, windows: list[_Window]
-) -> Iterator[tuple[_Window, bytes | None, int | str]]:
-    """Windows of a store that is not a local directory (an object store): one ranged read each."""
-    for w in windows:
-        try:
-            data = store.read(w.pack_id, w.start, w.length)
-        except IntegrityError as exc:
-            yield w, None, str(exc)
-        else:
-            yield w, data, len(data)
-
-
-def _keep(buf: _Buffer) -> None:
-    """Buffers of other stores are plain bytes: nothing to give back."""
-
-
-def _check_window(data: memoryview, window: _Window) -> _Failures:
-    """Check every record of one window: header, that it is the object indexed, its content.
-
-    verify's hot loop, run on every core: zstd and BLAKE3 release the GIL,
-    so what runs under it (header fields, compares) is kept to a few plain
-    operations per record.  Payloads are sliced out of ``data`` without
-    copies, and the exact message of a bad header is only worked out when
-    one fails.
-    """
-    unpack = RECORD_HEADER.unpack_from
-    crc32 = zlib.crc32
-    hasher = blake3.blake3
-    size = len(data)
-    base = window.start
-    dctx = thread_decompressor()
-    zstd, raw_codec = int(Codec.ZSTD), int(Codec.NONE)
-    failures: _Failures = []
-    for e in window.entries:
-        start = e.offset - base
-        body = start + RECORD_HEADER_SIZE
-        end = body + e.stored_len
-        if end > size:
-            failures.append(
-                (
-                    e,
-                    f"{_where(e)}: truncated: the record needs {end - start} bytes, "
-                    f"the pack ends at {base + size}",
-                )
-            )
-            continue
-        magic, rtype, codec, _flags, stored, raw_len, digest, crc = unpack(data, start)
-        if (
-            magic != RECORD_MAGIC
-            or crc32(data[start : body - 4]) != crc
-            or rtype != e.rtype
-            or digest != e.digest
-            or stored != e.stored_len
-            or raw_len != e.raw_len
-            or codec not in (zstd, raw_codec)
-        ):
-            failures.append((e, _header_problem(data[start:body], e)))
-            continue
-        if codec == zstd:
-            try:
-                raw: bytes | memoryview = dctx.decompress(data[body:end], max_output_size=raw_len)
-            except zstandard.ZstdError as exc:
-                failures.append((e, f"{_where(e)}: cannot decompress: {exc}"))
-                continue
-            if len(raw) != raw_len:
-                failures.append(
-                    (e, f"{_where(e)}: decompressed to {len(raw)} bytes, expected {raw_len}")
-                )
-                continue
-        else:
-            raw = data[body:end]
-        if hasher(raw).digest() != digest:
-            failures.append((e, f"{_where(e)}: content does not match its digest"))
-    return failures
-
-
-def _where(e: _Entry) -> str:
-    return f"pack {e.pack_id.hex()} offset {e.offset}"
-
-
-def _header_problem(header: memoryview, e: _Entry) -> str:
-    """What is wrong with a record header that failed the quick checks, in decode_header's words."""
-    where = _where(e)
-    try:
-        hdr = decode_header(header, where)
-    except IntegrityError as exc:
-        return str(exc)
-    if hdr.type != e.rtype or hdr.digest != e.digest:
-        return f"{where}: holds another object than the index says"
-    return f"{where}: lengths differ from the index"
 
 
 def _done(value: _Failures) -> Future[_Failures]:
     fut: Future[_Failures] = Future()
     fut.set_result(value)
     return fut
-
-
-def permission_warnings(repo_path: str) -> list[str]:
-    """Files and directories of the repository that anyone but the owner may access."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(repo_path):
-        for name in [".", *dirnames, *filenames]:
-            p = os.path.normpath(os.path.join(dirpath, name))
-            if name == "." and dirpath != repo_path:
-                continue
-            try:
-                mode = os.lstat(p).st_mode
-            except OSError:
-                continue
-            if stat.S_ISLNK(mode):
-                continue
-            if mode & 0o077:
-                out.append(
-                    f"{p} is accessible to others than its owner "
-                    f"(mode {stat.S_IMODE(mode):04o}; repositories are owner-only)"
-                )
-    return out
-
-
-def _without_index(path: str, config: RepoConfig, why: str, threads: int | None) -> VerifyResult:
-    """The index cannot be used: name every restore point the packs hold; none is readable now."""
-    from repofs.maintenance.packscan import check_payloads
-
-    result = VerifyResult()
-    store = LocalPackStore(os.path.join(path, PACKS_DIR))
-    found: dict[tuple[str, str], int] = {}
-    dead: set[tuple[str, str, int]] = set()
-    keep = frozenset({RecordType.RESTORE_POINT, RecordType.TOMBSTONE})
-    with ThreadPoolExecutor(threads or max(2, os.cpu_count() or 1)) as pool:
-        for pack_id in store.list():
-            scan = scan_pack(store, pack_id, config.repository_id)
-            scan.records = [r for r in scan.records if r.header.type in keep]
-            for rec, raw, _err in check_payloads(scan, pool, keep):
-                if raw is None:
-                    continue
-                if rec.header.type == RecordType.TOMBSTONE:
-                    t = parse_tombstone(raw)
-                    if t is not None:
-                        dead.add(t.target)
-                else:
-                    doc = parse_rp_record(raw)
-                    if doc is not None:
-                        key = (doc["vm"], doc["id"])
-                        found[key] = max(found.get(key, 0), doc["seq"])
-    store.close()
-    live = sorted(
-        f"{vm}/{rp_id}" for (vm, rp_id), seq in found.items() if (vm, rp_id, seq) not in dead
-    )
-    result.restore_points = len(live)
-    result.vms = len({name.split("/")[0] for name in live})
-    hint = (
-        ""
-        if "rebuild-index" in why
-        else "; run 'repofs rebuild-index' to rebuild it from the packs"
-    )
-    result.problems.append(
-        Problem(
-            "index",
-            f"{why}{hint}",
-            [f"{name} (unreadable until the index is rebuilt)" for name in live]
-            or ["no restore point was found in the packs"],
-        )
-    )
-    result.warnings.extend(permission_warnings(path))
-    return result
