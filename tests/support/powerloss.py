@@ -524,7 +524,7 @@ def _check_protect_v1(base: Path) -> bool:
     """
     from repofs.maintenance.gc import collect_garbage
     from repofs.maintenance.rebuild import rebuild_index
-    from repofs.maintenance.verify import verify_repository
+    from repofs.maintenance.verify.checks import verify_repository
     from repofs.store.config import RepoConfig
     from repofs.store.repository import Repository
 
