@@ -168,7 +168,6 @@ def prune_repository(
         repo.lock(),  # decides on the index in force, not one replaced while it waited
         keep_lock(path),
     ):
-        _follow_a_rebuild(repo)
         rps = repo.restore_points(vm)
         if vm is not None and not rps:
             raise UsageError(f"unknown VM {vm!r}: it has no restore points")
@@ -183,18 +182,6 @@ def prune_repository(
                 path, lambda: _remove(repo, doomed)
             )
     return result
-
-
-def _follow_a_rebuild(repo: Repository) -> None:
-    """Decide on the index a rebuild-index swapped in while this command waited for its locks.
-
-    The repository is opened (and checked) before the locks are taken; a
-    rebuild-index that held them meanwhile replaced the index, which the
-    old handle no longer writes to ("run the command again"), and whose
-    restore points and flags the old one no longer shows.  Under the shared
-    lock no other rebuild can swap it again.
-    """
-    repo.index.follow_replacement()
 
 
 def _remove(repo: Repository, doomed: list[RestorePoint]) -> int:
@@ -243,7 +230,6 @@ def delete_restore_points(
         repo.lock(),  # decides on the index in force, not one replaced while it waited
         keep_lock(path),
     ):
-        _follow_a_rebuild(repo)
         doomed = []
         for rp_id in dict.fromkeys(ids):
             rp = repo.resolve(vm, rp_id)
@@ -288,7 +274,6 @@ def set_protected(
         repo.lock(),  # decides on the index in force, not one replaced while it waited
         keep_lock(path),
     ):
-        _follow_a_rebuild(repo)
         rps = list({rp.id: rp for rp in (repo.resolve(vm, spec) for spec in specs)}.values())
         if protected:
             _refuse_tombstoned(repo, rps)
