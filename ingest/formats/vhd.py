@@ -31,7 +31,6 @@ from ingest.formats.imgutil import (
     TableCache,
     bit_runs,
     msb_bitmap_to_int,
-    open_backing,
 )
 
 FOOTER_COOKIE = b"conectix"
@@ -197,15 +196,7 @@ class VhdSource(LayeredSource):
         candidates = self._parent_candidates(hdr)
         if not candidates:
             raise self.fail("differencing VHD has no usable parent locator")
-        found = next((p for p in candidates if os.path.exists(p)), None)
-        if found is None:
-            raise self.fail(f"parent VHD not found (tried {', '.join(candidates)})")
-        parent = open_backing(
-            self.path, found, None, "parent", name=candidates[found], expect="vhd"
-        )
-        self._backing = parent
-        if not isinstance(parent, VhdSource):
-            raise self.fail(f"parent {found} is a {parent.format_name} image, not a VHD")
+        found, parent = self._open_parent_of(candidates, VhdSource, "VHD")
         if parent.unique_id != expected:
             raise self.fail(
                 f"parent {found} has unique id {parent.unique_id}, but this differencing "

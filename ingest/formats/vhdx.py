@@ -28,7 +28,6 @@ from ingest.formats.imgutil import (
     Segment,
     TableCache,
     bit_runs,
-    open_backing,
 )
 
 KiB, MiB = 1024, 1024 * 1024
@@ -342,15 +341,7 @@ class VhdxSource(LayeredSource):
                 candidates.setdefault(_windows_path(here, entries[key]), entries[key])
         if not candidates:
             raise self.fail("parent locator names no parent path")
-        found = next((p for p in candidates if os.path.exists(p)), None)
-        if found is None:
-            raise self.fail(f"parent VHDX not found (tried {', '.join(candidates)})")
-        parent = open_backing(
-            self.path, found, None, "parent", name=candidates[found], expect="vhdx"
-        )
-        self._backing = parent
-        if not isinstance(parent, VhdxSource):
-            raise self.fail(f"parent {found} is a {parent.format_name} image, not a VHDX")
+        found, parent = self._open_parent_of(candidates, VhdxSource, "VHDX")
         if parent.data_write_guid not in accepted:
             raise self.fail(
                 f"parent {found} has data write GUID {parent.data_write_guid}, but this "
@@ -383,6 +374,17 @@ class VhdxSource(LayeredSource):
         self._bitmaps.put(block, bits)
         return bits
 
+    def _block_host(self, block: int, entry: int) -> int:
+        """Where a present block's data starts in the file, checked to lie inside it."""
+        host = (entry >> 20) * MiB
+        need = min(self._block_size, self._size - block * self._block_size)
+        if host < MiB or host + need > self.file_size:
+            raise self.fail(
+                f"BAT entry for block {block} points to offset {host}, outside the file "
+                f"({self.file_size} bytes)"
+            )
+        return host
+
     def _block_runs(
         self, block: int, start: int, end: int
     ) -> Iterable[tuple[int, int, int, int | None]]:
@@ -390,13 +392,7 @@ class VhdxSource(LayeredSource):
         entry = self._bat[block + block // self._chunk_ratio]
         state = entry & 7
         if state == FULLY_PRESENT:
-            host = (entry >> 20) * MiB
-            need = min(self._block_size, self._size - block * self._block_size)
-            if host < MiB or host + need > self.file_size:
-                raise self.fail(
-                    f"BAT entry for block {block} points to offset {host}, outside the file "
-                    f"({self.file_size} bytes)"
-                )
+            host = self._block_host(block, entry)
             yield start, end - start, DATA, host + start
         elif state == NOT_PRESENT:
             yield start, end - start, BACKING if self._has_parent else ZERO, None
@@ -405,13 +401,7 @@ class VhdxSource(LayeredSource):
         elif state == PARTIALLY_PRESENT:
             if not self._has_parent:
                 raise self.fail(f"block {block} is partially present in a non-differencing VHDX")
-            host = (entry >> 20) * MiB
-            need = min(self._block_size, self._size - block * self._block_size)
-            if host < MiB or host + need > self.file_size:
-                raise self.fail(
-                    f"BAT entry for block {block} points to offset {host}, outside the file "
-                    f"({self.file_size} bytes)"
-                )
+            host = self._block_host(block, entry)
             bits = self._sector_bitmap(block)
             lss = self._lss
             first, last = start // lss, (end + lss - 1) // lss
