@@ -18,17 +18,8 @@ import struct
 import uuid
 from collections.abc import Iterable
 
-from ingest.formats.imgutil import (
-    BACKING,
-    DATA,
-    LRU,
-    ZERO,
-    LayeredSource,
-    Run,
-    Segment,
-    TableCache,
-    bit_runs,
-)
+from ingest.formats import imgutil
+from ingest.formats.imgutil import BACKING, DATA, ZERO, bit_runs
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -145,7 +136,7 @@ def is_valid_header(buf: bytes) -> bool:
     return len(buf) >= 4 * KiB and buf[:4] == b"head" and _checked(buf[: 4 * KiB], 4)
 
 
-class VhdxSource(LayeredSource):
+class VhdxSource(imgutil.LayeredSource):
     """A VHDX image; a differencing disk reads through its parent."""
 
     # -- structures -----------------------------------------------------------
@@ -294,8 +285,8 @@ class VhdxSource(LayeredSource):
         if entries * 8 > blen:
             raise self.fail(f"BAT region of {blen} bytes cannot hold {entries} entries")
         self._nblocks = blocks
-        self._bat = TableCache(self, "BAT", boff, entries, 8, False)
-        self._bitmaps = LRU(256)
+        self._bat = imgutil.TableCache(self, "BAT", boff, entries, 8, False)
+        self._bitmaps = imgutil.LRU(256)
         self._bits_per_block = bs // self._lss
 
     # -- parent ---------------------------------------------------------------
@@ -414,10 +405,10 @@ class VhdxSource(LayeredSource):
         else:
             raise self.fail(f"BAT entry for block {block} has reserved state {state}")
 
-    def _map(self, offset: int, length: int) -> Iterable[Run]:
+    def _map(self, offset: int, length: int) -> Iterable[imgutil.Run]:
         return self.map_by_blocks(offset, length, self._block_size, self._block_runs)
 
-    def _segments(self) -> Iterable[Segment]:
+    def _segments(self) -> Iterable[imgutil.Segment]:
         bs = self._block_size
         # Payload blocks never overlap, so together they fit in the file; a BAT
         # that says otherwise is corrupt (and would make this walk unbounded).
