@@ -14,19 +14,15 @@ import pytest
 from repofs.errors import IntegrityError, RepositoryError
 from repofs.store.records import RECORD_HEADER_SIZE, RecordType
 from repofs.store.repository import Repository
+from tests.support.helpers import assert_one_line_error, make_image, mounted, qemu_compare, repofs
 from tests.support.maint import (
     MiB,
-    assert_one_line_error,
     chunk_record,
     flip_byte,
     ingest_here,
-    make_image,
-    mounted,
     new_repo,
     noise,
-    qemu_compare,
     read_range,
-    repofs,
     rp_ids,
 )
 
