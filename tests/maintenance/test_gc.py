@@ -18,22 +18,17 @@ from repofs.errors import UsageError
 from repofs.maintenance.gc import collect_garbage
 from repofs.store.index import rp_key
 from repofs.store.repository import Repository
+from tests.support import maint
+from tests.support.helpers import assert_one_line_error, make_image, mounted, repofs, spawn
 from tests.support.maint import (
     MiB,
-    assert_one_line_error,
     chunk_record,
     ingest_here,
-    kill9,
-    make_image,
-    mounted,
     new_repo,
     noise,
     pack_files,
     read_disk,
-    read_range,
-    repofs,
     rp_ids,
-    spawn,
     wait_for_line,
 )
 
@@ -179,7 +174,7 @@ class TestUncommittedRecords:
         good = ingest_here(repo, "a", {"d0": img}, now=1_700_000_000)
         proc = spawn("ingest", repo, "--vm", "a", f"d0={img}", env=PAUSE)
         wait_for_line(proc, "pausing before commit")
-        kill9(proc)
+        maint.kill9(proc)
         saved = {p: p.read_bytes() for p in pack_files(repo)}
         assert rp_ids(repo) == [good]
         result = collect_garbage(str(repo))
@@ -324,7 +319,7 @@ class TestRaces:
             for _ in range(2):  # and after the gc that deletes what it held back
                 repofs("verify", repo, "--vm", "vm")
                 for offset, data in writes:
-                    got = read_range(repo, "vm", rp, offset - 4096, len(data) + 8192)
+                    got = maint.read_range(repo, "vm", rp, offset - 4096, len(data) + 8192)
                     assert got == (bytes(4096) if offset else b"") + data + bytes(4096)
                 repofs("gc", repo)
         assert overlapped, "gc never ran beside the ingest; the test proved nothing"
