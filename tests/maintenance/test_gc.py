@@ -288,7 +288,7 @@ class TestRaces:
 
     @pytest.mark.slow
     def test_gc_beside_running_ingests_of_a_sparse_image(self, tmp_path: Path) -> None:
-        """Unhooked ingests of a large sparse image (half of it garbage the ingest will reuse,
+        """Ingests of a large sparse image (half of it garbage the ingest will reuse,
         half new) run while gc runs, started before and after it; gc condemns what the ingest
         reuses and the commit brings it back: every restore point verifies and reads back,
         also after the next gc.  gc is slowed down so that the runs overlap for sure."""
@@ -303,12 +303,15 @@ class TestRaces:
                 writes[k] = (writes[k][0], noise(4 * MiB, 1000 * (round_ + 1) + k))
             make_image(img, 1024 * MiB, writes)
             slow_gc = {"REPOFS_TEST_GC_DELAY": "0.15"}
+            # On an idle machine the ingest could commit before gc condemns anything: a
+            # pause between its last lookup and its commit makes the overlap certain.
+            paused = {"REPOFS_TEST_PAUSE_BEFORE_COMMIT": "1"}
             if gc_first:
                 gc = spawn("gc", repo, env=slow_gc)
                 time.sleep(0.1)
-                ingest = spawn("ingest", repo, "--vm", "vm", f"d0={img}")
+                ingest = spawn("ingest", repo, "--vm", "vm", f"d0={img}", env=paused)
             else:
-                ingest = spawn("ingest", repo, "--vm", "vm", f"d0={img}")
+                ingest = spawn("ingest", repo, "--vm", "vm", f"d0={img}", env=paused)
                 time.sleep(0.15)
                 gc = spawn("gc", repo, env=slow_gc)
             gc_out, gc_err = gc.communicate(timeout=300)
