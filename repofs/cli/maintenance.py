@@ -218,22 +218,23 @@ def _flag_command(args: tuple[str, ...], protected: bool, as_json: bool) -> None
         click.echo(f"{c.rp.vm}/{c.rp.id}: {word}" + ("" if c.changed else " (it already was)"))
 
 
-@click.command()
-@click.argument("args", nargs=-1, required=True, metavar="[REPO] VM RP|latest...")
-@lock_wait_option()
-@json_option
-def protect(args: tuple[str, ...], as_json: bool) -> None:
-    """Protect restore points: prune keeps them and delete refuses them."""
-    _flag_command(args, True, as_json)
+def _flag_cli(name: str, protected: bool, doc: str) -> click.Command:
+    """``protect`` or ``unprotect``: the same command but for the flag it sets."""
+
+    @click.command(name, help=doc)
+    @click.argument("args", nargs=-1, required=True, metavar="[REPO] VM RP|latest...")
+    @lock_wait_option()
+    @json_option
+    def command(args: tuple[str, ...], as_json: bool) -> None:
+        _flag_command(args, protected, as_json)
+
+    return command
 
 
-@click.command()
-@click.argument("args", nargs=-1, required=True, metavar="[REPO] VM RP|latest...")
-@lock_wait_option()
-@json_option
-def unprotect(args: tuple[str, ...], as_json: bool) -> None:
-    """Take the protection of restore points away again."""
-    _flag_command(args, False, as_json)
+protect = _flag_cli(
+    "protect", True, "Protect restore points: prune keeps them and delete refuses them."
+)
+unprotect = _flag_cli("unprotect", False, "Take the protection of restore points away again.")
 
 
 @click.command()
