@@ -80,6 +80,8 @@ from repofs.store.schema import (
     Location,
     decode_location,
     decode_pack_info,
+    key_digest,
+    key_type,
     location_fields,
     raw_len_suffix,
     type_prefix,
@@ -326,7 +328,7 @@ class _Verifier:
         keys = [chunk_key + page[i : i + 32] for i in range(0, n * 32, 32)]
         keys = [k for k in keys if k != zero_key]
         if self.bad_chunks:
-            keys = [k for k in keys if k[1:] not in self.bad_chunks]
+            keys = [k for k in keys if key_digest(k) not in self.bad_chunks]
         with txn.cursor(db=self.index.dbs["objects"]) as cur:
             found = cur.getmulti(keys)
         full = raw_len_suffix(cs)  # a full chunk's raw length as its location stores it
@@ -375,8 +377,8 @@ class _Verifier:
         def collect(txn: lmdb.Transaction) -> None:
             with txn.cursor(db=self.index.dbs["objects"]) as cur:
                 for key, value in cur:
-                    rtype = key[0]
-                    digest = key[1:]
+                    rtype = key_type(key)
+                    digest = key_digest(key)
                     if rtype == page and digest in seen_pages:
                         continue
                     if referenced is not None and key not in referenced:

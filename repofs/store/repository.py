@@ -29,6 +29,7 @@ from repofs.store.schema import (
     decode_location,
     decode_pack_info,
     encode_writer,
+    key_type,
     rp_key,
     whole_key,
 )
@@ -463,7 +464,7 @@ class Repository:
             raw_bytes = {t: 0 for t in RecordType}
             stored_bytes = {t: 0 for t in RecordType}
             for key, value in self.index.items(txn, "objects"):
-                rtype = RecordType(key[0])
+                rtype = RecordType(key_type(key))
                 loc = decode_location(value)
                 counts[rtype] += 1
                 raw_bytes[rtype] += loc.raw_len

@@ -34,6 +34,7 @@ from repofs.store.schema import (
     encode_location,
     encode_pack_info,
     encode_u64,
+    key_digest,
     object_key,
     type_prefix,
 )
@@ -105,7 +106,7 @@ def revive(repo: Any, txn: lmdb.Transaction, rp: RestorePoint) -> int:
         need(object_key(RecordType.BLOB, bytes.fromhex(cfg.digest)))
     need(object_key(RecordType.RESTORE_POINT, rp_record_digest(rp.to_doc())))
     if walker.faults or missing:
-        what = walker.faults[0].message if walker.faults else missing[0][1:].hex()
+        what = walker.faults[0].message if walker.faults else key_digest(missing[0]).hex()
         raise IntegrityError(
             f"restore point {rp.vm}/{rp.id} not committed: {len(missing)} object(s) it "
             f"references were collected while it was written (first: {what})"

@@ -123,6 +123,16 @@ def type_prefix(rtype: RecordType) -> bytes:
     return bytes((rtype,))
 
 
+def key_type(key: bytes) -> int:
+    """The record type of an ``objects`` (or ``condemned``) key."""
+    return key[0]
+
+
+def key_digest(key: bytes) -> bytes:
+    """The digest of an ``objects`` (or ``condemned``) key."""
+    return key[1:]
+
+
 def rp_key(vm: str, rp_id: str) -> bytes:
     return vm.encode() + b"\0" + rp_id.encode()
 

@@ -15,6 +15,7 @@ from typing import Any
 from repofs.errors import IntegrityError
 from repofs.store.packstore import PackStore
 from repofs.store.records import RecordType
+from repofs.store.schema import key_digest, key_type
 
 #: Fault-injection hook for tests, unset in production: seconds to sleep between gc steps,
 #: so that a kill -9 at a random moment can land in every phase.
@@ -61,7 +62,7 @@ def _pause(say: str | None = None) -> None:
 
 
 def _describe(key: bytes) -> str:
-    return f"{RecordType(key[0]).name.lower()} {key[1:].hex()[:16]}"
+    return f"{RecordType(key_type(key)).name.lower()} {key_digest(key).hex()[:16]}"
 
 
 def _size(store: PackStore, pack_id: bytes) -> int:

@@ -30,6 +30,8 @@ from repofs.store.schema import (
     decode_pack_info,
     decode_rp,
     encode_rp,
+    key_digest,
+    key_type,
     object_key,
 )
 
@@ -50,7 +52,7 @@ def _scan(repo: Repository, live: set[bytes]) -> tuple[dict[bytes, _PackUse], li
         found = 0
         for key, value in index.items(txn, "objects"):
             in_live = key in live
-            if not (in_live or key[0] in _KEPT):
+            if not (in_live or key_type(key) in _KEPT):
                 continue
             found += in_live
             loc = decode_location(value)
@@ -94,8 +96,8 @@ def _copy(
                 continue
             published = len(writer.packs_published)
             for key, codec, raw_len, payload in records:
-                writer.put(RecordType(key[0]), key[1:], codec, raw_len, payload)
-                if key[0] == RecordType.RESTORE_POINT:
+                writer.put(RecordType(key_type(key)), key_digest(key), codec, raw_len, payload)
+                if key_type(key) == RecordType.RESTORE_POINT:
                     moved_records.add(key)
             if len(writer.packs_published) > published:  # everything put before this pack is out
                 copied.update(in_flight)
@@ -129,7 +131,7 @@ def _read_live(
         where = f"pack {pack_id.hex()} offset {loc.offset}"
         end = loc.offset + RECORD_HEADER_SIZE + loc.stored_len
         hdr = decode_header(data[loc.offset : loc.offset + RECORD_HEADER_SIZE], where)
-        if hdr.type != key[0] or hdr.digest != key[1:]:
+        if hdr.type != key_type(key) or hdr.digest != key_digest(key):
             raise IntegrityError(f"{where}: holds another object than the index says")
         payload = data[loc.offset + RECORD_HEADER_SIZE : end]
         decode_payload(hdr, payload, where)

@@ -19,7 +19,7 @@ from repofs.maintenance.packscan import restore_point_records
 from repofs.store.records import RecordType
 from repofs.store.repository import Repository
 from repofs.store.rprecords import Tombstone, parse_rp_record, parse_tombstone
-from repofs.store.schema import decode_rp, rp_key, type_prefix
+from repofs.store.schema import decode_rp, key_digest, rp_key, type_prefix
 
 
 def _tombstone_orphans(
@@ -63,7 +63,7 @@ def _tombstone_orphans(
     docs = []
     for key in records:
         try:
-            doc = parse_rp_record(repo.read_object(RecordType.RESTORE_POINT, key[1:]))
+            doc = parse_rp_record(repo.read_object(RecordType.RESTORE_POINT, key_digest(key)))
         except IntegrityError:
             continue  # unreadable: rebuild-index cannot resurrect it either
         if doc is not None:
@@ -119,7 +119,7 @@ def _buried(repo: Repository, tombs: list[bytes]) -> set[tuple[str, str, int]]:
     buried = set()
     for key in tombs:
         with contextlib.suppress(IntegrityError):
-            t = parse_tombstone(repo.read_object(_TOMB, key[1:]))
+            t = parse_tombstone(repo.read_object(_TOMB, key_digest(key)))
             if t is not None:
                 buried.add(t.target)
     return buried

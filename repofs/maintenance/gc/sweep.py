@@ -27,7 +27,13 @@ from repofs.maintenance.gc.purge import _purge
 from repofs.maintenance.gc.writers import _drop_stale_writers
 from repofs.store.repository import NEW_INDEX_DIR, Repository
 from repofs.store.revive import revivals
-from repofs.store.schema import decode_pack_info, encode_condemned, encode_doomed, location_pack_id
+from repofs.store.schema import (
+    decode_pack_info,
+    encode_condemned,
+    encode_doomed,
+    key_type,
+    location_pack_id,
+)
 
 
 def _sweep(repo: Repository, marker: Marker, doomed: set[bytes], result: GcResult) -> None:
@@ -64,7 +70,7 @@ def _sweep(repo: Repository, marker: Marker, doomed: set[bytes], result: GcResul
             pack_id = location_pack_id(value)
             used.add(pack_id)
             if pack_id in doomed:
-                if key in live or key[0] in _KEPT:
+                if key in live or key_type(key) in _KEPT:
                     keep.add(pack_id)
                 else:
                     dead.append(key)
