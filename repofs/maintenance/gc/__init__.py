@@ -29,6 +29,12 @@ argument, and how it carries over to object storage).
    generation brings back in its commit what it references
    (:mod:`repofs.store.revive`).
 
+Each step is a module: :mod:`.mark` (1), :mod:`.compact` (2), :mod:`.sweep`
+(3), :mod:`.purge` (4); beside them :mod:`.orphans` (tombstones for records
+never committed), :mod:`.leftovers` (unindexed and unfinished packs),
+:mod:`.writers` (running and stale reservations and leases) and
+:mod:`.common` (the result, the test pause).  This module runs them.
+
 A kill at any moment leaves either the old pack or the new index entry (or
 both): never an index entry without its data.  Mount readers need no lock:
 a read that finds its pack gone asks the index again (see
