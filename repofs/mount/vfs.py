@@ -143,7 +143,7 @@ class RepoView:
         target = self._seq_target(seq)
         if target is None or target.rp_id is None:
             raise NotFound(seq)
-        vm, rp_id = target
+        vm, rp_id = target.vm, target.rp_id
         rp = self.repo.get_rp(vm, rp_id)
         if rp is None:
             raise NotFound(seq)
