@@ -31,6 +31,7 @@ from repofs.store.maps import REF
 from repofs.store.records import ZERO_DIGEST, RecordType
 from repofs.store.repository import Repository
 from repofs.store.restorepoint import DiskInfo
+from repofs.store.schema import key_digest, type_prefix
 
 #: Level-0 pages read at once: a map walk waits for one random read per page,
 #: and a 1 TiB disk has 8192 of them.
@@ -126,7 +127,7 @@ def check_inherited(
     missing: list[Interval] = []
     nonzero = 0
     last_short = cs - (parent.capacity - (n - 1) * cs)  # bytes the disk's last chunk lacks
-    chunk_key = bytes((RecordType.CHUNK,))
+    chunk_key = type_prefix(RecordType.CHUNK)
     objects = repo.index.dbs["objects"]
     stack = [(root.root, root.depth - 1, 0)]
     with ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="repofs-inherit") as pool:
@@ -167,7 +168,7 @@ def check_inherited(
                 if len(found) == len(keys):
                     lacking = ()
                 else:
-                    have = {k[1:] for k, _v in found}
+                    have = {key_digest(k) for k, _v in found}
                     lacking = tuple(
                         k for k, r in enumerate(refs) if r != ZERO_DIGEST and r not in have
                     )

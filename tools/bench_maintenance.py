@@ -37,7 +37,7 @@ MiB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from repofs.maintenance.gc import Marker  # noqa: E402 - after the path set-up above
+from repofs.maintenance.gc.mark import Marker  # noqa: E402 - after the path set-up above
 from repofs.store.mapwalk import MapWalker  # noqa: E402
 from repofs.store.records import RecordType  # noqa: E402
 from repofs.store.repository import Repository  # noqa: E402
@@ -157,12 +157,12 @@ def core_rates(repo_path: Path) -> dict[str, float]:
 
     from repofs.maintenance.verify.recordcheck import _check_window
     from repofs.maintenance.verify.windows import _Entry, plan_windows
-    from repofs.store.index import LOCATION
     from repofs.store.records import RECORD_HEADER, RECORD_HEADER_SIZE, Codec
+    from repofs.store.schema import location_fields
 
     with Repository.open(str(repo_path)) as r:
         entries = sorted(
-            _Entry(*LOCATION.unpack(v), k[0], k[1:])
+            _Entry(*location_fields(v), k[0], k[1:])
             for k, v in r.index.read(lambda t: list(r.index.items(t, "objects")))
         )
         windows = plan_windows(entries)

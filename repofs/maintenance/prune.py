@@ -292,7 +292,7 @@ def _refuse_tombstoned(repo: Repository, rps: list[RestorePoint]) -> None:
     transaction leaves the restore point listed, but the next rebuild-index
     drops it: a protection then would promise what it cannot keep.
     """
-    from repofs.maintenance.gc import buried_restore_points
+    from repofs.maintenance.gc.orphans import buried_restore_points
 
     buried = buried_restore_points(repo)
     for rp in rps:

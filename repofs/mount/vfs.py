@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from repofs.errors import IntegrityError, RepositoryError
 from repofs.mount.descriptor import descriptor_text
 from repofs.read.diskread import ChunkCache, DiskReader, Prefetcher
-from repofs.store.index import U64, split_rp_key
 from repofs.store.records import RecordType
 from repofs.store.repository import Repository
 from repofs.store.restorepoint import RestorePoint
+from repofs.store.schema import SeqTarget
 
 ROOT_INODE = 1
 SLOT_BITS = 16
@@ -142,7 +142,7 @@ class RepoView:
 
     # -- resolving inodes ------------------------------------------------------------
 
-    def _seq_target(self, seq: int) -> bytes | None:
+    def _seq_target(self, seq: int) -> SeqTarget | None:
         idx = self.repo.index
         return idx.read(lambda t: idx.lookup_seq(t, seq))
 
@@ -153,9 +153,9 @@ class RepoView:
                 self._rps.move_to_end(seq)
                 return hit
         target = self._seq_target(seq)
-        if target is None or not target.startswith(b"R"):
+        if target is None or target.rp_id is None:
             raise NotFound(seq)
-        vm, rp_id = split_rp_key(target[1:])
+        vm, rp_id = target.vm, target.rp_id
         rp = self.repo.get_rp(vm, rp_id)
         if rp is None:
             raise NotFound(seq)
@@ -174,9 +174,9 @@ class RepoView:
 
     def _vm_by_seq(self, seq: int) -> str:
         target = self._seq_target(seq)
-        if target is None or not target.startswith(b"V"):
+        if target is None or target.rp_id is not None:
             raise NotFound(seq)
-        vm = target[1:].decode()
+        vm = target.vm
         if self._latest(vm) is None:
             raise NotFound(seq)
         return vm
@@ -195,8 +195,8 @@ class RepoView:
         target = self._seq_target(seq)
         if target is None:
             raise NotFound(ino)
-        if target.startswith(b"V"):
-            vm = target[1:].decode()
+        if target.rp_id is None:
+            vm = target.vm
             latest = self._latest(vm)
             if latest is None or slot > SLOT_LATEST:
                 raise NotFound(ino)
@@ -237,8 +237,8 @@ class RepoView:
         target = self._seq_target(seq)
         if target is None:
             raise NotFound(name)
-        if target.startswith(b"V"):
-            vm = target[1:].decode()
+        if target.rp_id is None:
+            vm = target.vm
             if name == "latest":
                 if self._latest(vm) is None:
                     raise NotFound(name)
@@ -260,7 +260,7 @@ class RepoView:
 
             def vms(txn: object) -> list[tuple[str, int]]:
                 return [
-                    (vm, U64.unpack(idx.get(txn, "vms", vm.encode()))[0])  # type: ignore[arg-type]
+                    (vm, idx.vm_seq(txn, vm))  # type: ignore[arg-type]
                     for vm in idx.vm_names(txn)
                 ]
 
@@ -269,8 +269,8 @@ class RepoView:
         target = self._seq_target(seq)
         if slot != 0 or target is None:
             raise NotFound(ino)
-        if target.startswith(b"V"):
-            vm = target[1:].decode()
+        if target.rp_id is None:
+            vm = target.vm
             docs = idx.read(lambda t: list(idx.rp_docs(t, vm)))
             if not docs:
                 raise NotFound(ino)
@@ -311,7 +311,7 @@ class RepoView:
             target = self._seq_target(seq)
             if target is None:
                 raise NotFound(ino)
-            if not target.startswith(b"V"):  # a restore point's: its VM's directory
+            if target.rp_id is not None:  # a restore point's: its VM's directory
                 parent = self.lookup(ROOT_INODE, self._rp_by_seq(seq).rp.vm)
         return [(".", self.getattr(ino)), ("..", parent)]
 

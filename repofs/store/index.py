@@ -1,73 +1,54 @@
-"""The LMDB index: where every object lives, and which restore points exist.
+"""The LMDB environment of the index: opening, transactions, map growth and padding.
 
-Databases (all keys and values are bytes; integers big-endian so that LMDB's
-byte order is numeric order):
-
-``meta``
-    ``b"seq"`` -> u64, the next sequence number.  Sequence numbers name VMs
-    and restore points for inode numbers; they are never reused.
-    ``b"gcgen"`` -> u64, the gc generation: how many times gc has condemned
-    objects (absent: 0).
-``objects``
-    ``type (1 byte) + BLAKE3 digest (32)`` -> ``pack id (16) + offset (u64) +
-    stored length (u32) + raw length (u32)``.  The offset is that of the
-    record header.  An entry exists only once its pack is durable.
-``packs``
-    ``pack id (16)`` -> ``size (u64) + record count (u32)`` of every published pack.
-``vms``
-    ``VM name`` -> ``sequence number (u64)``.  Kept after the VM's last
-    restore point is pruned, so its directory keeps its inode.
-``rps``
-    ``VM name + NUL + restore point id`` -> the restore point's JSON.  Sorted
-    by VM, then by time, because ids are UTC times.
-``reservations``
-    same key -> JSON ``{"seq", "pid", "started", "gen"}``: an id and sequence
-    number taken by an ingest that has not committed yet, and the gc
-    generation it started in (absent in older ones: 0).  A crashed ingest
-    leaves one behind; gc drops it once its process is gone.
-``leases``
-    8 random bytes -> JSON ``{"pid", "started", "gen", "what"}``: a writer
-    other than an ingest (prune's tombstones) that may publish a pack
-    before indexing it.  gc deletes nothing such a writer could still use.
-``condemned``
-    object key (as in ``objects``) -> ``location (as in objects) + gc
-    generation (u64)``: objects that gc found dead and took out of
-    ``objects``, so nothing new deduplicates against them.  An ingest that
-    was running when they were condemned brings those it references back
-    in its commit; a later gc forgets the rest (see ``docs/maintenance.md``).
-``doomed``
-    ``pack id (16)`` -> ``size (u64) + record count (u32) + gc generation
-    (u64)``: packs that gc
-    took out of ``packs`` (nothing live in them) or found unindexed; their
-    files are deleted once no writer that was running at that generation
-    is left.
-``seqs``
-    ``sequence number (u64)`` -> ``b"V" + VM name`` or ``b"R" + rps key``,
-    the way back from an inode number to what it names.
+What the keys and values are is :mod:`repofs.store.schema`'s business; this
+module keeps LMDB itself in check (a map that grows on demand, a file that
+never ends in a page LMDB could run past, an index replaced by
+rebuild-index) and offers typed reads and writes built on the schema.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import resource
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import lmdb
 
 from repofs.errors import IndexAccessError, RepositoryError
 from repofs.store.durable import free_bytes, fsync_dir, os_error
 from repofs.store.records import RecordType
+from repofs.store.schema import (
+    DATABASES,
+    GC_GENERATION_KEY,
+    SEQ_KEY,
+    Location,
+    SeqTarget,
+    decode_condemned,
+    decode_location,
+    decode_rp,
+    decode_seq_target,
+    decode_u64,
+    encode_location,
+    encode_pack_info,
+    encode_rp,
+    encode_u64,
+    object_key,
+    rp_key,
+    seq_key,
+    seq_target_rp,
+    seq_target_vm,
+    vm_key,
+    vm_of_rp_key,
+    vm_prefix,
+    vm_prefix_end,
+)
 
 T = TypeVar("T")
-U64 = struct.Struct(">Q")
-LOCATION = struct.Struct(">16sQII")
-PACK_INFO = struct.Struct(">QI")
 DEFAULT_MAP_SIZE = 1 << 36  # 64 GiB of address space; grows on demand
 #: What LMDB says when a write walks into a damaged page (nothing is written then).
 DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PageFullError)
@@ -75,42 +56,6 @@ TAIL_PADDING = 1 << 20  # sparse zeros after data.mdb's last page, see Index._pa
 NEARLY_FULL_BYTES = 1 << 20  # under this, a failed index write is taken for a full disk
 CREATE_ROOM_BYTES = 256 * 1024  # LMDB's new files need a few pages; QA saw SIGBUS at 4 KiB
 MAP_SIZE_ENV = "REPOFS_LMDB_MAP_SIZE"  # tests set a tiny initial map to exercise growth
-DATABASES = (
-    "meta",
-    "objects",
-    "packs",
-    "vms",
-    "rps",
-    "reservations",
-    "seqs",
-    "leases",
-    "condemned",
-    "doomed",
-)
-CONDEMNED = struct.Struct(">16sQIIQ")  #: a Location, then the gc generation
-DOOMED = struct.Struct(">QIQ")  #: pack size, record count (as in packs), gc generation
-
-
-class Location(NamedTuple):
-    """Where an object's record lies; a tuple because a sequential read makes thousands."""
-
-    pack_id: bytes
-    offset: int
-    stored_len: int
-    raw_len: int
-
-
-def object_key(rtype: RecordType, digest: bytes) -> bytes:
-    return bytes((rtype,)) + digest
-
-
-def rp_key(vm: str, rp_id: str) -> bytes:
-    return vm.encode() + b"\0" + rp_id.encode()
-
-
-def split_rp_key(key: bytes) -> tuple[str, str]:
-    vm, _, rp = key.partition(b"\0")
-    return vm.decode(), rp.decode()
 
 
 class Index:
@@ -350,10 +295,7 @@ class Index:
     def locate(
         self, rtype: RecordType, digest: bytes, txn: lmdb.Transaction | None = None
     ) -> Location | None:
-        if txn is None:
-            return self.read(lambda t: self.locate(rtype, digest, t))
-        value = txn.get(object_key(rtype, digest), db=self.dbs["objects"])
-        return Location(*LOCATION.unpack(value)) if value is not None else None
+        return self._locate_in("objects", decode_location, rtype, digest, txn)
 
     def locate_all(self, rtype: RecordType, digests: list[bytes]) -> list[Location | None]:
         """:meth:`locate` of many objects in one read transaction."""
@@ -381,46 +323,53 @@ class Index:
         objects = self.dbs["objects"]
         for rtype, digest, offset, stored, raw in entries:
             txn.put(
-                object_key(rtype, digest), LOCATION.pack(pack_id, offset, stored, raw), db=objects
+                object_key(rtype, digest), encode_location(pack_id, offset, stored, raw), db=objects
             )
-        txn.put(pack_id, PACK_INFO.pack(size, len(entries)), db=self.dbs["packs"])
+        txn.put(pack_id, encode_pack_info(size, len(entries)), db=self.dbs["packs"])
 
     def locate_condemned(
         self, rtype: RecordType, digest: bytes, txn: lmdb.Transaction | None = None
     ) -> Location | None:
         """Where a condemned object lay: its pack exists while a writer that could use it runs."""
+        return self._locate_in("condemned", lambda v: decode_condemned(v)[0], rtype, digest, txn)
+
+    def _locate_in(
+        self,
+        db: str,
+        decode: Callable[[bytes], Location],
+        rtype: RecordType,
+        digest: bytes,
+        txn: lmdb.Transaction | None,
+    ) -> Location | None:
         if txn is None:
-            return self.read(lambda t: self.locate_condemned(rtype, digest, t))
-        value = txn.get(object_key(rtype, digest), db=self.dbs["condemned"])
-        return Location(*CONDEMNED.unpack(value)[:4]) if value is not None else None
+            return self.read(lambda t: self._locate_in(db, decode, rtype, digest, t))
+        value = txn.get(object_key(rtype, digest), db=self.dbs[db])
+        return decode(value) if value is not None else None
 
     # -- gc generations ------------------------------------------------------
 
     def gc_generation(self, txn: lmdb.Transaction) -> int:
-        raw = txn.get(b"gcgen", db=self.dbs["meta"])
-        return U64.unpack(raw)[0] if raw else 0
+        return decode_u64(txn.get(GC_GENERATION_KEY, db=self.dbs["meta"]))
 
     def set_gc_generation(self, txn: lmdb.Transaction, gen: int) -> None:
-        txn.put(b"gcgen", U64.pack(gen), db=self.dbs["meta"])
+        txn.put(GC_GENERATION_KEY, encode_u64(gen), db=self.dbs["meta"])
 
     # -- sequence numbers ----------------------------------------------------
 
     def next_seq(self, txn: lmdb.Transaction) -> int:
-        raw = txn.get(b"seq", db=self.dbs["meta"])
-        seq = U64.unpack(raw)[0] if raw else 1
-        txn.put(b"seq", U64.pack(seq + 1), db=self.dbs["meta"])
+        seq = decode_u64(txn.get(SEQ_KEY, db=self.dbs["meta"]), default=1)
+        txn.put(SEQ_KEY, encode_u64(seq + 1), db=self.dbs["meta"])
         return seq
 
     def bump_seq(self, txn: lmdb.Transaction, at_least: int) -> None:
-        raw = txn.get(b"seq", db=self.dbs["meta"])
-        current = U64.unpack(raw)[0] if raw else 1
+        current = decode_u64(txn.get(SEQ_KEY, db=self.dbs["meta"]), default=1)
         if at_least > current:
-            txn.put(b"seq", U64.pack(at_least), db=self.dbs["meta"])
+            txn.put(SEQ_KEY, encode_u64(at_least), db=self.dbs["meta"])
 
     def vm_seq(self, txn: lmdb.Transaction, vm: str, *, allocate: bool = False) -> int | None:
-        raw = txn.get(vm.encode(), db=self.dbs["vms"])
+        raw = txn.get(vm_key(vm), db=self.dbs["vms"])
         if raw is not None:
-            return U64.unpack(raw)[0]
+            return decode_u64(raw)
         if not allocate:
             return None
         seq = self.next_seq(txn)
@@ -428,11 +377,12 @@ class Index:
         return seq
 
     def set_vm_seq(self, txn: lmdb.Transaction, vm: str, seq: int) -> None:
-        txn.put(vm.encode(), U64.pack(seq), db=self.dbs["vms"])
-        txn.put(U64.pack(seq), b"V" + vm.encode(), db=self.dbs["seqs"])
+        txn.put(vm_key(vm), encode_u64(seq), db=self.dbs["vms"])
+        txn.put(seq_key(seq), seq_target_vm(vm), db=self.dbs["seqs"])
 
-    def lookup_seq(self, txn: lmdb.Transaction, seq: int) -> bytes | None:
-        return txn.get(U64.pack(seq), db=self.dbs["seqs"])
+    def lookup_seq(self, txn: lmdb.Transaction, seq: int) -> SeqTarget | None:
+        raw = txn.get(seq_key(seq), db=self.dbs["seqs"])
+        return decode_seq_target(raw) if raw is not None else None
 
     # -- restore points ------------------------------------------------------
 
@@ -440,22 +390,22 @@ class Index:
         self, txn: lmdb.Transaction, vm: str, rp_id: str, seq: int, doc: dict[str, Any]
     ) -> None:
         key = rp_key(vm, rp_id)
-        txn.put(key, json.dumps(doc, sort_keys=True).encode(), db=self.dbs["rps"])
-        txn.put(U64.pack(seq), b"R" + key, db=self.dbs["seqs"])
+        txn.put(key, encode_rp(doc), db=self.dbs["rps"])
+        txn.put(seq_key(seq), seq_target_rp(vm, rp_id), db=self.dbs["seqs"])
         txn.delete(key, db=self.dbs["reservations"])
 
     def delete_rp(self, txn: lmdb.Transaction, vm: str, rp_id: str, seq: int) -> None:
         txn.delete(rp_key(vm, rp_id), db=self.dbs["rps"])
-        txn.delete(U64.pack(seq), db=self.dbs["seqs"])
+        txn.delete(seq_key(seq), db=self.dbs["seqs"])
 
     def get_rp(self, txn: lmdb.Transaction, vm: str, rp_id: str) -> dict[str, Any] | None:
         raw = txn.get(rp_key(vm, rp_id), db=self.dbs["rps"])
-        return json.loads(raw) if raw is not None else None
+        return decode_rp(raw) if raw is not None else None
 
     def rp_docs(self, txn: lmdb.Transaction, vm: str | None = None) -> Iterator[dict[str, Any]]:
-        prefix = vm.encode() + b"\0" if vm is not None else b""
+        prefix = vm_prefix(vm) if vm is not None else b""
         for _key, value in self.items(txn, "rps", prefix):
-            yield json.loads(value)
+            yield decode_rp(value)
 
     def vm_names(self, txn: lmdb.Transaction) -> list[str]:
         """VMs that have at least one restore point, sorted."""
@@ -463,13 +413,13 @@ class Index:
         with txn.cursor(db=self.dbs["rps"]) as cur:
             ok = cur.first()
             while ok:
-                vm = cur.key().partition(b"\0")[0]
-                names.append(vm.decode())
-                ok = cur.set_range(vm + b"\x01")
+                vm = vm_of_rp_key(cur.key())
+                names.append(vm)
+                ok = cur.set_range(vm_prefix_end(vm))
         return names
 
     def rp_ids(self, txn: lmdb.Transaction, vm: str) -> list[str]:
-        prefix = vm.encode() + b"\0"
+        prefix = vm_prefix(vm)
         out = []
         with txn.cursor(db=self.dbs["rps"]) as cur:
             if cur.set_range(prefix):
@@ -481,9 +431,9 @@ class Index:
 
     def latest_rp_id(self, txn: lmdb.Transaction, vm: str, db: str = "rps") -> str | None:
         """The VM's newest id in ``db`` (``rps``, or ``reservations`` of running ingests)."""
-        prefix = vm.encode() + b"\0"
+        prefix = vm_prefix(vm)
         with txn.cursor(db=self.dbs[db]) as cur:
-            found = cur.prev() if cur.set_range(vm.encode() + b"\x01") else cur.last()
+            found = cur.prev() if cur.set_range(vm_prefix_end(vm)) else cur.last()
             if found and cur.key().startswith(prefix):
                 return cur.key()[len(prefix) :].decode()
         return None
@@ -530,11 +480,12 @@ def _check_openable(path: str) -> None:
     data = os.path.join(path, "data.mdb")
     try:
         st = os.stat(data)
-    except FileNotFoundError:
-        raise RepositoryError(
-            f"{path}: the index is missing; run 'repofs rebuild-index' to rebuild it from the packs"
-        ) from None
     except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise RepositoryError(
+                f"{path}: the index is missing; run 'repofs rebuild-index' to rebuild it "
+                "from the packs"
+            ) from None
         raise IndexAccessError(f"{data}: cannot open the index: {exc.strerror}") from None
     if st.st_size == 0:
         raise RepositoryError(f"{data}: the index is empty (truncated); run 'repofs rebuild-index'")

@@ -14,7 +14,7 @@ import collections
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from repofs.errors import IntegrityError, RepositoryError
 from repofs.store.durable import fsync_dir, make_dirs, os_error
@@ -66,8 +66,11 @@ class PackStore(abc.ABC):
     @abc.abstractmethod
     def delete(self, pack_id: bytes) -> None: ...
 
-    def cleanup_unpublished(self) -> int:
-        """Remove leftovers of writers that died; call only when no writer runs."""
+    def cleanup_unpublished(self, running: Callable[[int], bool] | None = None) -> int:
+        """Remove unfinished packs of writers that died; ``running(pid)`` spares a live one's.
+
+        Without ``running``, call it only when no writer runs.
+        """
         return 0
 
 
@@ -290,13 +293,15 @@ class LocalPackStore(PackStore):
             return
         fsync_dir(os.path.dirname(path))
 
-    def cleanup_unpublished(self) -> int:
+    def cleanup_unpublished(self, running: Callable[[int], bool] | None = None) -> int:
         removed = 0
         try:
             names = os.listdir(self.tmp_dir)
         except FileNotFoundError:
             return 0
         for name in names:
+            if running is not None and _writer_runs(name, running):
+                continue  # a running writer's pack being filled
             path = os.path.join(self.tmp_dir, name)
             try:
                 removed += os.stat(path).st_size
@@ -312,3 +317,12 @@ class LocalPackStore(PackStore):
             self._fds.clear()
         for fd in idle:
             os.close(fd)
+
+
+def _writer_runs(name: str, running: Callable[[int], bool]) -> bool:
+    """Whether a temporary pack (``<pack id>.<pid>.tmp``, see ``_LocalSink``) is a live writer's."""
+    parts = name.split(".")
+    with contextlib.suppress(ValueError, IndexError):
+        if len(parts) >= 3 and running(int(parts[-2])):
+            return True
+    return False

@@ -15,7 +15,7 @@ from typing import Any
 from repofs.errors import IntegrityError, RepofsError, RepositoryError, UsageError
 from repofs.store.config import CONFIG_FILE, FORMAT_VERSION, RepoConfig, upgrade_in_place
 from repofs.store.durable import make_dirs, os_error, write_file_atomic
-from repofs.store.index import LOCATION, PACK_INFO, U64, Index, Location, rp_key
+from repofs.store.index import Index
 from repofs.store.lock import repository_lock
 from repofs.store.maps import MapReader, PageCache
 from repofs.store.names import rp_id_for, rp_id_seconds
@@ -24,12 +24,17 @@ from repofs.store.records import RECORD_HEADER_SIZE, RecordType, decode_header, 
 from repofs.store.reserve import retry_with_reserve, set_aside
 from repofs.store.restorepoint import DiskInfo, RestorePoint
 from repofs.store.rprecords import Tombstone
+from repofs.store.schema import (
+    Location,
+    decode_location,
+    decode_pack_info,
+    encode_writer,
+    key_type,
+    rp_key,
+    whole_key,
+)
 from repofs.store.writer import ObjectWriter
 from repofs.util import stopping
-
-#: Key prefix, in the index's ``meta`` database, of a restore point's sequence
-#: number whose every referenced object this index held when it committed it.
-WHOLE_PREFIX = b"whole\0"
 
 INDEX_DIR = "index"
 NEW_INDEX_DIR = "index.new"  # where rebuild-index builds the next index
@@ -283,7 +288,7 @@ class Repository:
                 "gen": self.index.gc_generation(txn),
                 "what": what,
             }
-            self.index.put(txn, "leases", key, json.dumps(doc).encode())
+            self.index.put(txn, "leases", key, encode_writer(doc))
 
         try:
             self.index.write(take)
@@ -343,7 +348,7 @@ class Repository:
                 second += 1
             seq = self.index.next_seq(txn)
             doc = {"seq": seq, "pid": os.getpid(), "started": created, "gen": gen}
-            self.index.put(txn, "reservations", key, json.dumps(doc).encode())
+            self.index.put(txn, "reservations", key, encode_writer(doc))
             return Reservation(vm, rp_id, seq, vm_seq, created, gen)
 
         return self.index.write(txn_fn)
@@ -351,7 +356,7 @@ class Repository:
     def release(self, res: Reservation) -> None:
         """Give back a reservation of an ingest that failed."""
         self.index.write(
-            lambda txn: txn.delete(rp_key(res.vm, res.rp_id), db=self.index.dbs["reservations"])
+            lambda txn: self.index.delete(txn, "reservations", rp_key(res.vm, res.rp_id))
         )
 
     def commit(self, writer: ObjectWriter, rp: RestorePoint, since_gen: int | None = None) -> None:
@@ -396,7 +401,7 @@ class Repository:
                 revive(self, txn, rp)
             self.index.set_vm_seq(txn, rp.vm, rp.vm_seq)
             self.index.put_rp(txn, rp.vm, rp.id, rp.seq, doc)
-            self.index.put(txn, "meta", WHOLE_PREFIX + U64.pack(rp.seq), b"")
+            self.index.put(txn, "meta", whole_key(rp.seq), b"")
 
         stopping.ignore_from_now_on()
         try:
@@ -419,7 +424,7 @@ class Repository:
         removes only objects no restore point references; whatever else
         removes referenced objects from an index must drop these marks.
         """
-        key = WHOLE_PREFIX + U64.pack(rp.seq)
+        key = whole_key(rp.seq)
         return self.index.read(lambda txn: self.index.get(txn, "meta", key)) is not None
 
     def _committed(self, rp: RestorePoint) -> bool:
@@ -469,15 +474,15 @@ class Repository:
             raw_bytes = {t: 0 for t in RecordType}
             stored_bytes = {t: 0 for t in RecordType}
             for key, value in self.index.items(txn, "objects"):
-                rtype = RecordType(key[0])
-                loc = Location(*LOCATION.unpack(value))
+                rtype = RecordType(key_type(key))
+                loc = decode_location(value)
                 counts[rtype] += 1
                 raw_bytes[rtype] += loc.raw_len
                 stored_bytes[rtype] += loc.stored_len
             pack_bytes = 0
             pack_count = 0
             for _key, value in self.index.items(txn, "packs"):
-                pack_bytes += PACK_INFO.unpack(value)[0]
+                pack_bytes += decode_pack_info(value)[0]
                 pack_count += 1
             logical = 0
             allocated = 0

@@ -20,13 +20,24 @@ from typing import Any
 import lmdb
 
 from repofs.errors import IntegrityError
-from repofs.store.index import CONDEMNED, DOOMED, LOCATION, PACK_INFO, U64, Location, object_key
 from repofs.store.mapwalk import MapWalker
 from repofs.store.records import ZERO_DIGEST, RecordType
 from repofs.store.restorepoint import RestorePoint
 from repofs.store.rprecords import rp_record_digest
-
-REVIVALS = b"revived"  #: key in ``meta``
+from repofs.store.schema import (
+    REVIVALS_KEY,
+    Location,
+    decode_condemned,
+    decode_doomed,
+    decode_location,
+    decode_u64,
+    encode_location,
+    encode_pack_info,
+    encode_u64,
+    key_digest,
+    object_key,
+    type_prefix,
+)
 
 
 def revive(repo: Any, txn: lmdb.Transaction, rp: RestorePoint) -> int:
@@ -48,20 +59,20 @@ def revive(repo: Any, txn: lmdb.Transaction, rp: RestorePoint) -> int:
         nonlocal revived
         raw = txn.get(key, db=dbs["objects"])
         if raw is not None:
-            return Location(*LOCATION.unpack(raw))
+            return decode_location(raw)
         raw = txn.get(key, db=dbs["condemned"])
         if raw is None:
             return None
-        loc = Location(*CONDEMNED.unpack(raw)[:4])
+        loc = decode_condemned(raw)[0]
         if loc.pack_id not in back_packs and txn.get(loc.pack_id, db=dbs["packs"]) is None:
             doomed = txn.get(loc.pack_id, db=dbs["doomed"])
             if doomed is None or not os.path.exists(repo.packs.path_of(loc.pack_id)):
                 return None
-            size, count, _gen = DOOMED.unpack(doomed)
-            txn.put(loc.pack_id, PACK_INFO.pack(size, count), db=dbs["packs"])
+            size, count, _gen = decode_doomed(doomed)
+            txn.put(loc.pack_id, encode_pack_info(size, count), db=dbs["packs"])
             txn.delete(loc.pack_id, db=dbs["doomed"])
         back_packs.add(loc.pack_id)
-        txn.put(key, LOCATION.pack(*loc), db=dbs["objects"])
+        txn.put(key, encode_location(*loc), db=dbs["objects"])
         txn.delete(key, db=dbs["condemned"])
         revived += 1
         return loc
@@ -78,7 +89,7 @@ def revive(repo: Any, txn: lmdb.Transaction, rp: RestorePoint) -> int:
             raise IntegrityError(f"page {digest.hex()} is neither indexed nor condemned")
         return repo.read_at(RecordType.PAGE, digest, loc)
 
-    chunk = bytes((RecordType.CHUNK,))
+    chunk = type_prefix(RecordType.CHUNK)
     seen_chunks: set[bytes] = set()
 
     def on_chunks(page: bytes, _first: int) -> None:
@@ -95,17 +106,16 @@ def revive(repo: Any, txn: lmdb.Transaction, rp: RestorePoint) -> int:
         need(object_key(RecordType.BLOB, bytes.fromhex(cfg.digest)))
     need(object_key(RecordType.RESTORE_POINT, rp_record_digest(rp.to_doc())))
     if walker.faults or missing:
-        what = walker.faults[0].message if walker.faults else missing[0][1:].hex()
+        what = walker.faults[0].message if walker.faults else key_digest(missing[0]).hex()
         raise IntegrityError(
             f"restore point {rp.vm}/{rp.id} not committed: {len(missing)} object(s) it "
             f"references were collected while it was written (first: {what})"
         )
     if revived:  # tells a gc between its plan and its condemning transaction to look again
-        txn.put(REVIVALS, U64.pack(revivals(txn, dbs["meta"]) + 1), db=dbs["meta"])
+        txn.put(REVIVALS_KEY, encode_u64(revivals(txn, dbs["meta"]) + 1), db=dbs["meta"])
     return revived
 
 
 def revivals(txn: lmdb.Transaction, meta: Any) -> int:
     """How many commits have brought condemned objects back, ever."""
-    raw = txn.get(REVIVALS, db=meta)
-    return U64.unpack(raw)[0] if raw else 0
+    return decode_u64(txn.get(REVIVALS_KEY, db=meta))

@@ -45,51 +45,39 @@ def rp_record_digest(doc: dict[str, Any]) -> bytes:
 
 
 @dataclass(frozen=True)
-class Tombstone:
-    vm: str
-    id: str
-    seq: int
-    vm_seq: int | None = None  #: lets rebuild-index keep the VM directory's inode number
-
-    def body(self) -> bytes:
-        doc = {
-            "vm": self.vm,
-            "id": self.id,
-            "seq": self.seq,
-            "vm_seq": self.vm_seq,
-            "removed": time.time(),
-        }
-        return json.dumps(doc, sort_keys=True).encode()
-
-    @property
-    def target(self) -> tuple[str, str, int]:
-        return self.vm, self.id, self.seq
-
-
-@dataclass(frozen=True)
-class Protection:
-    """A restore point's protected flag as set at one moment; the highest ``flag_seq`` wins."""
+class _AboutRestorePoint:
+    """What tombstones and protection records share: the restore point they are about."""
 
     vm: str
     id: str
     seq: int  #: the restore point's sequence number: a later one of the same id is another
-    flag_seq: int
-    protected: bool
-
-    def body(self) -> bytes:
-        doc = {
-            "vm": self.vm,
-            "id": self.id,
-            "seq": self.seq,
-            "flag_seq": self.flag_seq,
-            "protected": self.protected,
-            "set": time.time(),
-        }
-        return json.dumps(doc, sort_keys=True).encode()
 
     @property
     def target(self) -> tuple[str, str, int]:
         return self.vm, self.id, self.seq
+
+    def _body(self, **fields: Any) -> bytes:
+        doc = {"vm": self.vm, "id": self.id, "seq": self.seq, **fields}
+        return json.dumps(doc, sort_keys=True).encode()
+
+
+@dataclass(frozen=True)
+class Tombstone(_AboutRestorePoint):
+    vm_seq: int | None = None  #: lets rebuild-index keep the VM directory's inode number
+
+    def body(self) -> bytes:
+        return self._body(vm_seq=self.vm_seq, removed=time.time())
+
+
+@dataclass(frozen=True)
+class Protection(_AboutRestorePoint):
+    """A restore point's protected flag as set at one moment; the highest ``flag_seq`` wins."""
+
+    flag_seq: int
+    protected: bool
+
+    def body(self) -> bytes:
+        return self._body(flag_seq=self.flag_seq, protected=self.protected, set=time.time())
 
 
 def parse_protection(raw: bytes) -> Protection | None:

@@ -16,8 +16,8 @@ import pytest
 
 from repofs.errors import UsageError
 from repofs.maintenance.gc import collect_garbage
-from repofs.store.index import rp_key
 from repofs.store.repository import Repository
+from repofs.store.schema import rp_key
 from tests.support import maint
 from tests.support.helpers import assert_one_line_error, make_image, mounted, repofs, spawn
 from tests.support.maint import (

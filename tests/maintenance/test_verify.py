@@ -16,9 +16,9 @@ import repofs.maintenance.verify.checks as verify_module
 from repofs.maintenance.verify.checks import verify_repository
 from repofs.maintenance.verify.packreader import PackReader, _read_from_store
 from repofs.maintenance.verify.windows import _Entry, plan_windows
-from repofs.store.index import LOCATION, object_key
 from repofs.store.records import RECORD_HEADER_SIZE, RecordType
 from repofs.store.repository import Repository
+from repofs.store.schema import encode_location, location_fields, object_key
 from tests.support.helpers import assert_one_line_error, make_image, repofs, skip_unless_o_direct
 from tests.support.maint import (
     MiB,
@@ -113,7 +113,7 @@ class TestCleanRepository:
         ingest_here(repo, "a", {"d0": img})
         with Repository.open(str(repo)) as r:
             entries = sorted(
-                _Entry(*LOCATION.unpack(v), k[0], k[1:])
+                _Entry(*location_fields(v), k[0], k[1:])
                 for k, v in r.index.read(lambda t: list(r.index.items(t, "objects")))
             )
             windows = plan_windows(entries)
@@ -219,7 +219,7 @@ class TestDamage:
             assert info is not None
             ref = r.map_reader(info).ref_at(3 * MiB // CS)
             key = object_key(RecordType.CHUNK, ref)
-            moved = LOCATION.pack(bytes.fromhex(pack.stem), end - 100, stored, CS)
+            moved = encode_location(bytes.fromhex(pack.stem), end - 100, stored, CS)
             r.index.write(lambda t: t.put(key, moved, db=r.index.dbs["objects"]))
         result = verify_repository(str(repo))
         (problem,) = result.problems
@@ -253,8 +253,8 @@ class TestDamage:
 
             def damage(t: lmdb.Transaction) -> None:
                 t.delete(lost, db=objects)
-                pack, offset, stored, _raw = LOCATION.unpack(t.get(short, db=objects))
-                t.put(short, LOCATION.pack(pack, offset, stored, cs - 1), db=objects)
+                pack, offset, stored, _raw = location_fields(t.get(short, db=objects))
+                t.put(short, encode_location(pack, offset, stored, cs - 1), db=objects)
 
             r.index.write(damage)
         result = verify_repository(str(repo))

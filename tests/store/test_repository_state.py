@@ -173,7 +173,7 @@ def _breaks_only_the_objects_table(raw: bytes, page: int, scratch: Path) -> bool
     table unreadable: damage that only a lookup in the middle of a command meets."""
     import lmdb
 
-    from repofs.store.index import DATABASES
+    from repofs.store.schema import DATABASES
 
     bad = bytearray(raw)
     bad[page * 4096 + 10 : page * 4096 + 12] = b"\0\0"

@@ -44,7 +44,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import lmdb
 
 from repofs.errors import IndexAccessError, IntegrityError, RepositoryError, UsageError
-from repofs.maintenance.gc import unindexed_packs, unlisted_restore_points
+from repofs.maintenance.gc.leftovers import unindexed_packs, unlisted_restore_points
 from repofs.maintenance.verify.damage import map_damage
 from repofs.maintenance.verify.noindex import _without_index
 from repofs.maintenance.verify.packreader import PackReader, _keep, _read_from_store
@@ -53,7 +53,6 @@ from repofs.maintenance.verify.recordcheck import _check_window
 from repofs.maintenance.verify.result import Problem, VerifyResult
 from repofs.maintenance.verify.windows import _Buffer, _Entry, _Failures, _Window, plan_windows
 from repofs.store.config import RepoConfig
-from repofs.store.index import LOCATION, PACK_INFO, Location
 from repofs.store.mapwalk import MapWalker
 from repofs.store.names import validate_vm_name
 from repofs.store.packstore import LocalPackStore
@@ -67,11 +66,19 @@ from repofs.store.records import (
 from repofs.store.repository import NEW_INDEX_DIR, Repository
 from repofs.store.restorepoint import RestorePoint
 from repofs.store.rprecords import rp_record_digest
+from repofs.store.schema import (
+    Location,
+    decode_location,
+    decode_pack_info,
+    key_digest,
+    key_type,
+    location_fields,
+    raw_len_suffix,
+    type_prefix,
+)
 from repofs.util.progress import Progress
 
 MAX_RANGES_SHOWN = 8
-_RAW_LEN = struct.Struct(">I")  # the last field of index.LOCATION
-assert LOCATION.size == 32 and LOCATION.format.endswith("I")
 INDEX_DAMAGE = (lmdb.Error, json.JSONDecodeError, struct.error, UnicodeDecodeError)
 
 
@@ -246,16 +253,16 @@ class _Verifier:
         if capacity % cs and first <= last < first + n:
             self._check_chunk_refs_one_by_one(txn, page, first, capacity=capacity)
             return
-        chunk_key = bytes((RecordType.CHUNK,))
+        chunk_key = type_prefix(RecordType.CHUNK)
         zero_key = chunk_key + ZERO_DIGEST
         keys = [chunk_key + page[i : i + 32] for i in range(0, n * 32, 32)]
         keys = [k for k in keys if k != zero_key]
         if self.bad_chunks:
-            keys = [k for k in keys if k[1:] not in self.bad_chunks]
+            keys = [k for k in keys if key_digest(k) not in self.bad_chunks]
         with txn.cursor(db=self.index.dbs["objects"]) as cur:
             found = cur.getmulti(keys)
-        full = _RAW_LEN.pack(cs)  # a full chunk's raw length as its location stores it
-        if len(found) != len(keys) or any(v[-4:] != full for _k, v in found):
+        full = raw_len_suffix(cs)  # a full chunk's raw length as its location stores it
+        if len(found) != len(keys) or any(not v.endswith(full) for _k, v in found):
             self._check_chunk_refs_one_by_one(txn, page, first, capacity=capacity)
         elif self.vm is not None or self.sample is not None:
             self.referenced.update(keys)
@@ -264,7 +271,7 @@ class _Verifier:
         self, txn: lmdb.Transaction, page: bytes, first: int, *, capacity: int
     ) -> None:
         cs = self.cs
-        chunk_key = bytes((RecordType.CHUNK,))
+        chunk_key = type_prefix(RecordType.CHUNK)
         track = self.vm is not None or self.sample is not None
         for k in range(len(page) // 32):
             ref = page[k * 32 : (k + 1) * 32]
@@ -276,7 +283,7 @@ class _Verifier:
                     f"chunk {self._short(ref)}", "is not in the index"
                 )
                 continue
-            loc = Location(*LOCATION.unpack(raw))
+            loc = decode_location(raw)
             i = first + k
             expected = min(cs, capacity - i * cs)
             if loc.raw_len != expected:
@@ -294,14 +301,14 @@ class _Verifier:
         seen_pages = {key[:32] for key in self.walker.seen}
         referenced = self.referenced if self.vm is not None else None
         page = RecordType.PAGE
-        unpack = LOCATION.unpack
+        unpack = location_fields
         out: list[_Entry] = []
 
         def collect(txn: lmdb.Transaction) -> None:
             with txn.cursor(db=self.index.dbs["objects"]) as cur:
                 for key, value in cur:
-                    rtype = key[0]
-                    digest = key[1:]
+                    rtype = key_type(key)
+                    digest = key_digest(key)
                     if rtype == page and digest in seen_pages:
                         continue
                     if referenced is not None and key not in referenced:
@@ -315,7 +322,7 @@ class _Verifier:
         """Pack-level checks of every pack the index names, before any object is read."""
         store = self.repo.packs
         packs = self.index.read(
-            lambda t: {k: PACK_INFO.unpack(v)[0] for k, v in self.index.items(t, "packs")}
+            lambda t: {k: decode_pack_info(v)[0] for k, v in self.index.items(t, "packs")}
         )
         self.known_packs = set(packs)
         for pack_id, size in sorted(packs.items()):

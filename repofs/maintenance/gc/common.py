@@ -1,0 +1,72 @@
+"""What every step of gc shares: its result, the fault-injection pause, small helpers.
+
+Kept apart so that each step (:mod:`.mark`, :mod:`.compact`, :mod:`.sweep`,
+:mod:`.purge`, ...) imports it without importing the others.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from repofs.errors import IntegrityError
+from repofs.store.packstore import PackStore
+from repofs.store.records import RecordType
+from repofs.store.schema import key_digest, key_type
+
+#: Fault-injection hook for tests, unset in production: seconds to sleep between gc steps,
+#: so that a kill -9 at a random moment can land in every phase.
+DELAY_ENV = "REPOFS_TEST_GC_DELAY"
+_TOMB = RecordType.TOMBSTONE
+#: Record types gc keeps forever: what rebuild-index needs to know beside restore point records.
+_KEPT = frozenset({RecordType.TOMBSTONE, RecordType.PROTECTION})
+
+
+@dataclass
+class GcResult:
+    dry_run: bool = False
+    restore_points: int = 0
+    late_restore_points: int = 0  #: committed while gc marked
+    pages: int = 0
+    live_objects: int = 0
+    packs_before: int = 0
+    packs_deleted: int = 0
+    packs_rewritten: int = 0
+    packs_spared: int = 0  #: doomed, but an ingest deduplicated against them meanwhile
+    packs_held: int = 0  #: condemned, left to a later gc: a writer that started before runs
+    orphan_packs: int = 0
+    bytes_freed: int = 0
+    bytes_written: int = 0
+    tmp_freed: int = 0
+    tombstones_written: int = 0
+    reservations_removed: int = 0
+    mark_seconds: float = 0.0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``gc --json``: every field, and ``freed``, the net bytes the text reports freed."""
+        return {"freed": max(self.bytes_freed - self.bytes_written, 0), **asdict(self)}
+
+
+def _pause(say: str | None = None) -> None:
+    delay = os.environ.get(DELAY_ENV)
+    if delay:
+        if say:
+            print(f"repofs: test hook: {say}, pausing", file=sys.stderr, flush=True)
+        time.sleep(float(delay))
+
+
+def _describe(key: bytes) -> str:
+    return f"{RecordType(key_type(key)).name.lower()} {key_digest(key).hex()[:16]}"
+
+
+def _size(store: PackStore, pack_id: bytes) -> int:
+    try:
+        return store.size(pack_id)
+    except IntegrityError:
+        return 0
