@@ -27,6 +27,7 @@ from repofs.cli_common import (
     restore_point_doc,
 )
 from repofs.config import DEFAULT_CHUNK, DEFAULT_COMPRESSION, parse_size, size_label
+from repofs.crypto import CIPHERS, DEFAULT_CIPHER
 from repofs.errors import RepofsError, UsageError
 from repofs.names import validate_vm_name
 from repofs.repository import Repository
@@ -118,13 +119,25 @@ def main() -> None:
 @click.option(
     "--compression", default=DEFAULT_COMPRESSION, show_default=True, help="zstd:LEVEL or none."
 )
-def init(repo: str, chunk_size: str, compression: str) -> None:
-    """Create a new, empty repository in REPO."""
+@click.option(
+    "--encryption",
+    type=click.Choice([*CIPHERS, "none"]),
+    default=DEFAULT_CIPHER,
+    show_default=True,
+    help="AEAD sealing every record and name; the key comes from --key-file (created), "
+    "--passphrase-file, REPOFS_PASSPHRASE or a prompt.",
+)
+def init(repo: str, chunk_size: str, compression: str, encryption: str) -> None:
+    """Create a new, empty repository in REPO (encrypted unless --encryption none)."""
     size = parse_size(chunk_size, "--chunk-size")
-    with Repository.init(repo, size, compression) as r:
+    with Repository.init(repo, size, compression, encryption) as r:
+        key = r.config.encryption
+        sealed = f", {key.cipher}, key in {'the key file' if key.key == 'key-file' else 'REPO/key'}"
         click.echo(
             f"created repository {repo} (id {r.config.repository_id}, "
-            f"chunk size {human_bytes(size)}, {r.config.compression})"
+            f"chunk size {human_bytes(size)}, {r.config.compression}"
+            + (sealed if key is not None else ", not encrypted")
+            + ")"
         )
 
 
@@ -374,3 +387,8 @@ def stats(repo: str, as_json: bool) -> None:
 from repofs.cli_maintenance import register as _register_maintenance  # noqa: E402 - after main
 
 _register_maintenance(main)
+
+from repofs.cli_key import add_key_source_options, key  # noqa: E402 - after main
+
+main.add_command(key)
+add_key_source_options(main)  # last: every command has them

@@ -46,8 +46,9 @@ from typing import Any
 
 import lmdb
 
+from repofs.crypto import Keys
 from repofs.errors import BusyError, IntegrityError, NoSpaceError, UsageError
-from repofs.index import LOCATION, PACK_INFO, Index, Location, object_key, rp_key
+from repofs.index import LOCATION, PACK_INFO, Index, Location, object_key
 from repofs.lock import open_lock_file, repository_lock
 from repofs.mapwalk import MapWalker
 from repofs.packscan import restore_point_records
@@ -134,7 +135,7 @@ class Marker:
     def mark(self, doc: dict[str, Any]) -> None:
         rp = RestorePoint.from_doc(doc)
         self.marked.add((rp.vm, rp.id, rp.seq))
-        record = object_key(RecordType.RESTORE_POINT, rp_record_digest(doc))
+        record = object_key(RecordType.RESTORE_POINT, rp_record_digest(doc, self.repo.keys))
         if self.repo.index.read(lambda t: self.repo.index.get(t, "objects", record)) is not None:
             self.live.add(record)
         else:
@@ -316,7 +317,7 @@ def _copy(
     try:
         for pack_id in sorted(sparse):
             try:
-                records = _read_live(repo.packs, pack_id, uses[pack_id])
+                records = _read_live(repo.packs, pack_id, uses[pack_id], repo.keys)
             except IntegrityError as exc:
                 result.warnings.append(f"pack {pack_id.hex()} kept as it is: {exc}")
                 continue
@@ -348,9 +349,13 @@ def _copy(
 
 
 def _read_live(
-    store: PackStore, pack_id: bytes, use: _PackUse
+    store: PackStore, pack_id: bytes, use: _PackUse, keys: Keys
 ) -> list[tuple[bytes, Codec, int, bytes]]:
-    """The live records of one pack, each verified before it is copied anywhere."""
+    """The live records of one pack, each verified before it is copied anywhere.
+
+    A sealed record is copied as it is: its associated data binds the
+    repository's content id, type and name, not the pack or offset.
+    """
     data = memoryview(store.read(pack_id, 0, use.size))
     out = []
     for key, loc in sorted(use.live, key=lambda kl: kl[1].offset):
@@ -360,7 +365,7 @@ def _read_live(
         if hdr.type != key[0] or hdr.digest != key[1:]:
             raise IntegrityError(f"{where}: holds another object than the index says")
         payload = data[loc.offset + RECORD_HEADER_SIZE : end]
-        decode_payload(hdr, payload, where)
+        decode_payload(hdr, payload, where, keys)
         out.append((key, hdr.codec, hdr.raw_len, bytes(payload)))
     return out
 
@@ -370,15 +375,14 @@ def _update_record_hints(repo: Repository, moved: set[bytes]) -> None:
     index = repo.index
 
     def txn_fn(txn: lmdb.Transaction) -> None:
-        for key, value in list(index.items(txn, "rps")):
-            doc = json.loads(value)
-            record = object_key(RecordType.RESTORE_POINT, rp_record_digest(doc))
+        for key, doc in list(index.rp_items(txn)):
+            record = object_key(RecordType.RESTORE_POINT, rp_record_digest(doc, repo.keys))
             if record in moved:
                 raw = index.get(txn, "objects", record)
                 if raw is not None:
                     loc = Location(*LOCATION.unpack(raw))
                     doc["record"] = [loc.pack_id.hex(), loc.offset]
-                    index.put(txn, "rps", key, json.dumps(doc, sort_keys=True).encode())
+                    index.put_rp_doc(txn, key, doc)
 
     index.write(txn_fn)
 
@@ -551,7 +555,7 @@ def unlisted_restore_points(repo: Repository, pack_ids: list[bytes]) -> list[str
     index = repo.index
     found = []
     for pack_id in pack_ids:
-        found += restore_point_records(repo.packs, pack_id, repo.config.repository_id)
+        found += restore_point_records(repo.packs, pack_id, repo.config.repository_id, repo.keys)
     if not found:
         return []
 
@@ -560,7 +564,7 @@ def unlisted_restore_points(repo: Repository, pack_ids: list[bytes]) -> list[str
             doc
             for digest, doc in found
             if not index.has(txn, RecordType.RESTORE_POINT, digest)
-            and index.get(txn, "reservations", rp_key(doc["vm"], doc["id"])) is None
+            and index.get(txn, "reservations", index.rp_key(doc["vm"], doc["id"])) is None
         ]
 
     docs = index.read(unknown)

@@ -25,6 +25,13 @@ byte order is numeric order):
 ``seqs``
     ``sequence number (u64)`` -> ``b"V" + VM name`` or ``b"R" + rps key``,
     the way back from an inode number to what it names.
+
+In an encrypted repository (:attr:`Index.names` is a
+:class:`~repofs.crypto.SealedKeys`) no name is in clear: the VM part of the
+``vms``, ``rps`` and ``reservations`` keys is a keyed digest of the VM name
+(32 bytes), and the values of ``rps`` and ``seqs`` are sealed, bound to
+their database and key.  Object keys are keyed digests already.  Restore
+point ids (UTC times) and sequence numbers stay in clear.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import lmdb
 
+from repofs.crypto import PLAIN, Keys
 from repofs.durable import free_bytes, os_error
 from repofs.errors import IndexAccessError, RepositoryError
 from repofs.records import RecordType
@@ -99,6 +107,8 @@ class Index:
         self._identity = self._file_identity()
         self._pad_tail()
         self.generation = 0  #: how many times :meth:`follow_replacement` reopened it
+        #: How names are kept: in clear, or keyed and sealed (an encrypted repository).
+        self.names: Keys = PLAIN
 
     def _open_env(self, create: bool) -> tuple[lmdb.Environment, dict[str, Any]]:
         if not create:
@@ -113,7 +123,10 @@ class Index:
                 max_readers=512,
                 mode=0o600,
                 readahead=False,
-                meminit=False,
+                # Zero the unused part of every page written: without it, LMDB writes
+                # whatever its malloc'd buffers held before (chunk data, restore point
+                # JSON in clear), which an encrypted repository must never store.
+                meminit=True,
                 create=create,
             )
         except lmdb.Error as exc:
@@ -343,7 +356,7 @@ class Index:
             txn.put(b"seq", U64.pack(at_least), db=self.dbs["meta"])
 
     def vm_seq(self, txn: lmdb.Transaction, vm: str, *, allocate: bool = False) -> int | None:
-        raw = txn.get(vm.encode(), db=self.dbs["vms"])
+        raw = txn.get(self.names.vm_key(vm), db=self.dbs["vms"])
         if raw is not None:
             return U64.unpack(raw)[0]
         if not allocate:
@@ -353,34 +366,56 @@ class Index:
         return seq
 
     def set_vm_seq(self, txn: lmdb.Transaction, vm: str, seq: int) -> None:
-        txn.put(vm.encode(), U64.pack(seq), db=self.dbs["vms"])
-        txn.put(U64.pack(seq), b"V" + vm.encode(), db=self.dbs["seqs"])
+        txn.put(self.names.vm_key(vm), U64.pack(seq), db=self.dbs["vms"])
+        self._put_seq(txn, seq, b"V" + vm.encode())
+
+    def _put_seq(self, txn: lmdb.Transaction, seq: int, target: bytes) -> None:
+        key = U64.pack(seq)
+        txn.put(key, self.names.seal_value("seqs", key, target), db=self.dbs["seqs"])
 
     def lookup_seq(self, txn: lmdb.Transaction, seq: int) -> bytes | None:
-        return txn.get(U64.pack(seq), db=self.dbs["seqs"])
+        """``b"V" + VM name`` or ``b"R" + VM name + NUL + id`` (in clear, also when sealed)."""
+        key = U64.pack(seq)
+        raw = txn.get(key, db=self.dbs["seqs"])
+        return self.names.open_value("seqs", key, raw) if raw is not None else None
 
     # -- restore points ------------------------------------------------------
+
+    def rp_key(self, vm: str, rp_id: str) -> bytes:
+        """The ``rps`` and ``reservations`` key of a restore point (its VM part keyed if sealed)."""
+        return self.names.vm_key(vm) + b"\0" + rp_id.encode()
 
     def put_rp(
         self, txn: lmdb.Transaction, vm: str, rp_id: str, seq: int, doc: dict[str, Any]
     ) -> None:
-        key = rp_key(vm, rp_id)
-        txn.put(key, json.dumps(doc, sort_keys=True).encode(), db=self.dbs["rps"])
-        txn.put(U64.pack(seq), b"R" + key, db=self.dbs["seqs"])
+        key = self.rp_key(vm, rp_id)
+        self.put_rp_doc(txn, key, doc)
+        self._put_seq(txn, seq, b"R" + rp_key(vm, rp_id))
         txn.delete(key, db=self.dbs["reservations"])
 
+    def put_rp_doc(self, txn: lmdb.Transaction, key: bytes, doc: dict[str, Any]) -> None:
+        """Store a restore point's index copy under its ``rps`` key (from :meth:`rp_items`)."""
+        value = json.dumps(doc, sort_keys=True).encode()
+        txn.put(key, self.names.seal_value("rps", key, value), db=self.dbs["rps"])
+
+    def rp_items(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, dict[str, Any]]]:
+        """Every restore point's ``rps`` key and index copy."""
+        for key, value in self.items(txn, "rps"):
+            yield key, json.loads(self.names.open_value("rps", key, value))
+
     def delete_rp(self, txn: lmdb.Transaction, vm: str, rp_id: str, seq: int) -> None:
-        txn.delete(rp_key(vm, rp_id), db=self.dbs["rps"])
+        txn.delete(self.rp_key(vm, rp_id), db=self.dbs["rps"])
         txn.delete(U64.pack(seq), db=self.dbs["seqs"])
 
     def get_rp(self, txn: lmdb.Transaction, vm: str, rp_id: str) -> dict[str, Any] | None:
-        raw = txn.get(rp_key(vm, rp_id), db=self.dbs["rps"])
-        return json.loads(raw) if raw is not None else None
+        key = self.rp_key(vm, rp_id)
+        raw = txn.get(key, db=self.dbs["rps"])
+        return json.loads(self.names.open_value("rps", key, raw)) if raw is not None else None
 
     def rp_docs(self, txn: lmdb.Transaction, vm: str | None = None) -> Iterator[dict[str, Any]]:
-        prefix = vm.encode() + b"\0" if vm is not None else b""
-        for _key, value in self.items(txn, "rps", prefix):
-            yield json.loads(value)
+        prefix = self.names.vm_key(vm) + b"\0" if vm is not None else b""
+        for key, value in self.items(txn, "rps", prefix):
+            yield json.loads(self.names.open_value("rps", key, value))
 
     def vm_names(self, txn: lmdb.Transaction) -> list[str]:
         """VMs that have at least one restore point, sorted."""
@@ -388,13 +423,18 @@ class Index:
         with txn.cursor(db=self.dbs["rps"]) as cur:
             ok = cur.first()
             while ok:
-                vm = cur.key().partition(b"\0")[0]
-                names.append(vm.decode())
+                key = cur.key()
+                vm = self.names.vm_part(key)
+                if self.names.encrypted:  # the name is only in the sealed value
+                    doc = json.loads(self.names.open_value("rps", key, cur.value()))
+                    names.append(doc["vm"])
+                else:
+                    names.append(vm.decode())
                 ok = cur.set_range(vm + b"\x01")
-        return names
+        return sorted(names)
 
     def rp_ids(self, txn: lmdb.Transaction, vm: str) -> list[str]:
-        prefix = vm.encode() + b"\0"
+        prefix = self.names.vm_key(vm) + b"\0"
         out = []
         with txn.cursor(db=self.dbs["rps"]) as cur:
             if cur.set_range(prefix):
@@ -406,9 +446,10 @@ class Index:
 
     def latest_rp_id(self, txn: lmdb.Transaction, vm: str, db: str = "rps") -> str | None:
         """The VM's newest id in ``db`` (``rps``, or ``reservations`` of running ingests)."""
-        prefix = vm.encode() + b"\0"
+        vm_key = self.names.vm_key(vm)
+        prefix = vm_key + b"\0"
         with txn.cursor(db=self.dbs[db]) as cur:
-            found = cur.prev() if cur.set_range(vm.encode() + b"\x01") else cur.last()
+            found = cur.prev() if cur.set_range(vm_key + b"\x01") else cur.last()
             if found and cur.key().startswith(prefix):
                 return cur.key()[len(prefix) :].decode()
         return None

@@ -56,6 +56,7 @@ import zstandard
 
 from ingest.progress import Progress
 from repofs.config import RepoConfig
+from repofs.crypto import PLAIN, Keys
 from repofs.directio import ALIGN, HUGE_PAGE, direct_buffer, read_into
 from repofs.errors import IndexAccessError, IntegrityError, RepositoryError, UsageError
 from repofs.gc import unindexed_packs, unlisted_restore_points
@@ -77,7 +78,7 @@ from repofs.records import (
     decode_header,
     thread_decompressor,
 )
-from repofs.repository import NEW_INDEX_DIR, PACKS_DIR, Repository
+from repofs.repository import NEW_INDEX_DIR, PACKS_DIR, Repository, open_keys
 from repofs.restorepoint import RestorePoint
 from repofs.rprecords import parse_rp_record, parse_tombstone, rp_record_digest
 
@@ -164,19 +165,20 @@ def verify_repository(
     if sample is not None and not 0 < sample <= 100:
         raise UsageError(f"--sample {sample:g} must be a percentage above 0 and at most 100")
     config = RepoConfig.load(path)
+    keys = open_keys(path, config)  # a wrong key is an error of its own, not index damage
     t0 = time.monotonic()
     try:
-        repo = Repository.open(path)
+        repo = Repository.open(path, keys)
     except IndexAccessError:
         raise
     except RepositoryError as exc:
-        result = _without_index(path, config, str(exc), threads)
+        result = _without_index(path, config, str(exc), threads, keys)
     else:
         try:
             with repository_lock(path, exclusive=False):
                 result = _Verifier(repo, vm, sample, progress, threads, max_ranges).run()
         except INDEX_DAMAGE as exc:
-            result = _without_index(path, config, f"the index is damaged ({exc})", threads)
+            result = _without_index(path, config, f"the index is damaged ({exc})", threads, keys)
         finally:
             repo.close()
     result.elapsed = time.monotonic() - t0
@@ -270,7 +272,7 @@ class _Verifier:
                 )
             )
         if doc is not None:
-            digest = rp_record_digest(doc)
+            digest = rp_record_digest(doc, self.repo.keys)
             if self.index.locate(RecordType.RESTORE_POINT, digest) is None:
                 self.result.problems.append(
                     Problem(
@@ -485,7 +487,9 @@ class _Verifier:
                     failed = [(e, str(n)) for e in window.entries]
                     pending.append((window, _done(failed), None))
                 else:
-                    fut = pool.submit(_check_window, memoryview(buf)[: int(n)], window)
+                    fut = pool.submit(
+                        _check_window, memoryview(buf)[: int(n)], window, self.repo.keys
+                    )
                     pending.append((window, fut, buf))
                 while len(pending) > in_flight:
                     self._collect(*pending.popleft(), release, progress)
@@ -534,7 +538,7 @@ class _Verifier:
         if self._owners is None:
             with self.index.reading() as txn:
                 self._owners = {
-                    rp_record_digest(doc): f"{doc['vm']}/{doc['id']}"
+                    rp_record_digest(doc, self.repo.keys): f"{doc['vm']}/{doc['id']}"
                     for doc in self.index.rp_docs(txn)
                 }
         return self._owners
@@ -787,7 +791,7 @@ def _keep(buf: _Buffer) -> None:
     """Buffers of other stores are plain bytes: nothing to give back."""
 
 
-def _check_window(data: memoryview, window: _Window) -> _Failures:
+def _check_window(data: memoryview, window: _Window, keys: Keys = PLAIN) -> _Failures:
     """Check every record of one window: header, that it is the object indexed, its content.
 
     verify's hot loop, run on every core: zstd and BLAKE3 release the GIL,
@@ -798,7 +802,7 @@ def _check_window(data: memoryview, window: _Window) -> _Failures:
     """
     unpack = RECORD_HEADER.unpack_from
     crc32 = zlib.crc32
-    hasher = blake3.blake3
+    hasher = keys.name if keys.encrypted else lambda raw: blake3.blake3(raw).digest()
     size = len(data)
     base = window.start
     dctx = thread_decompressor()
@@ -829,9 +833,16 @@ def _check_window(data: memoryview, window: _Window) -> _Failures:
         ):
             failures.append((e, _header_problem(data[start:body], e)))
             continue
+        payload: bytes | memoryview = data[body:end]
+        if keys.encrypted:
+            try:
+                payload = keys.open(rtype, digest, payload, _where(e))
+            except IntegrityError as exc:
+                failures.append((e, str(exc)))
+                continue
         if codec == zstd:
             try:
-                raw: bytes | memoryview = dctx.decompress(data[body:end], max_output_size=raw_len)
+                raw: bytes | memoryview = dctx.decompress(payload, max_output_size=raw_len)
             except zstandard.ZstdError as exc:
                 failures.append((e, f"{_where(e)}: cannot decompress: {exc}"))
                 continue
@@ -841,8 +852,8 @@ def _check_window(data: memoryview, window: _Window) -> _Failures:
                 )
                 continue
         else:
-            raw = data[body:end]
-        if hasher(raw).digest() != digest:
+            raw = payload
+        if hasher(raw) != digest:
             failures.append((e, f"{_where(e)}: content does not match its digest"))
     return failures
 
@@ -891,7 +902,9 @@ def permission_warnings(repo_path: str) -> list[str]:
     return out
 
 
-def _without_index(path: str, config: RepoConfig, why: str, threads: int | None) -> VerifyResult:
+def _without_index(
+    path: str, config: RepoConfig, why: str, threads: int | None, keys: Keys = PLAIN
+) -> VerifyResult:
     """The index cannot be used: name every restore point the packs hold; none is readable now."""
     from repofs.packscan import check_payloads
 
@@ -904,7 +917,7 @@ def _without_index(path: str, config: RepoConfig, why: str, threads: int | None)
         for pack_id in store.list():
             scan = scan_pack(store, pack_id, config.repository_id)
             scan.records = [r for r in scan.records if r.header.type in keep]
-            for rec, raw, _err in check_payloads(scan, pool, keep):
+            for rec, raw, _err in check_payloads(scan, pool, keep, keys=keys):
                 if raw is None:
                     continue
                 if rec.header.type == RecordType.TOMBSTONE:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from repofs.descriptor import descriptor_text
 from repofs.diskread import ChunkCache, DiskReader, Prefetcher
 from repofs.errors import IntegrityError, RepositoryError
-from repofs.index import U64, split_rp_key
+from repofs.index import split_rp_key
 from repofs.records import RecordType
 from repofs.repository import Repository
 from repofs.restorepoint import RestorePoint
@@ -270,7 +270,7 @@ class RepoView:
 
             def vms(txn: object) -> list[tuple[str, int]]:
                 return [
-                    (vm, U64.unpack(idx.get(txn, "vms", vm.encode()))[0])  # type: ignore[arg-type]
+                    (vm, idx.vm_seq(txn, vm))  # type: ignore[arg-type]
                     for vm in idx.vm_names(txn)
                 ]
 
