@@ -132,12 +132,13 @@ def init(repo: str, chunk_size: str, compression: str, encryption: str) -> None:
     size = parse_size(chunk_size, "--chunk-size")
     with Repository.init(repo, size, compression, encryption) as r:
         key = r.config.encryption
-        sealed = f", {key.cipher}, key in {'the key file' if key.key == 'key-file' else 'REPO/key'}"
+        sealed = ", not encrypted"
+        if key is not None:
+            where = "the key file" if key.key == "key-file" else "REPO/key"
+            sealed = f", {key.cipher}, key in {where}"
         click.echo(
             f"created repository {repo} (id {r.config.repository_id}, "
-            f"chunk size {human_bytes(size)}, {r.config.compression}"
-            + (sealed if key is not None else ", not encrypted")
-            + ")"
+            f"chunk size {human_bytes(size)}, {r.config.compression}{sealed})"
         )
 
 
