@@ -46,6 +46,43 @@ def run_without(names: tuple[str, ...], *args: str | Path, extra: dict[str, str]
     )
 
 
+def on_terminal(args: tuple[str | Path, ...], typed: str) -> tuple[int, str]:
+    """The CLI on a pseudo-terminal of its own (its controlling terminal), with ``typed`` input."""
+    import fcntl
+    import pty
+    import termios
+    import time
+
+    env = cli_env()
+    env.pop("REPOFS_PASSPHRASE", None)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        cli_argv(*args),
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        start_new_session=True,
+        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+    )
+    os.close(slave)
+    out = b""
+    for line in typed.splitlines(keepends=True):
+        deadline = time.monotonic() + 30
+        while b"passphrase" not in out.split(b"\n")[-1] and time.monotonic() < deadline:
+            out += os.read(master, 4096)
+        os.write(master, line.encode())
+        out += b"\n"  # the next prompt is on a line of its own
+    code = proc.wait(60)
+    try:
+        while chunk := os.read(master, 4096):
+            out += chunk
+    except OSError:  # EIO: the terminal's other end is closed
+        pass
+    os.close(master)
+    return code, out.decode(errors="replace")
+
+
 def snapshot(path: Path) -> dict[str, tuple[int, str]]:
     """Every file under ``path`` with its size and content hash: what 'nothing touched' means."""
     out = {}
@@ -102,6 +139,17 @@ class TestInit:
         )
         assert proc.returncode == 2
         assert not (tmp_path / "r").exists()
+
+    def test_prompt_on_a_terminal(self, tmp_path: Path) -> None:
+        """With no other source, init asks twice on the terminal; list then asks once."""
+        repo = tmp_path / "r"
+        proc_init = on_terminal(("init", repo), "typed at the prompt\ntyped at the prompt\n")
+        assert proc_init[0] == 0, proc_init[1]
+        assert proc_init[1].count("passphrase") >= 2
+        code, out = on_terminal(("list", repo), "typed at the prompt\n")
+        assert code == 0, out
+        code, out = on_terminal(("list", repo), "wrong\n")
+        assert code == 2 and "wrong passphrase" in out
 
     def test_passphrase_file(self, tmp_path: Path) -> None:
         """--passphrase-file works for init and later commands, without the variable."""
