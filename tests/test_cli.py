@@ -76,7 +76,7 @@ class TestDamagedConfig:
             ("pack_target_size", 1 << 40, "out of range"),
             ("version", True, "not an integer"),
             ("version", 1.0, "not an integer"),
-            ("version", 3, "written by a newer repofs"),
+            ("version", 4, "written by a newer repofs"),
             ("version", 0, "not supported"),
             ("chunk_size", True, "not an integer"),
             ("chunk_size", 131072.0, "not an integer"),

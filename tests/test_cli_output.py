@@ -230,7 +230,7 @@ class TestInfo:
             assert "pytest" in lock["command"] or "python" in lock["command"]
             text = repofs("info", repo).stdout
             assert f"lock.main shared, held by pid {os.getpid()}" in text
-            assert "encryption           none" in text
+            assert "encryption           aes-256-gcm" in text
         finally:
             os.close(fd)
         assert "locks held           none" in repofs("info", repo).stdout

@@ -158,7 +158,7 @@ class TestFormatUpgrade:
             assert proc.returncode == 3
             assert_one_line_error(proc, "version 4 is not supported")
             assert "newer repofs" in proc.stderr
-        assert config_version(repo) == 3
+        assert config_version(repo) == 4
 
     def test_records_with_fields_of_a_later_change_still_read(self) -> None:
         """Optional keys this code does not know (changed-block tracking positions) are
