@@ -377,6 +377,19 @@ class TestCommands:
         assert grep.returncode == 1, grep.stdout
 
 
+class TestIndexPages:
+    def test_lmdb_pages_hold_no_stale_heap_bytes(self, tmp_path: Path) -> None:
+        """data.mdb holds no leftovers of the process's memory (LMDB's meminit is on)."""
+        repo = tmp_path / "r"
+        repofs("init", repo)
+        img = tmp_path / "leak.img"
+        line = f"a line of text naming {VM} in a guest log\n".encode()
+        img.write_bytes(os.urandom(3 * MiB) + line * (2 * MiB // len(line)))
+        ingest(repo, VM, f"{DISK}={img}")
+        data = (repo / "index" / "data.mdb").read_bytes()
+        assert VM.encode() not in data and b"a line of text" not in data
+
+
 def assert_no_clear_names(repo: Path, names: list[str]) -> None:
     """Nothing in the repository holds a name, known content or a known chunk's plain digest."""
     needles = [n.encode() for n in names] + [b"Quarterly salaries", b"displayName"]
