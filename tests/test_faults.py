@@ -361,8 +361,14 @@ def compact_index(repo: Path) -> None:
 
 def fill_up(path: Path) -> None:
     """Fill the file system with one file; dd, because root may also write ext4's reserved
-    blocks that statvfs hides."""
+    blocks that statvfs hides.  Then the last blocks, 1 KiB at a time: 64 KiB writes
+    left up to 63 KiB free, which let an index write through or not by how many pages
+    it needed (the same prune passed unencrypted and failed encrypted)."""
     subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=64k"], capture_output=True)
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={path}", "bs=1k", "oflag=append", "conv=notrunc"],
+        capture_output=True,
+    )
 
 
 @contextlib.contextmanager
