@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import stat
+from collections.abc import Iterable
 
+from ingest.imgutil import Trust, trusting
 from ingest.raw import RawSource, open_readonly
 from ingest.source import DiskSource
 from repofs.errors import SourceError
@@ -101,20 +104,67 @@ def _detect_without_magic(path: str) -> str:
     return "raw"
 
 
-def open_source(path: str, fmt: str | None = None) -> DiskSource:
-    """Open ``path`` with the reader for ``fmt`` or for the format its content shows."""
+def open_source(
+    path: str, fmt: str | None = None, *, backing_dirs: Iterable[str] = ()
+) -> DiskSource:
+    """Open the disk the administrator named: with the reader for ``fmt``, or for its content.
+
+    Without ``fmt`` a block device is raw: its every byte is the guest's,
+    so its content proves nothing.  A file is taken for what its content
+    shows; a raw disk's owner can make it look like any format, so a file
+    that its metadata names (backing file, extent, parent) is read only when
+    ``fmt`` was given or the file lies in one of ``backing_dirs`` (see
+    :class:`ingest.imgutil.Trust`).
+    """
     if fmt is not None and fmt not in FORMATS:
         raise SourceError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    dirs = tuple(os.path.realpath(d) for d in backing_dirs)
     fd = open_readonly(path)
+    chosen = _choose(path, fd, fmt, None)
+    advice = (
+        f"its format, {chosen}, was detected from the disk's content, which the guest "
+        f"writes: give --format {chosen} for this disk if it is one, or --backing-dir "
+        "with the directory that holds the file"
+    )
+    with trusting(Trust(fmt is not None, dirs, advice)):
+        return _open_fd(path, fd, chosen)
+
+
+def open_layer(
+    path: str, fmt: str | None, *, expect: str | None = None, what: str = "", child: str = ""
+) -> DiskSource:
+    """Open a file another image names, under the policy its opener set (see ``open_backing``).
+
+    ``fmt`` is the format the naming image states; without one a block
+    device is ``expect`` or raw and a file is detected, and a detected
+    format other than ``expect`` is refused before the file is parsed.
+    """
+    fd = open_readonly(path)
+    chosen = _choose(path, fd, fmt, expect)
+    if expect is not None and chosen != expect:
+        os.close(fd)
+        raise SourceError(f"{child}: {what} {path} is a {chosen} image, not a {expect.upper()}")
+    return _open_fd(path, fd, chosen)
+
+
+def _choose(path: str, fd: int, fmt: str | None, expect: str | None) -> str:
+    """The format to read ``fd`` with; closes ``fd`` on failure."""
+    if fmt is not None:
+        return fmt
     try:
-        head = os.pread(fd, 4096, 0)
-        chosen = fmt or detect_format(path, head)
+        if stat.S_ISBLK(os.fstat(fd).st_mode):
+            return expect or "raw"
+        return detect_format(path, os.pread(fd, 4096, 0))
     except OSError as exc:
         os.close(fd)
         raise SourceError(f"{path}: cannot read: {exc.strerror}") from None
     except BaseException:
         os.close(fd)
         raise
+
+
+def _open_fd(path: str, fd: int, chosen: str) -> DiskSource:
+    """The reader for ``chosen`` on ``fd``, which it takes over."""
     if chosen == "raw":
         return RawSource(path, fd)
     module, opener = READERS[chosen]

@@ -11,6 +11,7 @@ them.  The per-format modules only parse their tables.
 from __future__ import annotations
 
 import abc
+import contextlib
 import contextvars
 import errno
 import os
@@ -18,6 +19,7 @@ import stat
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from sys import byteorder
 from typing import Any
 
@@ -43,6 +45,75 @@ SCRATCH_LIMIT = 16 * 1024 * 1024
 _OPENING: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
     "repofs_ingest_opening_chain", default=()
 )
+
+
+@dataclass(frozen=True)
+class Trust:
+    """Whose word the image being opened stands on, and where its references may point.
+
+    A raw disk's owner, the guest, writes every byte of it, so a raw disk
+    can look like any format; if its content decided the format, a guest
+    could name a host file as its backing file or extent and have the
+    backup store that file (qemu's CVE-2008-2004).  A file that image
+    metadata names is therefore read only when the administrator vouched
+    for that metadata, or when it lies in a directory they named.
+    """
+
+    #: The image's format was given by the administrator (``--format``) or
+    #: stated by the metadata of a vouched image that names it, not detected.
+    vouched: bool
+    #: ``--backing-dir`` directories, symlinks resolved.
+    backing_dirs: tuple[str, ...]
+    #: Why an unvouched image's references are refused and what allows them,
+    #: the tail of the one-line refusal.
+    advice: str
+
+
+#: The policy of the chain being opened.  ``None``, when a reader is
+#: constructed directly, means its caller named the format by picking the
+#: reader: references are followed as in qemu.
+_TRUST: contextvars.ContextVar[Trust | None] = contextvars.ContextVar(
+    "repofs_ingest_trust", default=None
+)
+
+
+@contextlib.contextmanager
+def trusting(trust: Trust | None) -> Iterator[None]:
+    """Open images under ``trust`` (see :func:`check_reference`)."""
+    token = _TRUST.set(trust)
+    try:
+        yield
+    finally:
+        _TRUST.reset(token)
+
+
+def inside(path: str, directory: str) -> bool:
+    """Whether ``path`` is ``directory`` or below it (both already resolved)."""
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def check_reference(child_path: str, name: str, path: str, what: str) -> None:
+    """Refuse to open ``path``, named ``name`` by ``child_path``'s metadata, unless trusted.
+
+    Trusted means: the child was vouched for (see :class:`Trust`), or
+    ``path`` with every symlink resolved lies in a ``--backing-dir``.
+    Called before the file is opened or even looked for, so a refused
+    reference is never read.
+    """
+    trust = _TRUST.get()
+    if trust is None or trust.vouched:
+        return
+    real = os.path.realpath(path)
+    if any(inside(real, d) for d in trust.backing_dirs):
+        return
+    from ingest.vmdk_descriptor import show
+
+    shown = show(name)
+    where = "" if real == name else f" (resolves to {show(real, None)})"
+    raise SourceError(
+        f"{show(child_path, None)}: {what} {shown!r}{where} is outside every --backing-dir; "
+        f"{trust.advice}"
+    )
 
 
 class LRU:
@@ -200,14 +271,29 @@ def resolve_backing_name(child_path: str, name: str, what: str) -> str:
     return os.path.join(os.path.dirname(child_path), name)
 
 
-def open_backing(child_path: str, backing_path: str, fmt: str | None, what: str) -> DiskSource:
-    """Open a backing/parent image through :func:`ingest.detect.open_source`.
+def open_backing(
+    child_path: str,
+    backing_path: str,
+    fmt: str | None,
+    what: str,
+    *,
+    name: str,
+    expect: str | None = None,
+) -> DiskSource:
+    """Open a backing/parent image, named ``name`` in the child, through :func:`ingest.detect`.
+
+    ``fmt`` is the format the child's metadata states for it; ``expect``
+    the only format the child's own format allows (a VHD's parent is a
+    VHD), checked against the detected one before the parent is parsed.
+    Either keeps the parent vouched for when the child is; a parent whose
+    format is detected is not, so its own references must lie in a
+    ``--backing-dir`` (it may be a raw disk that looks like an image).
 
     The chain of files being opened is tracked in a context variable so a
     chain that loops back on itself, or is absurdly deep, is refused instead
     of recursing forever.
     """
-    from ingest.detect import FORMATS, open_source
+    from ingest.detect import FORMATS, open_layer
 
     stack = _OPENING.get() or (os.path.realpath(child_path),)
     real = os.path.realpath(backing_path)
@@ -222,11 +308,22 @@ def open_backing(child_path: str, backing_path: str, fmt: str | None, what: str)
         )
     if fmt is not None and fmt not in FORMATS:
         raise SourceError(f"{child_path}: {what} format {fmt!r} is not supported")
+    check_reference(child_path, name, backing_path, what)
     if not os.path.lexists(backing_path):
         raise SourceError(f"{child_path}: {what} {backing_path} does not exist")
+    trust = _TRUST.get()
+    if trust is not None and fmt is None and expect is None:
+        trust = Trust(
+            False,
+            trust.backing_dirs,
+            f"the format of {what} {backing_path} was detected from its content, as "
+            f"{child_path} does not state it: give --backing-dir with the directory that "
+            f"holds the file, or record the format in {child_path} (qemu-img rebase -u -F)",
+        )
     token = _OPENING.set((*stack, real))
     try:
-        return open_source(backing_path, fmt)
+        with trusting(trust):
+            return open_layer(backing_path, fmt, expect=expect, what=what, child=child_path)
     finally:
         _OPENING.reset(token)
 

@@ -7,13 +7,14 @@ the repository is locked or written, so bad input never leaves a trace.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
+from collections.abc import Callable, Sequence
 
 from ingest.cbt import QEMU_BITMAP_PREFIX, cbt_id_problem, check_base, load_changed_blocks
-from ingest.detect import open_source
+from ingest.detect import FORMATS, open_source
 from ingest.pipeline import DiskRequest, Ingest
-from repofs.errors import UsageError
-from repofs.lock import repository_lock
+from repofs.errors import SourceError, UsageError
 from repofs.names import validate_restore_point_names, validate_vm_name
 from repofs.repository import Repository
 from repofs.restorepoint import RestorePoint
@@ -66,13 +67,50 @@ def cbt_ids(specs: list[str] | None, option: str, disks: set[str]) -> dict[str, 
     return out
 
 
+def formats_by_disk(specs: Sequence[str], disks: set[str]) -> dict[str, str]:
+    """``--format`` values: ``FMT`` for every disk, ``DISK=FMT`` for one (which wins)."""
+    every: str | None = None
+    by_disk: dict[str, str] = {}
+    for spec in specs:
+        name, sep, fmt = spec.partition("=")
+        if not sep:
+            name, fmt = "", name
+        if fmt not in FORMATS:
+            raise UsageError(
+                f"--format {spec!r}: unknown format {fmt!r}; expected one of "
+                f"{', '.join(FORMATS)}, for every disk or as DISK=FORMAT"
+            )
+        if not sep:
+            if every is not None:
+                raise UsageError("--format without a disk name is given twice")
+            every = fmt
+            continue
+        if name not in disks:
+            raise UsageError(f"--format names disk {name!r}, which is not in this ingest")
+        if name in by_disk:
+            raise UsageError(f"--format given twice for disk {name!r}")
+        by_disk[name] = fmt
+    return {d: by_disk.get(d, every) for d in disks if by_disk.get(d, every) is not None}
+
+
+def backing_directories(dirs: Sequence[str]) -> tuple[str, ...]:
+    """``--backing-dir`` values, checked to be directories and with symlinks resolved."""
+    out = []
+    for d in dirs:
+        if not os.path.isdir(d):
+            raise UsageError(f"--backing-dir {d!r} is not a directory")
+        out.append(os.path.realpath(d))
+    return tuple(out)
+
+
 def run_ingest(
     repo_path: str,
     vm: str,
     disk_specs: list[str],
     configs: list[str],
     *,
-    fmt: str | None = None,
+    formats: Sequence[str] = (),
+    backing_dirs: Sequence[str] = (),
     parent_spec: str | None = None,
     changed_specs: list[str] | None = None,
     cbt_check: int = 0,
@@ -81,7 +119,13 @@ def run_ingest(
     note: str | None = None,
     position_specs: list[str] | None = None,
     base_specs: list[str] | None = None,
+    on_detected: Callable[[str, str, str], None] | None = None,
 ) -> RestorePoint:
+    """Ingest the disks as one restore point of ``vm``; validate everything before writing.
+
+    ``on_detected(disk, path, format)`` is told each format that was
+    detected rather than given, before anything is read.
+    """
     validate_vm_name(vm, new=True)
     note = validate_note(note)
     pairs = [split_assignment(s, "disk") for s in disk_specs]
@@ -89,6 +133,8 @@ def run_ingest(
         raise UsageError("no disks given: name at least one DISK=SOURCE")
     validate_restore_point_names([name for name, _ in pairs], configs)
     seen = {name for name, _ in pairs}
+    fmt_of = formats_by_disk(formats, seen)
+    dirs = backing_directories(backing_dirs)
     changed_by_disk = per_disk(changed_specs, "--changed-blocks", seen)
     positions = cbt_ids(position_specs, "--cbt-position", seen)
     bases = cbt_ids(base_specs, "--cbt-base", seen)
@@ -109,8 +155,10 @@ def run_ingest(
         parent = repo.resolve(vm, parent_spec) if parent_spec is not None else repo.latest(vm)
         requests = []
         for name, path in pairs:
-            source = open_source(path, fmt)
+            source = open_source(path, fmt_of.get(name), backing_dirs=dirs)
             stack.callback(source.close)
+            if name not in fmt_of and on_detected is not None:
+                on_detected(name, path, source.format_name)
             changed = None
             if name in changed_by_disk:
                 if parent is None:
@@ -118,6 +166,13 @@ def run_ingest(
                         f"--changed-blocks needs a parent restore point and VM {vm!r} has none"
                     )
                 spec = changed_by_disk[name]
+                if spec.startswith(QEMU_BITMAP_PREFIX) and source.format_name != "qcow2":
+                    # qemu would probe the file's format itself, and open what a
+                    # guest-made header names: only a disk we read as qcow2 goes to it.
+                    raise SourceError(
+                        f"{path}: --changed-blocks {name}={spec} reads a qcow2 bitmap, but "
+                        f"this disk is read as {source.format_name}"
+                    )
                 listed = load_changed_blocks(spec, source.size, path)
                 _check_list_base(name, spec, listed.base, bases.get(name), parent)
                 changed = list(listed.extents)
@@ -133,7 +188,7 @@ def run_ingest(
             note=note,
         )
         job.check_cbt(cbt_check)
-        with repository_lock(repo_path, exclusive=False):
+        with repo.lock():  # follows an index that rebuild-index replaced while we waited
             if parent_spec is None:
                 # The latest may have changed while we waited for the lock.
                 latest = repo.latest(vm)

@@ -323,7 +323,7 @@ class Ingest:
         )
         progress = Progress(total, enabled=self.progress_enabled)
         config_blobs = self._read_configs()
-        res = repo.reserve(self.vm, now)
+        res = repo.reserve(self.vm, now, parent=self.parent.id if self.parent else None)
         writer = repo.writer()
         workers = _Workers(repo, self.threads)
         try:
@@ -348,7 +348,7 @@ class Ingest:
                 consistency=self.consistency,
                 note=self.note,
             )
-            repo.commit(writer, rp)
+            repo.commit(writer, rp, since_gen=res.gen)
         except BaseException:
             writer.abort()
             with contextlib.suppress(Exception):  # the original error matters more

@@ -30,6 +30,7 @@ from ingest.imgutil import (
     Run,
     Segment,
     TableCache,
+    check_reference,
     file_size_of,
     is_sparse,
     open_backing,
@@ -206,6 +207,7 @@ class Qcow2Source(LayeredSource):
 
     def _open_data_file(self, name: str) -> None:
         path = resolve_backing_name(self.path, name, "external data file")
+        check_reference(self.path, name, path, "external data file")
         if not os.path.lexists(path):
             raise self.fail(f"external data file {path} does not exist")
         fd = open_readonly(path)
@@ -224,7 +226,9 @@ class Qcow2Source(LayeredSource):
         if self._backing_fmt:
             fmt = BACKING_FORMATS.get(self._backing_fmt, self._backing_fmt)
         path = resolve_backing_name(self.path, self._backing_name, "backing file")
-        self._backing = open_backing(self.path, path, fmt, "backing file")
+        self._backing = open_backing(
+            self.path, path, fmt, "backing file", name=self._backing_name
+        )
 
     # -- tables ---------------------------------------------------------------
 

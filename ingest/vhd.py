@@ -153,8 +153,8 @@ class VhdSource(LayeredSource):
 
     # -- parent -----------------------------------------------------------------
 
-    def _parent_candidates(self, hdr: bytes) -> list[str]:
-        """Possible local paths of the parent, most trustworthy first."""
+    def _parent_candidates(self, hdr: bytes) -> dict[str, str]:
+        """Possible local paths of the parent, most trustworthy first, to the text naming each."""
         by_code: dict[bytes, list[str]] = {}
         for i in range(8):
             code, _space, dlen, _res, doff = struct.unpack_from(">4sIIIQ", hdr, 576 + 24 * i)
@@ -171,21 +171,26 @@ class VhdSource(LayeredSource):
                 continue
             by_code.setdefault(code, []).append(name)
         here = os.path.dirname(self.path)
-        out: list[str] = []
+        out: list[tuple[str, str]] = []
         for name in by_code.get(b"W2ru", []):
-            out.append(_windows_path(here, name))
+            out.append((_windows_path(here, name), name))
         for name in by_code.get(b"MacX", []):
-            if name.startswith("file://"):
-                name = urllib.parse.unquote(name[7:])
-                if name.startswith("localhost/"):
-                    name = name[9:]
-            out.append(name if os.path.isabs(name) else os.path.join(here, name))
+            path = name
+            if path.startswith("file://"):
+                path = urllib.parse.unquote(path[7:])
+                if path.startswith("localhost/"):
+                    path = path[9:]
+            out.append((path if os.path.isabs(path) else os.path.join(here, path), name))
         for name in by_code.get(b"W2ku", []):
-            out.append(_windows_path(here, name))
+            out.append((_windows_path(here, name), name))
         unicode_name = hdr[64:576].decode("utf-16-be", "replace").split("\0", 1)[0]
         if unicode_name:
-            out.append(_windows_path(here, unicode_name))
-        return [p for p in dict.fromkeys(out) if p]
+            out.append((_windows_path(here, unicode_name), unicode_name))
+        candidates: dict[str, str] = {}
+        for path, name in out:
+            if path:
+                candidates.setdefault(path, name)
+        return candidates
 
     def _open_parent(self, hdr: bytes) -> None:
         expected = uuid.UUID(bytes=hdr[40:56])
@@ -195,7 +200,9 @@ class VhdSource(LayeredSource):
         found = next((p for p in candidates if os.path.exists(p)), None)
         if found is None:
             raise self.fail(f"parent VHD not found (tried {', '.join(candidates)})")
-        parent = open_backing(self.path, found, None, "parent")
+        parent = open_backing(
+            self.path, found, None, "parent", name=candidates[found], expect="vhd"
+        )
         self._backing = parent
         if not isinstance(parent, VhdSource):
             raise self.fail(f"parent {found} is a {parent.format_name} image, not a VHD")

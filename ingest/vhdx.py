@@ -336,18 +336,18 @@ class VhdxSource(LayeredSource):
                         f"parent locator {key} {entries[key]!r} is not a GUID"
                     ) from None
         here = os.path.dirname(self.path)
-        candidates = [
-            _windows_path(here, entries[key])
-            for key in ("relative_path", "absolute_win32_path", "volume_path")
-            if entries.get(key)
-        ]
-        candidates = list(dict.fromkeys(candidates))
+        candidates: dict[str, str] = {}
+        for key in ("relative_path", "absolute_win32_path", "volume_path"):
+            if entries.get(key):
+                candidates.setdefault(_windows_path(here, entries[key]), entries[key])
         if not candidates:
             raise self.fail("parent locator names no parent path")
         found = next((p for p in candidates if os.path.exists(p)), None)
         if found is None:
             raise self.fail(f"parent VHDX not found (tried {', '.join(candidates)})")
-        parent = open_backing(self.path, found, None, "parent")
+        parent = open_backing(
+            self.path, found, None, "parent", name=candidates[found], expect="vhdx"
+        )
         self._backing = parent
         if not isinstance(parent, VhdxSource):
             raise self.fail(f"parent {found} is a {parent.format_name} image, not a VHDX")

@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Iterator
 
+from ingest.imgutil import check_reference
 from ingest.source import DiskSource, Extent, clip_extents
 from ingest.vmdk_cowd import MAGIC as COWD_MAGIC
 from ingest.vmdk_cowd import CowdExtent, parse_cowd_header
@@ -138,6 +139,7 @@ class VmdkSource(DiskSource):
                     f"{self.path}: snapshot chain is deeper than {MAX_CHAIN_DEPTH} disks"
                 )
             parent_path = self._find_parent(image)
+            check_reference(image.path, image.parent_hint, parent_path, "parent")
             try:
                 st = os.stat(parent_path)
             except OSError as exc:
@@ -246,6 +248,7 @@ class VmdkSource(DiskSource):
             epath = os.path.join(base, line.filename)
             efile = files.get(epath)
             if efile is None:
+                check_reference(path, line.filename, epath, "extent file")
                 if not os.path.lexists(epath):
                     raise SourceError(
                         f"{name}: extent file {show(line.filename)!r} is missing "

@@ -136,7 +136,9 @@ def _parse_cid(value: str, key: str, path: str, lineno: int) -> int:
     return int(value, 16)
 
 
-def _parse_extent(m: re.Match[str], path: str, lineno: int, line: str) -> ExtentLine:
+def _parse_extent(
+    m: re.Match[str], path: str, lineno: int, line: str, embedded: bool
+) -> ExtentLine:
     access, sectors_s, kind, filename, offset_s = m.groups()
     sectors = int(sectors_s)
     where = f"{path}: descriptor line {lineno} ({show(line)!r})"
@@ -151,7 +153,9 @@ def _parse_extent(m: re.Match[str], path: str, lineno: int, line: str) -> Extent
     if sectors == 0 or sectors > MAX_DISK_SECTORS:
         raise SourceError(f"{where}: extent size {sectors} sectors is out of range")
     if EXTENT_TYPES[kind]:
-        if not filename:
+        # An embedded descriptor's extent is the sparse file itself: mkimg names it "".
+        self_named = embedded and filename == "" and kind == "SPARSE"
+        if not filename and not self_named:
             raise SourceError(f"{where}: {kind} extent needs a quoted file name")
         if "\0" in filename:
             raise SourceError(f"{where}: extent file name contains a NUL byte")
@@ -172,7 +176,8 @@ def parse_descriptor(data: bytes, path: str, *, embedded: bool = False) -> Descr
 
     Every descriptor is read as a C string, up to its first NUL, as qemu
     reads it.  ``embedded`` descriptors (inside a sparse file) need no
-    extent lines: the sparse file itself is the extent.  Text is
+    extent lines: the sparse file itself is the extent, which is why their
+    ``SPARSE`` line may name it ``""`` (FreeBSD's mkimg does).  Text is
     decoded as UTF-8 with ``surrogateescape`` so that non-UTF-8 file names
     still map back to the exact bytes on disk.
     """
@@ -196,7 +201,7 @@ def parse_descriptor(data: bytes, path: str, *, embedded: bool = False) -> Descr
             continue
         m = _EXTENT_RE.fullmatch(line)
         if m:
-            extents.append(_parse_extent(m, path, lineno, line))
+            extents.append(_parse_extent(m, path, lineno, line, embedded))
             continue
         if line.split(None, 1)[0] in ("RW", "RDONLY", "NOACCESS"):
             raise SourceError(f"{path}: descriptor line {lineno}: bad extent line {show(line)!r}")

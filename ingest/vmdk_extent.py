@@ -165,9 +165,11 @@ class ExtentFile:
         if self.is_block:
             yield offset, length
             return
-        fd = self.fd
         pos = offset
         while pos < end:
+            # The descriptor afresh for each step: this generator yields, and an LRU eviction
+            # meanwhile could close it and hand its number to another extent file.
+            fd = self.fd
             try:
                 data = os.lseek(fd, pos, os.SEEK_DATA)
             except OSError as exc:

@@ -29,6 +29,7 @@ from repofs.cli_common import (
 from repofs.config import DEFAULT_CHUNK, DEFAULT_COMPRESSION, parse_size, size_label
 from repofs.crypto import CIPHERS, DEFAULT_CIPHER
 from repofs.errors import RepofsError, UsageError
+from repofs.lock import lock_wait_option
 from repofs.names import validate_vm_name
 from repofs.repository import Repository
 from repofs.restorepoint import CONSISTENCY
@@ -153,7 +154,22 @@ def init(repo: str, chunk_size: str, compression: str, encryption: str) -> None:
     metavar="FILE",
     help="VM configuration file (.vmx, .ovf, libvirt XML) to keep with the restore point.",
 )
-@click.option("--format", "fmt", default=None, help="Source format (default: detect from content).")
+@click.option(
+    "--format",
+    "formats",
+    multiple=True,
+    metavar="[DISK=]FORMAT",
+    help="Source format (raw, vmdk, qcow2, vhd, vhdx) of every disk or of DISK; default: "
+    "block devices raw, files detected from their content.",
+)
+@click.option(
+    "--backing-dir",
+    "backing_dirs",
+    multiple=True,
+    metavar="DIR",
+    help="Directory whose files a disk with a detected format may name as backing file, "
+    "extent or parent (repeatable).",
+)
 @click.option(
     "--parent",
     default=None,
@@ -199,12 +215,14 @@ def init(repo: str, chunk_size: str, compression: str, encryption: str) -> None:
 )
 @progress_option
 @json_option
+@lock_wait_option()
 def ingest(
     repo: str | None,
     disks: tuple[str, ...],
     vm: str,
     configs: tuple[str, ...],
-    fmt: str | None,
+    formats: tuple[str, ...],
+    backing_dirs: tuple[str, ...],
     parent: str | None,
     changed: tuple[str, ...],
     cbt_check: int,
@@ -234,7 +252,8 @@ def ingest(
         vm,
         list(disks),
         list(configs),
-        fmt=fmt,
+        formats=formats,
+        backing_dirs=backing_dirs,
         parent_spec=parent,
         changed_specs=list(changed),
         cbt_check=cbt_check,
@@ -243,6 +262,9 @@ def ingest(
         position_specs=list(positions),
         base_specs=list(bases),
         progress=progress,
+        on_detected=lambda disk, path, fmt: click.echo(
+            f"{disk}: {path} is read as {fmt}: no --format given", err=True
+        ),
     )
     elapsed = time.monotonic() - t0
     if as_json:

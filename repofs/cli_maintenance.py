@@ -20,6 +20,7 @@ from repofs.cli_common import (
     repo_vm_and_rest,
 )
 from repofs.errors import IntegrityError
+from repofs.lock import lock_wait_option
 
 
 def register(main: click.Group) -> None:
@@ -43,6 +44,7 @@ def register(main: click.Group) -> None:
 )
 @progress_option
 @json_option
+@lock_wait_option()
 def verify(
     repo: str,
     vm: str | None,
@@ -135,6 +137,7 @@ def verify(
 @click.option("--dry-run", "-n", is_flag=True, help="Only show what would be kept and removed.")
 @click.option("--force", is_flag=True, help="Allow a policy that keeps nothing.")
 @json_option
+@lock_wait_option()
 def prune(
     repo: str,
     vm: str | None,
@@ -180,6 +183,7 @@ def prune(
 @click.argument("args", nargs=-1, required=True, metavar="[REPO] VM RP...")
 @click.option("--dry-run", "-n", is_flag=True, help="Only show what would be deleted.")
 @json_option
+@lock_wait_option()
 def delete(args: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
     """Remove restore points of VM by id (not 'latest'); run gc to free the space.
 
@@ -222,6 +226,7 @@ def _flag_command(args: tuple[str, ...], protected: bool) -> None:
 
 @click.command()
 @click.argument("args", nargs=-1, required=True, metavar="[REPO] VM RP|latest...")
+@lock_wait_option()
 def protect(args: tuple[str, ...]) -> None:
     """Protect restore points: prune keeps them and delete refuses them."""
     _flag_command(args, True)
@@ -229,6 +234,7 @@ def protect(args: tuple[str, ...]) -> None:
 
 @click.command()
 @click.argument("args", nargs=-1, required=True, metavar="[REPO] VM RP|latest...")
+@lock_wait_option()
 def unprotect(args: tuple[str, ...]) -> None:
     """Take the protection of restore points away again."""
     _flag_command(args, False)
@@ -246,6 +252,7 @@ def unprotect(args: tuple[str, ...]) -> None:
 )
 @click.option("--dry-run", "-n", is_flag=True, help="Mark and plan only; delete nothing.")
 @json_option
+@lock_wait_option()
 def gc(repo: str, threshold: float, dry_run: bool, as_json: bool) -> None:
     """Free the space of data no restore point references; may run beside ingests and mounts."""
     from repofs.gc import collect_garbage
@@ -273,6 +280,11 @@ def gc(repo: str, threshold: float, dry_run: bool, as_json: bool) -> None:
         f"{r.orphan_packs} unindexed pack(s), {r.reservations_removed} stale "
         f"reservation(s); spared {r.packs_spared} pack(s) a running ingest used"
     )
+    if r.packs_held:
+        click.echo(
+            f"kept {r.packs_held} condemned pack(s) that ingests still running may use; "
+            "the next gc deletes them"
+        )
     net = r.bytes_freed - r.bytes_written
     click.echo(
         f"freed {human_bytes(max(net, 0))} ({human_bytes(r.bytes_freed)} deleted, "
@@ -294,6 +306,7 @@ def _reserve_warning(held: int, action: str) -> None:
 @repo_argument
 @progress_option
 @json_option
+@lock_wait_option()
 def rebuild_index(repo: str, progress: bool | None, as_json: bool) -> None:
     """Rebuild the index from the pack files alone, and swap it in atomically."""
     from repofs.rebuild import rebuild_index as do_rebuild

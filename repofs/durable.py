@@ -2,7 +2,13 @@
 
 A file becomes durable by: write to a temporary name in the target
 directory, ``fsync`` the file, ``rename`` onto its final name, ``fsync`` the
-directory.  Nothing else in repofs writes a file that must survive a crash.
+directory.  A directory becomes durable by ``fsync`` of its parent after the
+``mkdir`` (:func:`make_dirs`): POSIX promises a new directory entry, of a
+file or a directory, only once the directory holding it is fsynced.
+Nothing else in repofs writes a file that must survive a crash.
+
+``tests/powerloss.py`` checks these promises by cutting the power, in a
+model of that strict rule, at every durability point of each command.
 """
 
 from __future__ import annotations
@@ -15,11 +21,34 @@ from repofs.errors import NoSpaceError, RepofsError
 
 
 def fsync_dir(path: str) -> None:
+    """Make the entries of directory ``path`` (creations, renames, unlinks) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_dirs(path: str, mode: int = 0o700) -> None:
+    """``os.makedirs`` that a power loss cannot undo: each directory's parent is fsynced.
+
+    Also when ``path`` already existed: another process may have just made
+    it and not synced its parent yet, and whatever the caller puts inside
+    must not outlive the entry that leads to it.  A parent this user may
+    write into but not open (mode 0733) cannot be fsynced; that one is
+    left to the file system.  Raises ``OSError``.
+    """
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    if parent != path and not os.path.isdir(parent):
+        make_dirs(parent, mode)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+    with contextlib.suppress(PermissionError):
+        fsync_dir(parent)
 
 
 def free_bytes(path: str, *, as_this_user: bool = False) -> int | None:

@@ -1,30 +1,33 @@
-"""``repofs gc``: mark from every live restore point, then sweep packs, beside running ingests.
+"""``repofs gc``: mark from every live restore point, then condemn and delete, beside ingests.
 
-The phases and the lock each holds (``docs/maintenance.md`` explains why):
+gc holds the repository *shared* from start to end: it never stops an
+ingest, a prune, a verify or a mount (``docs/maintenance.md`` has the
+argument, and how it carries over to object storage).
 
-1. **mark** (shared lock, beside ingests, prunes and mounts): walk the maps
-   of every committed restore point, each distinct page once; everything
-   they reach is live, with their config blobs, their own records, every
-   tombstone and every protection record.  A referenced object that is
-   missing or unreadable stops gc before anything is written: sweeping
-   then could destroy the only copy of data that a rebuilt index would
-   find again.
-2. **plan and copy** (shared lock): per pack, the bytes of live objects.
-   Packs with nothing live are doomed; packs below the threshold have their
-   live records copied, verbatim and verified, into new packs, which are
-   published and indexed (one LMDB transaction per new pack) before
-   anything is deleted.
-3. **sweep** (exclusive lock: no ingest, prune or verify runs): mark the
-   restore points committed since phase 1 - an ingest may have
-   deduplicated against an object that looked dead - and spare every
-   doomed pack that now holds a live object; tombstone restore point
-   records that were never committed (killed ingests) so rebuild-index
-   cannot resurrect them half-collected; delete the packs the index does
-   not know (leftovers of killed ingests and gcs), while the reservations
-   that vouch for their restore point records are still there; then one
-   LMDB transaction drops the dead objects, the doomed packs and stale
-   reservations, and only after it is durable are the doomed pack files
-   deleted, with unfinished temporary packs.
+1. **mark**: walk the maps of every committed restore point, each distinct
+   page once; everything they reach is live, with their config blobs, their
+   own records, every tombstone and every protection record.  A referenced
+   object that is missing or unreadable stops gc before anything is
+   written: sweeping then could destroy the only copy of data that a
+   rebuilt index would find again.
+2. **plan and copy**: per pack, the bytes of live objects.  Packs with
+   nothing live are doomed; packs below the threshold have their live
+   records copied, verbatim and verified, into new packs, which are
+   published and indexed (one LMDB transaction per new pack) first.
+3. **condemn**: mark the restore points committed since phase 1 (an ingest
+   may have deduplicated against an object that looked dead) and spare
+   every doomed pack that now holds a live object; tombstone restore point
+   records that were never committed (killed ingests, not running ones);
+   then one transaction, which no commit can pass, marks what was committed
+   meanwhile, bumps the gc generation, moves the doomed packs' objects from
+   ``objects`` to ``condemned`` and the packs from ``packs`` to ``doomed``,
+   records the packs the index does not know in ``doomed`` too, and drops
+   the reservations and leases of processes that are gone.
+4. **purge**: what was condemned at a generation that no running ingest,
+   prune or verify predates is forgotten, and only then are the files
+   deleted; the rest waits for a later gc.  An ingest that predates a
+   generation brings back in its commit what it references
+   (:mod:`repofs.revive`).
 
 A kill at any moment leaves either the old pack or the new index entry (or
 both): never an index entry without its data.  Mount readers need no lock:
@@ -39,6 +42,7 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -48,8 +52,16 @@ import lmdb
 
 from repofs.crypto import Keys
 from repofs.errors import BusyError, IntegrityError, NoSpaceError, UsageError
-from repofs.index import LOCATION, PACK_INFO, Index, Location, object_key
-from repofs.lock import open_lock_file, repository_lock
+from repofs.index import (
+    DOOMED,
+    LOCATION,
+    PACK_INFO,
+    U64,
+    Index,
+    Location,
+    object_key,
+)
+from repofs.lock import open_lock_file
 from repofs.mapwalk import MapWalker
 from repofs.packscan import restore_point_records
 from repofs.packstore import PackStore
@@ -64,6 +76,7 @@ from repofs.records import (
 from repofs.repository import NEW_INDEX_DIR, Repository
 from repofs.reserve import gave_up_warning, retry_with_reserve, set_aside
 from repofs.restorepoint import RestorePoint
+from repofs.revive import revivals
 from repofs.rprecords import Tombstone, parse_rp_record, parse_tombstone, rp_record_digest
 
 GC_LOCK = "lock.gc"
@@ -89,6 +102,7 @@ class GcResult:
     packs_deleted: int = 0
     packs_rewritten: int = 0
     packs_spared: int = 0  #: doomed, but an ingest deduplicated against them meanwhile
+    packs_held: int = 0  #: condemned, left to a later gc: a writer that started before runs
     orphan_packs: int = 0
     bytes_freed: int = 0
     bytes_written: int = 0
@@ -119,11 +133,24 @@ class Marker:
         self.repo = repo
         self.live: set[bytes] = set()
         self.marked: set[tuple[str, str, int]] = set()
-        self.walker = MapWalker(
-            repo.config.page_refs, lambda d: repo.read_object(RecordType.PAGE, d)
-        )
+        self.walker = MapWalker(repo.config.page_refs, self._load_page)
         self.warnings: list[str] = []
         self._chunk = bytes((RecordType.CHUNK,))
+        #: set while marking inside gc's write transaction (no read transaction may nest there)
+        self._txn: lmdb.Transaction | None = None
+
+    def _load_page(self, digest: bytes) -> bytes:
+        if self._txn is None:
+            return self.repo.read_object(RecordType.PAGE, digest)
+        loc = self.repo.index.locate(RecordType.PAGE, digest, self._txn)
+        if loc is None:
+            raise IntegrityError(f"page {digest.hex()} is not in the index")
+        return self.repo.read_at(RecordType.PAGE, digest, loc)
+
+    def _indexed(self, key: bytes) -> bool:
+        if self._txn is not None:
+            return self.repo.index.get(self._txn, "objects", key) is not None
+        return self.repo.index.read(lambda t: self.repo.index.get(t, "objects", key)) is not None
 
     def _on_chunks(self, page: bytes, _first: int) -> None:
         live, prefix = self.live, self._chunk
@@ -136,7 +163,7 @@ class Marker:
         rp = RestorePoint.from_doc(doc)
         self.marked.add((rp.vm, rp.id, rp.seq))
         record = object_key(RecordType.RESTORE_POINT, rp_record_digest(doc, self.repo.keys))
-        if self.repo.index.read(lambda t: self.repo.index.get(t, "objects", record)) is not None:
+        if self._indexed(record):
             self.live.add(record)
         else:
             self.warnings.append(
@@ -148,15 +175,26 @@ class Marker:
         for disk in rp.disks:
             self.walker.walk(disk.map, self._on_chunks)
 
-    def mark_all(self) -> int:
-        """Mark every committed restore point not marked yet; returns how many were new."""
+    def mark_all(self, txn: lmdb.Transaction | None = None) -> int:
+        """Mark every committed restore point not marked yet; returns how many were new.
+
+        With ``txn`` (gc's condemning transaction) it reads through that
+        transaction, so the restore points it sees are exactly the committed ones.
+        """
         index = self.repo.index
-        docs = index.read(lambda t: list(index.rp_docs(t)))
+        if txn is None:
+            docs = index.read(lambda t: list(index.rp_docs(t)))
+        else:
+            docs = list(index.rp_docs(txn))
         new = 0
-        for doc in docs:
-            if (doc["vm"], doc["id"], doc["seq"]) not in self.marked:
-                self.mark(doc)
-                new += 1
+        self._txn = txn
+        try:
+            for doc in docs:
+                if (doc["vm"], doc["id"], doc["seq"]) not in self.marked:
+                    self.mark(doc)
+                    new += 1
+        finally:
+            self._txn = None
         self.absorb_pages()
         return new
 
@@ -181,13 +219,14 @@ class Marker:
 def collect_garbage(
     path: str, *, threshold: float = DEFAULT_THRESHOLD, dry_run: bool = False
 ) -> GcResult:
-    """Run all three phases; see the module docstring for what runs beside what."""
+    """Mark, copy, condemn and delete, all under the shared lock: ingests never wait for gc."""
     if not 0 <= threshold <= 1:
         raise UsageError(f"--threshold {threshold * 100:g} must be a percentage from 0 to 100")
     t0 = time.monotonic()
     result = GcResult(dry_run=dry_run)
     with Repository.open(path) as repo, _gc_lock(path):
-        with repository_lock(path, exclusive=False):
+        _pause("gc opened the index")  # a rebuild-index may replace it before we hold the lock
+        with repo.lock():  # from here on no rebuild-index can replace the index under us
             marker = Marker(repo)
             result.restore_points = marker.mark_all()
             marker.check()
@@ -232,9 +271,8 @@ def collect_garbage(
             doomed |= copied
             result.packs_rewritten = len(copied)
             _pause()
-        with repository_lock(path, exclusive=True):
             # Safe to run again from the top: the sweep is built to survive a crash anywhere.
-            _, held = retry_with_reserve(path, lambda: _sweep(repo, marker, uses, doomed, result))
+            _, held = retry_with_reserve(path, lambda: _sweep(repo, marker, doomed, result))
             if held:
                 result.warnings.append(gave_up_warning(held, "sweep"))
         if not dry_run and (size := set_aside(path)):
@@ -260,9 +298,11 @@ def _gc_lock(path: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _pause() -> None:
+def _pause(say: str | None = None) -> None:
     delay = os.environ.get(DELAY_ENV)
     if delay:
+        if say:
+            print(f"repofs: test hook: {say}, pausing", file=sys.stderr, flush=True)
         time.sleep(float(delay))
 
 
@@ -387,15 +427,17 @@ def _update_record_hints(repo: Repository, moved: set[bytes]) -> None:
     index.write(txn_fn)
 
 
-def _sweep(
-    repo: Repository,
-    marker: Marker,
-    uses: dict[bytes, _PackUse],
-    doomed: set[bytes],
-    result: GcResult,
-) -> None:
-    """The exclusive phase: late marks, tombstones, one index transaction, then file deletions."""
+def _sweep(repo: Repository, marker: Marker, doomed: set[bytes], result: GcResult) -> None:
+    """Late marks, tombstones, the condemning transaction, the purge, then file deletions.
+
+    No ingest is stopped: what an ingest still running may use is condemned
+    (taken out of ``objects`` and ``packs``, so nothing new deduplicates
+    against it) but its files stay until no writer that was running then
+    is left; such an ingest brings back in its commit what it references
+    (:mod:`repofs.revive`).  ``docs/maintenance.md`` has the proof.
+    """
     index = repo.index
+    index.check_current()  # never act on an index that rebuild-index replaced
     result.late_restore_points = marker.mark_all()
     marker.check()
     _, missing = _scan(repo, marker.live)
@@ -404,59 +446,186 @@ def _sweep(
             f"gc stopped before deleting anything: {len(missing)} object(s) referenced by restore "
             f"points committed during gc are not in the index (first: {_describe(missing[0])})"
         )
-    _refuse_if_index_is_behind(unlisted_restore_points(repo, unindexed_packs(repo)))
-    _tombstone_orphans(repo, marker, result)
+    unindexed = unindexed_packs(repo)
+    _refuse_if_index_is_behind(unlisted_restore_points(repo, unindexed))
+    _tombstone_orphans(repo, marker, result, unindexed)
 
-    # Spare doomed packs that now hold a live object (a late restore point deduplicated into them).
+    # Doomed packs that hold a live object (a late restore point deduplicated into them) are
+    # spared; the rest of their objects are the ones to condemn.  Read first, checked again
+    # in the write transaction below for anything that changed since.
     live = marker.live
 
-    def spare(txn: lmdb.Transaction) -> tuple[set[bytes], set[bytes]]:
-        keep, used = set(), set()
+    def plan(txn: lmdb.Transaction) -> tuple[set[bytes], list[bytes], int]:
+        keep, dead = set(), []
         for key, value in index.items(txn, "objects"):
             pack_id = value[:16]
             used.add(pack_id)
-            if pack_id in doomed and (key in live or key[0] in _KEPT):
-                keep.add(pack_id)
-        return keep, used
+            if pack_id in doomed:
+                if key in live or key[0] in _KEPT:
+                    keep.add(pack_id)
+                else:
+                    dead.append(key)
+        return keep, dead, revivals(txn, index.dbs["meta"])
 
-    spared, used = index.read(spare)
-    result.packs_spared = len(spared)
-    doomed = doomed - spared
+    used: set[bytes] = set()  #: packs that index entries point into
+    spared, dead, revived = index.read(plan)
+    # Not indexed, but entries point into it (its own entry lost): never a leftover.
+    unindexed = [p for p in unindexed if p not in used]
 
-    def drop(txn: lmdb.Transaction) -> int:
-        dead = [key for key, value in index.items(txn, "objects") if value[:16] in doomed]
+    def condemn(txn: lmdb.Transaction) -> tuple[int, int, set[bytes]]:
+        gen = index.gc_generation(txn) + 1
+        # Restore points committed since the late mark: mark them in this transaction, which
+        # no commit can pass, and spare the packs of what they reach.
+        before = set(live)
+        late = marker.mark_all(txn)
+        marker.check()
+        for key in live - before:
+            raw = index.get(txn, "objects", key)
+            if raw is None:
+                raise IntegrityError(
+                    f"gc stopped before deleting anything: {_describe(key)}, referenced by a "
+                    "restore point committed during gc, is not in the index"
+                )
+            if raw[:16] in doomed:
+                spared.add(raw[:16])
+        gone = doomed - spared
+        if revivals(txn, index.dbs["meta"]) != revived:
+            # A commit brought condemned objects back into a pack doomed now, and its restore
+            # point may be pruned already: no index entry may point into a pack to delete.
+            dead[:] = [k for k, v in index.items(txn, "objects") if v[:16] in gone]
         for key in dead:
-            index.delete(txn, "objects", key)
-        for pack_id in doomed:
-            index.delete(txn, "packs", pack_id)
-        return _drop_stale_reservations(index, txn)
+            raw = index.get(txn, "objects", key)
+            if raw is not None and raw[:16] in gone and key not in live:
+                index.delete(txn, "objects", key)
+                index.put(txn, "condemned", key, raw + U64.pack(gen))
+        for pack_id in gone:
+            info = index.get(txn, "packs", pack_id)
+            if info is not None:
+                index.delete(txn, "packs", pack_id)
+                size, count = PACK_INFO.unpack(info)
+                index.put(txn, "doomed", pack_id, DOOMED.pack(size, count, gen))
+        for pack_id in unindexed:  # maybe a running writer's, between publishing and indexing
+            listed = index.get(txn, "packs", pack_id) or index.get(txn, "doomed", pack_id)
+            if listed is None:
+                index.put(txn, "doomed", pack_id, DOOMED.pack(_size(repo.packs, pack_id), 0, gen))
+        index.set_gc_generation(txn, gen)
+        return late, _drop_stale_writers(index, txn), gone
 
-    # Leftovers first, before the transaction drops the stale reservations: an ingest killed
-    # between publishing its last pack and indexing it leaves its restore point record in an
-    # unindexed pack, and only its reservation tells that record from one of a restore point
-    # the index lost.  A kill after this transaction must not find such a record any more.
-    for pack_id in unindexed_packs(repo):
-        if pack_id not in used:
-            # not indexed: left by a killed ingest or gc (never a pack an entry points into)
-            result.bytes_freed += _size(repo.packs, pack_id)
-            repo.packs.delete(pack_id)
-            result.orphan_packs += 1
-            _pause()
-    result.reservations_removed = index.write(drop)  # durable: no index entry points at them now
+    late, result.reservations_removed, gone = index.write(condemn)
+    result.late_restore_points += late
+    result.packs_spared = len(doomed) - len(gone)
     _pause()
-    for pack_id in sorted(doomed):
-        result.bytes_freed += _size(repo.packs, pack_id)
-        repo.packs.delete(pack_id)
-        result.packs_deleted += 1
-        _pause()
-    result.tmp_freed = repo.packs.cleanup_unpublished()
+    _purge(repo, result)
+    result.tmp_freed = _cleanup_unpublished(repo)
     half_built = os.path.join(repo.path, NEW_INDEX_DIR)  # a killed rebuild-index's; we hold
-    if os.path.isdir(half_built):  # the exclusive lock, so no rebuild is running
+    if os.path.isdir(half_built):  # the shared lock, so no rebuild is running
         result.tmp_freed += sum(
             os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(half_built) for f in fs
         )
         shutil.rmtree(half_built, ignore_errors=True)
     result.bytes_freed += result.tmp_freed
+
+
+def _purge(repo: Repository, result: GcResult) -> None:
+    """Forget condemned objects and delete doomed packs that no running writer can still use.
+
+    A condemned object or doomed pack of generation G can matter only to a
+    writer that was running at G: one whose reservation or lease carries a
+    generation below G.  Once none is left, no one will index or read them
+    any more.  A doomed pack the index never knew goes first, file before
+    entry: its entry is what tells it from a pack of restore points the
+    index lost, once the reservation of the killed ingest that wrote it is
+    gone (a doomed pack its writer indexed after all is only forgotten).
+    Then one transaction forgets the rest, and only after it is durable are
+    their files deleted: a kill in between leaves packs that the index does
+    not know and that hold only records it has or tombstones.
+    """
+    index = repo.index
+
+    def leftovers(txn: lmdb.Transaction) -> list[bytes]:
+        oldest = _oldest_writer(index, txn)
+        return [
+            pack_id
+            for pack_id, value in index.items(txn, "doomed")
+            if DOOMED.unpack(value)[1] == 0  # never indexed: an indexed pack has a record
+            and DOOMED.unpack(value)[2] <= oldest
+            and index.get(txn, "packs", pack_id) is None
+        ]
+
+    index.check_current()  # belt and braces: under the shared lock no rebuild can run
+    # Ingests that died since the first round leave records no tombstone names yet.
+    doomed_unindexed = index.read(
+        lambda t: [p for p, v in index.items(t, "doomed") if DOOMED.unpack(v)[1] == 0]
+    )
+    _tombstone_orphans(repo, None, result, doomed_unindexed)
+    unindexed = index.read(leftovers)
+    for pack_id in unindexed:
+        result.bytes_freed += _size(repo.packs, pack_id)
+        repo.packs.delete(pack_id)
+        result.orphan_packs += 1
+        _pause()
+    gone = set(unindexed)
+
+    def forget(txn: lmdb.Transaction) -> tuple[list[bytes], int]:
+        oldest = _oldest_writer(index, txn)  # only newer writers since: none below it
+        for key, value in list(index.items(txn, "condemned")):
+            if U64.unpack(value[-8:])[0] <= oldest:
+                index.delete(txn, "condemned", key)
+        out, held = [], 0
+        for pack_id, value in list(index.items(txn, "doomed")):
+            _size_of, count, gen = DOOMED.unpack(value)
+            indexed = index.get(txn, "packs", pack_id) is not None
+            if gen > oldest or (count == 0 and not indexed and pack_id not in gone):
+                held += 1  # (an unindexed one that qualified only now: the next gc)
+                continue
+            index.delete(txn, "doomed", pack_id)
+            if count and not indexed:
+                out.append(pack_id)
+        return out, held
+
+    doomed, result.packs_held = index.write(forget)
+    for pack_id in sorted(doomed):
+        result.bytes_freed += _size(repo.packs, pack_id)
+        repo.packs.delete(pack_id)
+        result.packs_deleted += 1
+        _pause()
+
+
+def _oldest_writer(index: Index, txn: lmdb.Transaction) -> int:
+    """The oldest gc generation a running ingest or lease holder started in (huge if none)."""
+    oldest = 1 << 63
+    for db in ("reservations", "leases"):
+        for _key, value in index.items(txn, db):
+            try:
+                doc = json.loads(value)
+                pid, gen = int(doc["pid"]), int(doc.get("gen", 0))
+            except (ValueError, KeyError, TypeError):
+                continue
+            if _alive(pid):
+                oldest = min(oldest, gen)
+    return oldest
+
+
+def _cleanup_unpublished(repo: Repository) -> int:
+    """Unfinished temporary packs of writers that are gone (their pid is in the name)."""
+    tmp = repo.packs.tmp_dir
+    try:
+        names = os.listdir(tmp)
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for name in names:
+        parts = name.split(".")
+        with contextlib.suppress(ValueError, IndexError):
+            if len(parts) >= 3 and _alive(int(parts[-2])):
+                continue  # a running writer's pack being filled
+        path = os.path.join(tmp, name)
+        try:
+            removed += os.stat(path).st_size
+            os.unlink(path)
+        except OSError:
+            continue
+    return removed
 
 
 def _size(store: PackStore, pack_id: bytes) -> int:
@@ -466,36 +635,72 @@ def _size(store: PackStore, pack_id: bytes) -> int:
         return 0
 
 
-def _tombstone_orphans(repo: Repository, marker: Marker, result: GcResult) -> None:
+def _tombstone_orphans(
+    repo: Repository,
+    marker: Marker | None,
+    result: GcResult,
+    packs: list[bytes],
+) -> bool:
     """Tombstone restore point records that were never committed (their ingest was killed).
 
     Without a tombstone, rebuild-index would bring such a restore point back
-    after this gc deleted the data only it referenced.  If there is no space
-    for the tombstones, the orphans are marked live instead, for now.
+    after gc deleted data only it referenced, and call it incomplete.  The
+    records are those indexed but not live, those condemned, and those in
+    ``packs`` (unindexed: an ingest killed between publishing its last pack
+    and indexing it).  Records of a running ingest are left alone: it may
+    still commit.  Runs before gc condemns anything, and again before it
+    purges anything (an ingest may have died in between).  Without space
+    for the tombstones, the indexed orphans are marked live instead (given a
+    ``marker``: before condemning) and False is returned; unindexed ones
+    make it raise, so that nothing is deleted.
     """
     index = repo.index
     rp_type = bytes((RecordType.RESTORE_POINT,))
-    live = marker.live
+    live = marker.live if marker is not None else set()
 
     def keys(txn: lmdb.Transaction) -> tuple[list[bytes], list[bytes]]:
         records = [k for k, _ in index.items(txn, "objects", rp_type) if k not in live]
+        records += [k for k, _ in index.items(txn, "condemned", rp_type)]
         tombs = [k for k, _ in index.items(txn, "objects", bytes((_TOMB,)))]
         return records, tombs
 
     records, tombs = index.read(keys)
-    if not records:
-        return
+    found = [
+        doc
+        for p in packs
+        for _d, doc in restore_point_records(repo.packs, p, repo.config.repository_id, repo.keys)
+    ]
+    if not records and not found:
+        return True
     buried = _buried(repo, tombs)
-    orphans = []
+    docs = []
     for key in records:
         try:
             doc = parse_rp_record(repo.read_object(RecordType.RESTORE_POINT, key[1:]))
         except IntegrityError:
             continue  # unreadable: rebuild-index cannot resurrect it either
-        if doc is not None and (doc["vm"], doc["id"], doc["seq"]) not in buried:
-            orphans.append(doc)
+        if doc is not None:
+            docs.append(doc)
+    unindexed = {(d["vm"], d["id"], d["seq"]) for d in found}
+    docs = [d for d in docs + found if (d["vm"], d["id"], d["seq"]) not in buried]
+
+    def uncommitted(txn: lmdb.Transaction) -> list[dict[str, Any]]:
+        """Records of neither a committed restore point nor a running ingest (it may commit)."""
+        out = []
+        for doc in docs:
+            key = index.rp_key(doc["vm"], doc["id"])
+            committed = index.get_rp(txn, doc["vm"], doc["id"])
+            if committed is not None and committed.get("seq") == doc["seq"]:
+                continue
+            res = index.get(txn, "reservations", key)
+            if res is not None and _running(res):
+                continue
+            out.append(doc)
+        return out
+
+    orphans = list({(d["vm"], d["id"], d["seq"]): d for d in index.read(uncommitted)}.values())
     if not orphans:
-        return
+        return True
     writer = repo.writer()
     try:
         for doc in orphans:
@@ -504,6 +709,8 @@ def _tombstone_orphans(repo: Repository, marker: Marker, result: GcResult) -> No
         writer.flush()
     except NoSpaceError as exc:
         writer.abort()
+        if marker is None or any((d["vm"], d["id"], d["seq"]) in unindexed for d in orphans):
+            raise
         result.warnings.append(
             f"kept {len(orphans)} uncommitted restore point record(s) and their "
             f"data: no space for their tombstones ({exc})"
@@ -511,12 +718,13 @@ def _tombstone_orphans(repo: Repository, marker: Marker, result: GcResult) -> No
         for doc in orphans:
             marker.mark(doc)
         marker.absorb_pages()
-        return
+        return False
     except BaseException:
         writer.abort()
         raise
-    result.tombstones_written = len(orphans)
+    result.tombstones_written += len(orphans)
     result.bytes_written += writer.bytes_stored
+    return True
 
 
 def _buried(repo: Repository, tombs: list[bytes]) -> set[tuple[str, str, int]]:
@@ -539,8 +747,14 @@ def buried_restore_points(repo: Repository) -> set[tuple[str, str, int]]:
 
 
 def unindexed_packs(repo: Repository) -> list[bytes]:
-    known = repo.index.read(lambda t: {k for k, _ in repo.index.items(t, "packs")})
-    return [p for p in repo.packs.list() if p not in known]
+    """Pack files the index lists neither as live nor as doomed (those a later gc deletes)."""
+    index = repo.index
+
+    def known(txn: lmdb.Transaction) -> set[bytes]:
+        return {k for db in ("packs", "doomed") for k, _ in index.items(txn, db)}
+
+    names = index.read(known)
+    return [p for p in repo.packs.list() if p not in names]
 
 
 def unlisted_restore_points(repo: Repository, pack_ids: list[bytes]) -> list[str]:
@@ -584,20 +798,31 @@ def _refuse_if_index_is_behind(unlisted: list[str]) -> None:
         )
 
 
-def _drop_stale_reservations(index: Index, txn: lmdb.Transaction) -> int:
-    """Reservations of ingests whose process is gone (ingests hold the shared lock until done)."""
-    stale = []
-    for key, value in index.items(txn, "reservations"):
-        try:
-            pid = int(json.loads(value)["pid"])
-        except (ValueError, KeyError, TypeError):
-            stale.append(key)
-            continue
-        if not _alive(pid):
-            stale.append(key)
-    for key in stale:
-        index.delete(txn, "reservations", key)
-    return len(stale)
+def _drop_stale_writers(index: Index, txn: lmdb.Transaction) -> int:
+    """Reservations and leases of writers whose process is gone."""
+    dropped = 0
+    for db in ("reservations", "leases"):
+        stale = []
+        for key, value in index.items(txn, db):
+            try:
+                pid = int(json.loads(value)["pid"])
+            except (ValueError, KeyError, TypeError):
+                stale.append(key)
+                continue
+            if not _alive(pid):
+                stale.append(key)
+        for key in stale:
+            index.delete(txn, db, key)
+        dropped += len(stale) if db == "reservations" else 0
+    return dropped
+
+
+def _running(reservation: bytes) -> bool:
+    """Whether the ingest that holds this reservation is still running."""
+    try:
+        return _alive(int(json.loads(reservation)["pid"]))
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def _alive(pid: int) -> bool:

@@ -6,6 +6,8 @@ byte order is numeric order):
 ``meta``
     ``b"seq"`` -> u64, the next sequence number.  Sequence numbers name VMs
     and restore points for inode numbers; they are never reused.
+    ``b"gcgen"`` -> u64, the gc generation: how many times gc has condemned
+    objects (absent: 0).
 ``objects``
     ``type (1 byte) + BLAKE3 digest (32)`` -> ``pack id (16) + offset (u64) +
     stored length (u32) + raw length (u32)``.  The offset is that of the
@@ -19,9 +21,26 @@ byte order is numeric order):
     ``VM name + NUL + restore point id`` -> the restore point's JSON.  Sorted
     by VM, then by time, because ids are UTC times.
 ``reservations``
-    same key -> JSON ``{"seq", "pid", "started"}``: an id and sequence number
-    taken by an ingest that has not committed yet.  A crashed ingest leaves
-    one behind; it only ever makes that one id unavailable.
+    same key -> JSON ``{"seq", "pid", "started", "gen"}``: an id and sequence
+    number taken by an ingest that has not committed yet, and the gc
+    generation it started in (absent in older ones: 0).  A crashed ingest
+    leaves one behind; gc drops it once its process is gone.
+``leases``
+    8 random bytes -> JSON ``{"pid", "started", "gen", "what"}``: a writer
+    other than an ingest (prune's tombstones) that may publish a pack
+    before indexing it.  gc deletes nothing such a writer could still use.
+``condemned``
+    object key (as in ``objects``) -> ``location (as in objects) + gc
+    generation (u64)``: objects that gc found dead and took out of
+    ``objects``, so nothing new deduplicates against them.  An ingest that
+    was running when they were condemned brings those it references back
+    in its commit; a later gc forgets the rest (see ``docs/maintenance.md``).
+``doomed``
+    ``pack id (16)`` -> ``size (u64) + record count (u32) + gc generation
+    (u64)``: packs that gc
+    took out of ``packs`` (nothing live in them) or found unindexed; their
+    files are deleted once no writer that was running at that generation
+    is left.
 ``seqs``
     ``sequence number (u64)`` -> ``b"V" + VM name`` or ``b"R" + rps key``,
     the way back from an inode number to what it names.
@@ -49,7 +68,7 @@ from typing import Any, NamedTuple, TypeVar
 import lmdb
 
 from repofs.crypto import PLAIN, Keys
-from repofs.durable import free_bytes, os_error
+from repofs.durable import free_bytes, fsync_dir, os_error
 from repofs.errors import IndexAccessError, RepositoryError
 from repofs.records import RecordType
 
@@ -64,7 +83,20 @@ TAIL_PADDING = 1 << 20  # sparse zeros after data.mdb's last page, see Index._pa
 NEARLY_FULL_BYTES = 1 << 20  # under this, a failed index write is taken for a full disk
 CREATE_ROOM_BYTES = 256 * 1024  # LMDB's new files need a few pages; QA saw SIGBUS at 4 KiB
 MAP_SIZE_ENV = "REPOFS_LMDB_MAP_SIZE"  # tests set a tiny initial map to exercise growth
-DATABASES = ("meta", "objects", "packs", "vms", "rps", "reservations", "seqs")
+DATABASES = (
+    "meta",
+    "objects",
+    "packs",
+    "vms",
+    "rps",
+    "reservations",
+    "seqs",
+    "leases",
+    "condemned",
+    "doomed",
+)
+CONDEMNED = struct.Struct(">16sQIIQ")  #: a Location, then the gc generation
+DOOMED = struct.Struct(">QIQ")  #: pack size, record count (as in packs), gc generation
 
 
 class Location(NamedTuple):
@@ -104,6 +136,8 @@ class Index:
         self._resize = _ResizeGate()
         self._map_size = map_size
         self.env, self.dbs = self._open_env(create)
+        if create:
+            self._sync_entries()
         self._identity = self._file_identity()
         self._pad_tail()
         self.generation = 0  #: how many times :meth:`follow_replacement` reopened it
@@ -137,6 +171,19 @@ class Index:
             env.close()
             raise _open_error(self.path, exc) from None
 
+    def _sync_entries(self) -> None:
+        """Make ``data.mdb``'s entry in the index directory durable; LMDB syncs only its content.
+
+        Without it a power loss after ``init``, or after rebuild-index swapped
+        its new directory in, could leave the index directory empty while
+        everything written through it had been reported durable.
+        """
+        try:
+            fsync_dir(self.path)
+        except OSError as exc:
+            self.env.close()
+            raise os_error(exc, self.path) from None
+
     def follow_replacement(self) -> bool:
         """Reopen the index if rebuild-index has replaced it since we opened it; True if so.
 
@@ -163,8 +210,14 @@ class Index:
         return True
 
     def is_empty(self) -> bool:
-        """True if no pack was ever indexed: a new repository, or an index that lost its data."""
-        return self.read(lambda txn: txn.stat(self.dbs["packs"])["entries"] == 0)
+        """True if no pack is indexed or condemned: a new repository, or an index that lost it all.
+
+        Condemned packs count: gc may condemn every pack there is (the only
+        ingest is still running), and the index has not lost them.
+        """
+        return self.read(
+            lambda txn: all(txn.stat(self.dbs[db])["entries"] == 0 for db in ("packs", "doomed"))
+        )
 
     def warm(self, budget: int) -> bool:
         """Ask the kernel to read the whole index into the page cache, if it is under ``budget``.
@@ -192,6 +245,10 @@ class Index:
         except OSError:
             return None
         return st.st_dev, st.st_ino
+
+    def check_current(self) -> None:
+        """Refuse to act on an index that rebuild-index has replaced since we opened it."""
+        self._check_current()
 
     def _check_current(self) -> None:
         """Refuse to write into an index that rebuild-index has replaced since we opened it."""
@@ -340,6 +397,24 @@ class Index:
                 object_key(rtype, digest), LOCATION.pack(pack_id, offset, stored, raw), db=objects
             )
         txn.put(pack_id, PACK_INFO.pack(size, len(entries)), db=self.dbs["packs"])
+
+    def locate_condemned(
+        self, rtype: RecordType, digest: bytes, txn: lmdb.Transaction | None = None
+    ) -> Location | None:
+        """Where a condemned object lay: its pack exists while a writer that could use it runs."""
+        if txn is None:
+            return self.read(lambda t: self.locate_condemned(rtype, digest, t))
+        value = txn.get(object_key(rtype, digest), db=self.dbs["condemned"])
+        return Location(*CONDEMNED.unpack(value)[:4]) if value is not None else None
+
+    # -- gc generations ------------------------------------------------------
+
+    def gc_generation(self, txn: lmdb.Transaction) -> int:
+        raw = txn.get(b"gcgen", db=self.dbs["meta"])
+        return U64.unpack(raw)[0] if raw else 0
+
+    def set_gc_generation(self, txn: lmdb.Transaction, gen: int) -> None:
+        txn.put(b"gcgen", U64.pack(gen), db=self.dbs["meta"])
 
     # -- sequence numbers ----------------------------------------------------
 

@@ -2,14 +2,19 @@
 
 Two lock files make a fair reader-writer lock:
 
-* ``ingest`` and ``prune`` take the repository *shared*: several may run at
-  once (LMDB serialises their commits);
-* the final phase of ``gc`` and ``rebuild-index`` take it *exclusive*.
+* ``ingest``, ``prune``, ``verify`` and ``gc`` take the repository *shared*:
+  any number may run at once (LMDB serialises their commits; gc never stops
+  an ingest, see ``docs/maintenance.md``);
+* ``rebuild-index`` takes it *exclusive*: it replaces the index.
 
 Every taker first holds ``lock.gate`` exclusively while it queues on
 ``lock.main``, then releases the gate once it has the main lock (shared
-takers) or keeps it (exclusive takers).  A waiting gc therefore holds the
-gate, so no new ingest overtakes it, and it cannot be starved.
+takers) or keeps it (exclusive takers).  A waiting rebuild-index therefore
+holds the gate, so no new command overtakes it, and it cannot be starved.
+
+``--lock-wait SECONDS`` (:func:`set_lock_wait`) bounds every wait: flock has
+no timeout, so a bounded wait polls with ``LOCK_NB``.  Giving up raises
+:class:`BusyError` before the command has changed anything.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ import contextlib
 import fcntl
 import os
 import sys
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from repofs.durable import os_error
 from repofs.errors import BusyError
@@ -27,6 +34,39 @@ from repofs.errors import BusyError
 GATE = "lock.gate"
 MAIN = "lock.main"
 KEEP = "lock.keep"
+POLL_SECONDS = 0.05  #: how often a bounded wait tries the lock again
+
+#: Seconds a command waits for the repository lock; None waits as long as it takes.
+_lock_wait: float | None = None
+
+
+def set_lock_wait(seconds: float | None) -> None:
+    """Bound every later wait for the repository lock in this process (``--lock-wait``)."""
+    global _lock_wait
+    _lock_wait = seconds
+
+
+def lock_wait_option() -> Callable[[Any], Any]:
+    """The ``--lock-wait SECONDS`` option of every command that takes the repository lock.
+
+    It sets the process-wide bound through a callback, so no command's
+    signature changes.
+    """
+    import click  # only the CLI needs it
+
+    def callback(_ctx: Any, _param: Any, value: float | None) -> None:
+        set_lock_wait(value)
+
+    return click.option(
+        "--lock-wait",
+        type=click.FloatRange(min=0),
+        default=None,
+        metavar="SECONDS",
+        expose_value=False,
+        callback=callback,
+        help="Give up (exit 6, nothing changed) if the repository is still busy after "
+        "SECONDS; the default waits as long as it takes.",
+    )
 
 
 def open_lock_file(path: str) -> int:
@@ -37,20 +77,40 @@ def open_lock_file(path: str) -> int:
         raise os_error(exc, path) from None
 
 
-def _acquire(fd: int, mode: int, wait: bool, what: str) -> None:
+def _acquire(fd: int, mode: int, wait: bool, what: str, deadline: float | None = None) -> bool:
+    """Take the lock; False if it was free at once, True if we had to wait for it."""
     try:
         fcntl.flock(fd, mode | fcntl.LOCK_NB)
-        return
+        return False
     except BlockingIOError:
         if not wait:
             raise BusyError(f"{what}; try again later") from None
-    print(f"repofs: waiting: {what}", file=sys.stderr, flush=True)
-    fcntl.flock(fd, mode)
+    if deadline is None:
+        print(f"repofs: waiting: {what}", file=sys.stderr, flush=True)
+        fcntl.flock(fd, mode)
+        return True
+    print(f"repofs: waiting: {what} (at most {_lock_wait:g} s)", file=sys.stderr, flush=True)
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BusyError(
+                    f"gave up after waiting {_lock_wait:g} s (--lock-wait): {what}"
+                ) from None
+            time.sleep(min(POLL_SECONDS, left))
 
 
 @contextlib.contextmanager
 def repository_lock(repo_path: str, *, exclusive: bool, wait: bool = True) -> Iterator[None]:
-    """Hold the repository shared (ingest, prune) or exclusive (gc sweep, rebuild-index)."""
+    """Hold the repository shared (ingest, prune, verify, gc) or exclusive (rebuild-index).
+
+    A command that read the index before it took the lock must look again
+    once it holds it: rebuild-index may have replaced the index meanwhile
+    (:meth:`repofs.repository.Repository.lock` does that).
+    """
     gate = open_lock_file(os.path.join(repo_path, GATE))
     try:
         main = open_lock_file(os.path.join(repo_path, MAIN))
@@ -59,12 +119,13 @@ def repository_lock(repo_path: str, *, exclusive: bool, wait: bool = True) -> It
         raise
     try:
         busy = (
-            "the repository is busy with gc or rebuild-index"
+            "the repository is busy with rebuild-index"
             if not exclusive
-            else ("the repository is in use by an ingest, prune or gc")
+            else ("the repository is in use by an ingest, prune, verify or gc")
         )
-        _acquire(gate, fcntl.LOCK_EX, wait, busy)
-        _acquire(main, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, wait, busy)
+        deadline = None if _lock_wait is None else time.monotonic() + _lock_wait
+        _acquire(gate, fcntl.LOCK_EX, wait, busy, deadline)
+        _acquire(main, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, wait, busy, deadline)
         if not exclusive:
             fcntl.flock(gate, fcntl.LOCK_UN)
         yield
@@ -86,8 +147,9 @@ def keep_lock(repo_path: str) -> Iterator[None]:
     so a second one waits.
     """
     fd = open_lock_file(os.path.join(repo_path, KEEP))
+    deadline = None if _lock_wait is None else time.monotonic() + _lock_wait
     try:
-        _acquire(fd, fcntl.LOCK_EX, True, "another prune, delete or protect is running")
+        _acquire(fd, fcntl.LOCK_EX, True, "another prune, delete or protect is running", deadline)
         yield
     finally:
         os.close(fd)

@@ -16,7 +16,7 @@ import os
 import threading
 from collections.abc import Iterator
 
-from repofs.durable import fsync_dir, os_error
+from repofs.durable import fsync_dir, make_dirs, os_error
 from repofs.errors import IntegrityError, RepositoryError
 
 PACK_ID_BYTES = 16
@@ -106,7 +106,7 @@ class _LocalSink(PackSink):
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
-            os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
+            self._store.make_subdir(os.path.dirname(final))
             os.rename(self._tmp, final)
             fsync_dir(os.path.dirname(final))
         except OSError as exc:
@@ -121,12 +121,29 @@ class _LocalSink(PackSink):
             os.unlink(self._tmp)
 
 
+class _Descriptor:
+    """An open pack file and how many reads are using it right now."""
+
+    __slots__ = ("fd", "retired", "users")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.users = 0
+        self.retired = False  # out of the cache: closed by whoever stops using it last
+
+
 class LocalPackStore(PackStore):
     """Packs as files ``packs/<first two hex digits>/<32 hex digits>.pack``.
 
     Readers keep a small LRU of open file descriptors; a pack deleted by gc
     stays readable through a descriptor that is already open, which is what
     lets a concurrent mount finish a read it started.
+
+    A descriptor is counted while a read uses it, and one that leaves the
+    cache (eviction, :meth:`forget`, :meth:`close`) is closed only once its
+    last read is done.  Closing it under a read let the number be reused
+    by another thread's open of another pack, and the read returned that
+    pack's bytes: about 1 read in 5,000 with 96 packs and 10 threads.
     """
 
     MAX_FDS = 64
@@ -134,8 +151,9 @@ class LocalPackStore(PackStore):
     def __init__(self, root: str) -> None:
         self.root = root
         self.tmp_dir = os.path.join(root, "tmp")
-        self._fds: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        self._fds: collections.OrderedDict[bytes, _Descriptor] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._durable_subdirs: set[str] = set()
 
     def path_of(self, pack_id: bytes) -> str:
         h = pack_id.hex()
@@ -144,44 +162,86 @@ class LocalPackStore(PackStore):
     def create(self) -> PackSink:
         return _LocalSink(self, new_pack_id())
 
-    def _fd(self, pack_id: bytes) -> int:
+    def make_subdir(self, path: str) -> None:
+        """Create ``packs/XX`` if needed, and make its entry in ``packs/`` durable.
+
+        Without it a power loss could take a whole ``packs/XX`` directory
+        with it, packs the index already pointed into included: the packs
+        themselves and ``packs/XX`` were fsynced, the entry leading to them
+        was not.  Once per directory and process (at most 256 ``fsync``).
+        """
+        if path in self._durable_subdirs:
+            return
+        make_dirs(path)
+        self._durable_subdirs.add(path)
+
+    @contextlib.contextmanager
+    def using(self, pack_id: bytes) -> Iterator[int]:
+        """A descriptor of the pack, guaranteed open (and the same file) until the block ends."""
+        desc = self._acquire(pack_id)
+        try:
+            yield desc.fd
+        finally:
+            with self._lock:
+                desc.users -= 1
+                close = desc.retired and desc.users == 0
+            if close:
+                os.close(desc.fd)
+
+    def _acquire(self, pack_id: bytes) -> _Descriptor:
         with self._lock:
-            fd = self._fds.get(pack_id)
-            if fd is not None:
+            desc = self._fds.get(pack_id)
+            if desc is not None:
                 self._fds.move_to_end(pack_id)
-                return fd
+                desc.users += 1
+                return desc
         try:
             fd = os.open(self.path_of(pack_id), os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             raise IntegrityError(f"pack {pack_id.hex()} is missing") from None
         except OSError as exc:
             raise IntegrityError(f"pack {pack_id.hex()}: cannot open: {exc.strerror}") from None
+        idle: list[int] = []
         with self._lock:
-            old = self._fds.get(pack_id)
-            if old is not None:
-                os.close(fd)
-                return old
-            self._fds[pack_id] = fd
-            while len(self._fds) > self.MAX_FDS:
-                _, victim = self._fds.popitem(last=False)
-                os.close(victim)
-        return fd
+            desc = self._fds.get(pack_id)
+            if desc is not None:  # another thread opened it meanwhile: use theirs
+                idle.append(fd)
+            else:
+                desc = self._fds[pack_id] = _Descriptor(fd)
+                while len(self._fds) > self.MAX_FDS:
+                    _, victim = self._fds.popitem(last=False)
+                    idle += self._retire(victim)
+            self._fds.move_to_end(pack_id)
+            desc.users += 1
+        for old in idle:
+            os.close(old)
+        return desc
+
+    @staticmethod
+    def _retire(desc: _Descriptor) -> list[int]:
+        """Take ``desc`` out of use; the descriptor to close now, or none if a read still uses it.
+
+        Called under the lock; the caller closes outside it.
+        """
+        desc.retired = True
+        return [desc.fd] if desc.users == 0 else []
 
     def forget(self, pack_id: bytes) -> None:
         """Drop a cached descriptor so the next read sees the pack's current state."""
         with self._lock:
-            fd = self._fds.pop(pack_id, None)
-        if fd is not None:
+            desc = self._fds.pop(pack_id, None)
+            idle = self._retire(desc) if desc is not None else []
+        for fd in idle:
             os.close(fd)
 
     def read(self, pack_id: bytes, offset: int, length: int) -> bytes:
-        fd = self._fd(pack_id)
-        try:
-            data = os.pread(fd, length, offset)
-        except OSError as exc:
-            raise IntegrityError(
-                f"pack {pack_id.hex()}: read error at offset {offset}: {exc.strerror}"
-            ) from None
+        with self.using(pack_id) as fd:
+            try:
+                data = os.pread(fd, length, offset)
+            except OSError as exc:
+                raise IntegrityError(
+                    f"pack {pack_id.hex()}: read error at offset {offset}: {exc.strerror}"
+                ) from None
         if len(data) != length:
             raise IntegrityError(
                 f"pack {pack_id.hex()}: truncated: {len(data)} of {length} bytes at offset {offset}"
@@ -246,7 +306,9 @@ class LocalPackStore(PackStore):
         return removed
 
     def close(self) -> None:
+        """Close every cached descriptor; those a read still uses close when it ends."""
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
+            idle = [fd for desc in self._fds.values() for fd in self._retire(desc)]
             self._fds.clear()
+        for fd in idle:
+            os.close(fd)

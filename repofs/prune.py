@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from repofs.errors import UsageError
-from repofs.lock import keep_lock, repository_lock
+from repofs.lock import keep_lock
 from repofs.names import validate_vm_name
 from repofs.records import RecordType
 from repofs.repository import Repository
@@ -165,7 +165,7 @@ def prune_repository(
         )
     with (
         Repository.open(path) as repo,
-        repository_lock(path, exclusive=False),
+        repo.lock(),  # decides on the index in force, not one replaced while it waited
         keep_lock(path),
     ):
         rps = repo.restore_points(vm)
@@ -227,7 +227,7 @@ def delete_restore_points(
         )
     with (
         Repository.open(path) as repo,
-        repository_lock(path, exclusive=False),
+        repo.lock(),  # decides on the index in force, not one replaced while it waited
         keep_lock(path),
     ):
         doomed = []
@@ -265,7 +265,7 @@ def set_protected(path: str, vm: str, specs: list[str], protected: bool) -> list
         raise UsageError("name at least one restore point id (or 'latest')")
     with (
         Repository.open(path) as repo,
-        repository_lock(path, exclusive=False),
+        repo.lock(),  # decides on the index in force, not one replaced while it waited
         keep_lock(path),
     ):
         rps = list({rp.id: rp for rp in (repo.resolve(vm, spec) for spec in specs)}.values())
@@ -302,14 +302,15 @@ def _flag(repo: Repository, rps: list[RestorePoint], protected: bool) -> None:
     flags = [
         Protection(rp.vm, rp.id, rp.seq, n, protected) for rp, n in zip(rps, first, strict=True)
     ]
-    writer = repo.writer()
-    try:
-        for flag in flags:
-            writer.put_new(RecordType.PROTECTION, flag.body())
-        writer.flush()  # durable and indexed before the index says anything
-    except BaseException:
-        writer.abort()
-        raise
+    with repo.lease("protection"):  # gc must not take its pack for a leftover meanwhile
+        writer = repo.writer()
+        try:
+            for flag in flags:
+                writer.put_new(RecordType.PROTECTION, flag.body())
+            writer.flush()  # durable and indexed before the index says anything
+        except BaseException:
+            writer.abort()
+            raise
 
     def txn_fn(txn: Any) -> None:
         for flag in flags:

@@ -8,14 +8,16 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from repofs import crypto, stopping
 from repofs.config import CONFIG_FILE, FORMAT_VERSION, RepoConfig, upgrade_in_place
-from repofs.durable import os_error, write_file_atomic
+from repofs.durable import make_dirs, os_error, write_file_atomic
 from repofs.errors import IntegrityError, RepofsError, RepositoryError, UsageError
 from repofs.index import LOCATION, PACK_INFO, U64, Index, Location
+from repofs.lock import repository_lock
 from repofs.maps import MapReader, PageCache
 from repofs.names import rp_id_for, rp_id_seconds
 from repofs.packstore import LocalPackStore
@@ -43,6 +45,7 @@ class Reservation:
     seq: int
     vm_seq: int
     created: float
+    gen: int = 0  #: the gc generation it started in: its commit looks for what gc condemned since
 
 
 class Repository:
@@ -137,11 +140,13 @@ class Repository:
             if up == ancestor:
                 break
             ancestor = up
+        # Every directory durable in its parent (the repository's own entry too: a power loss
+        # must not take the repository away after its first ingest), config.json last.
         try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
+            make_dirs(path)
             os.chmod(path, 0o700)
             for sub in (PACKS_DIR, os.path.join(PACKS_DIR, "tmp"), INDEX_DIR):
-                os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+                make_dirs(os.path.join(path, sub))
         except OSError as exc:
             raise os_error(exc, path) from None
         Index(os.path.join(path, INDEX_DIR), create=True).close()
@@ -213,6 +218,10 @@ class Repository:
         old pack is deleted.
         """
         loc = self.index.locate(rtype, digest)
+        if loc is None:
+            # Condemned by a gc while an ingest (a CBT parent's pages) or a reader still uses
+            # it: the pack stays until every writer that could have seen the object has ended.
+            loc = self.index.locate_condemned(rtype, digest)
         if loc is None:
             raise IntegrityError(f"{rtype.name.lower()} {digest.hex()} is not in the index")
         try:
@@ -292,7 +301,55 @@ class Repository:
             self.keys,
         )
 
-    def reserve(self, vm: str, now: float | None = None) -> Reservation:
+    @contextlib.contextmanager
+    def lock(self, *, exclusive: bool = False) -> Iterator[None]:
+        """Hold the repository lock, then follow a replaced index.
+
+        The repository was opened (and perhaps read) before the lock was
+        taken; rebuild-index may have swapped in a new index while this
+        command waited.  Acting on the old one would make decisions (what
+        is dead, what is the latest restore point) from a file that no
+        longer counts.  Under the shared lock no rebuild can start.
+        """
+        with repository_lock(self.path, exclusive=exclusive):
+            self.index.follow_replacement()
+            yield
+
+    @contextlib.contextmanager
+    def lease(self, what: str, *, required: bool = True) -> Iterator[None]:
+        """Register a writer other than an ingest, or a reader that trusts what it listed.
+
+        gc deletes a condemned object's pack, or an unindexed pack, only
+        once no holder that was running when gc condemned or found it is
+        left.  An ingest's reservation says that for an ingest; a lease
+        does for prune's tombstones (a pack published before it is
+        indexed) and for verify (objects it listed before gc condemned
+        them).  A killed holder's lease is dropped by gc.  Not ``required``:
+        an index that cannot be written (damaged) goes without.
+        """
+        key = os.urandom(8)
+
+        def take(txn: Any) -> None:
+            doc = {
+                "pid": os.getpid(),
+                "started": time.time(),
+                "gen": self.index.gc_generation(txn),
+                "what": what,
+            }
+            self.index.put(txn, "leases", key, json.dumps(doc).encode())
+
+        try:
+            self.index.write(take)
+        except RepofsError:
+            if required:
+                raise
+        try:
+            yield
+        finally:
+            with contextlib.suppress(RepofsError):  # gc drops it once we are gone
+                self.index.write(lambda txn: self.index.delete(txn, "leases", key))
+
+    def reserve(self, vm: str, now: float | None = None, parent: str | None = None) -> Reservation:
         """Take the restore point id (its UTC start time, to the second) and a sequence number.
 
         Ids are unique within a VM and always sort in creation order: when the
@@ -303,10 +360,23 @@ class Repository:
         would store the wrong bytes.  The creation time (every file's mtime
         and ctime) stays the real one: a time in the future would make
         incremental tape sweeps pick the files up twice.
+
+        The reservation carries the gc generation, and ``parent`` must still
+        be committed in the same transaction: from here on, whatever a gc
+        condemns that this ingest may use (its parent's pages, chunks it
+        deduplicates against) has a newer generation, which its commit sees.
         """
         created = time.time() if now is None else now
 
         def txn_fn(txn: Any) -> Reservation:
+            parent_key = self.index.rp_key(vm, parent) if parent is not None else b""
+            if parent is not None and self.index.get(txn, "rps", parent_key) is None:
+                # Pruned (and perhaps collected) before we reserved: its pages may be gone.
+                raise UsageError(
+                    f"parent restore point {vm}/{parent} was pruned while "
+                    "this ingest started; run the ingest again"
+                )
+            gen = self.index.gc_generation(txn)
             vm_seq = self.index.vm_seq(txn, vm, allocate=True)
             assert vm_seq is not None
             second = int(created)
@@ -324,9 +394,9 @@ class Repository:
                     break
                 second += 1
             seq = self.index.next_seq(txn)
-            doc = {"seq": seq, "pid": os.getpid(), "started": created}
+            doc = {"seq": seq, "pid": os.getpid(), "started": created, "gen": gen}
             self.index.put(txn, "reservations", key, json.dumps(doc).encode())
-            return Reservation(vm, rp_id, seq, vm_seq, created)
+            return Reservation(vm, rp_id, seq, vm_seq, created, gen)
 
         return self.index.write(txn_fn)
 
@@ -338,7 +408,7 @@ class Repository:
             )
         )
 
-    def commit(self, writer: ObjectWriter, rp: RestorePoint) -> None:
+    def commit(self, writer: ObjectWriter, rp: RestorePoint, since_gen: int | None = None) -> None:
         """Make ``rp`` visible, in the one durability order that keeps invariant 2.
 
         1. every chunk, page and blob the restore point references is in a
@@ -353,6 +423,14 @@ class Repository:
 
         Steps 1 and 2 are one ``flush``: a record of its own pack cost every
         ingest one more pack file, ``fsync`` and index transaction.
+
+        gc runs beside ingests and may have condemned, since the ingest's
+        reservation (gc generation ``since_gen``; None: unknown), objects
+        the restore point references: chunks it deduplicated against, its
+        parent's pages, its own new packs.  Their files still exist (gc
+        deletes nothing a running writer may use), so the commit
+        transaction brings them back (:func:`repofs.revive.revive`) before
+        it makes the restore point visible.
         """
         body = json.dumps(rp.to_doc(), sort_keys=True).encode()
         _digest, loc = writer.put_new(RecordType.RESTORE_POINT, body)
@@ -366,6 +444,10 @@ class Repository:
             raise
 
         def txn_fn(txn: Any) -> None:
+            if since_gen is None or self.index.gc_generation(txn) != since_gen:
+                from repofs.revive import revive
+
+                revive(self, txn, rp)
             self.index.set_vm_seq(txn, rp.vm, rp.vm_seq)
             self.index.put_rp(txn, rp.vm, rp.id, rp.seq, doc)
             self.index.put(txn, "meta", WHOLE_PREFIX + U64.pack(rp.seq), b"")
@@ -422,15 +504,16 @@ class Repository:
 
     def write_tombstones(self, rps: list[RestorePoint]) -> None:
         """Tombstone records for ``rps``, durable and indexed when this returns, or none."""
-        writer = self.writer()
-        try:
-            for rp in rps:
-                tomb = Tombstone(rp.vm, rp.id, rp.seq, rp.vm_seq)
-                writer.put_new(RecordType.TOMBSTONE, tomb.body())
-            writer.flush()
-        except BaseException:
-            writer.abort()
-            raise
+        with self.lease("tombstones"):
+            writer = self.writer()
+            try:
+                for rp in rps:
+                    tomb = Tombstone(rp.vm, rp.id, rp.seq, rp.vm_seq)
+                    writer.put_new(RecordType.TOMBSTONE, tomb.body())
+                writer.flush()
+            except BaseException:
+                writer.abort()
+                raise
 
     # -- statistics ---------------------------------------------------------------
 

@@ -61,7 +61,6 @@ from repofs.directio import ALIGN, HUGE_PAGE, direct_buffer, read_into
 from repofs.errors import IndexAccessError, IntegrityError, RepositoryError, UsageError
 from repofs.gc import unindexed_packs, unlisted_restore_points
 from repofs.index import LOCATION, PACK_INFO, Location
-from repofs.lock import repository_lock
 from repofs.mapwalk import DamageMapper, MapWalker, byte_ranges
 from repofs.names import validate_vm_name
 from repofs.packscan import scan_pack
@@ -175,7 +174,9 @@ def verify_repository(
         result = _without_index(path, config, str(exc), threads, keys)
     else:
         try:
-            with repository_lock(path, exclusive=False):
+            # The index in force, not one replaced meanwhile; and a lease, so that a gc
+            # beside us deletes no pack of objects we listed before it condemned them.
+            with repo.lock(), repo.lease("verify", required=False):
                 result = _Verifier(repo, vm, sample, progress, threads, max_ranges).run()
         except INDEX_DAMAGE as exc:
             result = _without_index(path, config, f"the index is damaged ({exc})", threads, keys)

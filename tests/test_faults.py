@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -228,17 +229,27 @@ class TestKills:
 
 # Runs the CLI with SIGKILL at one exact moment: the first time a restore point record is
 # indexed (REPOFS_KILL_AT=index-rp), or at the Nth pack deletion (REPOFS_KILL_AT=delete:N).
+# REPOFS_KILL_AT=stop-then-index-rp also stops itself (SIGSTOP) once its first pack is indexed.
 KILL_AT_SCRIPT = """
 import os, signal, sys
 from repofs.index import Index
 from repofs.packstore import LocalPackStore
 from repofs.records import RecordType
+from repofs.writer import ObjectWriter
 where, _, n = os.environ["REPOFS_KILL_AT"].partition(":")
 add_pack, delete, deletes = Index.add_pack, LocalPackStore.delete, [0]
+publish, published = ObjectWriter._publish, [0]
 def killing_add_pack(self, txn, pack_id, size, entries):
-    if where == "index-rp" and any(e[0] == RecordType.RESTORE_POINT for e in entries):
+    if where.endswith("index-rp") and any(e[0] == RecordType.RESTORE_POINT for e in entries):
         os.kill(os.getpid(), signal.SIGKILL)
     return add_pack(self, txn, pack_id, size, entries)
+def stopping_publish(self, sink, entries):
+    pack_id = publish(self, sink, entries)  # published and indexed: no transaction is open
+    published[0] += 1
+    if where == "stop-then-index-rp" and published[0] == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return pack_id
+ObjectWriter._publish = stopping_publish
 def killing_delete(self, pack_id):
     deletes[0] += 1
     if where == "delete" and deletes[0] == int(n):
@@ -764,3 +775,92 @@ def test_gc_after_rebuild_keeps_everything(damaged_repo: tuple[Path, dict[str, P
         assert read_disk(repo, "vm", rp) == src.read_bytes()
     with Repository.open(str(repo)) as r:
         assert len(r.restore_points()) == 3
+
+
+class TestGcBesideRebuild:
+    def test_rebuild_before_gc_holds_the_lock_loses_nothing(self, tmp_path: Path) -> None:
+        """Issue 18 item 1: an ingest killed between publishing its last pack and indexing it;
+        gc opens the index; rebuild-index brings the killed restore point back whole; gc then
+        takes the lock: it follows the new index, deletes nothing that index lists, verify
+        passes and a second rebuild calls nothing incomplete."""
+        repo = new_repo(tmp_path / "repo")
+        img = make_image(tmp_path / "a.img", 4 * MiB, [(0, noise(4 * MiB, 1))])
+        ingest_here(repo, "vm", {"d0": img}, now=1_700_000_000)
+        img2 = make_image(tmp_path / "b.img", 4 * MiB, [(0, noise(4 * MiB, 2))])
+        kept = ingest_here(repo, "vm", {"d0": img2}, now=1_700_000_100)
+        repofs("prune", repo, "--keep-last", "1")  # garbage for gc to collect
+        img3 = make_image(tmp_path / "c.img", 4 * MiB, [(0, noise(4 * MiB, 3))])
+        killed_at("index-rp", tmp_path, "ingest", repo, "--vm", "vm", f"d0={img3}")
+        assert rp_ids(repo, "vm") == [kept]
+        gc = spawn("gc", repo, env={"REPOFS_TEST_GC_DELAY": "2"})
+        wait_for_line(gc, "gc opened the index")
+        out = repofs("rebuild-index", repo).stdout
+        assert "incomplete" not in out
+        back = [rp for rp in rp_ids(repo, "vm") if rp != kept]
+        assert len(back) == 1  # the killed restore point, whole, as documented
+        _out, gc_err = gc.communicate(timeout=120)
+        assert gc.returncode == 0, gc_err
+        committed = {
+            kept: digest_of_disk(repo, "vm", kept),
+            back[0]: digest_of_disk(repo, "vm", back[0]),
+        }
+        assert committed[back[0]] == hashlib.sha256(img3.read_bytes()).digest()
+        assert_healthy(repo, committed)
+        out = repofs("rebuild-index", repo).stdout
+        assert "incomplete" not in out
+        assert_healthy(repo, committed)
+        collect_garbage(str(repo))
+        assert_healthy(repo, committed)
+
+    def test_killed_ingest_is_tombstoned_before_part_of_it_is_purged(self, tmp_path: Path) -> None:
+        """An ingest's first pack is condemned by one gc while it runs; it is then killed
+        between publishing its last pack and indexing it; a second gc purges that first pack
+        but must keep the last one for an ingest still running: it tombstones the killed
+        restore point first, so a rebuild-index leaves it out instead of calling it
+        incomplete."""
+        repo = new_repo(tmp_path / "repo")
+        cfg_path = repo / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["pack_target_size"] = MiB  # the ingest below writes several packs
+        cfg_path.write_text(json.dumps(cfg))
+        small = make_image(tmp_path / "s.img", MiB, [(0, noise(MiB, 7))])
+        kept = ingest_here(repo, "vm", {"d0": small}, now=1_700_000_000)
+        committed = {kept: digest_of_disk(repo, "vm", kept)}
+        script = tmp_path / "kill_at.py"
+        script.write_text(KILL_AT_SCRIPT)
+        img = make_image(tmp_path / "a.img", 6 * MiB, [(0, noise(6 * MiB, 8))])
+        k = subprocess.Popen(
+            [sys.executable, str(script), "ingest", str(repo), "--vm", "vm", f"d0={img}"],
+            env=cli_env({"REPOFS_KILL_AT": "stop-then-index-rp"}),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while Path(f"/proc/{k.pid}/stat").read_text().split(")")[1].split()[0] != "T":
+                assert k.poll() is None and time.monotonic() < deadline
+                time.sleep(0.02)
+            first = repofs("gc", repo).stdout  # condemns the stopped ingest's first pack
+            assert "that ingests still running may use" in first, first
+            long = spawn(
+                "ingest",
+                repo,
+                "--vm",
+                "other",
+                f"d0={small}",
+                env={"REPOFS_TEST_PAUSE_BEFORE_COMMIT": "60"},
+            )
+            wait_for_line(long, "pausing before commit")
+            k.send_signal(signal.SIGCONT)
+            assert k.wait(timeout=60) == -signal.SIGKILL
+            second = repofs("gc", repo).stdout  # purges the first generation, not the second
+            assert "that ingests still running may use" in second, second
+            kill9(long)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                k.kill()
+            k.wait()
+        out = repofs("rebuild-index", repo).stdout
+        assert "incomplete" not in out
+        assert_healthy(repo, committed)

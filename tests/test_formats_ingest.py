@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import assert_one_line_error, ingest, make_image, mounted, repofs
+from tests.vmdk_builders import write_mkimg_sparse
 
 MiB = 1 << 20
 
@@ -75,7 +76,9 @@ def _set_vhd_current_size(path: Path, size: int) -> None:
 class TestVmdk:
     @pytest.mark.parametrize("subformat", VMDK_SUBFORMATS)
     def test_subformats(self, tmp_path: Path, repo: Path, base_raw: Path, subformat: str) -> None:
-        """Each VMDK subformat qemu writes is detected, ingested and reads back identical."""
+        """Each VMDK subformat qemu writes is detected, ingested and reads back identical.
+
+        The split and flat ones name their extents: --backing-dir allows those."""
         src = tmp_path / f"{subformat}.vmdk"
         qemu(
             "convert",
@@ -88,7 +91,7 @@ class TestVmdk:
             str(base_raw),
             str(src),
         )
-        rp = ingest(repo, "v", f"d={src}")
+        rp = ingest(repo, "v", f"d={src}", extra=("--backing-dir", str(tmp_path)))
         info = json.loads(repofs("list", repo, "--json").stdout)[0]["disks"][0]
         assert info["format"] == f"vmdk:{subformat}"
         with mounted(repo, tmp_path / "mnt") as mnt:
@@ -101,11 +104,33 @@ class TestVmdk:
         qemu("convert", "-f", "raw", "-O", "vmdk", str(base_raw), str(parent))
         qemu("create", "-f", "vmdk", "-b", str(parent), "-F", "vmdk", str(child))
         qemu_io(child, "write -P 0x5a 1M 64k", "write -P 0x11 5M 4k", fmt="vmdk")
-        rp = ingest(repo, "v", f"d={child}")
+        rp = ingest(repo, "v", f"d={child}", extra=("--format", "vmdk"))
         chain = json.loads(repofs("list", repo, "--json").stdout)[0]["disks"][0]
         assert chain["format"].startswith("vmdk")
         with mounted(repo, tmp_path / "mnt") as mnt:
             compare_with_qemu(child, mnt / "v" / rp / "d.vmdk")
+
+    def test_freebsd_mkimg_vmdk(self, tmp_path: Path, repo: Path, base_raw: Path) -> None:
+        """mkimg's monolithicSparse (its extent named ``""``) is ingested as qemu reads it."""
+        raw = base_raw.read_bytes()
+        raw = raw.ljust(-(-len(raw) // MiB) * MiB, b"\0")
+        plain = make_image(tmp_path / "FreeBSD.raw", len(raw), [(0, raw)])
+        src = tmp_path / "FreeBSD.vmdk"
+        write_mkimg_sparse(str(src), raw)
+        info = json.loads(
+            subprocess.run(
+                ["qemu-img", "info", "--output=json", str(src)],
+                check=True, capture_output=True, text=True,
+            ).stdout
+        )
+        assert info["format"] == "vmdk" and info["virtual-size"] == len(raw)
+        compare_with_qemu(src, plain)
+        rp = ingest(repo, "v", f"d={src}")  # self-contained: detection needs no option
+        disk = json.loads(repofs("list", repo, "--json").stdout)[0]["disks"][0]
+        assert disk["format"] == "vmdk:monolithicSparse"
+        with mounted(repo, tmp_path / "mnt") as mnt:
+            assert (mnt / "v" / rp / "d-flat.vmdk").read_bytes() == raw
+            compare_with_qemu(src, mnt / "v" / rp / "d.vmdk")
 
     def test_broken_vmdk_is_refused(self, tmp_path: Path, repo: Path, base_raw: Path) -> None:
         """A truncated sparse VMDK and a chain with a missing parent: one line, no restore point."""
@@ -120,7 +145,9 @@ class TestVmdk:
         qemu("create", "-f", "vmdk", "-b", str(parent), "-F", "vmdk", str(child))
         parent.unlink()
         assert_one_line_error(
-            repofs("ingest", repo, "--vm", "v", f"d={child}", check=False), "p.vmdk"
+            repofs("ingest", repo, "--vm", "v", f"d={child}", "--format", "vmdk", check=False),
+            "p.vmdk",
+            "not found",
         )
         assert json.loads(repofs("list", repo, "--json").stdout) == []
 
@@ -214,7 +241,7 @@ class TestQemuFormats:
         child = tmp_path / "child.qcow2"
         qemu("create", "-f", "qcow2", "-b", str(base_raw), "-F", "raw", str(child))
         qemu_io(child, "write -P 0x77 3M 64k", "write -z 0 4k", fmt="qcow2")
-        rp = ingest(repo, "v", f"d={child}")
+        rp = ingest(repo, "v", f"d={child}", extra=("--format", "qcow2"))
         with mounted(repo, tmp_path / "mnt") as mnt:
             compare_with_qemu(child, mnt / "v" / rp / "d.vmdk")
 
@@ -224,7 +251,10 @@ class TestQemuFormats:
         qemu("create", "-f", "qcow2", str(a), "4M")
         qemu("create", "-f", "qcow2", "-b", str(a), "-F", "qcow2", str(b))
         qemu("rebase", "-u", "-b", str(b), "-F", "qcow2", str(a))
-        assert_one_line_error(repofs("ingest", repo, "--vm", "v", f"d={b}", check=False), "qcow2")
+        assert_one_line_error(
+            repofs("ingest", repo, "--vm", "v", f"d={b}", "--format", "qcow2", check=False),
+            "loops",
+        )
         bad = tmp_path / "bad.qcow2"
         qemu("create", "-f", "qcow2", str(bad), "4M")
         with open(bad, "r+b") as f:

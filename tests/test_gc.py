@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from repofs.errors import UsageError
 from repofs.gc import collect_garbage
 from repofs.index import rp_key
 from repofs.repository import Repository
@@ -37,6 +38,7 @@ from tests.maint_helpers import (
 )
 
 PAUSE = {"REPOFS_TEST_PAUSE_BEFORE_COMMIT": "4"}
+LONG_PAUSE = {"REPOFS_TEST_PAUSE_BEFORE_COMMIT": "12"}  # gc runs and ends inside it
 
 
 def packs_bytes(repo: Path) -> int:
@@ -96,24 +98,28 @@ class TestSweep:
         assert pack_files(repo) == packs
 
     def test_cleans_leftovers(self, tmp_path: Path) -> None:
-        """Unfinished packs, unindexed packs and reservations of dead ingests go away."""
+        """Unfinished packs, unindexed packs and reservations of dead ingests go away; the
+        unfinished pack of a process still running stays."""
         repo = new_repo(tmp_path / "repo")
         img = make_image(tmp_path / "a.img", 4 * MiB, [(0, noise(MiB, 1))])
         rp = ingest_here(repo, "a", {"d0": img})
-        (repo / "packs" / "tmp" / "deadbeef.123.tmp").write_bytes(b"x" * 5000)
+        child = subprocess.Popen(["true"])
+        child.wait()
+        (repo / "packs" / "tmp" / f"deadbeef.{child.pid}.tmp").write_bytes(b"x" * 5000)
+        running = repo / "packs" / "tmp" / f"cafe.{os.getppid()}.tmp"  # a live writer's
+        running.write_bytes(b"y")
         (repo / "packs" / "cd").mkdir(mode=0o700, exist_ok=True)
         stray = repo / "packs" / "cd" / ("cd" * 16 + ".pack")
         shutil.copy(pack_files(repo)[0], stray)
-        child = subprocess.Popen(["true"])
-        child.wait()
         with Repository.open(str(repo)) as r:
             doc = json.dumps({"seq": 999, "pid": child.pid, "started": 0}).encode()
             key = rp_key("a", "2000-01-01T000000Z")
             r.index.write(lambda t: r.index.put(t, "reservations", key, doc))
         result = collect_garbage(str(repo))
         assert result.orphan_packs == 1 and not stray.exists()
-        assert result.tmp_freed == 5000 and not os.listdir(repo / "packs" / "tmp")
+        assert result.tmp_freed == 5000 and os.listdir(repo / "packs" / "tmp") == [running.name]
         assert result.reservations_removed == 1
+        running.unlink()
         out = repofs("verify", repo).stdout
         assert "warning" not in out
         assert rp_ids(repo) == [rp]
@@ -191,28 +197,106 @@ class TestUncommittedRecords:
 
 class TestRaces:
     def test_gc_beside_a_paused_ingest_reusing_garbage(self, tmp_path: Path) -> None:
-        """The ingest reuses chunks that looked dead when gc marked; gc waits, then spares them."""
+        """The ingest reuses chunks that looked dead when gc ran: gc neither waits for it nor
+        deletes them; the commit brings them back, and the restore point verifies clean,
+        also after a second gc."""
         repo = new_repo(tmp_path / "repo")
         img = make_image(tmp_path / "a.img", 8 * MiB, [(0, noise(6 * MiB, 1))])
         ingest_here(repo, "old", {"d0": img})
         repofs("prune", repo, "--vm", "old", "--force")  # its chunks are garbage now, still indexed
-        ingest = spawn("ingest", repo, "--vm", "new", f"d0={img}", env=PAUSE)
+        packs = pack_files(repo)
+        ingest = spawn("ingest", repo, "--vm", "new", f"d0={img}", env=LONG_PAUSE)
         wait_for_line(ingest, "pausing before commit")
-        gc = spawn("gc", repo)
-        out, err = gc.communicate(timeout=120)
-        i_out, _ = ingest.communicate(timeout=120)
-        assert gc.returncode == 0 and ingest.returncode == 0, (out, err)
-        assert "repofs: waiting: the repository is in use" in err
-        assert "committed during gc" in out and "1 committed during gc" in out
+        out = repofs("gc", repo, timeout=30)
+        assert "waiting" not in out.stderr
+        assert "0 committed during gc" in out.stdout and "deleted 0 pack(s)" in out.stdout
+        assert ingest.poll() is None and set(packs) <= set(pack_files(repo))
+        with Repository.open(str(repo)) as r:  # condemned: nothing new deduplicates against it
+            assert r.index.read(lambda t: t.stat(r.index.dbs["condemned"])["entries"]) > 0
+        i_out, i_err = ingest.communicate(timeout=60)
+        assert ingest.returncode == 0, i_err
         rp = i_out.strip().splitlines()[-1]
         repofs("verify", repo)
         assert read_disk(repo, "new", rp) == img.read_bytes()
+        repofs("gc", repo)
+        repofs("verify", repo)
+        assert read_disk(repo, "new", rp) == img.read_bytes()
+
+    def test_cbt_ingest_whose_parent_is_pruned_and_collected_meanwhile(
+        self, tmp_path: Path
+    ) -> None:
+        """A CBT incremental inherits whole map pages of its parent; the parent is pruned and
+        gc condemns those pages and chunks while the ingest runs: gc keeps their packs, the
+        commit brings them back, and the restore point verifies and reads back, also after
+        the next gc (which then deletes nothing of it)."""
+        repo = new_repo(tmp_path / "repo")
+        size = 256 * MiB  # four map pages of 64 MiB: three are inherited whole
+        writes = [(k * 64 * MiB, noise(MiB, 10 + k)) for k in range(4)]
+        img = make_image(tmp_path / "a.img", size, writes)
+        ingest_here(repo, "vm", {"d0": img}, now=1_700_000_000)
+        make_image(img, size, [(0, noise(MiB, 99)), *writes[1:]])
+        cbt = tmp_path / "cbt.json"
+        cbt.write_text(json.dumps({"block_size": 65536, "extents": [[0, MiB]]}))
+        ingest = spawn(
+            "ingest",
+            repo,
+            "--vm",
+            "vm",
+            f"d0={img}",
+            "--changed-blocks",
+            f"d0={cbt}",
+            env=LONG_PAUSE,
+        )
+        wait_for_line(ingest, "pausing before commit")
+        repofs("prune", repo, "--vm", "vm", "--force")  # the parent goes
+        out = repofs("gc", repo, timeout=30).stdout
+        assert "that ingests still running may use" in out, out
+        i_out, i_err = ingest.communicate(timeout=60)
+        assert ingest.returncode == 0, i_err
+        rp = i_out.strip().splitlines()[-1]
+        expected = img.read_bytes()
+        repofs("verify", repo)
+        assert read_disk(repo, "vm", rp) == expected
+        again = repofs("gc", repo).stdout
+        assert "deleted" in again
+        repofs("verify", repo)
+        assert read_disk(repo, "vm", rp) == expected
+
+    def test_gc_may_condemn_every_pack_while_the_first_ingest_runs(self, tmp_path: Path) -> None:
+        """The first ingest of a repository is paused when gc runs: every pack is condemned,
+        and the index is still not taken for a lost one; the ingest commits clean."""
+        repo = new_repo(tmp_path / "repo")
+        img = make_image(tmp_path / "a.img", 4 * MiB, [(0, noise(4 * MiB, 1))])
+        ingest = spawn("ingest", repo, "--vm", "a", f"d0={img}", env=LONG_PAUSE)
+        wait_for_line(ingest, "pausing before commit")
+        repofs("gc", repo, timeout=30)
+        with Repository.open(str(repo)) as r:
+            assert r.index.read(lambda t: t.stat(r.index.dbs["packs"])["entries"]) == 0
+        assert repofs("list", repo).returncode == 0
+        i_out, i_err = ingest.communicate(timeout=60)
+        assert ingest.returncode == 0, i_err
+        repofs("verify", repo)
+        assert read_disk(repo, "a", i_out.strip().splitlines()[-1]) == img.read_bytes()
+
+    def test_reservation_refuses_a_parent_pruned_before_it(self, tmp_path: Path) -> None:
+        """The parent is checked in the reservation's own transaction: from then on a gc that
+        condemns its pages has a newer generation, which the commit sees; a parent pruned
+        before that is refused, and nothing is reserved."""
+        repo = new_repo(tmp_path / "repo")
+        img = make_image(tmp_path / "a.img", MiB, [(0, noise(MiB, 1))])
+        parent = ingest_here(repo, "vm", {"d0": img})
+        repofs("prune", repo, "--force")
+        with Repository.open(str(repo)) as r:
+            with pytest.raises(UsageError, match="was pruned while this ingest started"):
+                r.reserve("vm", parent=parent)
+            assert r.index.read(lambda t: t.stat(r.index.dbs["reservations"])["entries"]) == 0
 
     @pytest.mark.slow
     def test_gc_beside_running_ingests_of_a_sparse_image(self, tmp_path: Path) -> None:
         """Unhooked ingests of a large sparse image (half of it garbage the ingest will reuse,
-        half new) run while gc runs, started before and after it; every restore point
-        verifies and reads back.  gc is slowed down so that the runs overlap for sure."""
+        half new) run while gc runs, started before and after it; gc condemns what the ingest
+        reuses and the commit brings it back: every restore point verifies and reads back,
+        also after the next gc.  gc is slowed down so that the runs overlap for sure."""
         repo = new_repo(tmp_path / "repo")
         writes = [(k * 32 * MiB, noise(4 * MiB, k)) for k in range(32)]
         img = make_image(tmp_path / "big.img", 1024 * MiB, writes)
@@ -235,12 +319,14 @@ class TestRaces:
             gc_out, gc_err = gc.communicate(timeout=300)
             out, err = ingest.communicate(timeout=300)
             assert ingest.returncode == 0 and gc.returncode == 0, err + gc_err
-            overlapped += "waiting" in gc_err or "(1 committed during gc)" in gc_out
+            overlapped += "(1 committed during gc)" in gc_out or "that ingests still" in gc_out
             rp = out.strip().splitlines()[-1]
-            repofs("verify", repo, "--vm", "vm")
-            for offset, data in writes:
-                got = read_range(repo, "vm", rp, offset - 4096, len(data) + 8192)
-                assert got == (bytes(4096) if offset else b"") + data + bytes(4096)
+            for _ in range(2):  # and after the gc that deletes what it held back
+                repofs("verify", repo, "--vm", "vm")
+                for offset, data in writes:
+                    got = read_range(repo, "vm", rp, offset - 4096, len(data) + 8192)
+                    assert got == (bytes(4096) if offset else b"") + data + bytes(4096)
+                repofs("gc", repo)
         assert overlapped, "gc never ran beside the ingest; the test proved nothing"
 
     def test_reader_of_a_pruned_restore_point_gets_bytes_or_eio(self, tmp_path: Path) -> None:

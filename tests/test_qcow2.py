@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingest import imgutil
-from ingest.detect import detect_format, open_source
+from ingest.detect import detect_format
 from ingest.qcow2 import Qcow2Source
 from repofs.errors import SourceError
 from tests._imgfmt_helpers import (
@@ -28,6 +28,7 @@ from tests._imgfmt_helpers import (
     check_against_qemu,
     check_source,
     exercise,
+    open_detected,
     patch,
     pattern_raw,
     qemu_io,
@@ -177,10 +178,10 @@ def test_zero_clusters_and_three_level_chain(work: Path) -> None:
     )
     extents = check_against_qemu(top, "qcow2", "qcow2", sparse_gap=GAP)
     assert extents
-    with open_source(str(top)) as src:
+    with open_detected(top) as src:
         assert src.chain() == [str(top), str(work / mid.name), str(work / base.name)]
     # The zero clusters in mid hide base data: not part of the allocation map.
-    with open_source(str(mid)) as src:
+    with open_detected(mid) as src:
         ext = list(src.allocated_extents())
         assert all(off + n <= 128 * KiB or off >= 192 * KiB for off, n in ext)
         assert src.read(128 * KiB, 64 * KiB) == bytes(64 * KiB)
@@ -195,7 +196,7 @@ def test_raw_backing_smaller_than_child(work: Path) -> None:
     qemu_io(child, "qcow2", "write -P 0x66 3M 4k", "write -P 0x77 7M 100k", "write -z 64k 64k")
     extents = check_against_qemu(child, "qcow2", "qcow2", sparse_gap=(4 * MiB, 3 * MiB))
     assert extents[0][0] == 0
-    with open_source(str(child)) as src:
+    with open_detected(child) as src:
         assert src.chain() == [str(child), str(work / "small.raw")]
 
 
@@ -217,7 +218,7 @@ def test_backing_of_other_formats(work: Path, fmt: str, ours: str) -> None:
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", fmt, child)
     qemu_io(child, "qcow2", "write -P 0x5a 64k 64k", "write -z 0 4k")
     check_against_qemu(child, "qcow2", "qcow2", sparse_gap=GAP)
-    with open_source(str(child)) as src:
+    with open_detected(child) as src:
         assert src.chain() == [str(child), str(base)]
         assert src._backing is not None and src._backing.format_name == ours
 
@@ -289,18 +290,18 @@ def test_external_data_file(work: Path) -> None:
     run("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={data}", img, "4M")
     qemu_io(img, "qcow2", "write -P 0x11 64k 128k", "write -P 0x22 3M 512")
     check_against_qemu(img, "qcow2", "qcow2", sparse_gap=(1 * MiB, 2 * MiB))
-    with open_source(str(img)) as src:
+    with open_detected(img) as src:
         assert src.chain() == [str(img), str(data)]
     data.unlink()
     with pytest.raises(SourceError, match=r"external data file .* does not exist"):
-        open_source(str(img))
+        open_detected(img)
 
 
 def test_dirty_image_is_readable(work: Path) -> None:
     img = work / "dirty.qcow2"
     run("qemu-img", "convert", "-O", "qcow2", "-o", "lazy_refcounts=on", work / "pattern.raw", img)
     patch(img, 72, struct.pack(">Q", 1))  # incompatible feature bit 0: dirty
-    with open_source(str(img)) as src:
+    with open_detected(img) as src:
         check_source(src, (work / "pattern.raw").read_bytes())
 
 
@@ -326,7 +327,7 @@ def good(work: Path, tmp_path: Path) -> Path:
 def fails(path: Path, match: str, fmt: str | None = "qcow2", *, full: bool = True) -> None:
     """Assert that opening (and, with ``full``, reading) ``path`` is a SourceError naming it."""
     with pytest.raises(SourceError, match=match) as info:
-        src = open_source(str(path), fmt)
+        src = open_detected(path, fmt)
         try:
             if full:
                 list(src.allocated_extents())
@@ -494,7 +495,7 @@ def test_chain_depth_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         cur = tmp_path / f"l{i}.qcow2"
         run("qemu-img", "create", "-q", "-f", "qcow2", "-b", prev.name, "-F", "qcow2", cur)
         prev = cur
-    with open_source(str(prev)) as src:  # 4 files: at the limit
+    with open_detected(prev) as src:  # 4 files: at the limit
         assert len(src.chain()) == 4
     top = tmp_path / "l4.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", prev.name, "-F", "qcow2", top)
@@ -586,5 +587,5 @@ def test_fuzz_seeds_are_valid(fuzz_seeds: list[bytes], tmp_path: Path) -> None:
     for i, data in enumerate(fuzz_seeds[:3]):
         p = tmp_path / f"s{i}.qcow2"
         p.write_bytes(data)
-        with open_source(str(p)) as src:
+        with open_detected(p) as src:
             assert read_all(src) == qemu_raw(p, "qcow2")

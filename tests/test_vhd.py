@@ -33,6 +33,7 @@ from tests._imgfmt_helpers import (
     check_against_qemu,
     check_source,
     exercise,
+    open_detected,
     patch,
     pattern_raw,
     qemu_io,
@@ -67,7 +68,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fails(path: Path, match: str, fmt: str | None = None, *, names: Path | None = None) -> None:
     """Opening, mapping and reading ``path`` is a one-line SourceError naming the file."""
     with pytest.raises(SourceError, match=match) as info:
-        src = open_source(str(path), fmt)
+        src = open_detected(path, fmt)
         try:
             list(src.allocated_extents())
             read_all(src)
@@ -124,7 +125,7 @@ def test_vhd_force_size_uses_current_size(work: Path, sub: str) -> None:
         img,
     )
     check_against_qemu(img, "vpc", f"vhd:{sub}", sparse_gap=GAP)
-    with open_source(str(img)) as src:
+    with open_detected(img) as src:
         assert src.size == SIZE
 
 
@@ -157,7 +158,7 @@ def test_vhd_builder_agrees_with_qemu(tmp_path: Path) -> None:
     build_vhd(img, 6 * MiB, writes)
     ref = check_against_qemu(img, "vpc", "vhd:dynamic")
     assert ref
-    with open_source(str(img)) as src:
+    with open_detected(img) as src:
         assert read_all(src) == overlay(bytes(6 * MiB), writes)
 
 
@@ -203,7 +204,7 @@ def test_vhd_differencing(
     writes = sector_writes(2, SIZE)
     build_vhd(child, SIZE, writes, parent=(vhd_uuid(parent), encoded, "parent.vhd"), junk=True)
     assert detect_format(str(child), child.read_bytes()[:4096]) == "vhd"
-    with open_source(str(child)) as src:
+    with open_detected(child) as src:
         assert src.format_name == "vhd:differencing"
         assert src.chain() == [str(child), str(parent)]
         ext = check_source(src, overlay(parent_bytes, writes), sparse_gap=GAP)
@@ -225,7 +226,7 @@ def test_vhd_two_level_differencing_in_subdirs(tmp_path: Path, vhd_parent) -> No
     w2 = [(512 * 9, b"\x42" * 1024), (4 * MiB, b"\x43" * 4096)]
     loc2 = {b"W2ru": ".\\mid\\mid.vhd".encode("utf-16-le")}
     build_vhd(top, SIZE, w2, parent=(mid_id, loc2, "mid.vhd"))
-    with open_source(str(top)) as src:
+    with open_detected(top) as src:
         assert src.chain() == [str(top), str(mid), str(parent)]
         check_source(src, overlay(overlay(parent_bytes, w1), w2), sparse_gap=GAP)
 
@@ -237,7 +238,7 @@ def test_vhd_parent_uuid_mismatch(tmp_path: Path, vhd_parent) -> None:
     loc = {b"W2ru": ".\\parent.vhd".encode("utf-16-le")}
     build_vhd(child, SIZE, [], parent=(uuid.uuid4(), loc, "parent.vhd"))
     with pytest.raises(SourceError, match="unique id") as info:
-        open_source(str(child))
+        open_detected(child)
     assert str(child) in str(info.value) and str(parent) in str(info.value)
 
 
@@ -295,11 +296,11 @@ def test_vhd_damaged_footer_copy_is_still_a_vhd(dyn: Path) -> None:
 
     The footer at the end still says what the file is, as for a fixed VHD.
     """
-    with open_source(str(dyn)) as src:
+    with open_detected(dyn) as src:
         before = read_all(src)
     patch(dyn, 4, os.urandom(200))
     assert detect_format(str(dyn), dyn.read_bytes()[:4096]) == "vhd"
-    with open_source(str(dyn)) as src:
+    with open_detected(dyn) as src:
         assert src.format_name == "vhd:dynamic" and read_all(src) == before
 
 
@@ -480,7 +481,7 @@ def test_vhdx_builder_agrees_with_qemu(tmp_path: Path, lss: int) -> None:
     if lss == 512:
         check_against_qemu(img, "vhdx", "vhdx:dynamic", sparse_gap=gap)
     else:
-        with open_source(str(img)) as src:
+        with open_detected(img) as src:
             check_source(src, overlay(bytes(6 * MiB), writes), sparse_gap=gap)
 
 
@@ -517,7 +518,7 @@ def test_vhdx_differencing(tmp_path: Path, vhdx_parent, lss: int) -> None:
     build_vhdx(child, size, writes, lss=lss, parent=loc, states={3: 2}, junk=True)
     expect = bytearray(overlay(vhdx_parent[1], writes, size))
     expect[3 * MiB : 4 * MiB] = bytes(MiB)
-    with open_source(str(child)) as src:
+    with open_detected(child) as src:
         assert src.format_name == "vhdx:differencing"
         assert src.chain() == [str(child), str(parent)]
         check_source(src, bytes(expect), sparse_gap=(3 * MiB, MiB))
@@ -548,7 +549,7 @@ def test_vhdx_two_level_chain_and_linkage2(tmp_path: Path, vhdx_parent) -> None:
         w2,
         parent={"parent_linkage": "{" + str(mid_guid) + "}", "relative_path": "mid.vhdx"},
     )
-    with open_source(str(top)) as src:
+    with open_detected(top) as src:
         assert src.chain() == [str(top), str(mid), str(parent)]
         check_source(src, overlay(overlay(vhdx_parent[1], w1), w2), sparse_gap=GAP)
 
@@ -564,7 +565,7 @@ def test_vhdx_linkage_mismatch_missing_and_loop(tmp_path: Path, vhdx_parent) -> 
         parent={"parent_linkage": "{" + str(uuid.uuid4()) + "}", "relative_path": ".\\parent.vhdx"},
     )
     with pytest.raises(SourceError, match="data write GUID") as info:
-        open_source(str(child))
+        open_detected(child)
     assert str(child) in str(info.value) and str(parent) in str(info.value)
     build_vhdx(
         child,
@@ -613,9 +614,9 @@ BAT = 3 * MiB
 
 
 def test_vhdx_one_bad_header_falls_back(vx: Path) -> None:
-    before = read_all(open_source(str(vx)))
+    before = read_all(open_detected(vx))
     patch(vx, 128 * KiB + 100, b"\xff")  # newer header (seq 2) now fails its CRC
-    with open_source(str(vx)) as src:
+    with open_detected(vx) as src:
         assert read_all(src) == before
     patch(vx, 64 * KiB + 100, b"\xff")
     fails(vx, "neither VHDX header is valid")
@@ -632,7 +633,7 @@ def test_vhdx_damaged_file_identifier_is_refused_not_raw(vx: Path) -> None:
 
 def test_vhdx_region_tables(vx: Path) -> None:
     patch(vx, 192 * KiB + 100, b"\xff")
-    with open_source(str(vx)):
+    with open_detected(vx):
         pass  # second copy used
     patch(vx, 256 * KiB + 100, b"\xff")
     fails(vx, "neither VHDX region table is valid")
@@ -706,7 +707,7 @@ def test_vhdx_log(tmp_path: Path) -> None:
     img = tmp_path / "log.vhdx"
     writes = sector_writes(11, 6 * MiB)
     build_vhdx(img, 6 * MiB, writes, log_guid=log_guid)
-    with open_source(str(img)) as src:  # empty log: nothing to replay
+    with open_detected(img) as src:  # empty log: nothing to replay
         assert read_all(src) == overlay(bytes(6 * MiB), writes)
     entry = bytearray(4 * KiB)
     entry[0:4] = b"loge"
@@ -716,7 +717,7 @@ def test_vhdx_log(tmp_path: Path) -> None:
     stale = bytearray(entry)
     stale[100] = 1  # same GUID, bad CRC: not a valid entry, nothing to replay
     patch(img, MiB + 8 * KiB, bytes(stale))
-    with open_source(str(img)):
+    with open_detected(img):
         pass
     patch(img, MiB + 8 * KiB, bytes(entry))
     fails(img, "log that needs replaying")

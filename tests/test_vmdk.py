@@ -33,12 +33,14 @@ from ingest.vmdk_extent import DATA
 from ingest.vmdk_sesparse import parse_sesparse_header
 from ingest.vmdk_sparse import parse_sparse_header
 from repofs.errors import SourceError
+from tests._imgfmt_helpers import open_detected
 from tests.vmdk_builders import (
     SESPARSE_UNMAPPED,
     SESPARSE_ZERO,
     descriptor,
     sparse_header,
     write_cowd,
+    write_mkimg_sparse,
     write_sesparse,
     write_stream_optimized,
 )
@@ -117,7 +119,7 @@ def assert_not_allocated(src: DiskSource, start: int, end: int) -> None:
 def check(path: Path, fmt: str | None = None) -> VmdkSource:
     """Open ``path`` by content detection and compare it with qemu in every way."""
     ref = qemu_raw(path)
-    src = open_source(str(path))
+    src = open_detected(path)
     assert isinstance(src, VmdkSource)
     if fmt:
         assert src.format_name == f"vmdk:{fmt}"
@@ -128,7 +130,7 @@ def check(path: Path, fmt: str | None = None) -> VmdkSource:
 
 def expect_error(path: Path, culprit: Path | None = None, fmt: str | None = None) -> str:
     """Opening and fully reading ``path`` raises a one-line SourceError naming ``culprit``."""
-    with pytest.raises(SourceError) as info, open_source(str(path), fmt) as src:
+    with pytest.raises(SourceError) as info, open_detected(path, fmt) as src:
         list(src.allocated_extents())
         read_whole(src, 4 * MiB)
     message = str(info.value)
@@ -224,7 +226,7 @@ class TestSubformats:
                 f"write -P 0x63 {size - 1536} 1536")
         ref_path = tmp_path / "ref.raw"
         run("qemu-img", "convert", "-O", "raw", path, ref_path)
-        with open_source(str(path)) as src, open(ref_path, "rb") as ref:
+        with open_detected(path) as src, open(ref_path, "rb") as ref:
             assert src.size == size == qemu_size(path)
             assert src.format_name == f"vmdk:{subformat}"
             assert len(src.chain()) == 4
@@ -265,7 +267,7 @@ class TestSubformats:
         raw = tmp_path / "r.raw"
         raw.write_bytes(random.Random(1).randbytes(8 * MiB))
         path = convert(raw, tmp_path / "r.vmdk", "monolithicSparse")
-        with open_source(str(path)) as src:
+        with open_detected(path) as src:
             assert isinstance(src, VmdkSource)
             for offset in (0, 4 * MiB):
                 plan = src.plan(offset, 4 * MiB)
@@ -300,7 +302,7 @@ class TestDescriptors:
             descriptor("vmfsThin", ['RW 16384 VMFS "thin-flat.vmdk"'],
                        extra='ddb.thinProvisioned = "1"\n')
         )
-        with open_source(str(desc)) as src:
+        with open_detected(desc) as src:
             assert src.format_name == "vmdk:vmfsThin"
             assert_matches(src, flat.read_bytes())
             assert_not_allocated(src, MiB, 6 * MiB)
@@ -317,7 +319,7 @@ class TestDescriptors:
         desc = tmp_path / "multi.vmdk"
         desc.write_text(descriptor("twoGbMaxExtentFlat", lines))
         expected = a + b[MiB : MiB + 512 * KiB] + bytes(MiB) + b[: 512 * KiB]
-        with open_source(str(desc)) as src:
+        with open_detected(desc) as src:
             assert src.format_name == "vmdk:twoGbMaxExtentFlat"
             assert_matches(src, expected)
             assert_not_allocated(src, MiB + 512 * KiB, 2 * MiB + 512 * KiB)
@@ -335,7 +337,7 @@ class TestDescriptors:
         desc = tmp_path / "latin.vmdk"
         text = descriptor("monolithicFlat", ['RW 8 FLAT "@" 0']).encode()
         desc.write_bytes(text.replace(b"@", raw_name))
-        with open_source(str(desc)) as src:
+        with open_detected(desc) as src:
             assert src.read(0, 4096) == b"\x07" * 4096
         desc.write_bytes(text.replace(b"@", raw_name + b"x"))
         message = expect_error(desc)
@@ -349,7 +351,7 @@ class TestDescriptors:
                           extra='ddb.uuid = "60 00 C2 9a"\nfoo.bar = "x"\n')
         desc = tmp_path / "w.vmdk"
         desc.write_bytes(text.replace("\n", "\r\n").encode())
-        with open_source(str(desc)) as src:
+        with open_detected(desc) as src:
             assert src.read(0, 4096) == b"\x42" * 4096
 
 
@@ -423,7 +425,7 @@ class TestChains:
         child.write_text(descriptor(
             "vmfsSparse", ['RW 8192 VMFSSPARSE "esx-000001-delta.vmdk"'], cid=0xAAAA0002,
             parent_cid=0xAAAA0001, parent_hint="/vmfs/volumes/datastore1/vm/esx.vmdk"))
-        with open_source(str(child)) as src:
+        with open_detected(child) as src:
             assert src.chain()[2] == str(tmp_path / "esx.vmdk")
             expected = bytearray(base.read_bytes())
             expected[3 * 512 : 4 * 512] = b"\x01" * 512
@@ -558,6 +560,36 @@ class TestStreamOptimized:
         check(path)
 
 
+class TestMkimg:
+    """FreeBSD's mkimg names the extent of its embedded descriptors ``""``: the file itself."""
+
+    def test_monolithic_sparse_as_mkimg_writes_it(self, sample: Path, tmp_path: Path) -> None:
+        """mkimg's monolithicSparse (version 1, redundant GD, extent ``""``) matches qemu."""
+        raw = sample.read_bytes()
+        raw = raw.ljust(-(-len(raw) // MiB) * MiB, b"\0")  # mkimg rounds to whole MiB
+        path = tmp_path / "FreeBSD.vmdk"
+        write_mkimg_sparse(str(path), raw)
+        with check(path, "monolithicSparse") as src:
+            assert src.chain() == [str(path)]
+            assert_not_allocated(src, *HOLE)
+
+    def test_stream_optimized_with_a_nameless_extent(self, sample: Path, tmp_path: Path) -> None:
+        """mkimg's streamOptimized names its extent ``""`` too."""
+        path = tmp_path / "FreeBSD-stream.vmdk"
+        write_stream_optimized(str(path), sample.read_bytes(), name="")
+        check(path, "streamOptimized")
+
+    def test_only_an_embedded_descriptor_may_leave_the_name_empty(self) -> None:
+        """A text descriptor's extent has to name a file; an embedded one's is the sparse file."""
+        text = b'createType="monolithicSparse"\nRW 2048 SPARSE ""\n'
+        assert parse_descriptor(text, "d", embedded=True).extents[0].filename == ""
+        with pytest.raises(SourceError, match="needs a quoted file name"):
+            parse_descriptor(text, "d")
+        flat = b'createType="monolithicFlat"\nRW 2048 FLAT ""\n'
+        with pytest.raises(SourceError, match="needs a quoted file name"):
+            parse_descriptor(flat, "d", embedded=True)
+
+
 # -- redundant grain directory ---------------------------------------------------------------
 
 
@@ -568,7 +600,7 @@ class TestRedundantTables:
         gd, rgd, _ = sparse_layout(path)
         assert rgd
         patch(path, gd, struct.pack("<I", 0x7FFFFFFF))
-        with open_source(str(path)) as src:
+        with open_detected(path) as src:
             assert_matches(src, sample.read_bytes())
 
     def test_tables_disagree(self, sample: Path, tmp_path: Path) -> None:

@@ -250,3 +250,69 @@ def write_stream_optimized(
     out += bytes(SECTOR)  # end-of-stream marker
     with open(path, "wb") as f:
         f.write(out)
+
+
+def write_mkimg_sparse(path: str, raw: bytes, *, grain: int = 128) -> None:
+    """Write ``raw`` as a monolithicSparse VMDK laid out the way FreeBSD's mkimg writes one.
+
+    mkimg (usr.bin/mkimg/vmdk.c) writes a version 1 header with the
+    newline-test and redundant-GD flags, then an embedded descriptor whose
+    CID is 0 and whose one extent line names the file ``""``, then the
+    grain directory and its tables, the redundant copy of both, and the
+    grains that hold data, in disk order.  ``raw`` is a whole number of grains.
+    """
+    capacity = len(raw) // SECTOR
+    assert capacity % grain == 0 and len(raw) % SECTOR == 0
+    desc = (
+        "# Disk DescriptorFile\n"
+        "version=1\n"
+        "CID=00000000\n"
+        "parentCID=ffffffff\n"
+        'createType="monolithicSparse"\n'
+        "# Extent description\n"
+        f'RW {capacity} SPARSE ""\n'
+        "# The Disk Data Base\n"
+        "#DDB\n"
+        'ddb.adapterType = "ide"\n'
+        f'ddb.geometry.cylinders = "{max(1, capacity // (16 * 63))}"\n'
+        'ddb.geometry.heads = "16"\n'
+        'ddb.geometry.sectors = "63"\n'
+    ).encode()
+    desc_len = ceil_div(len(desc), SECTOR) * SECTOR
+    n_grains = capacity // grain
+    n_tables = ceil_div(n_grains, 512)
+    gd_sectors = ceil_div(n_tables * 4, SECTOR)
+    sec = 1 + desc_len // SECTOR
+    gd_offset = sec
+    sec += gd_sectors
+    gd = [sec + 4 * t for t in range(n_tables)]
+    sec += 4 * n_tables
+    rgd_offset = sec
+    sec += gd_sectors
+    rgd = [sec + 4 * t for t in range(n_tables)]
+    sec += 4 * n_tables
+    overhead = ceil_div(sec, grain) * grain
+    gbytes = grain * SECTOR
+    gtes = [0] * (n_tables * 512)
+    grains = []
+    cur = overhead
+    for g in range(n_grains):
+        chunk = raw[g * gbytes : (g + 1) * gbytes]
+        if any(chunk):
+            gtes[g] = cur
+            cur += grain
+            grains.append(chunk)
+    header = sparse_header(
+        capacity=capacity, grain=grain, desc_offset=1, desc_size=desc_len // SECTOR,
+        gd_offset=gd_offset, overhead=overhead, flags=0x3, compress=0, version=1,
+        rgd_offset=rgd_offset,
+    )
+    tables = struct.pack(f"<{len(gtes)}I", *gtes)
+    out = bytearray(header + desc.ljust(desc_len, b"\0"))
+    out += struct.pack(f"<{n_tables}I", *gd).ljust(gd_sectors * SECTOR, b"\0") + tables
+    out += struct.pack(f"<{n_tables}I", *rgd).ljust(gd_sectors * SECTOR, b"\0") + tables
+    out = out.ljust(overhead * SECTOR, b"\0")
+    for chunk in grains:
+        out += chunk
+    with open(path, "wb") as f:
+        f.write(out)

@@ -78,6 +78,8 @@ def main() -> None:
         "--vm",
         "sample",
         f"disk0={disk}",
+        "--format",
+        "raw",
     )
     build(disk, 2)
     step(
@@ -88,6 +90,8 @@ def main() -> None:
         "--vm",
         "sample",
         f"disk0={disk}",
+        "--format",
+        "raw",
     )
     step("List restore points", *REPOFS, "list", str(repo))
     step("Repository statistics", *REPOFS, "stats", str(repo))
