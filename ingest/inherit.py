@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 
 from ingest.plan import Interval, complement, intersect, union
 from repofs.errors import IntegrityError
-from repofs.maps import REF
-from repofs.records import ZERO_DIGEST, RecordType
-from repofs.repository import Repository
-from repofs.restorepoint import DiskInfo
+from repofs.store.maps import REF
+from repofs.store.records import ZERO_DIGEST, RecordType
+from repofs.store.repository import Repository
+from repofs.store.restorepoint import DiskInfo
 
 #: Level-0 pages read at once: a map walk waits for one random read per page,
 #: and a 1 TiB disk has 8192 of them.

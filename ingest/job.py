@@ -11,13 +11,14 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from ingest.cbt import QEMU_BITMAP_PREFIX, cbt_id_problem, check_base, load_changed_blocks
-from ingest.detect import FORMATS, open_source
+from ingest.cbt.blocks import QEMU_BITMAP_PREFIX, cbt_id_problem, check_base
+from ingest.cbt.load import load_changed_blocks
+from ingest.formats.detect import FORMATS, open_source
 from ingest.pipeline import DiskRequest, Ingest
 from repofs.errors import SourceError, UsageError
-from repofs.names import validate_restore_point_names, validate_vm_name
-from repofs.repository import Repository
-from repofs.restorepoint import RestorePoint
+from repofs.store.names import validate_restore_point_names, validate_vm_name
+from repofs.store.repository import Repository
+from repofs.store.restorepoint import RestorePoint
 
 
 def split_assignment(spec: str, what: str) -> tuple[str, str]:

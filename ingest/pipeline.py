@@ -18,19 +18,19 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ingest.cbt import ChangedBlocks, sample_unchanged_chunks
+from ingest.cbt.blocks import ChangedBlocks, sample_unchanged_chunks
+from ingest.formats.raw import read_small_file
+from ingest.formats.source import DiskSource, Extent, clip_extents
 from ingest.inherit import PageMemo, check_inherited, whole_inherited_bytes
 from ingest.plan import Interval, Run, chunk_intervals, complement, intersect, plan_runs, union
-from ingest.progress import Progress
-from ingest.raw import read_small_file
-from ingest.source import DiskSource, Extent, clip_extents
 from repofs.errors import IntegrityError, SourceError, UsageError
-from repofs.maps import MapBuilder, MapReader
-from repofs.names import validate_restore_point_names, validate_vm_name
-from repofs.records import ZERO_DIGEST, Codec, Compressor, RecordType
-from repofs.repository import Repository
-from repofs.restorepoint import ConfigFile, DiskInfo, RestorePoint
-from repofs.writer import ObjectWriter
+from repofs.store.maps import MapBuilder, MapReader
+from repofs.store.names import validate_restore_point_names, validate_vm_name
+from repofs.store.records import ZERO_DIGEST, Codec, Compressor, RecordType
+from repofs.store.repository import Repository
+from repofs.store.restorepoint import ConfigFile, DiskInfo, RestorePoint
+from repofs.store.writer import ObjectWriter
+from repofs.util.progress import Progress
 
 BATCH_BYTES = 4 * 1024 * 1024
 MAX_CONFIG_BYTES = 64 * 1024 * 1024
@@ -250,7 +250,7 @@ class Ingest:
 
         CBT bugs (VMware's after a disk grew is the famous one) silently
         corrupt every later backup; a few sampled reads catch them.  The
-        sample is drawn by :func:`~ingest.cbt.sample_unchanged_chunks` over
+        sample is drawn by :func:`~ingest.cbt.blocks.sample_unchanged_chunks` over
         the chunks the ingest would take from the parent (the list's
         unchanged chunks less those a grown or shrunk disk reads anyway).
         A sampled chunk whose parent page the repository lost is skipped:

@@ -1,5 +1,5 @@
 """``python -m repofs``: the same as the ``repofs`` command."""
 
-from repofs.cli import main
+from repofs.cli.main import main
 
 main()

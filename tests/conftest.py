@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import repofs
+from tests.support.helpers import repofs
 
 # New repositories are encrypted by default: every test (and every CLI subprocess, which
 # inherits this environment) has a passphrase, and Argon2id runs with the test hook's

@@ -45,8 +45,8 @@ PEER_ENV = {
 }
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
-from repofs.config import DEFAULT_CHUNK, size_label  # noqa: E402  (after sys.path)
-from repofs.crypto import DEFAULT_CIPHER  # noqa: E402
+from repofs.store.config import DEFAULT_CHUNK, size_label  # noqa: E402  (after sys.path)
+from repofs.store.crypto import DEFAULT_CIPHER  # noqa: E402
 
 # repofs repositories are encrypted by default, as restic's are: the benchmark measures
 # the default, with a passphrase from the environment like any unattended job.
@@ -174,7 +174,7 @@ def random_reads(path: str, offsets: list[int]) -> dict[str, float]:
 
 def allocated_offsets(image: str, n: int, seed: int) -> list[int]:
     """``n`` random 4 KiB-aligned offsets inside the image's data (not its holes)."""
-    from ingest.raw import RawSource
+    from ingest.formats.raw import RawSource
 
     with RawSource(image) as src:
         extents = [(o, ln) for o, ln in src.allocated_extents() if ln >= 4096]
@@ -379,7 +379,7 @@ def measure_ingest_limits(image: str, res: Results) -> None:
     import blake3
     import zstandard
 
-    from ingest.raw import RawSource
+    from ingest.formats.raw import RawSource
 
     cs = DEFAULT_CHUNK
     drop_caches()
@@ -423,7 +423,7 @@ def measure_limits(image: str, res: Results, sample_bytes: int) -> None:
     import blake3
     import zstandard
 
-    from ingest.raw import RawSource
+    from ingest.formats.raw import RawSource
 
     measure_ingest_limits(image, res)
     data = bytearray()
@@ -557,9 +557,9 @@ def build_scale_repo(path: Path, count: int) -> None:
     if marker.exists():
         return
     shutil.rmtree(path, ignore_errors=True)
+    from ingest.formats.raw import RawSource
     from ingest.pipeline import DiskRequest, Ingest
-    from ingest.raw import RawSource
-    from repofs.repository import Repository
+    from repofs.store.repository import Repository
 
     img = path.parent / f"{path.name}.img"
     rng = random.Random(7)

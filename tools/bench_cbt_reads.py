@@ -21,9 +21,9 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from ingest.cbt_json import load_json_changed_blocks
+from ingest.cbt.jsonfile import load_json_changed_blocks
 from ingest.plan import chunk_intervals
-from repofs.config import parse_size
+from repofs.store.config import parse_size
 
 
 def read_all(path: str, runs: list[tuple[int, int]], threads: int) -> float:

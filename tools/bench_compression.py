@@ -22,8 +22,8 @@ import time
 import blake3
 import zstandard
 
-from ingest.detect import open_source
-from repofs.config import parse_size
+from ingest.formats.detect import open_source
+from repofs.store.config import parse_size
 
 
 def sample_chunks(image: str, chunk_size: int, every: int) -> list[bytes]:

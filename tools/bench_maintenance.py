@@ -39,10 +39,10 @@ os.environ.setdefault("REPOFS_PASSPHRASE", "bench")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from repofs.gc import Marker  # noqa: E402 - after the path set-up above
-from repofs.mapwalk import MapWalker  # noqa: E402
-from repofs.records import RecordType  # noqa: E402
-from repofs.repository import Repository  # noqa: E402
+from repofs.maintenance.gc import Marker  # noqa: E402 - after the path set-up above
+from repofs.store.mapwalk import MapWalker  # noqa: E402
+from repofs.store.records import RecordType  # noqa: E402
+from repofs.store.repository import Repository  # noqa: E402
 
 
 def drop_caches() -> bool:
@@ -157,9 +157,10 @@ def core_rates(repo_path: Path) -> dict[str, float]:
     import blake3
     import zstandard
 
-    from repofs.index import LOCATION
-    from repofs.records import RECORD_HEADER, RECORD_HEADER_SIZE, Codec
-    from repofs.verify import _check_window, _Entry, plan_windows
+    from repofs.maintenance.verify.recordcheck import _check_window
+    from repofs.maintenance.verify.windows import _Entry, plan_windows
+    from repofs.store.index import LOCATION
+    from repofs.store.records import RECORD_HEADER, RECORD_HEADER_SIZE, Codec
 
     with Repository.open(str(repo_path)) as r:
         entries = sorted(
@@ -208,7 +209,7 @@ def core_rates(repo_path: Path) -> dict[str, float]:
 
 def bench_mark(work: Path, runs: int) -> dict[str, object]:
     """100 restore points of an 8 GiB sparse disk, each changing two chunks."""
-    from ingest.detect import open_source
+    from ingest.formats.detect import open_source
     from ingest.pipeline import DiskRequest, Ingest
 
     repo_path = work / "mark-repo"

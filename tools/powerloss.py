@@ -1,6 +1,6 @@
 """Cut the power at every durability point of init, ingest, gc, rebuild-index and prune.
 
-The whole campaign of ``tests/powerloss.py`` (the slow test runs the same),
+The whole campaign of ``tests/support/powerloss.py`` (the slow test runs the same),
 with one summary line per command and one line per cut that broke a
 promise.  Exits 1 if any did.  Needs gcc.  See docs/maintenance.md, "Power
 loss".  Run from the repository root::
@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.powerloss import CutResult, run_campaign, scenarios, summary  # noqa: E402
+from tests.support.powerloss import CutResult, run_campaign, scenarios, summary  # noqa: E402
 
 
 def main() -> int:

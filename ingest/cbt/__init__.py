@@ -1,0 +1,1 @@
+"""Changed-block tracking: changed-block lists, their loaders and their checks."""

@@ -1,0 +1,1 @@
+"""Source formats: the disk-image readers and the detection that picks one."""

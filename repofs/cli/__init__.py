@@ -1,0 +1,1 @@
+"""The repofs command line."""

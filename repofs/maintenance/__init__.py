@@ -1,0 +1,1 @@
+"""Maintenance of a repository: verify, prune, gc, rebuild, pack scanning, info."""

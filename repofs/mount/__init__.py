@@ -1,0 +1,1 @@
+"""The FUSE mount: the daemon, the FUSE adapter, the tree model and the descriptor."""

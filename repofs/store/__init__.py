@@ -1,0 +1,1 @@
+"""The repository on disk: records, packs, index, maps, writer, locks, restore points."""

@@ -1,0 +1,1 @@
+"""Helpers every layer may use: progress display, direct I/O, malloc tuning, stop signals."""

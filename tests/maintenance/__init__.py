@@ -1,0 +1,1 @@
+"""Tests of repofs.maintenance, fault campaigns included."""

@@ -1,0 +1,1 @@
+"""Tests of repofs.mount.daemon and of restores through it."""
