@@ -63,8 +63,8 @@ def decode_cost(image: str) -> dict[str, float]:
     CPU time of one thread, not wall time: on a shared machine it resolves
     a difference of a few percent that the mount's throughput hides in noise.
     """
-    from repofs.crypto import PLAIN, SealedKeys
-    from repofs.records import Compressor, RecordHeader, RecordType, decode_payload
+    from repofs.store.crypto import PLAIN, SealedKeys
+    from repofs.store.records import Compressor, RecordHeader, RecordType, decode_payload
 
     chunks: list[bytes] = []
     with open(image, "rb") as f:
