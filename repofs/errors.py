@@ -1,7 +1,9 @@
 """One small hierarchy of expected failures.
 
 The CLI catches :class:`RepofsError` once and prints its message as a single
-line; anything else escaping is a bug and keeps its traceback.
+line; anything else escaping is a bug and keeps its traceback.  Each kind
+names its exit status in its class line (``exit_code=``), so that the table of
+statuses reads at a glance and a subclass without one inherits its parent's.
 """
 
 
@@ -10,17 +12,18 @@ class RepofsError(Exception):
 
     exit_code = 1
 
+    def __init_subclass__(cls, exit_code: int | None = None, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if exit_code is not None:
+            cls.exit_code = exit_code
 
-class UsageError(RepofsError):
+
+class UsageError(RepofsError, exit_code=2):
     """The command line names something invalid (a bad name, option or path)."""
 
-    exit_code = 2
 
-
-class RepositoryError(RepofsError):
+class RepositoryError(RepofsError, exit_code=3):
     """The repository is missing, not a repository, or of an unsupported format."""
-
-    exit_code = 3
 
 
 class IndexAccessError(RepositoryError):
@@ -31,31 +34,21 @@ class IndexAccessError(RepositoryError):
     """
 
 
-class SourceError(RepofsError):
+class SourceError(RepofsError, exit_code=4):
     """A disk source or changed-block list is unreadable or malformed."""
 
-    exit_code = 4
 
-
-class IntegrityError(RepofsError):
+class IntegrityError(RepofsError, exit_code=5):
     """Stored data is missing or does not match its digest."""
 
-    exit_code = 5
 
-
-class BusyError(RepofsError):
+class BusyError(RepofsError, exit_code=6):
     """Another process holds the repository in a way that excludes this operation."""
 
-    exit_code = 6
 
-
-class MountError(RepofsError):
+class MountError(RepofsError, exit_code=7):
     """The mount could not be started or stopped."""
 
-    exit_code = 7
 
-
-class NoSpaceError(RepofsError):
+class NoSpaceError(RepofsError, exit_code=8):
     """The repository's filesystem ran out of space; nothing committed was harmed."""
-
-    exit_code = 8

@@ -978,11 +978,19 @@ def normalize_fs(image: Path, layout: Layout, seed: int, now: int, kbytes_writte
         os.close(fd)
 
 
+def _fake_time(table: bytearray, o: int, t: int, fake: int, extra_field: int | None) -> int:
+    """An inode time set in this session becomes ``fake``, its extra (nanosecond) field zero."""
+    if t < REAL_TIME_THRESHOLD:
+        return t
+    if extra_field is not None:
+        table[o + extra_field:o + extra_field + 4] = bytes(4)
+    return fake
+
+
 def _normalize_inodes(table: bytearray, geo: FsGeometry, group: int, seed: int,
                       now: int) -> bool:
     changed = False
     isz = geo.inode_size
-    zero4 = b"\0\0\0\0"
     for idx in range(len(table) // isz):
         o = idx * isz
         mode, = struct.unpack_from("<H", table, o + I_MODE)
@@ -994,18 +1002,9 @@ def _normalize_inodes(table: bytearray, geo: FsGeometry, group: int, seed: int,
         if max(atime, ctime, mtime, dtime, crtime) < REAL_TIME_THRESHOLD:
             continue
         changed = True
-        if mtime >= REAL_TIME_THRESHOLD:
-            mtime = now
-            if extra:
-                table[o + I_MTIME_EXTRA:o + I_MTIME_EXTRA + 4] = zero4
-        if ctime >= REAL_TIME_THRESHOLD:
-            ctime = now
-            if extra:
-                table[o + I_CTIME_EXTRA:o + I_CTIME_EXTRA + 4] = zero4
-        if atime >= REAL_TIME_THRESHOLD:
-            atime = mtime
-            if extra:
-                table[o + I_ATIME_EXTRA:o + I_ATIME_EXTRA + 4] = zero4
+        mtime = _fake_time(table, o, mtime, now, I_MTIME_EXTRA if extra else None)
+        ctime = _fake_time(table, o, ctime, now, I_CTIME_EXTRA if extra else None)
+        atime = _fake_time(table, o, atime, mtime, I_ATIME_EXTRA if extra else None)
         if dtime >= REAL_TIME_THRESHOLD:
             dtime = now
         struct.pack_into("<IIII", table, o + I_ATIME, atime, ctime, mtime, dtime)

@@ -53,6 +53,7 @@ def main() -> None:
     repo, mnt, disk = work / "repo", work / "mnt", work / "sample-disk0.img"
     mnt.mkdir()
     print(f"demo: working in {work}")
+    ingest = (*REPOFS, "ingest", str(repo), "--vm", "sample", f"disk0={disk}", "--format", "raw")
     build(disk, 1)
     # The unattended way: the passphrase in an owner-only file outside the repository
     # (or REPOFS_PASSPHRASE, or --key-file), never on the command line, never a prompt.
@@ -70,29 +71,9 @@ def main() -> None:
         str(secret),
     )
     print(f"(the next commands find the passphrase through REPOFS_PASSPHRASE_FILE={secret})")
-    step(
-        "Ingest day 1 of the sample VM (GPT: FAT, ext4, NTFS)",
-        *REPOFS,
-        "ingest",
-        str(repo),
-        "--vm",
-        "sample",
-        f"disk0={disk}",
-        "--format",
-        "raw",
-    )
+    step("Ingest day 1 of the sample VM (GPT: FAT, ext4, NTFS)", *ingest)
     build(disk, 2)
-    step(
-        "Ingest day 2, after a few files changed",
-        *REPOFS,
-        "ingest",
-        str(repo),
-        "--vm",
-        "sample",
-        f"disk0={disk}",
-        "--format",
-        "raw",
-    )
+    step("Ingest day 2, after a few files changed", *ingest)
     step("List restore points", *REPOFS, "list", str(repo))
     step("Repository statistics", *REPOFS, "stats", str(repo))
     step("Mount every restore point", *REPOFS, "mount", str(repo), str(mnt))

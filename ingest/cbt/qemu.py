@@ -89,6 +89,18 @@ def _not_installed(where: str, tool: str) -> NoReturn:
     raise SourceError(f"{where}: {tool} is not installed (Debian package qemu-utils)")
 
 
+def _spawn(
+    cmd: list[str], where: str, stdout: int, stderr: IO[bytes], text: bool = False
+) -> subprocess.Popen[Any]:
+    """Start a long-running qemu tool with no input, or fail naming ``where`` if it is missing."""
+    try:
+        return subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, text=text, env=_env()
+        )
+    except FileNotFoundError:
+        _not_installed(where, cmd[0])
+
+
 def _run(cmd: list[str], where: str, what: str) -> str:
     """Run a quick qemu command and return its output, or fail naming ``where``."""
     try:
@@ -142,17 +154,7 @@ def _dirty_extents(map_spec: dict[str, Any], capacity: int, where: str) -> list[
     cmd = [QEMU_IMG, "map", "--output=json", "json:" + json.dumps(map_spec)]
     dirty: list[Extent] = []
     with tempfile.TemporaryFile() as err:
-        try:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                text=True,
-                env=_env(),
-            )
-        except FileNotFoundError:
-            _not_installed(where, QEMU_IMG)
+        proc = _spawn(cmd, where, subprocess.PIPE, err, text=True)
         expected = 0
         finished = False
         try:
@@ -266,16 +268,7 @@ def _private_nbd_export(name: str, path: str, image: str) -> Iterator[str]:
             image,
         ]
         with open(os.path.join(tmp, "qemu-nbd.err"), "w+b") as err:
-            try:
-                proc = subprocess.Popen(
-                    cmd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=err,
-                    env=_env(),
-                )
-            except FileNotFoundError:
-                _not_installed(path, QEMU_NBD)
+            proc = _spawn(cmd, path, subprocess.DEVNULL, err)
             try:
                 deadline = time.monotonic() + STARTUP_TIMEOUT
                 delay = 0.002

@@ -117,10 +117,23 @@ def check_reference(child_path: str, name: str, path: str, what: str) -> None:
 
 
 class LRU:
-    """A small bounded mapping: metadata caches must not grow with the disk."""
+    """A small bounded mapping: metadata caches must not grow with the disk.
 
-    def __init__(self, limit: int) -> None:
+    Bounded by ``limit`` entries, or by their summed ``weight`` (the grain tables
+    of a VMDK differ in size); the newest entry is kept whatever it weighs.
+    ``evicted`` is told of every value dropped, so a pool of open files closes them.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        weight: Callable[[Any], int] | None = None,
+        evicted: Callable[[Any], object] | None = None,
+    ) -> None:
         self._limit = max(1, limit)
+        self._weight = weight
+        self._evicted = evicted
+        self._used = 0
         self._data: OrderedDict[Any, Any] = OrderedDict()
 
     def get(self, key: Any) -> Any:
@@ -129,11 +142,24 @@ class LRU:
             self._data.move_to_end(key)
         return value
 
+    def _drop(self, value: Any) -> None:
+        self._used -= 1 if self._weight is None else self._weight(value)
+        if self._evicted is not None:
+            self._evicted(value)
+
     def put(self, key: Any, value: Any) -> None:
+        old = self._data.pop(key, None)
+        if old is not None:
+            self._used -= 1 if self._weight is None else self._weight(old)
         self._data[key] = value
-        self._data.move_to_end(key)
-        while len(self._data) > self._limit:
-            self._data.popitem(last=False)
+        self._used += 1 if self._weight is None else self._weight(value)
+        while self._used > self._limit and len(self._data) > 1:
+            self._drop(self._data.popitem(last=False)[1])
+
+    def clear(self) -> None:
+        """Drop every entry, newest first, telling ``evicted`` of each."""
+        while self._data:
+            self._drop(self._data.popitem()[1])
 
 
 def file_size_of(fd: int) -> int:
@@ -391,6 +417,25 @@ class LayeredSource(DiskSource):
     def fail(self, message: str) -> SourceError:
         """Build the one-line error for this file."""
         return SourceError(f"{self.path}: {message}")
+
+    def _open_parent_of(
+        self, candidates: dict[str, str], kind: type[LayeredSource], label: str
+    ) -> tuple[str, Any]:
+        """Open the first existing of ``candidates`` (path -> name in this file) as the parent.
+
+        VHD and VHDX name their parent by several paths and allow only their own
+        format as it; returns ``(path, parent)`` so the caller checks the parent's identity.
+        """
+        found = next((p for p in candidates if os.path.exists(p)), None)
+        if found is None:
+            raise self.fail(f"parent {label} not found (tried {', '.join(candidates)})")
+        parent = open_backing(
+            self.path, found, None, "parent", name=candidates[found], expect=label.lower()
+        )
+        self._backing = parent
+        if not isinstance(parent, kind):
+            raise self.fail(f"parent {found} is a {parent.format_name} image, not a {label}")
+        return found, parent
 
     @staticmethod
     def map_by_blocks(

@@ -20,16 +20,12 @@ from typing import Any
 
 import zstandard
 
+from ingest.formats import imgutil
 from ingest.formats.imgutil import (
     BACKING,
     BUF,
     DATA,
-    LRU,
     ZERO,
-    LayeredSource,
-    Run,
-    Segment,
-    TableCache,
     check_reference,
     file_size_of,
     is_sparse,
@@ -80,7 +76,7 @@ BACKING_FORMATS = {"raw": "raw", "file": "raw", "host_device": "raw", "vpc": "vh
 COMPRESSION_NAMES = {0: "zlib", 1: "zstd"}
 
 
-class Qcow2Source(LayeredSource):
+class Qcow2Source(imgutil.LayeredSource):
     """A qcow2 image and, through it, its backing chain."""
 
     format_name = "qcow2"
@@ -201,9 +197,9 @@ class Qcow2Source(LayeredSource):
         if l1_size and l1_off % cs:
             raise self.fail(f"L1 table offset {l1_off} is not cluster aligned")
         # Only the entries that cover the virtual size are ever consulted.
-        self._l1 = TableCache(self, "L1 table", l1_off, needed, 8, True)
-        self._l2_cache = LRU(max(16, L2_CACHE_BYTES // cs))
-        self._zcache = LRU(8)
+        self._l1 = imgutil.TableCache(self, "L1 table", l1_off, needed, 8, True)
+        self._l2_cache = imgutil.LRU(max(16, L2_CACHE_BYTES // cs))
+        self._zcache = imgutil.LRU(8)
 
     def _open_data_file(self, name: str) -> None:
         path = resolve_backing_name(self.path, name, "external data file")
@@ -429,7 +425,7 @@ class Qcow2Source(LayeredSource):
                     yield vstart, (j - idx) << cb, DATA, host
             idx = j
 
-    def _map(self, offset: int, length: int) -> Iterable[Run]:
+    def _map(self, offset: int, length: int) -> Iterable[imgutil.Run]:
         cb = self._cluster_bits
         l2_bits = self._l2_bits
         l2_mask = (1 << l2_bits) - 1
@@ -458,7 +454,7 @@ class Qcow2Source(LayeredSource):
                     yield kind, b - a, None
             pos = span_end
 
-    def _segments(self) -> Iterable[Segment]:
+    def _segments(self) -> Iterable[imgutil.Segment]:
         cb = self._cluster_bits
         l2_bits = self._l2_bits
         span = 1 << (cb + l2_bits)

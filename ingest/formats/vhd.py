@@ -20,19 +20,8 @@ import urllib.parse
 import uuid
 from collections.abc import Iterable
 
-from ingest.formats.imgutil import (
-    BACKING,
-    DATA,
-    LRU,
-    ZERO,
-    LayeredSource,
-    Run,
-    Segment,
-    TableCache,
-    bit_runs,
-    msb_bitmap_to_int,
-    open_backing,
-)
+from ingest.formats import imgutil
+from ingest.formats.imgutil import BACKING, DATA, ZERO, bit_runs, msb_bitmap_to_int
 
 FOOTER_COOKIE = b"conectix"
 HEADER_COOKIE = b"cxsparse"
@@ -91,7 +80,7 @@ def is_fixed_footer(buf: bytes) -> bool:
     return footer is not None and footer["type"] == FIXED
 
 
-class VhdSource(LayeredSource):
+class VhdSource(imgutil.LayeredSource):
     """A VHD image; a differencing disk reads through its parent."""
 
     def _parse(self) -> None:
@@ -143,10 +132,10 @@ class VhdSource(LayeredSource):
             raise self.fail(
                 f"BAT has {max_entries} entries but {nblocks} are needed for {self._size} bytes"
             )
-        self._bat = TableCache(self, "BAT", table_off, nblocks, 4, True)
+        self._bat = imgutil.TableCache(self, "BAT", table_off, nblocks, 4, True)
         sectors = block_size // 512
         self._bitmap_size = ((sectors + 7) // 8 + 511) // 512 * 512
-        self._bitmaps = LRU(256)
+        self._bitmaps = imgutil.LRU(256)
         self._full_bitmap = (1 << sectors) - 1
         if self._type == DIFFERENCING:
             self._open_parent(hdr)
@@ -197,15 +186,7 @@ class VhdSource(LayeredSource):
         candidates = self._parent_candidates(hdr)
         if not candidates:
             raise self.fail("differencing VHD has no usable parent locator")
-        found = next((p for p in candidates if os.path.exists(p)), None)
-        if found is None:
-            raise self.fail(f"parent VHD not found (tried {', '.join(candidates)})")
-        parent = open_backing(
-            self.path, found, None, "parent", name=candidates[found], expect="vhd"
-        )
-        self._backing = parent
-        if not isinstance(parent, VhdSource):
-            raise self.fail(f"parent {found} is a {parent.format_name} image, not a VHD")
+        found, parent = self._open_parent_of(candidates, VhdSource, "VHD")
         if parent.unique_id != expected:
             raise self.fail(
                 f"parent {found} has unique id {parent.unique_id}, but this differencing "
@@ -257,13 +238,13 @@ class VhdSource(LayeredSource):
             else:
                 yield a, b - a, absent, None
 
-    def _map(self, offset: int, length: int) -> Iterable[Run]:
+    def _map(self, offset: int, length: int) -> Iterable[imgutil.Run]:
         if self._type == FIXED:
             yield DATA, length, offset
             return
         yield from self.map_by_blocks(offset, length, self._block_size, self._block_runs)
 
-    def _segments(self) -> Iterable[Segment]:
+    def _segments(self) -> Iterable[imgutil.Segment]:
         if self._type == FIXED:
             yield 0, self._size, DATA, 0
             return

@@ -18,18 +18,8 @@ import struct
 import uuid
 from collections.abc import Iterable
 
-from ingest.formats.imgutil import (
-    BACKING,
-    DATA,
-    LRU,
-    ZERO,
-    LayeredSource,
-    Run,
-    Segment,
-    TableCache,
-    bit_runs,
-    open_backing,
-)
+from ingest.formats import imgutil
+from ingest.formats.imgutil import BACKING, DATA, ZERO, bit_runs
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -146,7 +136,7 @@ def is_valid_header(buf: bytes) -> bool:
     return len(buf) >= 4 * KiB and buf[:4] == b"head" and _checked(buf[: 4 * KiB], 4)
 
 
-class VhdxSource(LayeredSource):
+class VhdxSource(imgutil.LayeredSource):
     """A VHDX image; a differencing disk reads through its parent."""
 
     # -- structures -----------------------------------------------------------
@@ -295,8 +285,8 @@ class VhdxSource(LayeredSource):
         if entries * 8 > blen:
             raise self.fail(f"BAT region of {blen} bytes cannot hold {entries} entries")
         self._nblocks = blocks
-        self._bat = TableCache(self, "BAT", boff, entries, 8, False)
-        self._bitmaps = LRU(256)
+        self._bat = imgutil.TableCache(self, "BAT", boff, entries, 8, False)
+        self._bitmaps = imgutil.LRU(256)
         self._bits_per_block = bs // self._lss
 
     # -- parent ---------------------------------------------------------------
@@ -342,15 +332,7 @@ class VhdxSource(LayeredSource):
                 candidates.setdefault(_windows_path(here, entries[key]), entries[key])
         if not candidates:
             raise self.fail("parent locator names no parent path")
-        found = next((p for p in candidates if os.path.exists(p)), None)
-        if found is None:
-            raise self.fail(f"parent VHDX not found (tried {', '.join(candidates)})")
-        parent = open_backing(
-            self.path, found, None, "parent", name=candidates[found], expect="vhdx"
-        )
-        self._backing = parent
-        if not isinstance(parent, VhdxSource):
-            raise self.fail(f"parent {found} is a {parent.format_name} image, not a VHDX")
+        found, parent = self._open_parent_of(candidates, VhdxSource, "VHDX")
         if parent.data_write_guid not in accepted:
             raise self.fail(
                 f"parent {found} has data write GUID {parent.data_write_guid}, but this "
@@ -383,6 +365,17 @@ class VhdxSource(LayeredSource):
         self._bitmaps.put(block, bits)
         return bits
 
+    def _block_host(self, block: int, entry: int) -> int:
+        """Where a present block's data starts in the file, checked to lie inside it."""
+        host = (entry >> 20) * MiB
+        need = min(self._block_size, self._size - block * self._block_size)
+        if host < MiB or host + need > self.file_size:
+            raise self.fail(
+                f"BAT entry for block {block} points to offset {host}, outside the file "
+                f"({self.file_size} bytes)"
+            )
+        return host
+
     def _block_runs(
         self, block: int, start: int, end: int
     ) -> Iterable[tuple[int, int, int, int | None]]:
@@ -390,13 +383,7 @@ class VhdxSource(LayeredSource):
         entry = self._bat[block + block // self._chunk_ratio]
         state = entry & 7
         if state == FULLY_PRESENT:
-            host = (entry >> 20) * MiB
-            need = min(self._block_size, self._size - block * self._block_size)
-            if host < MiB or host + need > self.file_size:
-                raise self.fail(
-                    f"BAT entry for block {block} points to offset {host}, outside the file "
-                    f"({self.file_size} bytes)"
-                )
+            host = self._block_host(block, entry)
             yield start, end - start, DATA, host + start
         elif state == NOT_PRESENT:
             yield start, end - start, BACKING if self._has_parent else ZERO, None
@@ -405,13 +392,7 @@ class VhdxSource(LayeredSource):
         elif state == PARTIALLY_PRESENT:
             if not self._has_parent:
                 raise self.fail(f"block {block} is partially present in a non-differencing VHDX")
-            host = (entry >> 20) * MiB
-            need = min(self._block_size, self._size - block * self._block_size)
-            if host < MiB or host + need > self.file_size:
-                raise self.fail(
-                    f"BAT entry for block {block} points to offset {host}, outside the file "
-                    f"({self.file_size} bytes)"
-                )
+            host = self._block_host(block, entry)
             bits = self._sector_bitmap(block)
             lss = self._lss
             first, last = start // lss, (end + lss - 1) // lss
@@ -424,10 +405,10 @@ class VhdxSource(LayeredSource):
         else:
             raise self.fail(f"BAT entry for block {block} has reserved state {state}")
 
-    def _map(self, offset: int, length: int) -> Iterable[Run]:
+    def _map(self, offset: int, length: int) -> Iterable[imgutil.Run]:
         return self.map_by_blocks(offset, length, self._block_size, self._block_runs)
 
-    def _segments(self) -> Iterable[Segment]:
+    def _segments(self) -> Iterable[imgutil.Segment]:
         bs = self._block_size
         # Payload blocks never overlap, so together they fit in the file; a BAT
         # that says otherwise is corrupt (and would make this walk unbounded).

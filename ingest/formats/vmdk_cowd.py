@@ -16,15 +16,8 @@ import array
 import struct
 from dataclasses import dataclass
 
-from ingest.formats.vmdk_extent import (
-    MAX_GRAIN_BYTES,
-    SECTOR,
-    ExtentFile,
-    GrainTableExtent,
-    TableCache,
-    is_pow2,
-    le_array,
-)
+from ingest.formats import vmdk_extent
+from ingest.formats.vmdk_extent import MAX_GRAIN_BYTES, SECTOR, is_pow2, le_array
 from repofs.errors import SourceError
 
 MAGIC = b"COWD"
@@ -81,11 +74,15 @@ def parse_cowd_header(buf: bytes, path: str) -> CowdHeader:
     return header
 
 
-class CowdExtent(GrainTableExtent):
+class CowdExtent(vmdk_extent.GrainTableExtent):
     """A COWD extent; grain and table pointers are checked against the file size."""
 
     def __init__(
-        self, file: ExtentFile, header: CowdHeader, size: int, cache: TableCache
+        self,
+        file: vmdk_extent.ExtentFile,
+        header: CowdHeader,
+        size: int,
+        cache: vmdk_extent.TableCache,
     ) -> None:
         if header.capacity * SECTOR < size:
             raise SourceError(

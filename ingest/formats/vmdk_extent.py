@@ -16,9 +16,9 @@ import itertools
 import os
 import stat
 import sys
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
+from ingest.formats.imgutil import LRU, pread_into
 from ingest.formats.raw import open_readonly
 from ingest.formats.source import pread_exact
 from ingest.formats.vmdk_descriptor import show
@@ -65,13 +65,11 @@ class FilePool:
     """
 
     def __init__(self, limit: int = 64) -> None:
-        self._limit = limit
-        self._open: OrderedDict[ExtentFile, int] = OrderedDict()
+        self._open = LRU(limit, evicted=os.close)  # ExtentFile -> open descriptor
 
     def fd(self, f: ExtentFile) -> int:
-        fd = self._open.get(f)
+        fd: int | None = self._open.get(f)
         if fd is not None:
-            self._open.move_to_end(f)
             return fd
         fd = open_readonly(f.os_path)
         st = os.fstat(fd)
@@ -82,15 +80,10 @@ class FilePool:
         return fd
 
     def adopt(self, f: ExtentFile, fd: int) -> None:
-        self._open[f] = fd
-        while len(self._open) > self._limit:
-            _, old = self._open.popitem(last=False)
-            os.close(old)
+        self._open.put(f, fd)
 
     def close(self) -> None:
-        while self._open:
-            _, fd = self._open.popitem()
-            os.close(fd)
+        self._open.clear()
 
 
 class ExtentFile:
@@ -142,22 +135,7 @@ class ExtentFile:
     def preadinto(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` from ``offset`` without an intermediate copy."""
         self.check_range(offset, len(buf), "data")
-        fd = self.fd
-        done = 0
-        total = len(buf)
-        while done < total:
-            try:
-                got = os.preadv(fd, [buf[done:]], offset + done)
-            except OSError as exc:
-                raise SourceError(
-                    f"{self.path}: read error at offset {offset + done}: {exc.strerror}"
-                ) from None
-            if got <= 0:
-                raise SourceError(
-                    f"{self.path}: file is truncated: needed {total} bytes at offset "
-                    f"{offset}, got {done}"
-                )
-            done += got
+        pread_into(self.fd, buf, offset, self.path)
 
     def data_ranges(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
         """Yield the ``(offset, length)`` parts of a file range that are not holes."""
@@ -249,22 +227,14 @@ class TableCache:
     """
 
     def __init__(self, max_entries: int = 1 << 20) -> None:
-        self._max = max_entries
-        self._used = 0
-        self._tables: OrderedDict[tuple[int, int], array.array[int]] = OrderedDict()
+        self._tables = LRU(max_entries, weight=len)  # (extent, table number) -> table
 
     def get(self, key: tuple[int, int]) -> array.array[int] | None:
-        table = self._tables.get(key)
-        if table is not None:
-            self._tables.move_to_end(key)
+        table: array.array[int] | None = self._tables.get(key)
         return table
 
     def put(self, key: tuple[int, int], table: array.array[int]) -> None:
-        self._tables[key] = table
-        self._used += len(table)
-        while self._used > self._max and len(self._tables) > 1:
-            _, old = self._tables.popitem(last=False)
-            self._used -= len(old)
+        self._tables.put(key, table)
 
 
 _serial = itertools.count()

@@ -20,21 +20,14 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from ingest.formats import vmdk_extent
 from ingest.formats.vmdk_descriptor import (
     MAX_DESCRIPTOR_BYTES,
     MAX_DISK_SECTORS,
     Descriptor,
     parse_descriptor,
 )
-from ingest.formats.vmdk_extent import (
-    MAX_GRAIN_BYTES,
-    SECTOR,
-    ExtentFile,
-    GrainTableExtent,
-    TableCache,
-    is_pow2,
-    le_array,
-)
+from ingest.formats.vmdk_extent import MAX_GRAIN_BYTES, SECTOR, is_pow2, le_array
 from repofs.errors import SourceError
 
 MAGIC = b"KDMV"
@@ -126,7 +119,7 @@ def parse_sparse_header(buf: bytes, path: str) -> SparseHeader:
                         rgd_offset, gd_offset, overhead, compress)
 
 
-def read_footer(file: ExtentFile, path: str) -> SparseHeader:
+def read_footer(file: vmdk_extent.ExtentFile, path: str) -> SparseHeader:
     """Read the footer header of a streamOptimized file whose GD is at the end.
 
     The last three sectors are a footer marker, the footer (a copy of the
@@ -148,7 +141,9 @@ def read_footer(file: ExtentFile, path: str) -> SparseHeader:
     return footer
 
 
-def read_embedded_descriptor(file: ExtentFile, header: SparseHeader) -> Descriptor | None:
+def read_embedded_descriptor(
+    file: vmdk_extent.ExtentFile, header: SparseHeader
+) -> Descriptor | None:
     """The descriptor stored inside a sparse file, or ``None`` when it has none."""
     if not header.desc_size:
         return None
@@ -158,7 +153,7 @@ def read_embedded_descriptor(file: ExtentFile, header: SparseHeader) -> Descript
     return parse_descriptor(data, file.path, embedded=True)
 
 
-class SparseExtent(GrainTableExtent):
+class SparseExtent(vmdk_extent.GrainTableExtent):
     """A hosted sparse extent, optionally stream-compressed.
 
     The primary GD is authoritative.  When a redundant GD is present, each
@@ -169,7 +164,11 @@ class SparseExtent(GrainTableExtent):
     """
 
     def __init__(
-        self, file: ExtentFile, header: SparseHeader, size: int, cache: TableCache
+        self,
+        file: vmdk_extent.ExtentFile,
+        header: SparseHeader,
+        size: int,
+        cache: vmdk_extent.TableCache,
     ) -> None:
         path = file.path
         if header.gd_at_end:

@@ -9,6 +9,8 @@ the main group.  Errors follow the same rule as every other command: a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import click
 
 from repofs.cli.common import (
@@ -89,51 +91,30 @@ def verify(
     click.echo("no problems found")
 
 
+#: prune's retention options, in the order ``--help`` lists them.
+_KEEP_OPTIONS = (
+    ("last", "Keep the N newest restore points."),
+    ("hourly", "Keep the newest restore point of each of the last N hours that have one."),
+    ("daily", "... of each of the last N days (UTC)."),
+    ("weekly", "... of each of the last N ISO weeks."),
+    ("monthly", "... of each of the last N months."),
+    ("yearly", "... of each of the last N years."),
+)
+
+
+def keep_options(f: Callable[..., None]) -> Callable[..., None]:
+    """Add ``--keep-last`` ... ``--keep-yearly``: six options that differ only in unit and help."""
+    for unit, text in reversed(_KEEP_OPTIONS):  # click lists the last decorator applied first
+        f = click.option(
+            f"--keep-{unit}", type=click.IntRange(min=0), default=0, metavar="N", help=text
+        )(f)
+    return f
+
+
 @click.command()
 @repo_argument
 @click.option("--vm", default=None, metavar="NAME", help="Prune only this VM (default: every VM).")
-@click.option(
-    "--keep-last",
-    type=click.IntRange(min=0),
-    default=0,
-    metavar="N",
-    help="Keep the N newest restore points.",
-)
-@click.option(
-    "--keep-hourly",
-    type=click.IntRange(min=0),
-    default=0,
-    metavar="N",
-    help="Keep the newest restore point of each of the last N hours that have one.",
-)
-@click.option(
-    "--keep-daily",
-    type=click.IntRange(min=0),
-    default=0,
-    metavar="N",
-    help="... of each of the last N days (UTC).",
-)
-@click.option(
-    "--keep-weekly",
-    type=click.IntRange(min=0),
-    default=0,
-    metavar="N",
-    help="... of each of the last N ISO weeks.",
-)
-@click.option(
-    "--keep-monthly",
-    type=click.IntRange(min=0),
-    default=0,
-    metavar="N",
-    help="... of each of the last N months.",
-)
-@click.option(
-    "--keep-yearly",
-    type=click.IntRange(min=0),
-    default=0,
-    metavar="N",
-    help="... of each of the last N years.",
-)
+@keep_options
 @click.option("--dry-run", "-n", is_flag=True, help="Only show what would be kept and removed.")
 @click.option("--force", is_flag=True, help="Allow a policy that keeps nothing.")
 @json_option
@@ -237,22 +218,23 @@ def _flag_command(args: tuple[str, ...], protected: bool, as_json: bool) -> None
         click.echo(f"{c.rp.vm}/{c.rp.id}: {word}" + ("" if c.changed else " (it already was)"))
 
 
-@click.command()
-@click.argument("args", nargs=-1, required=True, metavar="[REPO] VM RP|latest...")
-@lock_wait_option()
-@json_option
-def protect(args: tuple[str, ...], as_json: bool) -> None:
-    """Protect restore points: prune keeps them and delete refuses them."""
-    _flag_command(args, True, as_json)
+def _flag_cli(name: str, protected: bool, doc: str) -> click.Command:
+    """``protect`` or ``unprotect``: the same command but for the flag it sets."""
+
+    @click.command(name, help=doc)
+    @click.argument("args", nargs=-1, required=True, metavar="[REPO] VM RP|latest...")
+    @lock_wait_option()
+    @json_option
+    def command(args: tuple[str, ...], as_json: bool) -> None:
+        _flag_command(args, protected, as_json)
+
+    return command
 
 
-@click.command()
-@click.argument("args", nargs=-1, required=True, metavar="[REPO] VM RP|latest...")
-@lock_wait_option()
-@json_option
-def unprotect(args: tuple[str, ...], as_json: bool) -> None:
-    """Take the protection of restore points away again."""
-    _flag_command(args, False, as_json)
+protect = _flag_cli(
+    "protect", True, "Protect restore points: prune keeps them and delete refuses them."
+)
+unprotect = _flag_cli("unprotect", False, "Take the protection of restore points away again.")
 
 
 @click.command()

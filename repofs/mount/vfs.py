@@ -60,6 +60,18 @@ class Attr:
     nlink: int = 1
     immutable: bool = False  # may the kernel cache it forever?
 
+    @classmethod
+    def frozen_file(cls, ino: int, size: int, mtime: float, allocated: int | None = None) -> Attr:
+        """A read-only file of a restore point: it never changes, so the kernel may cache it.
+
+        ``allocated`` (default: all of ``size``) gives ``st_blocks``, which is what ``du``
+        and sparse-aware copies look at for a disk.
+        """
+        used = size if allocated is None else allocated
+        return cls(
+            ino, stat.S_IFREG | 0o444, size, mtime, blocks=(used + 511) // 512, immutable=True
+        )
+
 
 @dataclass(frozen=True)
 class _Rp:
@@ -202,33 +214,11 @@ class RepoView:
             disk = rp.disks[(slot - 2) // 2]
             if slot % 2 == 0:
                 size = len(descriptor_text(rp.vm, rp.id, disk.name, disk.capacity))
-                return Attr(
-                    ino,
-                    stat.S_IFREG | 0o444,
-                    size,
-                    rp.created,
-                    blocks=(size + 511) // 512,
-                    immutable=True,
-                )
-            return Attr(
-                ino,
-                stat.S_IFREG | 0o444,
-                disk.capacity,
-                rp.created,
-                blocks=(disk.allocated_bytes + 511) // 512,
-                immutable=True,
-            )
+                return Attr.frozen_file(ino, size, rp.created)
+            return Attr.frozen_file(ino, disk.capacity, rp.created, disk.allocated_bytes)
         j = slot - 2 - 2 * nd
         if 0 <= j < len(rp.configs):
-            size = rp.configs[j].size
-            return Attr(
-                ino,
-                stat.S_IFREG | 0o444,
-                size,
-                rp.created,
-                blocks=(size + 511) // 512,
-                immutable=True,
-            )
+            return Attr.frozen_file(ino, rp.configs[j].size, rp.created)
         raise NotFound(ino)
 
     # -- directories -----------------------------------------------------------------

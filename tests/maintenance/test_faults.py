@@ -33,25 +33,27 @@ from repofs.store.index import Index
 from repofs.store.records import RECORD_HEADER_SIZE, RecordType
 from repofs.store.repository import Repository
 from repofs.store.reserve import set_aside
+from tests.support.helpers import (
+    assert_one_line_error,
+    cli_env,
+    make_image,
+    mounted,
+    qemu_compare,
+    repofs,
+    spawn,
+)
 from tests.support.maint import (
     MiB,
-    assert_one_line_error,
     chunk_record,
-    cli_env,
     flip_byte,
     ingest_here,
     kill9,
-    make_image,
-    mounted,
     new_repo,
     noise,
     pack_files,
-    qemu_compare,
     read_disk,
     read_range,
-    repofs,
     rp_ids,
-    spawn,
     wait_for_line,
 )
 
@@ -86,6 +88,12 @@ def assert_healthy(repo: Path, committed: dict[str, bytes], vm: str = "vm") -> N
 
 def digest_of_disk(repo: Path, vm: str, rp: str) -> bytes:
     return hashlib.sha256(read_disk(repo, vm, rp)).digest()
+
+
+def ingest_committed(repo: Path, img: Path) -> dict[str, bytes]:
+    """Ingest ``img`` as VM vm: {id: digest}, to check it survives what follows."""
+    rp = repofs("ingest", repo, "--vm", "vm", f"d0={img}").stdout.split()[-1]
+    return {rp: digest_of_disk(repo, "vm", rp)}
 
 
 class TestMountEIO:
@@ -474,8 +482,7 @@ class TestFullDisk:
             repo = fs / "repo"
             repofs("init", repo)
             small = make_image(tmp_path / "small.img", 4 * MiB, [(0, noise(2 * MiB, 1))])
-            first = repofs("ingest", repo, "--vm", "vm", f"d0={small}").stdout.split()[-1]
-            committed = {first: digest_of_disk(repo, "vm", first)}
+            committed = ingest_committed(repo, small)
             free_before = free_bytes(fs)
             packs_before = set(pack_files(repo))
             big = random_file(tmp_path / "big.img", 100 * MiB)
@@ -587,8 +594,7 @@ def test_init_and_rebuild_index_on_a_filesystem_without_a_free_byte(tmp_path: Pa
         repo = fs / "repo"
         repofs("init", repo)
         img = make_image(tmp_path / "a.img", 4 * MiB, [(0, noise(4 * MiB, 30))])
-        rp = repofs("ingest", repo, "--vm", "vm", f"d0={img}").stdout.split()[-1]
-        committed = {rp: digest_of_disk(repo, "vm", rp)}
+        committed = ingest_committed(repo, img)
         fill = fs / "filler"
         subprocess.run(["dd", "if=/dev/zero", f"of={fill}", "bs=64k"], capture_output=True)
         subprocess.run(["dd", "if=/dev/zero", f"of={fill}.2", "bs=4k"], capture_output=True)

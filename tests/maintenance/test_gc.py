@@ -18,22 +18,17 @@ from repofs.errors import UsageError
 from repofs.maintenance.gc import collect_garbage
 from repofs.store.index import rp_key
 from repofs.store.repository import Repository
+from tests.support import maint
+from tests.support.helpers import assert_one_line_error, make_image, mounted, repofs, spawn
 from tests.support.maint import (
     MiB,
-    assert_one_line_error,
     chunk_record,
     ingest_here,
-    kill9,
-    make_image,
-    mounted,
     new_repo,
     noise,
     pack_files,
     read_disk,
-    read_range,
-    repofs,
     rp_ids,
-    spawn,
     wait_for_line,
 )
 
@@ -179,7 +174,7 @@ class TestUncommittedRecords:
         good = ingest_here(repo, "a", {"d0": img}, now=1_700_000_000)
         proc = spawn("ingest", repo, "--vm", "a", f"d0={img}", env=PAUSE)
         wait_for_line(proc, "pausing before commit")
-        kill9(proc)
+        maint.kill9(proc)
         saved = {p: p.read_bytes() for p in pack_files(repo)}
         assert rp_ids(repo) == [good]
         result = collect_garbage(str(repo))
@@ -293,7 +288,7 @@ class TestRaces:
 
     @pytest.mark.slow
     def test_gc_beside_running_ingests_of_a_sparse_image(self, tmp_path: Path) -> None:
-        """Unhooked ingests of a large sparse image (half of it garbage the ingest will reuse,
+        """Ingests of a large sparse image (half of it garbage the ingest will reuse,
         half new) run while gc runs, started before and after it; gc condemns what the ingest
         reuses and the commit brings it back: every restore point verifies and reads back,
         also after the next gc.  gc is slowed down so that the runs overlap for sure."""
@@ -308,12 +303,15 @@ class TestRaces:
                 writes[k] = (writes[k][0], noise(4 * MiB, 1000 * (round_ + 1) + k))
             make_image(img, 1024 * MiB, writes)
             slow_gc = {"REPOFS_TEST_GC_DELAY": "0.15"}
+            # On an idle machine the ingest could commit before gc condemns anything: a
+            # pause between its last lookup and its commit makes the overlap certain.
+            paused = {"REPOFS_TEST_PAUSE_BEFORE_COMMIT": "1"}
             if gc_first:
                 gc = spawn("gc", repo, env=slow_gc)
                 time.sleep(0.1)
-                ingest = spawn("ingest", repo, "--vm", "vm", f"d0={img}")
+                ingest = spawn("ingest", repo, "--vm", "vm", f"d0={img}", env=paused)
             else:
-                ingest = spawn("ingest", repo, "--vm", "vm", f"d0={img}")
+                ingest = spawn("ingest", repo, "--vm", "vm", f"d0={img}", env=paused)
                 time.sleep(0.15)
                 gc = spawn("gc", repo, env=slow_gc)
             gc_out, gc_err = gc.communicate(timeout=300)
@@ -324,7 +322,7 @@ class TestRaces:
             for _ in range(2):  # and after the gc that deletes what it held back
                 repofs("verify", repo, "--vm", "vm")
                 for offset, data in writes:
-                    got = read_range(repo, "vm", rp, offset - 4096, len(data) + 8192)
+                    got = maint.read_range(repo, "vm", rp, offset - 4096, len(data) + 8192)
                     assert got == (bytes(4096) if offset else b"") + data + bytes(4096)
                 repofs("gc", repo)
         assert overlapped, "gc never ran beside the ingest; the test proved nothing"

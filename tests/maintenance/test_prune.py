@@ -14,19 +14,8 @@ from repofs.maintenance.prune import Decision, Policy, plan
 from repofs.store.records import RecordType
 from repofs.store.repository import Repository
 from repofs.store.restorepoint import RestorePoint
-from tests.support.maint import (
-    MiB,
-    assert_one_line_error,
-    ingest_here,
-    make_image,
-    mounted,
-    new_repo,
-    noise,
-    qemu_compare,
-    read_disk,
-    repofs,
-    rp_ids,
-)
+from tests.support.helpers import assert_one_line_error, make_image, mounted, qemu_compare, repofs
+from tests.support.maint import MiB, ingest_here, new_repo, noise, read_disk, rp_ids
 
 HOUR = 3600
 History = tuple[Path, Path, list[str]]

@@ -14,21 +14,9 @@ import pytest
 from repofs.errors import IntegrityError, RepositoryError
 from repofs.store.records import RECORD_HEADER_SIZE, RecordType
 from repofs.store.repository import Repository
-from tests.support.maint import (
-    MiB,
-    assert_one_line_error,
-    chunk_record,
-    flip_byte,
-    ingest_here,
-    make_image,
-    mounted,
-    new_repo,
-    noise,
-    qemu_compare,
-    read_range,
-    repofs,
-    rp_ids,
-)
+from tests.support import maint
+from tests.support.helpers import assert_one_line_error, make_image, mounted, qemu_compare, repofs
+from tests.support.maint import MiB, flip_byte, ingest_here, new_repo, noise, read_range, rp_ids
 
 
 def tree(root: Path) -> dict[str, tuple[int, int, int, int]]:
@@ -119,7 +107,7 @@ class TestRebuild:
         data = noise(4 * MiB, 5)
         img = make_image(tmp_path / "a.img", 4 * MiB, [(0, data)])
         rp = ingest_here(repo, "a", {"d0": img})
-        pack, offset, _stored = chunk_record(repo, "a", rp, 2 * MiB)
+        pack, offset, _stored = maint.chunk_record(repo, "a", rp, 2 * MiB)
         flip_byte(pack, offset + 20)  # inside the header: its CRC no longer holds
         proc = repofs("rebuild-index", repo, check=False)
         out = proc.stdout
@@ -141,7 +129,7 @@ class TestRebuild:
         data = noise(4 * MiB, 6)
         img = make_image(tmp_path / "a.img", 4 * MiB, [(0, data)])
         rp = ingest_here(repo, "a", {"d0": img})
-        pack, offset, _s = chunk_record(repo, "a", rp, MiB)
+        pack, offset, _s = maint.chunk_record(repo, "a", rp, MiB)
         flip_byte(pack, offset + RECORD_HEADER_SIZE + 7)
         with Repository.open(str(repo)) as r:
             loc = r.index.locate(RecordType.PAGE, r.resolve("a", rp).disks[0].map.root)
@@ -164,7 +152,8 @@ class TestRebuild:
     def test_waits_for_a_running_ingest(self, tmp_path: Path) -> None:
         """rebuild-index takes the repository exclusively: it says it waits, then includes the
         restore point the ingest committed meanwhile."""
-        from tests.support.maint import spawn, wait_for_line
+        from tests.support.helpers import spawn
+        from tests.support.maint import wait_for_line
 
         repo = new_repo(tmp_path / "repo")
         img = make_image(tmp_path / "a.img", MiB, [(0, noise(MiB, 1))])

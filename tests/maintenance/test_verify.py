@@ -19,18 +19,15 @@ from repofs.maintenance.verify.windows import _Entry, plan_windows
 from repofs.store.index import LOCATION, object_key
 from repofs.store.records import RECORD_HEADER_SIZE, RecordType
 from repofs.store.repository import Repository
-from tests.support.helpers import skip_unless_o_direct
+from tests.support.helpers import assert_one_line_error, make_image, repofs, skip_unless_o_direct
 from tests.support.maint import (
     MiB,
-    assert_one_line_error,
     chunk_record,
     flip_byte,
     ingest_here,
-    make_image,
     new_repo,
     noise,
     pack_files,
-    repofs,
     rp_ids,
 )
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -61,32 +62,38 @@ def populated(tmp_path: Path, repo: Path) -> tuple[Path, Path, list[str]]:
     return repo, img, [first, second]
 
 
+@pytest.fixture
+def mnt(tmp_path: Path, populated: tuple[Path, Path, list[str]]) -> Iterator[Path]:
+    """The populated repository, mounted for the whole test."""
+    with mounted(populated[0], tmp_path / "mnt") as where:
+        yield where
+
+
 class TestReading:
     def test_qemu_reads_descriptor_and_bytes(
-        self, tmp_path: Path, populated: tuple[Path, Path, list[str]]
+        self, populated: tuple[Path, Path, list[str]], mnt: Path
     ) -> None:
         """qemu-img info accepts the descriptor and compare finds the flat data identical."""
-        repo, img, ids = populated
-        with mounted(repo, tmp_path / "mnt") as mnt:
-            vmdk = mnt / "web" / ids[1] / "disk0.vmdk"
-            info = json.loads(
-                subprocess.run(
-                    ["qemu-img", "info", "--output=json", str(vmdk)],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                ).stdout
-            )
-            assert info["format"] == "vmdk" and info["virtual-size"] == img.stat().st_size
-            assert info["format-specific"]["data"]["create-type"] == "monolithicFlat"
-            qemu_compare(img, vmdk)
-            proc = subprocess.run(
-                ["qemu-img", "compare", str(img), str(mnt / "web" / ids[0] / "disk0.vmdk")],
+        _repo, img, ids = populated
+        vmdk = mnt / "web" / ids[1] / "disk0.vmdk"
+        info = json.loads(
+            subprocess.run(
+                ["qemu-img", "info", "--output=json", str(vmdk)],
                 capture_output=True,
                 text=True,
-            )
-            assert proc.returncode == 1  # the first restore point is the older content
-            assert os.readlink(mnt / "web" / "latest") == ids[1]
+                check=True,
+            ).stdout
+        )
+        assert info["format"] == "vmdk" and info["virtual-size"] == img.stat().st_size
+        assert info["format-specific"]["data"]["create-type"] == "monolithicFlat"
+        qemu_compare(img, vmdk)
+        proc = subprocess.run(
+            ["qemu-img", "compare", str(img), str(mnt / "web" / ids[0] / "disk0.vmdk")],
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 1  # the first restore point is the older content
+        assert os.readlink(mnt / "web" / "latest") == ids[1]
 
     @pytest.mark.parametrize("options", [(), ("--direct-io",)], ids=["page-cache", "direct-io"])
     def test_unaligned_reads_match_source(
@@ -187,32 +194,31 @@ class TestReading:
 
 class TestReadOnly:
     def test_every_change_fails_with_erofs(
-        self, tmp_path: Path, populated: tuple[Path, Path, list[str]]
+        self, populated: tuple[Path, Path, list[str]], mnt: Path
     ) -> None:
         """write, create, rename, delete, truncate, chmod, mkdir, symlink: EROFS, no change."""
-        repo, img, ids = populated
-        with mounted(repo, tmp_path / "mnt") as mnt:
-            d = mnt / "web" / ids[0]
-            flat = d / "disk0-flat.vmdk"
-            before = _tree_inodes(mnt)
-            attempts = [
-                lambda: os.open(flat, os.O_WRONLY),
-                lambda: os.open(flat, os.O_RDWR),
-                lambda: os.open(d / "new", os.O_CREAT | os.O_WRONLY, 0o600),
-                lambda: os.rename(flat, d / "moved"),
-                lambda: os.unlink(flat),
-                lambda: os.truncate(flat, 0),
-                lambda: os.chmod(flat, 0o777),
-                lambda: os.mkdir(d / "sub"),
-                lambda: os.rmdir(d),
-                lambda: os.symlink("x", d / "link"),
-                lambda: os.utime(flat, (0, 0)),
-            ]
-            for attempt in attempts:
-                with pytest.raises(OSError) as info:
-                    attempt()
-                assert info.value.errno == errno.EROFS, attempt
-            assert _tree_inodes(mnt) == before
+        _repo, img, ids = populated
+        d = mnt / "web" / ids[0]
+        flat = d / "disk0-flat.vmdk"
+        before = _tree_inodes(mnt)
+        attempts = [
+            lambda: os.open(flat, os.O_WRONLY),
+            lambda: os.open(flat, os.O_RDWR),
+            lambda: os.open(d / "new", os.O_CREAT | os.O_WRONLY, 0o600),
+            lambda: os.rename(flat, d / "moved"),
+            lambda: os.unlink(flat),
+            lambda: os.truncate(flat, 0),
+            lambda: os.chmod(flat, 0o777),
+            lambda: os.mkdir(d / "sub"),
+            lambda: os.rmdir(d),
+            lambda: os.symlink("x", d / "link"),
+            lambda: os.utime(flat, (0, 0)),
+        ]
+        for attempt in attempts:
+            with pytest.raises(OSError) as info:
+                attempt()
+            assert info.value.errno == errno.EROFS, attempt
+        assert _tree_inodes(mnt) == before
         qemu_compare(img, img)
 
 
@@ -233,26 +239,25 @@ class TestStability:
             assert _tree_inodes(mnt) == first
 
     def test_new_restore_point_appears_while_mounted(
-        self, tmp_path: Path, populated: tuple[Path, Path, list[str]]
+        self, populated: tuple[Path, Path, list[str]], mnt: Path
     ) -> None:
         """An ingest during a mount shows up within seconds, and open readers are undisturbed."""
         repo, img, ids = populated
-        with mounted(repo, tmp_path / "mnt") as mnt:
-            with open(mnt / "web" / ids[0] / "disk0-flat.vmdk", "rb") as reader:
-                head = reader.read(4096)
-                new = ingest(repo, "web", f"disk0={img}")
-                other = ingest(repo, "db", f"disk0={img}")
-                deadline = time.monotonic() + 5
-                while time.monotonic() < deadline:
-                    if new in os.listdir(mnt / "web") and "db" in os.listdir(mnt):
-                        break
-                    time.sleep(0.2)
-                assert new in os.listdir(mnt / "web")
-                assert other in os.listdir(mnt / "db")
-                assert os.readlink(mnt / "web" / "latest") == new
-                reader.seek(0)
-                assert reader.read(4096) == head
-            qemu_compare(img, mnt / "web" / new / "disk0.vmdk")
+        with open(mnt / "web" / ids[0] / "disk0-flat.vmdk", "rb") as reader:
+            head = reader.read(4096)
+            new = ingest(repo, "web", f"disk0={img}")
+            other = ingest(repo, "db", f"disk0={img}")
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if new in os.listdir(mnt / "web") and "db" in os.listdir(mnt):
+                    break
+                time.sleep(0.2)
+            assert new in os.listdir(mnt / "web")
+            assert other in os.listdir(mnt / "db")
+            assert os.readlink(mnt / "web" / "latest") == new
+            reader.seek(0)
+            assert reader.read(4096) == head
+        qemu_compare(img, mnt / "web" / new / "disk0.vmdk")
 
     @pytest.mark.parametrize(
         ("mount_opts", "tar_opts"),
@@ -271,45 +276,34 @@ class TestStability:
         recommends for tape: a --direct-io mount and 1 MiB records."""
         repo, img, _ids = populated
         snar = tmp_path / "sweep.snar"
-        with mounted(repo, tmp_path / "mnt", *mount_opts) as mnt:
-            p = subprocess.run(
-                [
-                    "tar",
-                    "-C",
-                    str(mnt),
-                    "--listed-incremental",
-                    str(snar),
-                    "--no-check-device",
-                    *tar_opts,
-                    "-cf",
-                    str(tmp_path / "l0.tar"),
-                    ".",
-                ],
-                capture_output=True,
-                text=True,
-            )
-            assert p.returncode == 0 and p.stderr == "", p.stderr
+
+        def sweep(archive: str, create: str) -> subprocess.CompletedProcess[str]:
+            """One level of the sweep into ``archive``; ``create`` is ``-cf`` or ``-cvf``."""
+            with mounted(repo, tmp_path / "mnt", *mount_opts) as mnt:
+                return subprocess.run(
+                    [
+                        "tar",
+                        "-C",
+                        str(mnt),
+                        "--listed-incremental",
+                        str(snar),
+                        "--no-check-device",
+                        *tar_opts,
+                        create,
+                        str(tmp_path / archive),
+                        ".",
+                    ],
+                    capture_output=True,
+                    text=True,
+                )
+
+        p = sweep("l0.tar", "-cf")
+        assert p.returncode == 0 and p.stderr == "", p.stderr
         new = ingest(repo, "web", f"disk0={img}")
-        with mounted(repo, tmp_path / "mnt", *mount_opts) as mnt:
-            p = subprocess.run(
-                [
-                    "tar",
-                    "-C",
-                    str(mnt),
-                    "--listed-incremental",
-                    str(snar),
-                    "--no-check-device",
-                    *tar_opts,
-                    "-cvf",
-                    str(tmp_path / "l1.tar"),
-                    ".",
-                ],
-                capture_output=True,
-                text=True,
-            )
-            assert p.returncode == 0 and "changed as we read" not in p.stderr, p.stderr
-            members = [ln for ln in p.stdout.splitlines() if ln.endswith(".vmdk")]
-            assert members and all(new in m for m in members), members
+        p = sweep("l1.tar", "-cvf")
+        assert p.returncode == 0 and "changed as we read" not in p.stderr, p.stderr
+        members = [ln for ln in p.stdout.splitlines() if ln.endswith(".vmdk")]
+        assert members and all(new in m for m in members), members
         out = tmp_path / "x"
         out.mkdir()
         subprocess.run(["tar", "-C", str(out), "-xf", str(tmp_path / "l0.tar")], check=True)

@@ -12,21 +12,9 @@ from pathlib import Path
 import pytest
 
 from repofs.store.lock import repository_lock
-from tests.support.maint import (
-    MiB,
-    assert_one_line_error,
-    ingest_here,
-    kill9,
-    make_image,
-    new_repo,
-    noise,
-    pack_files,
-    read_disk,
-    repofs,
-    rp_ids,
-    spawn,
-    wait_for_line,
-)
+from tests.support import maint
+from tests.support.helpers import assert_one_line_error, make_image, repofs, spawn
+from tests.support.maint import MiB, ingest_here, kill9, new_repo, noise, rp_ids, wait_for_line
 
 
 class TestSharing:
@@ -48,7 +36,7 @@ class TestSharing:
         assert rp_ids(repo, "a") == [ids[0]] and sorted(rp_ids(repo, "b")) == sorted(ids[1:])
         assert ids[1] != ids[2]
         repofs("verify", repo)
-        assert read_disk(repo, "b", ids[2]) == a.read_bytes()
+        assert maint.read_disk(repo, "b", ids[2]) == a.read_bytes()
 
 
 class TestExclusion:
@@ -146,7 +134,7 @@ class TestBackupsNeverWaitForGc:
         kill9(long)
         rp = new.stdout.strip().splitlines()[-1]
         repofs("verify", repo)
-        assert read_disk(repo, "new", rp) == b.read_bytes()
+        assert maint.read_disk(repo, "new", rp) == b.read_bytes()
 
 
 class TestLockWait:
@@ -168,7 +156,7 @@ class TestLockWait:
             "verify": [],
             "rebuild-index": [],
         }[command]
-        before = {p: p.stat().st_mtime_ns for p in pack_files(repo)}
+        before = {p: p.stat().st_mtime_ns for p in maint.pack_files(repo)}
         index = (repo / "index" / "data.mdb").read_bytes()
         with held(repo, exclusive=command != "rebuild-index"):
             t0 = time.monotonic()
@@ -177,7 +165,7 @@ class TestLockWait:
         assert proc.returncode == 6, proc.stderr
         assert_one_line_error(proc, "gave up after waiting 0.5 s (--lock-wait)")
         assert "repofs: waiting:" in proc.stderr and 0.5 <= waited < 20
-        assert {p: p.stat().st_mtime_ns for p in pack_files(repo)} == before
+        assert {p: p.stat().st_mtime_ns for p in maint.pack_files(repo)} == before
         assert (repo / "index" / "data.mdb").read_bytes() == index
         assert rp_ids(repo, "a") == [rp]
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from repofs.maintenance.verify.permissions import permission_warnings
-from tests.support.maint import MiB, cli_argv, cli_env, make_image, mounted, noise, repofs
+from tests.support.helpers import cli_argv, cli_env, make_image, mounted, repofs
+from tests.support.maint import MiB, noise
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 

@@ -27,23 +27,16 @@ from repofs.store.records import RecordType
 from repofs.store.repository import Repository
 from repofs.store.restorepoint import RestorePoint
 from repofs.store.rprecords import Protection
-from tests.support.maint import (
-    MiB,
+from tests.support import maint
+from tests.support.helpers import (
     assert_one_line_error,
-    chunk_record,
-    flip_byte,
-    ingest_here,
-    kill9,
+    disk_doc,
     make_image,
     mounted,
-    new_repo,
-    noise,
-    read_disk,
     repofs,
-    rp_ids,
     spawn,
-    wait_for_line,
 )
+from tests.support.maint import MiB, ingest_here, new_repo, read_disk, rp_ids, wait_for_line
 
 FIXTURE = Path(__file__).parents[1] / "data" / "v1-repository.tar.gz"
 V1_IDS = ["2026-12-07T162524Z", "2026-12-07T162525Z"]  # day 2 and day 3; day 1 was pruned
@@ -75,7 +68,7 @@ def listing(repo: Path, *args: str) -> list[dict[str, object]]:
 
 
 def image(tmp_path: Path, name: str, seed: int, size: int = 2 * MiB) -> Path:
-    return make_image(tmp_path / name, size, [(0, noise(size // 2, seed))])
+    return make_image(tmp_path / name, size, [(0, maint.noise(size // 2, seed))])
 
 
 def edit_rp_doc(repo: Path, vm: str, rp_id: str, **changes: object) -> None:
@@ -188,19 +181,7 @@ class TestFormatUpgrade:
             "created": 1.0,
             "chunk_size": 4096,
             "cbt": {"base": "x"},
-            "disks": [
-                {
-                    "name": "d0",
-                    "capacity": 4096,
-                    "map_root": "00" * 32,
-                    "map_depth": 1,
-                    "n_chunks": 1,
-                    "allocated_bytes": 0,
-                    "source_format": "raw",
-                    "source_chain": [],
-                    "cbt_position": "52:17",
-                }
-            ],
+            "disks": [disk_doc("d0", 4096, cbt_position="52:17")],
         }
         rp = RestorePoint.from_doc(doc)
         assert rp.disks[0].capacity == 4096 and rp.consistency == "crash"
@@ -416,8 +397,8 @@ class TestDelete:
         damaged = ingest_here(repo, "vm", {"d0": image(tmp_path, "a.img", 1)}, now=1_700_000_000)
         good = image(tmp_path, "b.img", 2)
         kept = ingest_here(repo, "vm", {"d0": good}, now=1_700_000_100)
-        pack, offset, _s = chunk_record(repo, "vm", damaged, 0)
-        flip_byte(pack, offset + 60)
+        pack, offset, _s = maint.chunk_record(repo, "vm", damaged, 0)
+        maint.flip_byte(pack, offset + 60)
         repofs("rebuild-index", repo, check=False)
         proc = repofs("gc", repo, check=False)
         assert proc.returncode == 5
@@ -519,7 +500,7 @@ class TestInconsistentRecords:
                         f"d0={image(tmp_path, 'b.img', 2)}",
                         env={"REPOFS_TEST_PAUSE_BEFORE_COMMIT": "3"},
                     )
-                    wait_for_line(proc, "pausing before commit")
+                    maint.wait_for_line(proc, "pausing before commit")
                     fill_up(fs / "filler")
                     crumbs = ["dd", "if=/dev/zero", f"of={fs / 'crumbs'}", "bs=4k"]
                     subprocess.run(crumbs, capture_output=True)
@@ -527,7 +508,7 @@ class TestInconsistentRecords:
             finally:
                 index.close()
                 if proc is not None and proc.poll() is None:
-                    kill9(proc)
+                    maint.kill9(proc)
             assert proc.returncode == 8, err
             assert err.count("\n") == 1 and "no space left" in err
             (fs / "filler").unlink()

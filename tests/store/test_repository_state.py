@@ -13,19 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.helpers import cli_argv, cli_env
-from tests.support.maint import (
-    MiB,
-    assert_one_line_error,
-    ingest_here,
-    make_image,
-    new_repo,
-    noise,
-    pack_files,
-    read_disk,
-    repofs,
-    rp_ids,
-)
+from tests.support.helpers import assert_one_line_error, cli_argv, cli_env, make_image, repofs
+from tests.support.maint import MiB, ingest_here, new_repo, noise, pack_files, read_disk, rp_ids
 
 
 @pytest.fixture

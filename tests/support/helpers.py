@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,17 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _loop_usable() -> bool:
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        return False
+    proc = subprocess.run(["losetup", "--find"], capture_output=True, text=True, check=False)
+    return proc.returncode == 0 and proc.stdout.startswith("/dev/loop")
+
+
+#: For tests that attach loop devices (as root): the trust tests and the corpus tools.
+needs_loop = pytest.mark.skipif(not _loop_usable(), reason="needs root and loop devices")
 
 
 def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -128,6 +140,21 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str)
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
     for needle in needles:
         assert needle in errors[0], errors[0]
+
+
+def disk_doc(name: str, capacity: int, **extra: object) -> dict[str, object]:
+    """A restore point's document of one disk with an empty one-page map, for decoding tests."""
+    return {
+        "name": name,
+        "capacity": capacity,
+        "map_root": "00" * 32,
+        "map_depth": 1,
+        "n_chunks": 1,
+        "allocated_bytes": 0,
+        "source_format": "raw",
+        "source_chain": [],
+        **extra,
+    }
 
 
 def make_image(path: Path, size: int, writes: list[tuple[int, bytes]] | None = None) -> Path:

@@ -27,7 +27,18 @@ import pytest
 
 from ingest.formats.detect import open_source
 from ingest.formats.source import DiskSource
-from ingest.formats.vhdx import crc32c
+from ingest.formats.vhdx import (
+    BAT_GUID,
+    DISK_ID,
+    DISK_SIZE,
+    FILE_PARAMS,
+    LOGICAL_SECTOR,
+    METADATA_GUID,
+    PARENT_LOCATOR,
+    PHYSICAL_SECTOR,
+    VHDX_LOCATOR_TYPE,
+    crc32c,
+)
 from repofs.errors import SourceError
 
 KiB, MiB = 1024, 1024 * 1024
@@ -237,16 +248,8 @@ def build_vhd(
 
 
 # -- VHDX builder (MS-VHDX) ---------------------------------------------------
-
-BAT_GUID = uuid.UUID("2DC27766-F623-4200-9D64-115E9BFD4A08")
-METADATA_GUID = uuid.UUID("8B7CA206-4790-4B9A-B8FE-575F050F886E")
-FILE_PARAMS = uuid.UUID("CAA16737-FA36-4D43-B3B6-33F0AA44E76B")
-DISK_SIZE = uuid.UUID("2FA54224-CD1B-4876-B211-5DBED83BF4B8")
-PAGE83 = uuid.UUID("BECA12AB-B2E6-4523-93EF-C309E000C746")
-LOGICAL_SECTOR = uuid.UUID("8141BF1D-A96F-4709-BA47-F233A8FAAB5F")
-PHYSICAL_SECTOR = uuid.UUID("CDA348C7-445D-4471-9CC9-E9885251C556")
-PARENT_LOCATOR = uuid.UUID("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C")
-VHDX_LOCATOR_TYPE = uuid.UUID("B04AEFB7-D19E-4A81-B789-25B8E9445913")
+# The GUIDs come from the reader; images qemu-img writes (tests/ingest/formats/test_vhd.py)
+# check them against an independent implementation.
 
 
 def _with_crc(buf: bytearray, field: int = 4) -> bytes:
@@ -372,7 +375,7 @@ def build_vhdx(
     items = [
         (FILE_PARAMS, struct.pack("<II", block_size, 2 if parent else 0), 4),
         (DISK_SIZE, struct.pack("<Q", size), 6),
-        (PAGE83, uuid.uuid4().bytes_le, 6),
+        (DISK_ID, uuid.uuid4().bytes_le, 6),
         (LOGICAL_SECTOR, struct.pack("<I", lss), 6),
         (PHYSICAL_SECTOR, struct.pack("<I", 4096), 6),
     ]

@@ -1,6 +1,6 @@
 """Helpers of the maintenance tests: the real CLI, images, damage, real FUSE mounts.
 
-The CLI, image and mount helpers come from :mod:`tests.support.helpers`; this
+The CLI, image and mount helpers are in :mod:`tests.support.helpers`; this
 module adds what only the maintenance and fault tests need.
 """
 
@@ -12,21 +12,6 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-
-from tests.support.helpers import (  # noqa: F401 - re-exported for the maintenance tests
-    REPO_ROOT,
-    assert_one_line_error,
-    cli_argv,
-    cli_env,
-    ingest,
-    is_mounted,
-    make_image,
-    mounted,
-    qemu_compare,
-    repofs,
-    spawn,
-    unmount,
-)
 
 MiB = 1 << 20
 

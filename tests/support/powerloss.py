@@ -551,6 +551,14 @@ def _oldest(repo: Path) -> str:
     from tests.support.maint import rp_ids
 
     return rp_ids(repo, VM)[0]
+def _ingest_argv(base: Path, *args: str) -> list[str]:
+    """``ingest`` into the campaign's repository; ``disk=name`` names a file of the images."""
+    images = base.parent / "images"
+    argv = ["ingest", str(base / "repo"), "--vm", VM]
+    for a in args:
+        disk, _, name = a.partition("=")
+        argv.append(a if a.startswith("--") else f"{disk}={images / name}")
+    return argv
 
 
 def scenarios() -> dict[str, Scenario]:
@@ -567,27 +575,13 @@ def scenarios() -> dict[str, Scenario]:
             Scenario(
                 "ingest",
                 _prepare_with(["a.img"]),
-                lambda base: [
-                    "ingest",
-                    str(base / "repo"),
-                    "--vm",
-                    VM,
-                    f"d0={base.parent / 'images' / 'b.img'}",
-                ],
+                lambda base: _ingest_argv(base, "d0=b.img"),
                 _check_ingest("b.img"),
             ),
             Scenario(
                 "ingest-cbt",
                 _prepare_with(["a.img"]),
-                lambda base: [
-                    "ingest",
-                    str(base / "repo"),
-                    "--vm",
-                    VM,
-                    "--changed-blocks",
-                    f"d0={base.parent / 'images' / 'c.json'}",
-                    f"d0={base.parent / 'images' / 'c.img'}",
-                ],
+                lambda base: _ingest_argv(base, "--changed-blocks", "d0=c.json", "d0=c.img"),
                 _check_ingest("c.img"),
             ),
             Scenario("gc", _prepare_gc, lambda base: ["gc", str(base / "repo")], _check_gc),

@@ -304,22 +304,10 @@ static mode_t mode_arg(int flags, va_list ap)
     return wants_mode ? (mode_t)va_arg(ap, int) : 0;
 }
 
-#define OPEN_WRAPPER(name, ...)                                                                \
-    int name(const char *path, int flags, ...)                                                 \
-    {                                                                                          \
-        va_list ap;                                                                            \
-        va_start(ap, flags);                                                                   \
-        mode_t mode = mode_arg(flags, ap);                                                     \
-        va_end(ap);                                                                            \
-        int fd = (int)syscall(SYS_openat, AT_FDCWD, path, flags, mode);                        \
-        opened(fd, flags);                                                                     \
-        return fd;                                                                             \
-    }
-OPEN_WRAPPER(open)
-OPEN_WRAPPER(open64)
-
-#define OPENAT_WRAPPER(name)                                                                   \
-    int name(int dirfd, const char *path, int flags, ...)                                      \
+/* One body for open, open64, openat and openat64: the optional leading parameters
+ * (``int dirfd,`` for the openat pair) come last, and ``dirfd`` is what reaches openat. */
+#define OPEN_WRAPPER(name, dirfd, ...)                                                         \
+    int name(__VA_ARGS__ const char *path, int flags, ...)                                     \
     {                                                                                          \
         va_list ap;                                                                            \
         va_start(ap, flags);                                                                   \
@@ -329,8 +317,10 @@ OPEN_WRAPPER(open64)
         opened(fd, flags);                                                                     \
         return fd;                                                                             \
     }
-OPENAT_WRAPPER(openat)
-OPENAT_WRAPPER(openat64)
+OPEN_WRAPPER(open, AT_FDCWD)
+OPEN_WRAPPER(open64, AT_FDCWD)
+OPEN_WRAPPER(openat, dirfd, int dirfd,)
+OPEN_WRAPPER(openat64, dirfd, int dirfd,)
 
 int close(int fd)
 {

@@ -10,7 +10,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +17,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from tests.support.helpers import needs_loop
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = 1234
@@ -36,14 +37,6 @@ def _load_corpus() -> ModuleType:
 corpus = _load_corpus()
 
 
-def _loop_usable() -> bool:
-    if os.geteuid() != 0 or shutil.which("losetup") is None:
-        return False
-    proc = subprocess.run(["losetup", "--find"], capture_output=True, text=True, check=False)
-    return proc.returncode == 0 and proc.stdout.startswith("/dev/loop")
-
-
-needs_loop = pytest.mark.skipif(not _loop_usable(), reason="needs root and loop devices")
 pytestmark = needs_loop
 
 

@@ -17,6 +17,7 @@ from repofs.store.repository import Repository
 from repofs.store.restorepoint import DiskInfo
 from tests.support.helpers import (
     assert_one_line_error,
+    disk_doc,
     ingest,
     make_image,
     mounted,
@@ -173,18 +174,7 @@ class TestCbtCheck:
         for chunk in (5, 6, 7):
             poke(img, chunk * CHUNK + 10, b"unlisted")
         cbt = write_list(tmp_path / "c.json", [poke(img, 0, b"listed")])
-        p = repofs(
-            "ingest",
-            repo,
-            "--vm",
-            "vm",
-            f"d={img}",
-            "--changed-blocks",
-            f"d={cbt}",
-            "--cbt-check",
-            "100",
-            check=False,
-        )
+        p = cbt_ingest(repo, img, cbt, "--cbt-check", "100", check=False)
         assert_one_line_error(p, "--cbt-check failed", "disk d", f"bytes {5 * CHUNK}-{8 * CHUNK} ")
         assert len(listing(repo, "vm")) == 1
 
@@ -238,9 +228,7 @@ class TestBadLists:
         """Each malformed list is a one-line error and no restore point."""
         cbt = tmp_path / "c.json"
         cbt.write_text(json.dumps(doc))
-        p = repofs(
-            "ingest", repo, "--vm", "vm", f"d={base}", "--changed-blocks", f"d={cbt}", check=False
-        )
+        p = cbt_ingest(repo, base, cbt, check=False)
         assert_one_line_error(p, needle)
         assert len(listing(repo, "vm")) == 1
 
@@ -250,17 +238,7 @@ class TestBadLists:
     ) -> None:
         """A FIFO or /dev/zero is refused at once, not waited on or read until memory runs out."""
         cbt, needle = not_a_small_regular_file(tmp_path / "c.json", kind, MAX_LIST_BYTES)
-        p = repofs(
-            "ingest",
-            repo,
-            "--vm",
-            "vm",
-            f"d={base}",
-            "--changed-blocks",
-            f"d={cbt}",
-            check=False,
-            timeout=60,
-        )
+        p = cbt_ingest(repo, base, cbt, check=False, timeout=60)
         assert_one_line_error(p, str(cbt), "changed-block list", needle)
         assert p.returncode == 4
         assert len(listing(repo, "vm")) == 1
@@ -284,46 +262,17 @@ class TestBadLists:
         """A list for a disk not ingested, a missing parent, a parent of another VM, no parent."""
         cbt = write_list(tmp_path / "c.json", [(0, 512)])
         assert_one_line_error(
-            repofs(
-                "ingest",
-                repo,
-                "--vm",
-                "vm",
-                f"d={base}",
-                "--changed-blocks",
-                f"e={cbt}",
-                check=False,
-            ),
+            cbt_ingest(repo, base, cbt, check=False, listed="e"),
             "not in this ingest",
         )
         ingest(repo, "other", f"d={base}")
         other = ingest(repo, "other", f"d={base}")  # later than vm's only id, so not one of vm's
         assert_one_line_error(
-            repofs(
-                "ingest",
-                repo,
-                "--vm",
-                "vm",
-                f"d={base}",
-                "--changed-blocks",
-                f"d={cbt}",
-                "--parent",
-                other,
-                check=False,
-            ),
+            cbt_ingest(repo, base, cbt, "--parent", other, check=False),
             "no restore point",
         )
         assert_one_line_error(
-            repofs(
-                "ingest",
-                repo,
-                "--vm",
-                "new",
-                f"d={base}",
-                "--changed-blocks",
-                f"d={cbt}",
-                check=False,
-            ),
+            cbt_ingest(repo, base, cbt, check=False, vm="new"),
             "parent",
         )
         assert len(listing(repo, "vm")) == 1
@@ -334,16 +283,7 @@ class TestBadLists:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(q), "4M"], check=True)
         subprocess.run(["qemu-img", "bitmap", "--add", str(q), "b0"], check=True)
         ingest(repo, "q", f"d={q}")
-        p = repofs(
-            "ingest",
-            repo,
-            "--vm",
-            "q",
-            f"d={q}",
-            "--changed-blocks",
-            "d=qemu-bitmap:nope",
-            check=False,
-        )
+        p = cbt_ingest(repo, q, "qemu-bitmap:nope", check=False, vm="q")
         assert_one_line_error(p, "nope", "b0")
 
 
@@ -477,18 +417,27 @@ def positions(repo: Path, vm: str) -> list[str | None]:
 
 
 def cbt_ingest(
-    repo: Path, img: Path, cbt: Path | str, *extra: str, check: bool = True
+    repo: Path,
+    img: Path,
+    cbt: Path | str,
+    *extra: str | Path,
+    check: bool = True,
+    vm: str = "vm",
+    listed: str = "d",
+    timeout: float = 600,
 ) -> subprocess.CompletedProcess[str]:
+    """Ingest ``img`` as d of ``vm`` with the changed-block list ``cbt`` of disk ``listed``."""
     return repofs(
         "ingest",
         repo,
         "--vm",
-        "vm",
+        vm,
         f"d={img}",
         "--changed-blocks",
-        f"d={cbt}",
+        f"{listed}={cbt}",
         *extra,
         check=check,
+        timeout=timeout,
     )
 
 
@@ -620,16 +569,7 @@ class TestRecordCompatibility:
         field existed read back and serialise to the same document."""
         from repofs.store.restorepoint import RestorePoint
 
-        disk = {
-            "name": "d",
-            "capacity": 512,
-            "map_root": "00" * 32,
-            "map_depth": 1,
-            "n_chunks": 1,
-            "allocated_bytes": 0,
-            "source_format": "raw",
-            "source_chain": [],
-        }
+        disk = disk_doc("d", 512)
         doc = {"vm": "v", "id": "i", "seq": 1, "vm_seq": 1, "created": 0.0, "chunk_size": 512}
         old = RestorePoint.from_doc({**doc, "disks": [disk]}).to_doc()
         assert "cbt_position" not in old["disks"][0]

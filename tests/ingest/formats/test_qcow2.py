@@ -22,26 +22,35 @@ from ingest.formats import imgutil
 from ingest.formats.detect import detect_format
 from ingest.formats.qcow2 import Qcow2Source
 from repofs.errors import SourceError
+from tests.support import imgfmt
 from tests.support.imgfmt import (
     KiB,
     MiB,
     check_against_qemu,
-    check_source,
-    exercise,
     open_detected,
     patch,
     pattern_raw,
     qemu_io,
-    qemu_raw,
-    read_all,
-    requires_qemu,
     run,
 )
 
-pytestmark = requires_qemu
+pytestmark = imgfmt.requires_qemu
 
 SIZE = 5 * MiB + 1536  # not a multiple of any cluster size nor of 64 KiB
 GAP = (2 * MiB, 2 * MiB)  # never written by pattern_raw: must not be "allocated"
+
+
+def create_qcow2(
+    path: Path, options: str, backing: Path | None = None, size: str | None = None
+) -> None:
+    """``qemu-img create`` a qcow2 with ``-o options`` over a qcow2 ``backing``, or of ``size``."""
+    args: list[str | Path] = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", options]
+    if backing is not None:
+        args += ["-b", backing.name, "-F", "qcow2"]
+    args.append(path)
+    if size is not None:
+        args.append(size)
+    run(*args)
 
 
 def compressible_raw(path: Path, size: int) -> bytes:
@@ -83,6 +92,18 @@ def first_l2(path: Path) -> tuple[int, int]:
     return f["l1_off"], l1e & 0x00FFFFFFFFFFFE00
 
 
+def convert(src: Path, dst: Path, fmt: str, options: str, *flags: str) -> None:
+    """``qemu-img convert`` ``src`` to ``dst`` in ``fmt`` with ``-o options`` (and ``flags``)."""
+    run("qemu-img", "convert", *flags, "-O", fmt, "-o", options, src, dst)
+
+
+def written_image(path: Path, options: str, size: str, write: str) -> tuple[int, int]:
+    """A fresh qcow2 with one qemu-io ``write``; its :func:`first_l2` offsets, to damage."""
+    create_qcow2(path, options, size=size)
+    qemu_io(path, "qcow2", write)
+    return first_l2(path)
+
+
 # -- images qemu makes ----------------------------------------------------------
 
 
@@ -90,16 +111,7 @@ def first_l2(path: Path) -> tuple[int, int]:
 @pytest.mark.parametrize("cluster", ["4k", "64k", "2M"])
 def test_convert_matches_qemu(work: Path, compat: str, cluster: str) -> None:
     img = work / f"conv-{compat}-{cluster}.qcow2"
-    run(
-        "qemu-img",
-        "convert",
-        "-O",
-        "qcow2",
-        "-o",
-        f"compat={compat},cluster_size={cluster}",
-        work / "pattern.raw",
-        img,
-    )
+    convert(work / "pattern.raw", img, "qcow2", f"compat={compat},cluster_size={cluster}")
     assert detect_format(str(img), img.read_bytes()[:4096]) == "qcow2"
     check_against_qemu(img, "qcow2", "qcow2", sparse_gap=GAP)
 
@@ -132,20 +144,7 @@ def test_zero_clusters_and_three_level_chain(work: Path) -> None:
     mid = work / "chain-mid.qcow2"
     top = work / "chain-top.qcow2"
     run("qemu-img", "convert", "-O", "qcow2", work / "pattern.raw", base)
-    run(
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4k",
-        "-b",
-        base.name,
-        "-F",
-        "qcow2",
-        mid,
-    )
+    create_qcow2(mid, "cluster_size=4k", backing=base)
     qemu_io(
         mid,
         "qcow2",
@@ -154,20 +153,7 @@ def test_zero_clusters_and_three_level_chain(work: Path) -> None:
         "write -z 1M 8k",
         "write -P 0x33 4700000 7000",
     )
-    run(
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compat=0.10",
-        "-b",
-        mid.name,
-        "-F",
-        "qcow2",
-        top,
-    )
+    create_qcow2(top, "compat=0.10", backing=mid)
     qemu_io(
         top,
         "qcow2",
@@ -204,16 +190,7 @@ def test_raw_backing_smaller_than_child(work: Path) -> None:
 def test_backing_of_other_formats(work: Path, fmt: str, ours: str) -> None:
     """A qcow2 overlay on a VHD/VHDX base (qemu names the VHD driver 'vpc')."""
     base = work / f"other-base.{fmt}"
-    run(
-        "qemu-img",
-        "convert",
-        "-O",
-        fmt,
-        "-o",
-        "force_size=on" if fmt == "vpc" else "block_size=1M",
-        work / "pattern.raw",
-        base,
-    )
+    convert(work / "pattern.raw", base, fmt, "force_size=on" if fmt == "vpc" else "block_size=1M")
     child = work / f"over-{fmt}.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", fmt, child)
     qemu_io(child, "qcow2", "write -P 0x5a 64k 64k", "write -z 0 4k")
@@ -241,20 +218,7 @@ def test_extended_l2_subclusters(work: Path, cluster: str) -> None:
     base = work / f"sub-base-{cluster}.qcow2"
     run("qemu-img", "convert", "-O", "qcow2", work / "pattern.raw", base)
     child = work / f"sub-{cluster}.qcow2"
-    run(
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        f"extended_l2=on,cluster_size={cluster}",
-        "-b",
-        base.name,
-        "-F",
-        "qcow2",
-        child,
-    )
+    create_qcow2(child, f"extended_l2=on,cluster_size={cluster}", backing=base)
     sc = {"32k": 1024, "2M": 64 * KiB}[cluster]
     qemu_io(
         child,
@@ -268,17 +232,7 @@ def test_extended_l2_subclusters(work: Path, cluster: str) -> None:
     check_against_qemu(child, "qcow2", "qcow2")
     # extended L2 without a backing file, partially written clusters read zeros
     lone = work / f"sub-lone-{cluster}.qcow2"
-    run(
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        f"extended_l2=on,cluster_size={cluster}",
-        lone,
-        str(SIZE),
-    )
+    create_qcow2(lone, f"extended_l2=on,cluster_size={cluster}", size=str(SIZE))
     qemu_io(lone, "qcow2", f"write -P 0x31 {sc} {sc}", f"write -P 0x32 {SIZE - 1536} 1536")
     extents = check_against_qemu(lone, "qcow2", "qcow2", sparse_gap=GAP)
     assert extents[0] == (sc, sc)
@@ -287,7 +241,7 @@ def test_extended_l2_subclusters(work: Path, cluster: str) -> None:
 def test_external_data_file(work: Path) -> None:
     data = work / "ext-data.raw"
     img = work / "ext.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={data}", img, "4M")
+    create_qcow2(img, f"data_file={data}", size="4M")
     qemu_io(img, "qcow2", "write -P 0x11 64k 128k", "write -P 0x22 3M 512")
     check_against_qemu(img, "qcow2", "qcow2", sparse_gap=(1 * MiB, 2 * MiB))
     with open_detected(img) as src:
@@ -302,7 +256,7 @@ def test_dirty_image_is_readable(work: Path) -> None:
     run("qemu-img", "convert", "-O", "qcow2", "-o", "lazy_refcounts=on", work / "pattern.raw", img)
     patch(img, 72, struct.pack(">Q", 1))  # incompatible feature bit 0: dirty
     with open_detected(img) as src:
-        check_source(src, (work / "pattern.raw").read_bytes())
+        imgfmt.check_source(src, (work / "pattern.raw").read_bytes())
 
 
 def test_read_coalesces_contiguous_clusters(work: Path) -> None:
@@ -331,7 +285,7 @@ def fails(path: Path, match: str, fmt: str | None = "qcow2", *, full: bool = Tru
         try:
             if full:
                 list(src.allocated_extents())
-                read_all(src)
+                imgfmt.read_all(src)
         finally:
             src.close()
     assert str(path) in str(info.value)
@@ -402,9 +356,7 @@ def test_l2_entry_past_eof_and_unaligned(good: Path, tmp_path: Path) -> None:
 
 def test_duplicate_l2_table_is_refused(tmp_path: Path) -> None:
     img = tmp_path / "dup.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, "8M")
-    qemu_io(img, "qcow2", "write -P 1 0 4k")
-    l1e_off, _ = first_l2(img)
+    l1e_off, _ = written_image(img, "cluster_size=4k", "8M", "write -P 1 0 4k")
     patch(img, l1e_off + 8, img.read_bytes()[l1e_off : l1e_off + 8])
     fails(img, "referenced by more than one L1 entry")
 
@@ -418,17 +370,7 @@ def test_truncated_data_cluster(good: Path) -> None:
 def test_corrupt_compressed_cluster(work: Path, tmp_path: Path) -> None:
     for ctype in ("zlib", "zstd"):
         img = tmp_path / f"badz-{ctype}.qcow2"
-        run(
-            "qemu-img",
-            "convert",
-            "-c",
-            "-O",
-            "qcow2",
-            "-o",
-            f"compression_type={ctype}",
-            work / "text.raw",
-            img,
-        )
+        convert(work / "text.raw", img, "qcow2", f"compression_type={ctype}", "-c")
         _, l2 = first_l2(img)
         (entry,) = struct.unpack(">Q", img.read_bytes()[l2 : l2 + 8])
         coff = entry & ((1 << 54) - 1)
@@ -438,9 +380,7 @@ def test_corrupt_compressed_cluster(work: Path, tmp_path: Path) -> None:
 
 def test_extended_l2_alloc_and_zero_bits(tmp_path: Path) -> None:
     img = tmp_path / "badsub.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", img, "1M")
-    qemu_io(img, "qcow2", "write -P 1 0 2k")
-    _, l2 = first_l2(img)
+    _, l2 = written_image(img, "extended_l2=on", "1M", "write -P 1 0 2k")
     patch(img, l2 + 8, struct.pack(">Q", (1 << 32) | 1))
     fails(img, "both allocated and zero")
 
@@ -532,17 +472,7 @@ def fuzz_seeds(work: Path) -> list[bytes]:
         run("qemu-img", "convert", "-O", "qcow2", *args, raw, img)
         out.append(img.read_bytes())
     sub = work / "fuzz-sub.qcow2"
-    run(
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "extended_l2=on,cluster_size=16k",
-        sub,
-        "256k",
-    )
+    create_qcow2(sub, "extended_l2=on,cluster_size=16k", size="256k")
     qemu_io(sub, "qcow2", "write -P 3 512 1k", "write -z 16k 1k")
     out.append(sub.read_bytes())
     return out
@@ -572,14 +502,14 @@ def test_mutated_images_only_raise_source_error(
         data[pos : pos + len(blob)] = blob
     if cut is not None:
         del data[cut:]
-    exercise(bytes(data), "qcow2")
+    imgfmt.exercise(bytes(data), "qcow2")
 
 
 @FUZZ
 @given(body=st.binary(max_size=2048), fields=st.lists(st.integers(0, 2**64 - 1), max_size=14))
 def test_arbitrary_headers_only_raise_source_error(body: bytes, fields: list[int]) -> None:
     head = b"QFI\xfb" + b"".join(struct.pack(">Q", v) for v in fields)
-    exercise(head + body, None)
+    imgfmt.exercise(head + body, None)
 
 
 def test_fuzz_seeds_are_valid(fuzz_seeds: list[bytes], tmp_path: Path) -> None:
@@ -588,4 +518,4 @@ def test_fuzz_seeds_are_valid(fuzz_seeds: list[bytes], tmp_path: Path) -> None:
         p = tmp_path / f"s{i}.qcow2"
         p.write_bytes(data)
         with open_detected(p) as src:
-            assert read_all(src) == qemu_raw(p, "qcow2")
+            assert imgfmt.read_all(src) == imgfmt.qemu_raw(p, "qcow2")

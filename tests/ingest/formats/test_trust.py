@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.helpers import assert_one_line_error, ingest, mounted, repofs
+from tests.support.helpers import assert_one_line_error, ingest, mounted, needs_loop, repofs
 from tests.support.imgfmt import build_vhd, build_vhdx, read_data_write_guid
 from tests.support.vmdk_builders import descriptor, sparse_header
 
@@ -209,16 +209,6 @@ def assert_refused(proc: subprocess.CompletedProcess[str], reference: str, repo:
     assert repo_files(repo) == before
     assert json.loads(repofs("list", repo, "--json").stdout) == []
     return proc.stderr
-
-
-def _loop_usable() -> bool:
-    if os.geteuid() != 0 or shutil.which("losetup") is None:
-        return False
-    proc = subprocess.run(["losetup", "--find"], capture_output=True, text=True, check=False)
-    return proc.returncode == 0 and proc.stdout.startswith("/dev/loop")
-
-
-needs_loop = pytest.mark.skipif(not _loop_usable(), reason="needs root and loop devices")
 
 
 @pytest.fixture

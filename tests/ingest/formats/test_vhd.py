@@ -495,8 +495,39 @@ def vhdx_parent(work: Path) -> tuple[Path, bytes]:
     return parent, qemu_raw(parent, "vhdx")
 
 
+@pytest.fixture()
+def parent_vhdx(tmp_path: Path, vhdx_parent: tuple[Path, bytes]) -> Path:
+    """A copy of :func:`vhdx_parent` in the test's own directory, to name or to damage."""
+    parent = tmp_path / "parent.vhdx"
+    parent.write_bytes(vhdx_parent[0].read_bytes())
+    return parent
+
+
+def linkage_of(parent: Path) -> str:
+    """The ``parent_linkage`` a child of ``parent`` must carry: its data write GUID in braces."""
+    return "{" + str(read_data_write_guid(parent)) + "}"
+
+
+def vhdx_child(
+    path: Path,
+    relative_path: str,
+    linkage: str | None = None,
+    writes: list[tuple[int, bytes]] | None = None,
+) -> None:
+    """A differencing VHDX naming ``relative_path``; by default a random linkage no parent has."""
+    build_vhdx(
+        path,
+        SIZE,
+        writes or [],
+        parent={
+            "parent_linkage": linkage or "{" + str(uuid.uuid4()) + "}",
+            "relative_path": relative_path,
+        },
+    )
+
+
 @pytest.mark.parametrize("lss", [512, 4096])
-def test_vhdx_differencing(tmp_path: Path, vhdx_parent, lss: int) -> None:
+def test_vhdx_differencing(tmp_path: Path, vhdx_parent, parent_vhdx: Path, lss: int) -> None:
     """Expectation, not qemu (qemu 7.2 returns ENOTSUP for differencing VHDX).
 
     Parent bytes from qemu, overlaid with the child's sectors; block 3 is
@@ -504,9 +535,8 @@ def test_vhdx_differencing(tmp_path: Path, vhdx_parent, lss: int) -> None:
     unmarked sectors of partially present blocks must never show.  The 4 KiB
     sector child is larger than its parent: the excess reads as zeros.
     """
-    parent = tmp_path / "parent.vhdx"
-    parent.write_bytes(vhdx_parent[0].read_bytes())
-    linkage = "{" + str(read_data_write_guid(parent)) + "}"
+    parent = parent_vhdx
+    linkage = linkage_of(parent)
     child = tmp_path / "child.vhdx"
     size = SIZE if lss == 512 else 5 * MiB + 4096  # 4 KiB sectors: larger than parent
     writes = sector_writes(8, size, lss)
@@ -524,9 +554,8 @@ def test_vhdx_differencing(tmp_path: Path, vhdx_parent, lss: int) -> None:
         check_source(src, bytes(expect), sparse_gap=(3 * MiB, MiB))
 
 
-def test_vhdx_two_level_chain_and_linkage2(tmp_path: Path, vhdx_parent) -> None:
-    parent = tmp_path / "parent.vhdx"
-    parent.write_bytes(vhdx_parent[0].read_bytes())
+def test_vhdx_two_level_chain_and_linkage2(tmp_path: Path, vhdx_parent, parent_vhdx: Path) -> None:
+    parent = parent_vhdx
     mid = tmp_path / "mid.vhdx"
     w1 = sector_writes(9, SIZE)
     # parent_linkage is stale; parent_linkage2 names the parent's current GUID.
@@ -537,7 +566,7 @@ def test_vhdx_two_level_chain_and_linkage2(tmp_path: Path, vhdx_parent) -> None:
         junk=True,
         parent={
             "parent_linkage": "{" + str(uuid.uuid4()) + "}",
-            "parent_linkage2": "{" + str(read_data_write_guid(parent)) + "}",
+            "parent_linkage2": linkage_of(parent),
             "absolute_win32_path": "E:\\somewhere\\parent.vhdx",
         },
     )
@@ -554,32 +583,16 @@ def test_vhdx_two_level_chain_and_linkage2(tmp_path: Path, vhdx_parent) -> None:
         check_source(src, overlay(overlay(vhdx_parent[1], w1), w2), sparse_gap=GAP)
 
 
-def test_vhdx_linkage_mismatch_missing_and_loop(tmp_path: Path, vhdx_parent) -> None:
-    parent = tmp_path / "parent.vhdx"
-    parent.write_bytes(vhdx_parent[0].read_bytes())
+def test_vhdx_linkage_mismatch_missing_and_loop(tmp_path: Path, parent_vhdx: Path) -> None:
+    parent = parent_vhdx
     child = tmp_path / "child.vhdx"
-    build_vhdx(
-        child,
-        SIZE,
-        [],
-        parent={"parent_linkage": "{" + str(uuid.uuid4()) + "}", "relative_path": ".\\parent.vhdx"},
-    )
+    vhdx_child(child, ".\\parent.vhdx")
     with pytest.raises(SourceError, match="data write GUID") as info:
         open_detected(child)
     assert str(child) in str(info.value) and str(parent) in str(info.value)
-    build_vhdx(
-        child,
-        SIZE,
-        [],
-        parent={"parent_linkage": "{" + str(uuid.uuid4()) + "}", "relative_path": "gone.vhdx"},
-    )
+    vhdx_child(child, "gone.vhdx")
     fails(child, "parent VHDX not found .*gone.vhdx")
-    build_vhdx(
-        child,
-        SIZE,
-        [],
-        parent={"parent_linkage": "{" + str(uuid.uuid4()) + "}", "relative_path": "child.vhdx"},
-    )
+    vhdx_child(child, "child.vhdx")
     fails(child, "chain loops")
     build_vhdx(child, SIZE, [], parent={"relative_path": "parent.vhdx"})
     fails(child, "no parent_linkage")
@@ -591,6 +604,12 @@ def test_vhdx_linkage_mismatch_missing_and_loop(tmp_path: Path, vhdx_parent) -> 
 def reseal_vhdx(path: Path) -> None:
     """Recompute both headers' and region tables' CRC32C after a deliberate edit."""
     data = bytearray(path.read_bytes())
+    reseal_vhdx_bytes(data)
+    path.write_bytes(bytes(data))
+
+
+def reseal_vhdx_bytes(data: bytearray) -> None:
+    """:func:`reseal_vhdx` on an image in memory."""
     for off, size in (
         (64 * KiB, 4 * KiB),
         (128 * KiB, 4 * KiB),
@@ -599,7 +618,6 @@ def reseal_vhdx(path: Path) -> None:
     ):
         struct.pack_into("<I", data, off + 4, 0)
         struct.pack_into("<I", data, off + 4, crc32c(bytes(data[off : off + size])))
-    path.write_bytes(bytes(data))
 
 
 @pytest.fixture()
@@ -723,19 +741,9 @@ def test_vhdx_log(tmp_path: Path) -> None:
     fails(img, "log that needs replaying")
 
 
-def test_vhdx_missing_sector_bitmap(tmp_path: Path, vhdx_parent) -> None:
-    parent = tmp_path / "parent.vhdx"
-    parent.write_bytes(vhdx_parent[0].read_bytes())
+def test_vhdx_missing_sector_bitmap(tmp_path: Path, parent_vhdx: Path) -> None:
     child = tmp_path / "child.vhdx"
-    build_vhdx(
-        child,
-        SIZE,
-        [(0, b"\x01" * 512)],
-        parent={
-            "parent_linkage": "{" + str(read_data_write_guid(parent)) + "}",
-            "relative_path": "parent.vhdx",
-        },
-    )
+    vhdx_child(child, "parent.vhdx", linkage_of(parent_vhdx), [(0, b"\x01" * 512)])
     chunk_ratio = (1 << 23) * 512 // MiB
     patch(child, BAT + 8 * chunk_ratio, bytes(8))
     fails(child, "sector bitmap block is missing")
@@ -778,14 +786,7 @@ def test_vhdx_mutations_only_raise_source_error(
         at = start + pos % length
         data[at : at + len(blob)] = blob
     if reseal:
-        for off, size in (
-            (64 * KiB, 4 * KiB),
-            (128 * KiB, 4 * KiB),
-            (192 * KiB, 64 * KiB),
-            (256 * KiB, 64 * KiB),
-        ):
-            struct.pack_into("<I", data, off + 4, 0)
-            struct.pack_into("<I", data, off + 4, crc32c(bytes(data[off : off + size])))
+        reseal_vhdx_bytes(data)
     if cut is not None:
         del data[cut:]
     exercise(bytes(data), "vhdx")

@@ -18,6 +18,7 @@ import struct
 import subprocess
 import tracemalloc
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -904,36 +905,35 @@ def fuzz_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, FuzzImage
     return images
 
 
+def parses_or_names_file(parse: Callable[[bytes, str], object], *bufs: bytes) -> None:
+    """Each buffer parses as a header, or fails with a SourceError naming the file."""
+    for buf in bufs:
+        try:
+            parse(buf, "f.vmdk")
+        except SourceError as exc:
+            assert "f.vmdk" in str(exc)
+
+
 class TestFuzz:
     @FUZZ
     @given(st.binary(min_size=0, max_size=600))
     def test_sparse_header_parser(self, data: bytes) -> None:
         """Arbitrary bytes after the magic give a header or a SourceError."""
-        for buf in (data, b"KDMV" + data):
-            try:
-                parse_sparse_header(buf, "f.vmdk")
-            except SourceError as exc:
-                assert "f.vmdk" in str(exc)
+        parses_or_names_file(parse_sparse_header, data, b"KDMV" + data)
 
     @FUZZ
     @given(st.binary(min_size=0, max_size=2100))
     def test_cowd_header_parser(self, data: bytes) -> None:
         """Arbitrary COWD headers give a header or a SourceError."""
-        for buf in (data, b"COWD\x01\0\0\0" + data):
-            try:
-                parse_cowd_header(buf, "f.vmdk")
-            except SourceError as exc:
-                assert "f.vmdk" in str(exc)
+        parses_or_names_file(parse_cowd_header, data, b"COWD\x01\0\0\0" + data)
 
     @FUZZ
     @given(st.binary(min_size=0, max_size=600))
     def test_sesparse_header_parser(self, data: bytes) -> None:
         """Arbitrary SEsparse headers give a header or a SourceError."""
-        for buf in (data, struct.pack("<QQ", 0xCAFEBABE, 0x200000001) + data):
-            try:
-                parse_sesparse_header(buf, "f.vmdk")
-            except SourceError as exc:
-                assert "f.vmdk" in str(exc)
+        parses_or_names_file(
+            parse_sesparse_header, data, struct.pack("<QQ", 0xCAFEBABE, 0x200000001) + data
+        )
 
     @FUZZ
     @given(st.one_of(
