@@ -26,7 +26,7 @@ from ingest.plan import Interval, Run, chunk_intervals, complement, intersect, p
 from repofs.errors import IntegrityError, SourceError, UsageError
 from repofs.store.maps import MapBuilder, MapReader
 from repofs.store.names import validate_restore_point_names, validate_vm_name
-from repofs.store.records import ZERO_DIGEST, Codec, Compressor, RecordType, digest_of
+from repofs.store.records import ZERO_DIGEST, Codec, Compressor, RecordType
 from repofs.store.repository import Repository
 from repofs.store.restorepoint import ConfigFile, DiskInfo, RestorePoint
 from repofs.store.writer import ObjectWriter
@@ -88,6 +88,7 @@ class _Workers:
         out: list[ChunkResult] = []
         index = self._repo.index
         comp = self._compressor()
+        keys = self._repo.keys  # names and seals here, in parallel, not on the writer's thread
         with index.reading() as txn:  # holds off a map resize while it reads
             for pos in range(0, len(data), chunk_size):
                 piece = data[
@@ -97,12 +98,12 @@ class _Workers:
                 if piece == (self._zero if n == chunk_size else self._zero[:n]):
                     out.append((ZERO_DIGEST, None, n, None))
                     continue
-                digest = digest_of(piece)
+                digest = keys.name(piece)
                 if index.has(txn, RecordType.CHUNK, digest):
                     out.append((digest, None, n, None))
                     continue
                 codec, payload = comp.compress(piece)
-                out.append((digest, codec, n, payload))
+                out.append((digest, codec, n, keys.seal(RecordType.CHUNK, digest, payload)))
         return out
 
     def submit(self, data: bytes, chunk_size: int) -> Future[list[ChunkResult]]:
@@ -278,7 +279,7 @@ class Ingest:
                     continue
                 length = chunk_length(i, cs, capacity)
                 data = d.source.read(i * cs, length)
-                ref = ZERO_DIGEST if data == bytes(length) else digest_of(data)
+                ref = ZERO_DIGEST if data == bytes(length) else self.repo.keys.name(data)
                 if ref != parent_ref:
                     if bad and bad[-1][1] == i * cs:  # one range for neighbouring chunks
                         bad[-1] = (bad[-1][0], i * cs + length)

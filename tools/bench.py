@@ -46,6 +46,11 @@ PEER_ENV = {
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 from repofs.store.config import DEFAULT_CHUNK, size_label  # noqa: E402  (after sys.path)
+from repofs.store.crypto import DEFAULT_CIPHER  # noqa: E402
+
+# repofs repositories are encrypted by default, as restic's are: the benchmark measures
+# the default, with a passphrase from the environment like any unattended job.
+os.environ.setdefault("REPOFS_PASSPHRASE", "bench")
 
 DEFAULT_CS = size_label(DEFAULT_CHUNK)
 
@@ -257,17 +262,20 @@ class Tool:
 class Repofs(Tool):
     name = "repofs"
 
-    def __init__(self, work: Path, chunk_size: str = DEFAULT_CS, name: str = "repofs") -> None:
+    def __init__(self, work: Path, chunk_size: str = DEFAULT_CS, name: str = "repofs",
+                 encryption: str = DEFAULT_CIPHER) -> None:
         self.name = name
         super().__init__(work)
         self.chunk_size = chunk_size
+        self.encryption = encryption
         self.ids: list[str] = []
 
     def cli(self, *args: str) -> list[str]:
         return [PY, "-m", "repofs", *args]
 
     def init(self) -> None:
-        run(self.cli("init", "--chunk-size", self.chunk_size, str(self.repo)))
+        run(self.cli("init", "--chunk-size", self.chunk_size, "--encryption", self.encryption,
+                     str(self.repo)))
 
     def backup(self, step: Step, use_cbt: bool) -> Ran:
         args = ["ingest", str(self.repo), "--vm", "vm1", f"disk0={step.image}"]

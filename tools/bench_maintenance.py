@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 MiB = 1 << 20
+# Repositories are encrypted by default; a benchmark is an unattended job.
+os.environ.setdefault("REPOFS_PASSPHRASE", "bench")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 

@@ -55,7 +55,22 @@ def main() -> None:
     print(f"demo: working in {work}")
     ingest = (*REPOFS, "ingest", str(repo), "--vm", "sample", f"disk0={disk}", "--format", "raw")
     build(disk, 1)
-    step("Create a repository", *REPOFS, "init", str(repo))
+    # The unattended way: the passphrase in an owner-only file outside the repository
+    # (or REPOFS_PASSPHRASE, or --key-file), never on the command line, never a prompt.
+    secret = work / "passphrase"
+    secret.touch(mode=0o600)
+    secret.write_text(os.urandom(24).hex() + "\n")
+    os.environ["REPOFS_PASSPHRASE_FILE"] = str(secret)  # for the steps after init
+    print(f"\n== A passphrase for unattended jobs, in {secret} (mode 0600)")
+    step(
+        "Create an encrypted repository (AES-256-GCM by default)",
+        *REPOFS,
+        "init",
+        str(repo),
+        "--passphrase-file",
+        str(secret),
+    )
+    print(f"(the next commands find the passphrase through REPOFS_PASSPHRASE_FILE={secret})")
     step("Ingest day 1 of the sample VM (GPT: FAT, ext4, NTFS)", *ingest)
     build(disk, 2)
     step("Ingest day 2, after a few files changed", *ingest)
@@ -108,7 +123,10 @@ def main() -> None:
                 subprocess.run(["losetup", "-d", dev])
     finally:
         step("Unmount", *REPOFS, "umount", str(mnt))
-    print(f"\ndemo: done; the repository stays in {repo} (delete it with: rm -rf {work})")
+    print(
+        f"\ndemo: done; the repository stays in {repo}, its passphrase in {secret} "
+        f"(delete both with: rm -rf {work})"
+    )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from repofs.cli.common import (
 )
 from repofs.errors import RepofsError, UsageError
 from repofs.store.config import DEFAULT_CHUNK, DEFAULT_COMPRESSION, parse_size, size_label
+from repofs.store.crypto import CIPHERS, DEFAULT_CIPHER
 from repofs.store.names import validate_vm_name
 from repofs.store.repository import Repository
 from repofs.store.restorepoint import CONSISTENCY
@@ -119,13 +120,26 @@ def main() -> None:
 @click.option(
     "--compression", default=DEFAULT_COMPRESSION, show_default=True, help="zstd:LEVEL or none."
 )
-def init(repo: str, chunk_size: str, compression: str) -> None:
-    """Create a new, empty repository in REPO."""
+@click.option(
+    "--encryption",
+    type=click.Choice([*CIPHERS, "none"]),
+    default=DEFAULT_CIPHER,
+    show_default=True,
+    help="AEAD sealing every record and name; the key comes from --key-file (created), "
+    "--passphrase-file, REPOFS_PASSPHRASE or a prompt.",
+)
+def init(repo: str, chunk_size: str, compression: str, encryption: str) -> None:
+    """Create a new, empty repository in REPO (encrypted unless --encryption none)."""
     size = parse_size(chunk_size, "--chunk-size")
-    with Repository.init(repo, size, compression) as r:
+    with Repository.init(repo, size, compression, encryption) as r:
+        key = r.config.encryption
+        sealed = ", not encrypted"
+        if key is not None:
+            where = "the key file" if key.key == "key-file" else "REPO/key"
+            sealed = f", {key.cipher}, key in {where}"
         click.echo(
             f"created repository {repo} (id {r.config.repository_id}, "
-            f"chunk size {human_bytes(size)}, {r.config.compression})"
+            f"chunk size {human_bytes(size)}, {r.config.compression}{sealed})"
         )
 
 
@@ -396,3 +410,8 @@ def stats(repo: str, as_json: bool) -> None:
 from repofs.cli.maintenance import register as _register_maintenance  # noqa: E402 - after main
 
 _register_maintenance(main)
+
+from repofs.cli.key import add_key_source_options, key  # noqa: E402 - after main
+
+main.add_command(key)
+add_key_source_options(main)  # last: every command has them

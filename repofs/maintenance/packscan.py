@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from repofs.errors import IntegrityError
+from repofs.store.crypto import PLAIN, Keys
 from repofs.store.packstore import LocalPackStore
 from repofs.store.records import (
     PACK_HEADER,
@@ -121,7 +122,11 @@ Checked = tuple[ScannedRecord, bytes | None, str | None]
 
 
 def check_payloads(
-    scan: PackScan, pool: Executor, keep: frozenset[RecordType] = frozenset(), batch: int = 64
+    scan: PackScan,
+    pool: Executor,
+    keep: frozenset[RecordType] = frozenset(),
+    batch: int = 64,
+    keys: Keys = PLAIN,
 ) -> Iterator[Checked]:
     """Yield ``(record, content or None, None)`` or ``(record, None, error)`` in pack order.
 
@@ -135,7 +140,7 @@ def check_payloads(
         for r in recs:
             where = f"pack {scan.pack_id.hex()} offset {r.offset}"
             try:
-                raw = decode_payload(r.header, r.payload, where)
+                raw = decode_payload(r.header, r.payload, where, keys)
             except IntegrityError as exc:
                 out.append((r, None, str(exc)))
             else:
@@ -149,7 +154,7 @@ def check_payloads(
 
 
 def restore_point_records(
-    store: LocalPackStore, pack_id: bytes, repository_id: str
+    store: LocalPackStore, pack_id: bytes, repository_id: str, keys: Keys = PLAIN
 ) -> list[tuple[bytes, dict[str, Any]]]:
     """``(digest, restore point)`` of every readable restore point record in one pack.
 
@@ -164,7 +169,7 @@ def restore_point_records(
             continue
         where = f"pack {pack_id.hex()} offset {rec.offset}"
         try:
-            doc = parse_rp_record(decode_payload(rec.header, bytes(rec.payload), where))
+            doc = parse_rp_record(decode_payload(rec.header, bytes(rec.payload), where, keys))
         except IntegrityError:
             continue  # unreadable: rebuild-index could not bring it back either
         if doc is not None:

@@ -37,13 +37,20 @@ import lmdb
 from repofs.errors import IntegrityError, RepofsError, RepositoryError
 from repofs.maintenance.packscan import check_payloads, scan_pack
 from repofs.store.config import RepoConfig
+from repofs.store.crypto import Keys
 from repofs.store.durable import fsync_dir, os_error
 from repofs.store.index import Index, Location
 from repofs.store.lock import repository_lock
 from repofs.store.mapwalk import MapWalker
 from repofs.store.packstore import LocalPackStore
 from repofs.store.records import ZERO_DIGEST, RecordType
-from repofs.store.repository import INDEX_DIR, NEW_INDEX_DIR, PACKS_DIR, Repository
+from repofs.store.repository import (
+    INDEX_DIR,
+    NEW_INDEX_DIR,
+    PACKS_DIR,
+    Repository,
+    open_keys,
+)
 from repofs.store.reserve import retry_with_reserve
 from repofs.store.rprecords import (
     Protection,
@@ -92,10 +99,11 @@ def rebuild_index(
 ) -> RebuildResult:
     t0 = time.monotonic()
     config = RepoConfig.load(path)
+    keys = open_keys(path, config)  # from the packs alone, given the key: asked for first
     with repository_lock(path, exclusive=True):
         _check_packs_present(path)
         new_dir = os.path.join(path, NEW_DIR)
-        known = _old_restore_points(path)
+        known = _old_restore_points(path, keys)
 
         def build() -> RebuildResult:
             attempt = RebuildResult()
@@ -105,10 +113,11 @@ def rebuild_index(
             except OSError as exc:
                 raise os_error(exc, new_dir) from None
             index = Index(new_dir, create=True)
+            index.names = keys
             store = LocalPackStore(os.path.join(path, PACKS_DIR))
             try:
                 found, tombs, flags = _scan_all(store, index, config, attempt, threads, progress)
-                repo = Repository(path, config, index, store)
+                repo = Repository(path, config, index, store, keys)
                 found += _rewrite_lost_records(repo, found, tombs, known, attempt)
                 _restore_points(index, found, tombs, latest_protections(flags), attempt)
                 _check_complete(repo, attempt)
@@ -191,7 +200,7 @@ def _scan_all(
             result.packs += 1
             result.bytes_scanned += scan.size
             entries: list[tuple[RecordType, bytes, int, int, int]] = []
-            for rec, raw, err in check_payloads(scan, pool, _KEEP):
+            for rec, raw, err in check_payloads(scan, pool, _KEEP, keys=index.names):
                 h = rec.header
                 if err is not None:
                     result.damaged.append(
@@ -230,20 +239,21 @@ def _scan_all(
     return found, tombs, flags
 
 
-def _old_restore_points(path: str) -> list[dict[str, Any]]:
+def _old_restore_points(path: str, keys: Keys) -> list[dict[str, Any]]:
     """The restore points the index being replaced lists, as far as it can still be read."""
     docs: list[dict[str, Any]] = []
     try:
         index = Index(os.path.join(path, INDEX_DIR))
     except RepofsError:  # damaged, missing, or no room for its lock file
         return docs
+    index.names = keys
     try:
         with index.reading() as txn:
             for doc in index.rp_docs(txn):
                 if parse_rp_record(json.dumps(doc).encode()) is not None:
                     docs.append(doc)
-    except (lmdb.Error, ValueError):
-        pass  # keep what was read before the damage
+    except (lmdb.Error, ValueError, RepositoryError):
+        pass  # keep what was read before the damage (or a value that does not authenticate)
     finally:
         index.close()
     return docs

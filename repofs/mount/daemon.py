@@ -29,7 +29,7 @@ from repofs.errors import MountError, RepofsError, UsageError
 from repofs.mount.fuse import RepoFS
 from repofs.mount.vfs import RepoView
 from repofs.store.config import RepoConfig
-from repofs.store.repository import INDEX_DIR, Repository
+from repofs.store.repository import INDEX_DIR, Repository, open_keys
 from repofs.util.malloc import keep_freed_memory
 
 log = logging.getLogger("repofs.mount.daemon")
@@ -265,7 +265,9 @@ def mount(
     direct_io: bool = False,
     nonempty: bool = False,
 ) -> None:
-    RepoConfig.load(repo_path)  # a clear error now, before forking
+    # A clear error now, before forking; an encrypted repository is unlocked here, while
+    # there is a terminal to ask on, and the daemon inherits the keys.
+    open_keys(repo_path, RepoConfig.load(repo_path))
     if not os.path.exists(os.path.join(repo_path, INDEX_DIR, "data.mdb")):
         raise MountError(f"{repo_path}: the index is missing; run 'repofs rebuild-index'")
     check_mountpoint(mountpoint)

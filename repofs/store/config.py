@@ -15,12 +15,17 @@ import stat
 from dataclasses import asdict, dataclass, fields
 
 from repofs.errors import RepositoryError, UsageError
+from repofs.store.crypto import EncryptionConfig
 from repofs.store.durable import write_file_atomic
 
 FORMAT_NAME = "repofs"
 FORMAT_VERSION = 2
+#: An encrypted repository's version: version 3 is version 2 with every record sealed
+#: and an ``encryption`` object in config.json (an older repofs, which ignores fields it
+#: does not know, must refuse it instead of misreading sealed records as damage).
+ENCRYPTED_VERSION = 3
 #: Versions this code opens; an older one is upgraded in place before its first pack write.
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 CONFIG_FILE = "config.json"
 MIN_CHUNK = 4096
 MAX_CHUNK = 4 * 1024 * 1024
@@ -81,20 +86,25 @@ class RepoConfig:
     compression: str
     page_refs: int
     pack_target_size: int
+    #: None in an unencrypted repository (versions 1 and 2); present in version 3 only.
+    encryption: EncryptionConfig | None = None
 
     @classmethod
-    def new(cls, chunk_size: int, compression: str) -> RepoConfig:
+    def new(
+        cls, chunk_size: int, compression: str, encryption: EncryptionConfig | None = None
+    ) -> RepoConfig:
         if chunk_size & (chunk_size - 1) or not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
             raise UsageError(f"chunk size {chunk_size} must be a power of two from 4K to 4M")
         codec, level = parse_compression(compression)
         return cls(
             format=FORMAT_NAME,
-            version=FORMAT_VERSION,
+            version=FORMAT_VERSION if encryption is None else ENCRYPTED_VERSION,
             repository_id=os.urandom(16).hex(),
             chunk_size=chunk_size,
             compression=f"zstd:{level}" if codec == "zstd" else "none",
             page_refs=PAGE_REFS,
             pack_target_size=PACK_TARGET,
+            encryption=encryption,
         )
 
     @property
@@ -105,8 +115,18 @@ class RepoConfig:
     def level(self) -> int:
         return parse_compression(self.compression)[1]
 
+    @property
+    def cipher(self) -> str:
+        """``none``, or the AEAD that seals every record."""
+        return self.encryption.cipher if self.encryption is not None else "none"
+
     def to_json(self) -> bytes:
-        return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+        doc = asdict(self)
+        if self.encryption is None:
+            del doc["encryption"]
+        else:
+            doc["encryption"] = self.encryption.to_doc()
+        return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
     @classmethod
     def load(cls, repo_path: str) -> RepoConfig:
@@ -141,13 +161,20 @@ class RepoConfig:
         if "version" in data and _not_int(version):
             raise RepositoryError(f"{path}: version {_shown(version)} is not an integer")
         if version not in READABLE_VERSIONS:
-            newer = isinstance(version, int) and version > FORMAT_VERSION
+            newer = isinstance(version, int) and version > READABLE_VERSIONS[-1]
             raise RepositoryError(
                 f"{path}: format version {_shown(version)} is not supported "
-                f"(this repofs reads versions 1 to {FORMAT_VERSION}"
+                f"(this repofs reads versions 1 to {READABLE_VERSIONS[-1]}"
                 + ("; it was written by a newer repofs)" if newer else ")")
             )
+        encryption = None
+        if version == ENCRYPTED_VERSION:
+            encryption = EncryptionConfig.from_doc(data.get("encryption"), path)
+        elif "encryption" in data:
+            raise RepositoryError(f"{path}: encryption in a version-{version} config")
         for field in fields(cls):
+            if field.name == "encryption":
+                continue
             if field.name not in data:
                 raise RepositoryError(f"{path}: field {field.name!r} is missing")
             value = data[field.name]
@@ -156,7 +183,10 @@ class RepoConfig:
                     raise RepositoryError(f"{path}: {field.name} {_shown(value)} is not an integer")
             elif not isinstance(value, str):
                 raise RepositoryError(f"{path}: {field.name} {_shown(value)} is not a string")
-        cfg = cls(**{field.name: data[field.name] for field in fields(cls)})
+        cfg = cls(
+            **{field.name: data[field.name] for field in fields(cls) if field.name != "encryption"},
+            encryption=encryption,
+        )
         cs = cfg.chunk_size
         if cs & (cs - 1) or not MIN_CHUNK <= cs <= MAX_CHUNK:
             raise RepositoryError(f"{path}: chunk_size {cs} is not a power of two in 4K..4M")

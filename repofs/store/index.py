@@ -4,6 +4,13 @@ What the keys and values are is :mod:`repofs.store.schema`'s business; this
 module keeps LMDB itself in check (a map that grows on demand, a file that
 never ends in a page LMDB could run past, an index replaced by
 rebuild-index) and offers typed reads and writes built on the schema.
+
+In an encrypted repository (:attr:`Index.names` is a
+:class:`~repofs.store.crypto.SealedKeys`) no name is in clear: the VM part of
+the ``vms``, ``rps`` and ``reservations`` keys is a keyed digest of the VM
+name (32 bytes), and the values of ``rps`` and ``seqs`` are sealed, bound to
+their database and key.  Object keys are keyed digests already.  Restore
+point ids (UTC times) and sequence numbers stay in clear.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Any, TypeVar
 import lmdb
 
 from repofs.errors import IndexAccessError, RepositoryError
+from repofs.store.crypto import PLAIN, Keys
 from repofs.store.durable import free_bytes, fsync_dir, os_error
 from repofs.store.records import RecordType
 from repofs.store.schema import (
@@ -38,14 +46,9 @@ from repofs.store.schema import (
     encode_rp,
     encode_u64,
     object_key,
-    rp_key,
     seq_key,
     seq_target_rp,
     seq_target_vm,
-    vm_key,
-    vm_of_rp_key,
-    vm_prefix,
-    vm_prefix_end,
 )
 
 T = TypeVar("T")
@@ -78,6 +81,8 @@ class Index:
         self._identity = self._file_identity()
         self._pad_tail()
         self.generation = 0  #: how many times :meth:`follow_replacement` reopened it
+        #: How names are kept: in clear, or keyed and sealed (an encrypted repository).
+        self.names: Keys = PLAIN
 
     def _open_env(self, create: bool) -> tuple[lmdb.Environment, dict[str, Any]]:
         if not create:
@@ -92,7 +97,10 @@ class Index:
                 max_readers=512,
                 mode=0o600,
                 readahead=False,
-                meminit=False,
+                # Zero the unused part of every page written: without it, LMDB writes
+                # whatever its malloc'd buffers held before (chunk data, restore point
+                # JSON in clear), which an encrypted repository must never store.
+                meminit=True,
                 create=create,
             )
         except lmdb.Error as exc:
@@ -367,7 +375,7 @@ class Index:
             txn.put(SEQ_KEY, encode_u64(at_least), db=self.dbs["meta"])
 
     def vm_seq(self, txn: lmdb.Transaction, vm: str, *, allocate: bool = False) -> int | None:
-        raw = txn.get(vm_key(vm), db=self.dbs["vms"])
+        raw = txn.get(self.names.vm_key(vm), db=self.dbs["vms"])
         if raw is not None:
             return decode_u64(raw)
         if not allocate:
@@ -377,35 +385,56 @@ class Index:
         return seq
 
     def set_vm_seq(self, txn: lmdb.Transaction, vm: str, seq: int) -> None:
-        txn.put(vm_key(vm), encode_u64(seq), db=self.dbs["vms"])
-        txn.put(seq_key(seq), seq_target_vm(vm), db=self.dbs["seqs"])
+        txn.put(self.names.vm_key(vm), encode_u64(seq), db=self.dbs["vms"])
+        self._put_seq(txn, seq, seq_target_vm(vm))
+
+    def _put_seq(self, txn: lmdb.Transaction, seq: int, target: bytes) -> None:
+        key = seq_key(seq)
+        txn.put(key, self.names.seal_value("seqs", key, target), db=self.dbs["seqs"])
 
     def lookup_seq(self, txn: lmdb.Transaction, seq: int) -> SeqTarget | None:
-        raw = txn.get(seq_key(seq), db=self.dbs["seqs"])
-        return decode_seq_target(raw) if raw is not None else None
+        """What ``seq`` names (opened, when the repository seals its ``seqs`` values)."""
+        key = seq_key(seq)
+        raw = txn.get(key, db=self.dbs["seqs"])
+        return decode_seq_target(self.names.open_value("seqs", key, raw)) if raw else None
 
     # -- restore points ------------------------------------------------------
+
+    def rp_key(self, vm: str, rp_id: str) -> bytes:
+        """The ``rps`` and ``reservations`` key of a restore point (its VM part keyed if sealed)."""
+        return self.names.vm_key(vm) + b"\0" + rp_id.encode()
 
     def put_rp(
         self, txn: lmdb.Transaction, vm: str, rp_id: str, seq: int, doc: dict[str, Any]
     ) -> None:
-        key = rp_key(vm, rp_id)
-        txn.put(key, encode_rp(doc), db=self.dbs["rps"])
-        txn.put(seq_key(seq), seq_target_rp(vm, rp_id), db=self.dbs["seqs"])
+        key = self.rp_key(vm, rp_id)
+        self.put_rp_doc(txn, key, doc)
+        self._put_seq(txn, seq, seq_target_rp(vm, rp_id))
         txn.delete(key, db=self.dbs["reservations"])
 
+    def put_rp_doc(self, txn: lmdb.Transaction, key: bytes, doc: dict[str, Any]) -> None:
+        """Store a restore point's index copy under its ``rps`` key (from :meth:`rp_items`)."""
+        value = encode_rp(doc)
+        txn.put(key, self.names.seal_value("rps", key, value), db=self.dbs["rps"])
+
+    def rp_items(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, dict[str, Any]]]:
+        """Every restore point's ``rps`` key and index copy."""
+        for key, value in self.items(txn, "rps"):
+            yield key, decode_rp(self.names.open_value("rps", key, value))
+
     def delete_rp(self, txn: lmdb.Transaction, vm: str, rp_id: str, seq: int) -> None:
-        txn.delete(rp_key(vm, rp_id), db=self.dbs["rps"])
+        txn.delete(self.rp_key(vm, rp_id), db=self.dbs["rps"])
         txn.delete(seq_key(seq), db=self.dbs["seqs"])
 
     def get_rp(self, txn: lmdb.Transaction, vm: str, rp_id: str) -> dict[str, Any] | None:
-        raw = txn.get(rp_key(vm, rp_id), db=self.dbs["rps"])
-        return decode_rp(raw) if raw is not None else None
+        key = self.rp_key(vm, rp_id)
+        raw = txn.get(key, db=self.dbs["rps"])
+        return decode_rp(self.names.open_value("rps", key, raw)) if raw is not None else None
 
     def rp_docs(self, txn: lmdb.Transaction, vm: str | None = None) -> Iterator[dict[str, Any]]:
-        prefix = vm_prefix(vm) if vm is not None else b""
-        for _key, value in self.items(txn, "rps", prefix):
-            yield decode_rp(value)
+        prefix = self.names.vm_key(vm) + b"\0" if vm is not None else b""
+        for key, value in self.items(txn, "rps", prefix):
+            yield decode_rp(self.names.open_value("rps", key, value))
 
     def vm_names(self, txn: lmdb.Transaction) -> list[str]:
         """VMs that have at least one restore point, sorted."""
@@ -413,13 +442,18 @@ class Index:
         with txn.cursor(db=self.dbs["rps"]) as cur:
             ok = cur.first()
             while ok:
-                vm = vm_of_rp_key(cur.key())
-                names.append(vm)
-                ok = cur.set_range(vm_prefix_end(vm))
-        return names
+                key = cur.key()
+                vm = self.names.vm_part(key)
+                if self.names.encrypted:  # the name is only in the sealed value
+                    doc = decode_rp(self.names.open_value("rps", key, cur.value()))
+                    names.append(doc["vm"])
+                else:
+                    names.append(vm.decode())
+                ok = cur.set_range(vm + b"\x01")
+        return sorted(names)
 
     def rp_ids(self, txn: lmdb.Transaction, vm: str) -> list[str]:
-        prefix = vm_prefix(vm)
+        prefix = self.names.vm_key(vm) + b"\0"
         out = []
         with txn.cursor(db=self.dbs["rps"]) as cur:
             if cur.set_range(prefix):
@@ -431,9 +465,10 @@ class Index:
 
     def latest_rp_id(self, txn: lmdb.Transaction, vm: str, db: str = "rps") -> str | None:
         """The VM's newest id in ``db`` (``rps``, or ``reservations`` of running ingests)."""
-        prefix = vm_prefix(vm)
+        vm_part = self.names.vm_key(vm)
+        prefix = vm_part + b"\0"
         with txn.cursor(db=self.dbs[db]) as cur:
-            found = cur.prev() if cur.set_range(vm_prefix_end(vm)) else cur.last()
+            found = cur.prev() if cur.set_range(vm_part + b"\x01") else cur.last()
             if found and cur.key().startswith(prefix):
                 return cur.key()[len(prefix) :].decode()
         return None

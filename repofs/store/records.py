@@ -19,6 +19,7 @@ import blake3
 import zstandard
 
 from repofs.errors import IntegrityError
+from repofs.store.crypto import PLAIN, Keys
 
 PACK_MAGIC = b"REPOFSPK"
 PACK_VERSION = 1
@@ -137,16 +138,22 @@ def thread_decompressor() -> zstandard.ZstdDecompressor:
     return dctx
 
 
-def decode_payload(hdr: RecordHeader, payload: bytes, where: str) -> bytes:
-    """Decompress a record's payload and check it against its digest.
+def decode_payload(
+    hdr: RecordHeader, payload: bytes | memoryview, where: str, keys: Keys = PLAIN
+) -> bytes:
+    """Open (if sealed), decompress a record's payload and check it against its digest.
 
     This check on every read is what lets the mount promise the ingested byte
-    or an I/O error, never a wrong byte.
+    or an I/O error, never a wrong byte.  In an encrypted repository the
+    AEAD tag proves the payload is the one sealed under this type and name,
+    and the keyed digest of the plaintext must still be the name.
     """
     if len(payload) != hdr.stored_len:
         raise IntegrityError(
             f"{where}: payload truncated ({len(payload)} of {hdr.stored_len} bytes)"
         )
+    if keys.encrypted:
+        payload = keys.open(hdr.type, hdr.digest, payload, where)
     if hdr.codec == Codec.ZSTD:
         try:
             raw = thread_decompressor().decompress(payload, max_output_size=hdr.raw_len)
@@ -156,6 +163,6 @@ def decode_payload(hdr: RecordHeader, payload: bytes, where: str) -> bytes:
         raw = payload if type(payload) is bytes else bytes(payload)
     if len(raw) != hdr.raw_len:
         raise IntegrityError(f"{where}: decompressed to {len(raw)} bytes, expected {hdr.raw_len}")
-    if digest_of(raw) != hdr.digest:
+    if keys.name(raw) != hdr.digest:
         raise IntegrityError(f"{where}: content does not match its digest")
     return raw

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from repofs.errors import IntegrityError, RepofsError, RepositoryError, UsageError
+from repofs.store import crypto
 from repofs.store.config import CONFIG_FILE, FORMAT_VERSION, RepoConfig, upgrade_in_place
 from repofs.store.durable import make_dirs, os_error, write_file_atomic
 from repofs.store.index import Index
@@ -30,7 +31,6 @@ from repofs.store.schema import (
     decode_pack_info,
     encode_writer,
     key_type,
-    rp_key,
     whole_key,
 )
 from repofs.store.writer import ObjectWriter
@@ -56,20 +56,67 @@ class Reservation:
 class Repository:
     """Opened repository.  Safe to share between threads for reading."""
 
-    def __init__(self, path: str, config: RepoConfig, index: Index, packs: LocalPackStore) -> None:
+    def __init__(
+        self,
+        path: str,
+        config: RepoConfig,
+        index: Index,
+        packs: LocalPackStore,
+        keys: crypto.Keys | None = None,
+    ) -> None:
         self.path = path
         self.config = config
+        #: Names and seals objects; unlocked from a key source for an encrypted repository.
+        self.keys = keys if keys is not None else open_keys(path, config)
         self.index = index
+        index.names = self.keys
         self.packs = packs
         self.page_cache = PageCache(lambda d: self.read_object(RecordType.PAGE, d))
 
     # -- life cycle ---------------------------------------------------------------
 
     @classmethod
-    def init(cls, path: str, chunk_size: int, compression: str) -> Repository:
+    def init(
+        cls, path: str, chunk_size: int, compression: str, encryption: str = crypto.DEFAULT_CIPHER
+    ) -> Repository:
+        """Create a repository; ``encryption`` is ``none`` or an AEAD of :data:`crypto.CIPHERS`.
+
+        An encrypted one takes its key from a key file (``--key-file``, which
+        must not exist yet and is created) or a passphrase source, asked
+        for before anything is written: no source and no terminal is a
+        one-line error, never a silent unencrypted repository.
+        """
         if not path:  # else makedirs fails with ": No such file or directory"
             raise UsageError("the repository path is empty")
-        config = RepoConfig.new(chunk_size, compression)
+        key_blob = key_file = None
+        enc = None
+        master = b""
+        if encryption != "none":
+            if encryption not in crypto.CIPHERS:
+                raise UsageError(
+                    f"unknown encryption {encryption!r}: expected "
+                    + ", ".join(crypto.CIPHERS)
+                    + " or none"
+                )
+            key_file = crypto.key_file_source()
+            if key_file is not None:
+                if _inside(key_file, path):
+                    raise UsageError(f"{key_file}: the key file must be outside the repository")
+                if os.path.lexists(key_file):
+                    raise UsageError(f"{key_file}: exists; init writes a new key file")
+                secret = b""
+            else:
+                secret = crypto.new_repository_passphrase()
+            master = os.urandom(crypto.MASTER_BYTES)
+            enc = crypto.EncryptionConfig(
+                cipher=encryption,
+                key="key-file" if key_file is not None else "passphrase",
+                key_id=crypto.key_id_of(master),
+                content_id=os.urandom(16).hex(),
+            )
+        config = RepoConfig.new(chunk_size, compression, enc)
+        if enc is not None and key_file is None:
+            key_blob = crypto.wrap(master, secret, config.repository_id)
         if os.path.lexists(path):
             if not os.path.isdir(path):
                 raise UsageError(f"{path}: exists and is not a directory")
@@ -109,12 +156,23 @@ class Repository:
             raise os_error(exc, path) from None
         Index(os.path.join(path, INDEX_DIR), create=True).close()
         set_aside(path)
+        if enc is not None:
+            if key_file is not None:
+                crypto.write_new_file(
+                    key_file, crypto.key_file_doc(master, enc, config.repository_id)
+                )
+            else:
+                assert key_blob is not None
+                write_file_atomic(os.path.join(path, crypto.KEY_FILE), key_blob)
         write_file_atomic(os.path.join(path, CONFIG_FILE), config.to_json())  # last: marks it done
-        return cls.open(path)
+        keys = crypto.SealedKeys(master, enc.cipher, enc.content_id) if enc is not None else None
+        return cls.open(path, keys)
 
     @classmethod
-    def open(cls, path: str) -> Repository:
+    def open(cls, path: str, keys: crypto.Keys | None = None) -> Repository:
         config = RepoConfig.load(path)
+        if keys is None:
+            keys = open_keys(path, config)  # before the index: a wrong key touches nothing
         index = Index(os.path.join(path, INDEX_DIR))
         packs = LocalPackStore(os.path.join(path, PACKS_DIR))
         try:
@@ -130,7 +188,7 @@ class Repository:
             index.close()
             packs.close()
             raise
-        return cls(path, config, index, packs)
+        return cls(path, config, index, packs, keys)
 
     def close(self) -> None:
         self.index.close()
@@ -155,7 +213,7 @@ class Repository:
         hdr = decode_header(data, where)
         if hdr.type != rtype or hdr.digest != digest:
             raise IntegrityError(f"{where}: holds another object than the index says")
-        return decode_payload(hdr, data[RECORD_HEADER_SIZE:], where)
+        return decode_payload(hdr, data[RECORD_HEADER_SIZE:], where, self.keys)
 
     def read_object(self, rtype: RecordType, digest: bytes) -> bytes:
         """The verified content of an object: the stored bytes, or :class:`IntegrityError`.
@@ -250,7 +308,12 @@ class Repository:
         self.upgrade()
         cfg = self.config
         return ObjectWriter(
-            self.index, self.packs, cfg.repository_id, cfg.pack_target_size, (cfg.codec, cfg.level)
+            self.index,
+            self.packs,
+            cfg.repository_id,
+            cfg.pack_target_size,
+            (cfg.codec, cfg.level),
+            self.keys,
         )
 
     @contextlib.contextmanager
@@ -301,9 +364,7 @@ class Repository:
             with contextlib.suppress(RepofsError):  # gc drops it once we are gone
                 self.index.write(lambda txn: self.index.delete(txn, "leases", key))
 
-    def reserve(
-        self, vm: str, now: float | None = None, parent: str | None = None
-    ) -> Reservation:
+    def reserve(self, vm: str, now: float | None = None, parent: str | None = None) -> Reservation:
         """Take the restore point id (its UTC start time, to the second) and a sequence number.
 
         Ids are unique within a VM and always sort in creation order: when the
@@ -323,7 +384,8 @@ class Repository:
         created = time.time() if now is None else now
 
         def txn_fn(txn: Any) -> Reservation:
-            if parent is not None and self.index.get(txn, "rps", rp_key(vm, parent)) is None:
+            parent_key = self.index.rp_key(vm, parent) if parent is not None else b""
+            if parent is not None and self.index.get(txn, "rps", parent_key) is None:
                 # Pruned (and perhaps collected) before we reserved: its pages may be gone.
                 raise UsageError(
                     f"parent restore point {vm}/{parent} was pruned while "
@@ -339,7 +401,7 @@ class Repository:
                     second = max(second, rp_id_seconds(rp_id) + 1)
             while True:
                 rp_id = rp_id_for(second)
-                key = rp_key(vm, rp_id)
+                key = self.index.rp_key(vm, rp_id)
                 if (
                     self.index.get(txn, "rps", key) is None
                     and self.index.get(txn, "reservations", key) is None
@@ -356,7 +418,7 @@ class Repository:
     def release(self, res: Reservation) -> None:
         """Give back a reservation of an ingest that failed."""
         self.index.write(
-            lambda txn: self.index.delete(txn, "reservations", rp_key(res.vm, res.rp_id))
+            lambda txn: self.index.delete(txn, "reservations", self.index.rp_key(res.vm, res.rp_id))
         )
 
     def commit(self, writer: ObjectWriter, rp: RestorePoint, since_gen: int | None = None) -> None:
@@ -541,9 +603,11 @@ def _interrupted_init(path: str) -> bool:
     config.json is written last, so such a directory never held a backup:
     init may start over there instead of asking for an ``rm -rf``.
     """
-    skeleton = {PACKS_DIR, INDEX_DIR, "reserve", "lock.gate", "lock.main", "lock.gc"}
+    skeleton = {PACKS_DIR, INDEX_DIR, "reserve", "lock.gate", "lock.main", "lock.gc", "key"}
     for name in os.listdir(path):
-        if name not in skeleton and not name.startswith(("reserve.tmp.", f"{CONFIG_FILE}.tmp.")):
+        if name not in skeleton and not name.startswith(
+            ("reserve.tmp.", f"{CONFIG_FILE}.tmp.", f"{crypto.KEY_FILE}.tmp.")
+        ):
             return False
     packs = os.path.join(path, PACKS_DIR)
     for dirpath, _dirs, files in os.walk(packs):
@@ -551,3 +615,15 @@ def _interrupted_init(path: str) -> bool:
             return False
     index = os.path.join(path, INDEX_DIR)
     return not os.path.isdir(index) or set(os.listdir(index)) <= {"data.mdb", "lock.mdb"}
+
+
+def open_keys(path: str, config: RepoConfig) -> crypto.Keys:
+    """The repository's keys: plain, or unlocked from its key source (one line if wrong)."""
+    return crypto.keys_for(path, config.encryption, config.repository_id)
+
+
+def _inside(file: str, repo: str) -> bool:
+    """Whether ``file`` would lie inside the repository directory ``repo``."""
+    f = os.path.realpath(os.path.abspath(file))
+    r = os.path.realpath(os.path.abspath(repo))
+    return f == r or f.startswith(r.rstrip(os.sep) + os.sep)

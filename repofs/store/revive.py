@@ -104,7 +104,7 @@ def revive(repo: Any, txn: lmdb.Transaction, rp: RestorePoint) -> int:
         walker.walk(disk.map, on_chunks)
     for cfg in rp.configs:
         need(object_key(RecordType.BLOB, bytes.fromhex(cfg.digest)))
-    need(object_key(RecordType.RESTORE_POINT, rp_record_digest(rp.to_doc())))
+    need(object_key(RecordType.RESTORE_POINT, rp_record_digest(rp.to_doc(), repo.keys)))
     if walker.faults or missing:
         what = walker.faults[0].message if walker.faults else key_digest(missing[0]).hex()
         raise IntegrityError(

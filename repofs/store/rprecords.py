@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from repofs.store.records import digest_of
+from repofs.store.crypto import PLAIN, Keys
 
 #: Keys of the index's copy of a restore point that its own record never holds.
 INDEX_ONLY = frozenset({"record", "protected", "protected_seq"})
@@ -40,8 +40,9 @@ def rp_record_body(doc: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True).encode()
 
 
-def rp_record_digest(doc: dict[str, Any]) -> bytes:
-    return digest_of(rp_record_body(doc))
+def rp_record_digest(doc: dict[str, Any], keys: Keys = PLAIN) -> bytes:
+    """The name of the record written for ``doc`` (keyed in an encrypted repository)."""
+    return keys.name(rp_record_body(doc))
 
 
 @dataclass(frozen=True)

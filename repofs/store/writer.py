@@ -8,13 +8,13 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from repofs.errors import RepositoryError
+from repofs.store.crypto import PLAIN, Keys
 from repofs.store.index import Index, Location
 from repofs.store.packstore import PackSink, PackStore
 from repofs.store.records import (
     Codec,
     Compressor,
     RecordType,
-    digest_of,
     encode_header,
     pack_header,
 )
@@ -45,8 +45,10 @@ class ObjectWriter:
         repository_id: str,
         target_size: int,
         compression: tuple[str, int],
+        keys: Keys = PLAIN,
     ) -> None:
         self._index = index
+        self.keys = keys
         self._packs = packs
         self._repository_id = repository_id
         self._target = target_size
@@ -71,7 +73,12 @@ class ObjectWriter:
     def put(
         self, rtype: RecordType, digest: bytes, codec: Codec, raw_len: int, payload: bytes
     ) -> Location:
-        """Append a record whose payload the caller already compressed; returns where it went."""
+        """Append a record whose payload the caller already compressed and sealed.
+
+        ``payload`` is what the pack stores (:meth:`Keys.seal` of the
+        compressed bytes), so gc can copy a record verbatim; ``raw_len`` is
+        the plaintext's length.  Returns where it went.
+        """
         if self._sink is None:
             self._sink = self._packs.create()
             self._sink.append(pack_header(self._repository_id))
@@ -88,7 +95,7 @@ class ObjectWriter:
 
     def put_raw(self, rtype: RecordType, raw: bytes, *, dedup: bool = True) -> bytes:
         """Compress and store ``raw`` unless an identical object exists; returns its digest."""
-        digest = digest_of(raw)
+        digest = self.keys.name(raw)
         if dedup and self.known(rtype, digest):
             return digest
         return self.put_new(rtype, raw, digest)[0]
@@ -96,9 +103,10 @@ class ObjectWriter:
     def put_new(
         self, rtype: RecordType, raw: bytes, digest: bytes | None = None
     ) -> tuple[bytes, Location]:
-        """Compress and append ``raw`` unconditionally; returns its digest and location."""
-        digest = digest_of(raw) if digest is None else digest
+        """Compress, seal and append ``raw`` unconditionally; returns its digest and location."""
+        digest = self.keys.name(raw) if digest is None else digest
         codec, payload = self._compressor.compress(raw)
+        payload = self.keys.seal(rtype, digest, payload)
         return digest, self.put(rtype, digest, codec, len(raw), payload)
 
     def _rotate(self) -> None:

@@ -27,13 +27,14 @@ MiB = 1 << 20
 
 class TestInit:
     def test_creates_owner_only_repository(self, tmp_path: Path) -> None:
-        """init makes a 0700 repository with a versioned config."""
+        """init makes a 0700 repository with a versioned config (3: encrypted by default)."""
         repofs("init", tmp_path / "r", "--chunk-size", "128K", "--compression", "zstd:5")
         cfg = json.loads((tmp_path / "r" / "config.json").read_text())
         assert (
-            cfg["version"] == 2 and cfg["chunk_size"] == 131072 and cfg["compression"] == "zstd:5"
+            cfg["version"] == 3 and cfg["chunk_size"] == 131072 and cfg["compression"] == "zstd:5"
         )
         assert stat.S_IMODE(os.stat(tmp_path / "r").st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(tmp_path / "r" / "key").st_mode) == 0o600
 
     def test_refuses_existing_repository_and_nonempty_dir(self, tmp_path: Path, repo: Path) -> None:
         """init never touches something that already holds data."""
@@ -75,7 +76,7 @@ class TestDamagedConfig:
             ("pack_target_size", 1 << 40, "out of range"),
             ("version", True, "not an integer"),
             ("version", 1.0, "not an integer"),
-            ("version", 3, "written by a newer repofs"),
+            ("version", 4, "written by a newer repofs"),
             ("version", 0, "not supported"),
             ("chunk_size", True, "not an integer"),
             ("chunk_size", 131072.0, "not an integer"),

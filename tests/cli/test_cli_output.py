@@ -260,9 +260,9 @@ class TestInfo:
         repo, _img, _rp = one_rp
         doc = json_of(repofs("info", repo, "--json"))
         assert isinstance(doc, dict)
-        assert doc["format"] == "repofs" and doc["version"] == 2
+        assert doc["format"] == "repofs" and doc["version"] == 3
         assert doc["chunk_size"] == CS and doc["compression"] == "zstd:3"
-        assert doc["encryption"] == "none"
+        assert doc["encryption"] == "aes-256-gcm" and doc["key"] == "passphrase"
         assert doc["vms"] == 1 and doc["restore_points"] == 1
         assert doc["pack_count"] >= 1 and doc["pack_bytes"] > 3 * MiB
         assert doc["index_bytes"] > 0 and doc["total_bytes"] >= doc["pack_bytes"]
@@ -278,7 +278,7 @@ class TestInfo:
             assert "pytest" in lock["command"] or "python" in lock["command"]
             text = repofs("info", repo).stdout
             assert f"lock.main shared, held by pid {os.getpid()}" in text
-            assert "encryption           none" in text
+            assert "encryption           aes-256-gcm" in text
         finally:
             os.close(fd)
         assert "locks held           none" in repofs("info", repo).stdout

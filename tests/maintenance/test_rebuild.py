@@ -135,7 +135,10 @@ class TestRebuild:
             loc = r.index.locate(RecordType.PAGE, r.resolve("a", rp).disks[0].map.root)
             assert loc is not None
         out = repofs("rebuild-index", repo, check=False).stdout
-        assert "content does not match its digest (record dropped)" in out
+        assert (  # a sealed record fails its tag first
+            "content does not match its digest (record dropped)" in out
+            or "does not authenticate (tampered with, or another object) (record dropped)" in out
+        )
         with Repository.open(str(repo)) as r:
             assert r.index.locate(RecordType.PAGE, r.resolve("a", rp).disks[0].map.root) is not None
         assert read_range(repo, "a", rp, 0, MiB) == data[:MiB]

@@ -161,13 +161,13 @@ class TestFormatUpgrade:
         alone."""
         repo = v1_repo(tmp_path)
         cfg = json.loads((repo / "config.json").read_text())
-        (repo / "config.json").write_text(json.dumps({**cfg, "version": 3}))
+        (repo / "config.json").write_text(json.dumps({**cfg, "version": 4}))
         for args in (["list", repo], ["protect", repo, "web", "latest"]):
             proc = repofs(*args, check=False)
             assert proc.returncode == 3
-            assert_one_line_error(proc, "version 3 is not supported")
+            assert_one_line_error(proc, "version 4 is not supported")
             assert "newer repofs" in proc.stderr
-        assert config_version(repo) == 3
+        assert config_version(repo) == 4
 
     def test_records_with_fields_of_a_later_change_still_read(self) -> None:
         """Optional keys this code does not know (changed-block tracking positions) are

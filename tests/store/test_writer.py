@@ -20,13 +20,15 @@ def test_rotated_packs_are_indexed_and_deduplicated(repo: Path) -> None:
     r = Repository.open(str(repo))
     try:
         cfg = r.config
-        w = ObjectWriter(r.index, r.packs, cfg.repository_id, 64 * 1024, (cfg.codec, cfg.level))
+        w = ObjectWriter(
+            r.index, r.packs, cfg.repository_id, 64 * 1024, (cfg.codec, cfg.level), r.keys
+        )
         blobs = [os.urandom(20_000) for _ in range(40)]
         digests = []
         for b in blobs:
-            d = digest_of(b)
+            d = r.keys.name(b)  # keyed in an encrypted repository, as put() expects
             digests.append(d)
-            w.put(RecordType.CHUNK, d, Codec.NONE, len(b), b)
+            w.put(RecordType.CHUNK, d, Codec.NONE, len(b), r.keys.seal(RecordType.CHUNK, d, b))
             assert w.known(RecordType.CHUNK, d)  # in a pack being written or published
         assert all(w.known(RecordType.CHUNK, d) for d in digests)
         w.flush()
@@ -45,7 +47,9 @@ def test_abort_waits_for_publications_and_drops_the_open_pack(repo: Path) -> Non
     r = Repository.open(str(repo))
     try:
         cfg = r.config
-        w = ObjectWriter(r.index, r.packs, cfg.repository_id, 64 * 1024, (cfg.codec, cfg.level))
+        w = ObjectWriter(
+            r.index, r.packs, cfg.repository_id, 64 * 1024, (cfg.codec, cfg.level), r.keys
+        )
         for _ in range(10):
             b = os.urandom(30_000)
             w.put(RecordType.CHUNK, digest_of(b), Codec.NONE, len(b), b)
@@ -66,7 +70,9 @@ def test_nothing_is_published_after_a_pack_that_could_not_be_indexed(
     r = Repository.open(str(repo))
     try:
         cfg = r.config
-        w = ObjectWriter(r.index, r.packs, cfg.repository_id, 64 * 1024, (cfg.codec, cfg.level))
+        w = ObjectWriter(
+            r.index, r.packs, cfg.repository_id, 64 * 1024, (cfg.codec, cfg.level), r.keys
+        )
         add_pack = Index.add_pack
         calls = []
 

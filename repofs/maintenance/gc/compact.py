@@ -14,6 +14,7 @@ import lmdb
 from repofs.errors import IntegrityError, NoSpaceError
 from repofs.maintenance.gc.common import _KEPT, GcResult, _pause
 from repofs.maintenance.gc.mark import Marker
+from repofs.store.crypto import Keys
 from repofs.store.packstore import PackStore
 from repofs.store.records import (
     RECORD_HEADER_SIZE,
@@ -28,8 +29,6 @@ from repofs.store.schema import (
     Location,
     decode_location,
     decode_pack_info,
-    decode_rp,
-    encode_rp,
     key_digest,
     key_type,
     object_key,
@@ -90,7 +89,7 @@ def _copy(
     try:
         for pack_id in sorted(sparse):
             try:
-                records = _read_live(repo.packs, pack_id, uses[pack_id])
+                records = _read_live(repo.packs, pack_id, uses[pack_id], repo.keys)
             except IntegrityError as exc:
                 result.warnings.append(f"pack {pack_id.hex()} kept as it is: {exc}")
                 continue
@@ -122,9 +121,13 @@ def _copy(
 
 
 def _read_live(
-    store: PackStore, pack_id: bytes, use: _PackUse
+    store: PackStore, pack_id: bytes, use: _PackUse, keys: Keys
 ) -> list[tuple[bytes, Codec, int, bytes]]:
-    """The live records of one pack, each verified before it is copied anywhere."""
+    """The live records of one pack, each verified before it is copied anywhere.
+
+    A sealed record is copied as it is: its associated data binds the
+    repository's content id, type and name, not the pack or offset.
+    """
     data = memoryview(store.read(pack_id, 0, use.size))
     out = []
     for key, loc in sorted(use.live, key=lambda kl: kl[1].offset):
@@ -134,7 +137,7 @@ def _read_live(
         if hdr.type != key_type(key) or hdr.digest != key_digest(key):
             raise IntegrityError(f"{where}: holds another object than the index says")
         payload = data[loc.offset + RECORD_HEADER_SIZE : end]
-        decode_payload(hdr, payload, where)
+        decode_payload(hdr, payload, where, keys)
         out.append((key, hdr.codec, hdr.raw_len, bytes(payload)))
     return out
 
@@ -144,14 +147,13 @@ def _update_record_hints(repo: Repository, moved: set[bytes]) -> None:
     index = repo.index
 
     def txn_fn(txn: lmdb.Transaction) -> None:
-        for key, value in list(index.items(txn, "rps")):
-            doc = decode_rp(value)
-            record = object_key(RecordType.RESTORE_POINT, rp_record_digest(doc))
+        for key, doc in list(index.rp_items(txn)):
+            record = object_key(RecordType.RESTORE_POINT, rp_record_digest(doc, repo.keys))
             if record in moved:
                 raw = index.get(txn, "objects", record)
                 if raw is not None:
                     loc = decode_location(raw)
                     doc["record"] = [loc.pack_id.hex(), loc.offset]
-                    index.put(txn, "rps", key, encode_rp(doc))
+                    index.put_rp_doc(txn, key, doc)
 
     index.write(txn_fn)

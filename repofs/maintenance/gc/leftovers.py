@@ -18,7 +18,7 @@ from repofs.maintenance.gc.writers import _alive
 from repofs.maintenance.packscan import restore_point_records
 from repofs.store.records import RecordType
 from repofs.store.repository import Repository
-from repofs.store.schema import rp_key, type_prefix
+from repofs.store.schema import type_prefix
 
 
 def unindexed_packs(repo: Repository) -> list[bytes]:
@@ -44,7 +44,9 @@ def unlisted_restore_points(repo: Repository, pack_ids: list[bytes]) -> list[str
     index = repo.index
     found = []
     for pack_id in pack_ids:
-        found += restore_point_records(repo.packs, pack_id, repo.config.repository_id)
+        found += restore_point_records(
+            repo.packs, pack_id, repo.config.repository_id, repo.keys
+        )
     if not found:
         return []
 
@@ -53,7 +55,7 @@ def unlisted_restore_points(repo: Repository, pack_ids: list[bytes]) -> list[str
             doc
             for digest, doc in found
             if not index.has(txn, RecordType.RESTORE_POINT, digest)
-            and index.get(txn, "reservations", rp_key(doc["vm"], doc["id"])) is None
+            and index.get(txn, "reservations", index.rp_key(doc["vm"], doc["id"])) is None
         ]
 
     docs = index.read(unknown)

@@ -55,7 +55,7 @@ class Marker:
     def mark(self, doc: dict[str, Any]) -> None:
         rp = RestorePoint.from_doc(doc)
         self.marked.add((rp.vm, rp.id, rp.seq))
-        record = object_key(RecordType.RESTORE_POINT, rp_record_digest(doc))
+        record = object_key(RecordType.RESTORE_POINT, rp_record_digest(doc, self.repo.keys))
         if self._indexed(record):
             self.live.add(record)
         else:

@@ -19,7 +19,7 @@ from repofs.maintenance.packscan import restore_point_records
 from repofs.store.records import RecordType
 from repofs.store.repository import Repository
 from repofs.store.rprecords import Tombstone, parse_rp_record, parse_tombstone
-from repofs.store.schema import decode_rp, key_digest, rp_key, type_prefix
+from repofs.store.schema import key_digest, type_prefix
 
 
 def _tombstone_orphans(
@@ -55,7 +55,9 @@ def _tombstone_orphans(
     found = [
         doc
         for p in packs
-        for _d, doc in restore_point_records(repo.packs, p, repo.config.repository_id)
+        for _d, doc in restore_point_records(
+            repo.packs, p, repo.config.repository_id, repo.keys
+        )
     ]
     if not records and not found:
         return True
@@ -75,9 +77,9 @@ def _tombstone_orphans(
         """Records of neither a committed restore point nor a running ingest (it may commit)."""
         out = []
         for doc in docs:
-            key = rp_key(doc["vm"], doc["id"])
-            committed = index.get(txn, "rps", key)
-            if committed is not None and decode_rp(committed).get("seq") == doc["seq"]:
+            key = index.rp_key(doc["vm"], doc["id"])
+            committed = index.get_rp(txn, doc["vm"], doc["id"])
+            if committed is not None and committed.get("seq") == doc["seq"]:
                 continue
             res = index.get(txn, "reservations", key)
             if res is not None and _running(res):

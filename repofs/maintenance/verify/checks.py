@@ -63,7 +63,7 @@ from repofs.store.records import (
     RecordType,
     check_pack_header,
 )
-from repofs.store.repository import NEW_INDEX_DIR, Repository
+from repofs.store.repository import NEW_INDEX_DIR, Repository, open_keys
 from repofs.store.restorepoint import RestorePoint
 from repofs.store.rprecords import rp_record_digest
 from repofs.store.schema import (
@@ -100,13 +100,14 @@ def verify_repository(
     if sample is not None and not 0 < sample <= 100:
         raise UsageError(f"--sample {sample:g} must be a percentage above 0 and at most 100")
     config = RepoConfig.load(path)
+    keys = open_keys(path, config)  # a wrong key is an error of its own, not index damage
     t0 = time.monotonic()
     try:
-        repo = Repository.open(path)
+        repo = Repository.open(path, keys)
     except IndexAccessError:
         raise
     except RepositoryError as exc:
-        result = _without_index(path, config, str(exc), threads)
+        result = _without_index(path, config, str(exc), threads, keys)
     else:
         try:
             # The index in force, not one replaced meanwhile; and a lease, so that a gc
@@ -114,7 +115,7 @@ def verify_repository(
             with repo.lock(), repo.lease("verify", required=False):
                 result = _Verifier(repo, vm, sample, progress, threads, max_ranges).run()
         except INDEX_DAMAGE as exc:
-            result = _without_index(path, config, f"the index is damaged ({exc})", threads)
+            result = _without_index(path, config, f"the index is damaged ({exc})", threads, keys)
         finally:
             repo.close()
     result.elapsed = time.monotonic() - t0
@@ -208,7 +209,7 @@ class _Verifier:
                 )
             )
         if doc is not None:
-            digest = rp_record_digest(doc)
+            digest = rp_record_digest(doc, self.repo.keys)
             if self.index.locate(RecordType.RESTORE_POINT, digest) is None:
                 self.result.problems.append(
                     Problem(
@@ -423,7 +424,9 @@ class _Verifier:
                     failed = [(e, str(n)) for e in window.entries]
                     pending.append((window, _done(failed), None))
                 else:
-                    fut = pool.submit(_check_window, memoryview(buf)[: int(n)], window)
+                    fut = pool.submit(
+                        _check_window, memoryview(buf)[: int(n)], window, self.repo.keys
+                    )
                     pending.append((window, fut, buf))
                 while len(pending) > in_flight:
                     self._collect(*pending.popleft(), release, progress)
@@ -472,7 +475,7 @@ class _Verifier:
         if self._owners is None:
             with self.index.reading() as txn:
                 self._owners = {
-                    rp_record_digest(doc): f"{doc['vm']}/{doc['id']}"
+                    rp_record_digest(doc, self.repo.keys): f"{doc['vm']}/{doc['id']}"
                     for doc in self.index.rp_docs(txn)
                 }
         return self._owners

@@ -14,13 +14,16 @@ from repofs.maintenance.packscan import scan_pack
 from repofs.maintenance.verify.permissions import permission_warnings
 from repofs.maintenance.verify.result import Problem, VerifyResult
 from repofs.store.config import RepoConfig
+from repofs.store.crypto import PLAIN, Keys
 from repofs.store.packstore import LocalPackStore
 from repofs.store.records import RecordType
 from repofs.store.repository import PACKS_DIR
 from repofs.store.rprecords import parse_rp_record, parse_tombstone
 
 
-def _without_index(path: str, config: RepoConfig, why: str, threads: int | None) -> VerifyResult:
+def _without_index(
+    path: str, config: RepoConfig, why: str, threads: int | None, keys: Keys = PLAIN
+) -> VerifyResult:
     """The index cannot be used: name every restore point the packs hold; none is readable now."""
     from repofs.maintenance.packscan import check_payloads
 
@@ -33,7 +36,7 @@ def _without_index(path: str, config: RepoConfig, why: str, threads: int | None)
         for pack_id in store.list():
             scan = scan_pack(store, pack_id, config.repository_id)
             scan.records = [r for r in scan.records if r.header.type in keep]
-            for rec, raw, _err in check_payloads(scan, pool, keep):
+            for rec, raw, _err in check_payloads(scan, pool, keep, keys=keys):
                 if raw is None:
                     continue
                 if rec.header.type == RecordType.TOMBSTONE:

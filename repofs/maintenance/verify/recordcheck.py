@@ -14,6 +14,7 @@ import zstandard
 
 from repofs.errors import IntegrityError
 from repofs.maintenance.verify.windows import _Entry, _Failures, _Window
+from repofs.store.crypto import PLAIN, Keys
 from repofs.store.records import (
     RECORD_HEADER,
     RECORD_HEADER_SIZE,
@@ -24,7 +25,7 @@ from repofs.store.records import (
 )
 
 
-def _check_window(data: memoryview, window: _Window) -> _Failures:
+def _check_window(data: memoryview, window: _Window, keys: Keys = PLAIN) -> _Failures:
     """Check every record of one window: header, that it is the object indexed, its content.
 
     verify's hot loop, run on every core: zstd and BLAKE3 release the GIL,
@@ -35,7 +36,7 @@ def _check_window(data: memoryview, window: _Window) -> _Failures:
     """
     unpack = RECORD_HEADER.unpack_from
     crc32 = zlib.crc32
-    hasher = blake3.blake3
+    hasher = keys.name if keys.encrypted else lambda raw: blake3.blake3(raw).digest()
     size = len(data)
     base = window.start
     dctx = thread_decompressor()
@@ -66,9 +67,16 @@ def _check_window(data: memoryview, window: _Window) -> _Failures:
         ):
             failures.append((e, _header_problem(data[start:body], e)))
             continue
+        payload: bytes | memoryview = data[body:end]
+        if keys.encrypted:
+            try:
+                payload = keys.open(rtype, digest, payload, _where(e))
+            except IntegrityError as exc:
+                failures.append((e, str(exc)))
+                continue
         if codec == zstd:
             try:
-                raw: bytes | memoryview = dctx.decompress(data[body:end], max_output_size=raw_len)
+                raw: bytes | memoryview = dctx.decompress(payload, max_output_size=raw_len)
             except zstandard.ZstdError as exc:
                 failures.append((e, f"{_where(e)}: cannot decompress: {exc}"))
                 continue
@@ -78,8 +86,8 @@ def _check_window(data: memoryview, window: _Window) -> _Failures:
                 )
                 continue
         else:
-            raw = data[body:end]
-        if hasher(raw).digest() != digest:
+            raw = payload
+        if hasher(raw) != digest:
             failures.append((e, f"{_where(e)}: content does not match its digest"))
     return failures
 
