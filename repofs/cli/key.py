@@ -31,6 +31,21 @@ def _set_key_file(_ctx: click.Context, _param: click.Parameter, value: Any) -> N
         crypto.set_sources(key_file=value)
 
 
+#: The options that name where the key comes from, added to every command that opens a repository.
+_KEY_SOURCE_OPTIONS = (
+    (
+        "--passphrase-file",
+        _set_passphrase_file,
+        "Read the passphrase from FILE (or set REPOFS_PASSPHRASE).",
+    ),
+    (
+        "--key-file",
+        _set_key_file,
+        "The key file of a repository encrypted with one (init creates it).",
+    ),
+)
+
+
 def add_key_source_options(group: click.Group) -> None:
     """Give every command of ``group`` (and of its subgroups) the two key source options."""
     for command in group.commands.values():
@@ -41,21 +56,14 @@ def add_key_source_options(group: click.Group) -> None:
             continue
         command.params += [
             click.Option(
-                ["--passphrase-file"],
+                [flag],
                 metavar="FILE",
                 expose_value=False,
                 is_eager=True,
-                callback=_set_passphrase_file,
-                help="Read the passphrase from FILE (or set REPOFS_PASSPHRASE).",
-            ),
-            click.Option(
-                ["--key-file"],
-                metavar="FILE",
-                expose_value=False,
-                is_eager=True,
-                callback=_set_key_file,
-                help="The key file of a repository encrypted with one (init creates it).",
-            ),
+                callback=callback,
+                help=text,
+            )
+            for flag, callback, text in _KEY_SOURCE_OPTIONS
         ]
 
 
@@ -95,11 +103,7 @@ def export_cmd(args: tuple[str, ...]) -> None:
         blob = crypto.key_file_doc(master, enc, config.repository_id)
     else:
         path = os.path.join(repo, crypto.KEY_FILE)
-        try:
-            with open(path, "rb") as f:
-                blob = f.read(65536)
-        except OSError as exc:
-            raise RepositoryError(f"{path}: cannot read: {exc.strerror}") from None
+        blob = crypto.read_small_file(path, "the repository key", RepositoryError)
     crypto.write_new_file(target, blob)
     click.echo(f"exported the key of {repo} to {target}")
 
@@ -115,11 +119,7 @@ def import_cmd(args: tuple[str, ...]) -> None:
             f"{repo}: its key is the key file itself, kept outside the repository; "
             "nothing to import"
         )
-    try:
-        with open(source, "rb") as f:
-            blob = f.read(65536)
-    except OSError as exc:
-        raise UsageError(f"{source}: cannot read: {exc.strerror}") from None
+    blob = crypto.read_small_file(source, "the exported key")
     master = crypto.unwrap(blob, crypto.passphrase(), config.repository_id, source)
     if crypto.key_id_of(master) != enc.key_id:
         raise UsageError(f"{source}: holds another key than this repository's")

@@ -35,7 +35,7 @@ from typing import Any
 
 import blake3
 
-from repofs.errors import IntegrityError, RepositoryError, UsageError
+from repofs.errors import IntegrityError, RepofsError, RepositoryError, UsageError
 from repofs.store.durable import write_file_atomic
 
 CIPHERS = ("aes-256-gcm", "chacha20-poly1305")
@@ -249,12 +249,21 @@ def key_file_source() -> str | None:
     return os.environ.get(KEY_FILE_ENV) or None
 
 
-def _read_secret_file(path: str, what: str) -> bytes:
+def read_small_file(path: str, what: str, error: type[RepofsError] = UsageError) -> bytes:
+    """The first 64 KiB of a key, key file or passphrase file; a one-line error if unreadable.
+
+    A pipe is fine (``--passphrase-file <(pass show backup)``): nothing here
+    insists on a regular file, and none of these is larger than 64 KiB.
+    """
     try:
         with open(path, "rb") as f:
-            data = f.read(65536)
+            return f.read(65536)
     except OSError as exc:
-        raise UsageError(f"{path}: cannot read the {what}: {exc.strerror}") from None
+        raise error(f"{path}: cannot read {what}: {exc.strerror}") from None
+
+
+def _read_secret_file(path: str, what: str) -> bytes:
+    data = read_small_file(path, f"the {what}")
     return data[:-1] if data.endswith(b"\n") else data
 
 
@@ -460,15 +469,11 @@ def load_master(path: str, enc: EncryptionConfig, repository_id: str) -> bytes:
         what = f"{source}: is not this repository's key file"
     else:
         key_path = os.path.join(path, KEY_FILE)
-        try:
-            with open(key_path, "rb") as f:
-                blob = f.read(65536)
-        except FileNotFoundError:
+        if not os.path.lexists(key_path):
             raise RepositoryError(
                 f"{key_path}: is missing; put an exported copy back with 'repofs key import'"
-            ) from None
-        except OSError as exc:
-            raise RepositoryError(f"{key_path}: cannot read: {exc.strerror}") from None
+            )
+        blob = read_small_file(key_path, "the repository key", RepositoryError)
         master = unwrap(blob, passphrase(), repository_id, key_path)
         what = f"{key_path}: holds another key than this repository's"
     if key_id_of(master) != enc.key_id:
