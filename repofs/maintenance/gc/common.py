@@ -27,24 +27,26 @@ _KEPT = frozenset({RecordType.TOMBSTONE, RecordType.PROTECTION})
 
 @dataclass
 class GcResult:
+    """What one gc did; its fields are the keys of ``gc --json`` (docs/maintenance.md)."""
+
     dry_run: bool = False
-    restore_points: int = 0
+    restore_points: int = 0  #: restore points marked
     late_restore_points: int = 0  #: committed while gc marked
-    pages: int = 0
-    live_objects: int = 0
-    packs_before: int = 0
-    packs_deleted: int = 0
-    packs_rewritten: int = 0
+    pages: int = 0  #: distinct map pages walked
+    live_objects: int = 0  #: chunks, pages, records and blobs reached
+    packs_before: int = 0  #: packs the index listed when gc began
+    packs_deleted: int = 0  #: condemned packs whose files were deleted (orphans apart)
+    packs_rewritten: int = 0  #: packs whose live records were copied into new packs
     packs_spared: int = 0  #: doomed, but an ingest deduplicated against them meanwhile
     packs_held: int = 0  #: condemned, left to a later gc: a writer that started before runs
-    orphan_packs: int = 0
-    bytes_freed: int = 0
-    bytes_written: int = 0
-    tmp_freed: int = 0
-    tombstones_written: int = 0
-    reservations_removed: int = 0
-    mark_seconds: float = 0.0
-    seconds: float = 0.0
+    orphan_packs: int = 0  #: packs no index entry named (leftovers of killed writers), deleted
+    bytes_freed: int = 0  #: bytes of every file deleted (condemned and orphan packs, temporaries)
+    bytes_written: int = 0  #: bytes of the new packs that copying wrote
+    tmp_freed: int = 0  #: unfinished packs of dead processes, a killed rebuild's half index
+    tombstones_written: int = 0  #: for records of restore points never committed
+    reservations_removed: int = 0  #: reservations and leases of processes that are gone
+    mark_seconds: float = 0.0  #: time spent marking
+    seconds: float = 0.0  #: the whole run
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
