@@ -15,14 +15,19 @@ from repofs.store.repository import Repository
 from repofs.store.writer import ObjectWriter
 
 
+def small_pack_writer(r: Repository) -> ObjectWriter:
+    """A writer that closes a pack at 64 KiB, so a few objects fill several packs."""
+    cfg = r.config
+    return ObjectWriter(
+        r.index, r.packs, cfg.repository_id, 64 * 1024, (cfg.codec, cfg.level), r.keys
+    )
+
+
 def test_rotated_packs_are_indexed_and_deduplicated(repo: Path) -> None:
     """Objects of packs still being published count as known; flush leaves all indexed."""
     r = Repository.open(str(repo))
     try:
-        cfg = r.config
-        w = ObjectWriter(
-            r.index, r.packs, cfg.repository_id, 64 * 1024, (cfg.codec, cfg.level), r.keys
-        )
+        w = small_pack_writer(r)
         blobs = [os.urandom(20_000) for _ in range(40)]
         digests = []
         for b in blobs:
@@ -46,10 +51,7 @@ def test_abort_waits_for_publications_and_drops_the_open_pack(repo: Path) -> Non
     """After abort nothing is half-written: published packs are whole, the open one is gone."""
     r = Repository.open(str(repo))
     try:
-        cfg = r.config
-        w = ObjectWriter(
-            r.index, r.packs, cfg.repository_id, 64 * 1024, (cfg.codec, cfg.level), r.keys
-        )
+        w = small_pack_writer(r)
         for _ in range(10):
             b = os.urandom(30_000)
             w.put(RecordType.CHUNK, digest_of(b), Codec.NONE, len(b), b)
@@ -69,10 +71,7 @@ def test_nothing_is_published_after_a_pack_that_could_not_be_indexed(
     data; flush reports the first failure."""
     r = Repository.open(str(repo))
     try:
-        cfg = r.config
-        w = ObjectWriter(
-            r.index, r.packs, cfg.repository_id, 64 * 1024, (cfg.codec, cfg.level), r.keys
-        )
+        w = small_pack_writer(r)
         add_pack = Index.add_pack
         calls = []
 
