@@ -309,15 +309,8 @@ def _flag(repo: Repository, rps: list[RestorePoint], protected: bool) -> None:
     flags = [
         Protection(rp.vm, rp.id, rp.seq, n, protected) for rp, n in zip(rps, first, strict=True)
     ]
-    with repo.lease("protection"):  # gc must not take its pack for a leftover meanwhile
-        writer = repo.writer()
-        try:
-            for flag in flags:
-                writer.put_new(RecordType.PROTECTION, flag.body())
-            writer.flush()  # durable and indexed before the index says anything
-        except BaseException:
-            writer.abort()
-            raise
+    # durable and indexed before the index says anything
+    repo.publish_records("protection", RecordType.PROTECTION, [f.body() for f in flags])
 
     def txn_fn(txn: Any) -> None:
         for flag in flags:

@@ -517,12 +517,20 @@ class Repository:
 
     def write_tombstones(self, rps: list[RestorePoint]) -> None:
         """Tombstone records for ``rps``, durable and indexed when this returns, or none."""
-        with self.lease("tombstones"):
+        bodies = [Tombstone(rp.vm, rp.id, rp.seq, rp.vm_seq).body() for rp in rps]
+        self.publish_records("tombstones", RecordType.TOMBSTONE, bodies)
+
+    def publish_records(self, what: str, rtype: RecordType, bodies: list[bytes]) -> None:
+        """Records that rebuild-index obeys, durable and indexed when this returns, or none.
+
+        Under a lease named ``what``: their pack is published before it is
+        indexed, and gc must not take it for a leftover meanwhile.
+        """
+        with self.lease(what):
             writer = self.writer()
             try:
-                for rp in rps:
-                    tomb = Tombstone(rp.vm, rp.id, rp.seq, rp.vm_seq)
-                    writer.put_new(RecordType.TOMBSTONE, tomb.body())
+                for body in bodies:
+                    writer.put_new(rtype, body)
                 writer.flush()
             except BaseException:
                 writer.abort()
