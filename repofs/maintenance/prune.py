@@ -300,7 +300,7 @@ def _refuse_tombstoned(repo: Repository, rps: list[RestorePoint]) -> None:
             raise UsageError(
                 f"restore point {rp.vm}/{rp.id} was being removed (a prune or delete was "
                 "interrupted after writing its tombstone) and cannot be protected; run "
-                f"'repofs delete REPO {rp.vm} {rp.id}' to finish the removal"
+                f"'repofs delete {repo.path} {rp.vm} {rp.id}' to finish the removal"
             )
 
 
