@@ -17,7 +17,7 @@ from ingest.formats.detect import FORMATS, open_source
 from ingest.pipeline import DiskRequest, Ingest
 from repofs.errors import SourceError, UsageError
 from repofs.store.names import validate_restore_point_names, validate_vm_name
-from repofs.store.repository import Repository
+from repofs.store.opening import open_repository
 from repofs.store.restorepoint import RestorePoint
 
 
@@ -150,7 +150,7 @@ def run_ingest(
         # Never read as "no --parent": that would quietly mean the latest.
         raise UsageError("--parent is empty: give a restore point id or 'latest'")
 
-    repo = Repository.open(repo_path)
+    repo = open_repository(repo_path)
     with contextlib.ExitStack() as stack:
         stack.callback(repo.close)
         parent = repo.resolve(vm, parent_spec) if parent_spec is not None else repo.latest(vm)

@@ -29,7 +29,7 @@ from repofs.errors import RepofsError, UsageError
 from repofs.store.config import DEFAULT_CHUNK, DEFAULT_COMPRESSION, parse_size, size_label
 from repofs.store.crypto import CIPHERS, DEFAULT_CIPHER
 from repofs.store.names import validate_vm_name
-from repofs.store.repository import Repository
+from repofs.store.opening import init_repository, open_repository
 from repofs.store.restorepoint import CONSISTENCY
 from repofs.util import stopping
 from repofs.util.progress import human_bytes
@@ -128,10 +128,21 @@ def main() -> None:
     help="AEAD sealing every record and name; the key comes from --key-file (created), "
     "--passphrase-file, REPOFS_PASSPHRASE or a prompt.",
 )
-def init(repo: str, chunk_size: str, compression: str, encryption: str) -> None:
-    """Create a new, empty repository in REPO (encrypted unless --encryption none)."""
+@click.option(
+    "--create-bucket",
+    is_flag=True,
+    help="For s3://BUCKET/PREFIX: create the bucket if it is missing (without it, a "
+    "missing bucket is an error, so a typo does not make a new bucket).",
+)
+def init(
+    repo: str, chunk_size: str, compression: str, encryption: str, create_bucket: bool
+) -> None:
+    """Create a new, empty repository in REPO, a directory or s3://BUCKET/PREFIX.
+
+    Encrypted unless --encryption none.
+    """
     size = parse_size(chunk_size, "--chunk-size")
-    with Repository.init(repo, size, compression, encryption) as r:
+    with init_repository(repo, size, compression, encryption, create_bucket=create_bucket) as r:
         key = r.config.encryption
         sealed = ", not encrypted"
         if key is not None:
@@ -288,7 +299,7 @@ def ingest(
 @json_option
 def list_cmd(repo: str, vm: str | None, as_json: bool) -> None:
     """List VMs and their restore points."""
-    with Repository.open(repo) as r:
+    with open_repository(repo) as r:
         if vm is not None:
             validate_vm_name(vm)
         rps = r.restore_points(vm)
@@ -384,7 +395,7 @@ def umount(mountpoint: str) -> None:
 @json_option
 def stats(repo: str, as_json: bool) -> None:
     """Space used and saved: logical bytes, unique stored bytes, dedup and compression ratios."""
-    with Repository.open(repo) as r:
+    with open_repository(repo) as r:
         s = r.stats()
     if as_json:
         emit_json(s)
@@ -412,6 +423,8 @@ from repofs.cli.maintenance import register as _register_maintenance  # noqa: E4
 _register_maintenance(main)
 
 from repofs.cli.key import add_key_source_options, key  # noqa: E402 - after main
+from repofs.cli.s3options import add_s3_options  # noqa: E402 - after main
 
 main.add_command(key)
 add_key_source_options(main)  # last: every command has them
+add_s3_options(main)

@@ -14,7 +14,8 @@ from typing import Any
 
 from repofs.maintenance.gc import GC_LOCK
 from repofs.store.lock import GATE, KEEP, MAIN, lock_holders
-from repofs.store.repository import INDEX_DIR, PACKS_DIR, Repository
+from repofs.store.opening import open_repository
+from repofs.store.repository import INDEX_DIR, PACKS_DIR
 from repofs.store.reserve import RESERVE_FILE
 
 #: the lock files, in the order they are described (docs/maintenance.md, "Locks")
@@ -48,7 +49,7 @@ def _tree(path: str, suffix: str = "") -> tuple[int, int, int]:
 
 def repository_info(path: str) -> dict[str, Any]:
     """The document ``repofs info --json`` prints; the text form shows the same fields."""
-    with Repository.open(path) as repo:
+    with open_repository(path) as repo:
         cfg = repo.config
 
         def counts(txn: Any) -> tuple[int, int]:

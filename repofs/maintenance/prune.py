@@ -43,6 +43,7 @@ from typing import Any
 from repofs.errors import UsageError
 from repofs.store.lock import keep_lock
 from repofs.store.names import validate_vm_name
+from repofs.store.opening import open_repository
 from repofs.store.records import RecordType
 from repofs.store.repository import Repository
 from repofs.store.reserve import retry_with_reserve
@@ -164,9 +165,9 @@ def prune_repository(
             "or --force to remove every restore point"
         )
     with (
-        Repository.open(path) as repo,
+        open_repository(path) as repo,
         repo.lock(),  # decides on the index in force, not one replaced while it waited
-        keep_lock(path),
+        keep_lock(repo.path),
     ):
         rps = repo.restore_points(vm)
         if vm is not None and not rps:
@@ -226,9 +227,9 @@ def delete_restore_points(
             f"ingest): 'repofs list REPO {vm}' shows the ids"
         )
     with (
-        Repository.open(path) as repo,
+        open_repository(path) as repo,
         repo.lock(),  # decides on the index in force, not one replaced while it waited
-        keep_lock(path),
+        keep_lock(repo.path),
     ):
         doomed = []
         for rp_id in dict.fromkeys(ids):
@@ -270,9 +271,9 @@ def set_protected(
     if not specs:
         raise UsageError("name at least one restore point id (or 'latest')")
     with (
-        Repository.open(path) as repo,
+        open_repository(path) as repo,
         repo.lock(),  # decides on the index in force, not one replaced while it waited
-        keep_lock(path),
+        keep_lock(repo.path),
     ):
         rps = list({rp.id: rp for rp in (repo.resolve(vm, spec) for spec in specs)}.values())
         if protected:
@@ -281,7 +282,7 @@ def set_protected(
         # Written even where the index already has the flag: a protect or unprotect
         # killed between its record and its transaction leaves a newer record that
         # says the opposite, which rebuild-index would follow.  This record is newer.
-        _, held = retry_with_reserve(path, lambda: _flag(repo, rps, protected))
+        _, held = retry_with_reserve(repo.path, lambda: _flag(repo, rps, protected))
     return changes, held
 
 
@@ -305,7 +306,7 @@ def _refuse_tombstoned(repo: Repository, rps: list[RestorePoint]) -> None:
 
 
 def _flag(repo: Repository, rps: list[RestorePoint], protected: bool) -> None:
-    first = repo.index.write(lambda txn: [repo.index.next_seq(txn) for _ in rps])
+    first = repo.flag_seqs(len(rps))
     flags = [
         Protection(rp.vm, rp.id, rp.seq, n, protected) for rp, n in zip(rps, first, strict=True)
     ]

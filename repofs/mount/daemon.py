@@ -29,7 +29,9 @@ from repofs.errors import MountError, RepofsError, UsageError
 from repofs.mount.fuse import RepoFS
 from repofs.mount.vfs import RepoView
 from repofs.store.config import RepoConfig
-from repofs.store.repository import INDEX_DIR, Repository, open_keys
+from repofs.store.location import is_s3
+from repofs.store.opening import open_repository
+from repofs.store.repository import INDEX_DIR, open_keys
 from repofs.util.malloc import keep_freed_memory
 
 log = logging.getLogger("repofs.mount.daemon")
@@ -267,11 +269,17 @@ def mount(
 ) -> None:
     # A clear error now, before forking; an encrypted repository is unlocked here, while
     # there is a terminal to ask on, and the daemon inherits the keys.
-    open_keys(repo_path, RepoConfig.load(repo_path))
-    if not os.path.exists(os.path.join(repo_path, INDEX_DIR, "data.mdb")):
-        raise MountError(f"{repo_path}: the index is missing; run 'repofs rebuild-index'")
+    if is_s3(repo_path):
+        # Unlocks the keys, fills this host's cache from the bucket, and fails with one
+        # line for a wrong endpoint, credentials or bucket, all before the fork.
+        open_repository(repo_path).close()
+    else:
+        open_keys(repo_path, RepoConfig.load(repo_path))
+        if not os.path.exists(os.path.join(repo_path, INDEX_DIR, "data.mdb")):
+            raise MountError(f"{repo_path}: the index is missing; run 'repofs rebuild-index'")
     check_mountpoint(mountpoint)
-    check_apart(repo_path, mountpoint)
+    if not is_s3(repo_path):
+        check_apart(repo_path, mountpoint)
     if not nonempty:
         check_empty(mountpoint)
     check_fuse_access(allow_other)
@@ -336,7 +344,7 @@ def _serve(
 ) -> None:
     resolved = os.path.realpath(mountpoint)  # before mounting: afterwards only we could answer
     keep_freed_memory(DAEMON_TRIM_THRESHOLD)
-    repo = Repository.open(repo_path)
+    repo = open_repository(repo_path)
     view = RepoView(repo, cache_bytes)
     view.prefetcher.submit(repo.index.warm, MOUNT_INDEX_WARM_BYTES)
     ops = RepoFS(view, direct_io=direct_io)

@@ -151,6 +151,11 @@ class RepoConfig:
             ) from None
         except OSError as exc:
             raise RepositoryError(f"{path}: cannot read: {exc.strerror}") from None
+        return cls.parse(raw, path)
+
+    @classmethod
+    def parse(cls, raw: bytes, path: str) -> RepoConfig:
+        """Check and read a config's bytes; ``path`` names where they came from in errors."""
         try:
             data = json.loads(raw)
         except ValueError:

@@ -456,6 +456,36 @@ def keys_for(path: str, enc: EncryptionConfig | None, repository_id: str) -> Key
         return keys
 
 
+def keys_from_key_object(
+    where: str, blob: bytes | None, enc: EncryptionConfig | None, repository_id: str
+) -> Keys:
+    """The keys of a repository whose wrapped key is ``blob`` (from a bucket), not a file.
+
+    Same sources and checks as :func:`keys_for`; ``where`` names the
+    repository in errors and in the per-process cache of unlocked keys.
+    """
+    if enc is None:
+        return PLAIN
+    cache_key = (where, enc.key_id)
+    with _UNLOCK_LOCK:
+        keys = _UNLOCKED.get(cache_key)
+        if keys is not None:
+            return keys
+        if enc.key == "key-file":
+            master = load_master(where, enc, repository_id)
+        else:
+            if blob is None:
+                raise RepositoryError(
+                    f"{where}/{KEY_FILE}: is missing; put an exported copy back with "
+                    "'repofs key import'"
+                )
+            master = unwrap(blob, passphrase(), repository_id, f"{where}/{KEY_FILE}")
+            if key_id_of(master) != enc.key_id:
+                raise UsageError(f"{where}/{KEY_FILE}: holds another key than this repository's")
+        keys = _UNLOCKED[cache_key] = SealedKeys(master, enc.cipher, enc.content_id)
+        return keys
+
+
 def load_master(path: str, enc: EncryptionConfig, repository_id: str) -> bytes:
     """The master key from the repository's key source, checked against its key id."""
     if enc.key == "key-file":

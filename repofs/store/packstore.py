@@ -66,6 +66,14 @@ class PackStore(abc.ABC):
     @abc.abstractmethod
     def delete(self, pack_id: bytes) -> None: ...
 
+    def forget(self, pack_id: bytes) -> None:
+        """Drop whatever is held open for the pack, so the next read sees its current state."""
+        return None
+
+    def close(self) -> None:
+        """Release what the store holds open."""
+        return None
+
     def cleanup_unpublished(self, running: Callable[[int], bool] | None = None) -> int:
         """Remove unfinished packs of writers that died; ``running(pid)`` spares a live one's.
 

@@ -20,7 +20,7 @@ from repofs.store.index import Index
 from repofs.store.lock import repository_lock
 from repofs.store.maps import MapReader, PageCache
 from repofs.store.names import rp_id_for, rp_id_seconds
-from repofs.store.packstore import LocalPackStore
+from repofs.store.packstore import LocalPackStore, PackStore
 from repofs.store.records import RECORD_HEADER_SIZE, RecordType, decode_header, decode_payload
 from repofs.store.reserve import retry_with_reserve, set_aside
 from repofs.store.restorepoint import DiskInfo, RestorePoint
@@ -61,7 +61,7 @@ class Repository:
         path: str,
         config: RepoConfig,
         index: Index,
-        packs: LocalPackStore,
+        packs: PackStore,
         keys: crypto.Keys | None = None,
     ) -> None:
         self.path = path
@@ -77,7 +77,13 @@ class Repository:
 
     @classmethod
     def init(
-        cls, path: str, chunk_size: int, compression: str, encryption: str = crypto.DEFAULT_CIPHER
+        cls,
+        path: str,
+        chunk_size: int,
+        compression: str,
+        encryption: str = crypto.DEFAULT_CIPHER,
+        *,
+        create_bucket: bool = False,
     ) -> Repository:
         """Create a repository; ``encryption`` is ``none`` or an AEAD of :data:`crypto.CIPHERS`.
 
@@ -88,6 +94,8 @@ class Repository:
         """
         if not path:  # else makedirs fails with ": No such file or directory"
             raise UsageError("the repository path is empty")
+        if create_bucket:
+            raise UsageError("--create-bucket is for s3://BUCKET/PREFIX repositories only")
         key_blob = key_file = None
         enc = None
         master = b""
@@ -170,6 +178,7 @@ class Repository:
 
     @classmethod
     def open(cls, path: str, keys: crypto.Keys | None = None) -> Repository:
+        """The repository in directory ``path`` (:func:`repofs.store.opening` takes URLs too)."""
         config = RepoConfig.load(path)
         if keys is None:
             keys = open_keys(path, config)  # before the index: a wrong key touches nothing
@@ -189,6 +198,19 @@ class Repository:
             packs.close()
             raise
         return cls(path, config, index, packs, keys)
+
+    @property
+    def name(self) -> str:
+        """How messages name the repository: its path (or its bucket URL)."""
+        return self.path
+
+    def sync(self) -> int:
+        """Catch up with other hosts' changes: nothing to do for a local directory."""
+        return 0
+
+    def flag_seqs(self, n: int) -> list[int]:
+        """``n`` new protection sequence numbers, higher than every earlier one."""
+        return self.index.write(lambda txn: [self.index.next_seq(txn) for _ in range(n)])
 
     def close(self) -> None:
         self.index.close()

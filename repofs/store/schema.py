@@ -54,6 +54,19 @@ byte order is numeric order):
 ``seqs``
     ``sequence number (u64)`` -> ``b"V" + VM name`` or ``b"R" + rps key``,
     the way back from an inode number to what it names.
+
+Only in the cache of a repository in a bucket (``docs/object-storage.md``):
+
+``applied``
+    bucket object name (``log/...``, ``checkpoints/...``) -> empty: the log
+    objects this cache has applied.
+``buried``
+    ``rps key + commit nonce (16)`` -> sealed JSON ``{"vm", "id", "nonce"}``:
+    restore points a prune or delete removed, never shown again.
+``retired``
+    ``pack id (16)`` -> empty: packs gc deleted; nothing is indexed in them again.
+``flags``
+    ``rps key`` -> the newest PROTECTION body for that restore point.
 """
 
 from __future__ import annotations
@@ -75,6 +88,10 @@ DATABASES = (
     "leases",
     "condemned",
     "doomed",
+    "applied",
+    "buried",
+    "retired",
+    "flags",
 )
 
 _U64 = struct.Struct(">Q")

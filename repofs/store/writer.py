@@ -37,6 +37,7 @@ class ObjectWriter:
     """
 
     MAX_PUBLISHING = 2  # full packs waiting for the disk before put() waits too
+    PUBLISHERS = 1  #: threads publishing packs (one: a local disk gains nothing from more)
 
     def __init__(
         self,
@@ -116,7 +117,9 @@ class ObjectWriter:
             return
         self._sink, self._entries = None, []
         if self._publisher is None:
-            self._publisher = ThreadPoolExecutor(1, thread_name_prefix="repofs-publish")
+            self._publisher = ThreadPoolExecutor(
+                self.PUBLISHERS, thread_name_prefix="repofs-publish"
+            )
         self._publishing.append((self._publisher.submit(self._publish, sink, entries), entries))
         self._reap(self.MAX_PUBLISHING)
 
@@ -136,11 +139,10 @@ class ObjectWriter:
             sink.abort()
             raise RepositoryError(f"pack {sink.pack_id.hex()} not published: an earlier one failed")
         try:
+            size = sink.size
             sink.publish()
             try:
-                self._index.write(
-                    lambda txn: self._index.add_pack(txn, sink.pack_id, sink.size, entries)
-                )
+                self._index_pack(sink.pack_id, size, entries)
             except BaseException:
                 with contextlib.suppress(Exception):  # the indexing error is the one to report
                     self._packs.delete(sink.pack_id)
@@ -150,6 +152,14 @@ class ObjectWriter:
             raise
         return sink.pack_id
 
+    def _index_pack(self, pack_id: bytes, size: int, entries: list[Entry]) -> None:
+        """Make a published pack's objects known: here, in the index at once."""
+        self._index.write(lambda txn: self._index.add_pack(txn, pack_id, size, entries))
+
+    def _published(self, entries: list[Entry]) -> None:
+        """A pack's objects are indexed now: the in-memory reminder can go."""
+        self.pending.difference_update((e[0], e[1]) for e in entries)
+
     def _reap(self, keep: int) -> None:
         """Collect finished publications, waiting until at most ``keep`` remain; re-raise errors."""
         while self._publishing and (len(self._publishing) > keep or self._publishing[0][0].done()):
@@ -157,7 +167,7 @@ class ObjectWriter:
             pack_id = fut.result()
             self._publishing.popleft()
             self.packs_published.append(pack_id)
-            self.pending.difference_update((e[0], e[1]) for e in entries)
+            self._published(entries)
 
     def flush(self) -> bytes | None:
         """Publish the current pack (durable), index its objects, and wait for all earlier ones.

@@ -60,7 +60,7 @@ from repofs.maintenance.gc.leftovers import (
 from repofs.maintenance.gc.mark import Marker
 from repofs.maintenance.gc.sweep import _sweep
 from repofs.store.lock import open_lock_file
-from repofs.store.repository import Repository
+from repofs.store.opening import open_repository
 from repofs.store.reserve import gave_up_warning, retry_with_reserve, set_aside
 
 GC_LOCK = "lock.gc"
@@ -77,7 +77,7 @@ def collect_garbage(
         raise UsageError(f"--threshold {threshold * 100:g} must be a percentage from 0 to 100")
     t0 = time.monotonic()
     result = GcResult(dry_run=dry_run)
-    with Repository.open(path) as repo, _gc_lock(path):
+    with open_repository(path) as repo, _gc_lock(repo.path):
         _pause("gc opened the index")  # a rebuild-index may replace it before we hold the lock
         with repo.lock():  # from here on no rebuild-index can replace the index under us
             marker = Marker(repo)
@@ -125,10 +125,10 @@ def collect_garbage(
             result.packs_rewritten = len(copied)
             _pause()
             # Safe to run again from the top: the sweep is built to survive a crash anywhere.
-            _, held = retry_with_reserve(path, lambda: _sweep(repo, marker, doomed, result))
+            _, held = retry_with_reserve(repo.path, lambda: _sweep(repo, marker, doomed, result))
             if held:
                 result.warnings.append(gave_up_warning(held, "sweep"))
-        if not dry_run and (size := set_aside(path)):
+        if not dry_run and (size := set_aside(repo.path)):
             result.notes.append(f"set aside {size / 2**20:.1f} MiB as the repository's reserve")
         result.pages = marker.walker.pages_loaded
         result.live_objects = len(marker.live)

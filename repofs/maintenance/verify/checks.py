@@ -55,6 +55,7 @@ from repofs.maintenance.verify.windows import _Buffer, _Entry, _Failures, _Windo
 from repofs.store.config import RepoConfig
 from repofs.store.mapwalk import MapWalker
 from repofs.store.names import validate_vm_name
+from repofs.store.opening import open_repository
 from repofs.store.packstore import LocalPackStore
 from repofs.store.records import (
     PACK_HEADER,
@@ -103,7 +104,7 @@ def verify_repository(
     keys = open_keys(path, config)  # a wrong key is an error of its own, not index damage
     t0 = time.monotonic()
     try:
-        repo = Repository.open(path, keys)
+        repo = open_repository(path, keys)
     except IndexAccessError:
         raise
     except RepositoryError as exc:
