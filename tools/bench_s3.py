@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -99,6 +100,12 @@ class Server:
             raise RuntimeError(f"latency_proxy did not start: {line!r}")
         self.proxy_endpoint = "http://" + line.removeprefix("listening on ")
 
+    def cpu_s(self) -> float:
+        """CPU seconds the server has used so far (user + system, all its threads)."""
+        assert self.s3.proc is not None
+        fields = Path(f"/proc/{self.s3.proc.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def close(self) -> None:
         if self.proxy is not None:
             self.proxy.send_signal(signal.SIGTERM)
@@ -131,11 +138,14 @@ class Host:
         return docs[-1]["counts"] if docs else {}
 
     def run(self, *args: str, check: bool = True) -> tuple[float, str]:
-        """``repofs ARGS`` as this host: wall seconds and stdout."""
+        """``repofs ARGS`` as this host: wall seconds and stdout (CPU seconds: :attr:`cpu`)."""
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         proc = subprocess.run([PY, "-m", "repofs", *args], env={**os.environ, **self.env},
                               capture_output=True, text=True)
         wall = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.cpu = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
         if check and proc.returncode != 0:
             raise RuntimeError(f"repofs {' '.join(args)}: {proc.stderr.strip()[-1500:]}")
         return wall, proc.stdout
@@ -210,18 +220,24 @@ def round_loopback(server: Server, work: Path, steps: list[Step], res: Results,
     local_s, _ = host.run(*ingest_args(str(local), steps[0], False))
     shutil.rmtree(local, ignore_errors=True)
     res.add("local.full_s", local_s)
+    res.add("local.full_cpu_s", host.cpu)
 
     bucket = server.bucket("bench")
     url = f"s3://{bucket}/{PREFIX}"
     host.run("init", url)
     drop_caches()
+    weed0 = server.cpu_s()
     s3_s, _ = host.run(*ingest_args(url, steps[0], False))
+    res.add("s3.full_server_cpu_s", server.cpu_s() - weed0)
+    res.add("s3.full_cpu_s", host.cpu)
     c = host.counts()
     res.add("s3.full_s", s3_s)
     res.add("s3.full_ratio", local_s / s3_s)
     for key in ("PUT", "GET", "HEAD", "LIST", "DELETE", "bytes_up", "bytes_down"):
         res.add(f"s3.full_{key}", c.get(key, 0))
-    log(f"full ingest: local {local_s:.1f} s, bucket {s3_s:.1f} s = {local_s / s3_s:.2f}x; {c}")
+    log(f"full ingest: local {local_s:.1f} s, bucket {s3_s:.1f} s = {local_s / s3_s:.2f}x; "
+        f"CPU s: local {res.samples['local.full_cpu_s'][-1]:.1f}, bucket {host.cpu:.1f} + "
+        f"server {res.samples['s3.full_server_cpu_s'][-1]:.1f}; {c}")
 
     if len(steps) > 1:
         drop_caches()
@@ -260,10 +276,11 @@ def round_loopback(server: Server, work: Path, steps: list[Step], res: Results,
     # random 4 KiB reads on another fresh host
     rnd = Host(work, "random", server)
     drop_caches()
-    with rnd.mounted(url, work / "mnt-rand", rp) as (path, _ready, pid):
+    with rnd.mounted(url, work / "mnt-rand", rp) as (path, ready, pid):
         lat = random_reads(path, offsets)
     for key, v in lat.items():
         res.add(f"s3.rand_{key}_ms", v)
+    res.add("s3.rand_mount_ready_s", ready)
     res.add("s3.rand_GET", rnd.counts(pid).get("GET", 0))
     base4k = baseline_read(server, bucket, random4k=min(len(offsets), 500))
     res.add("base.rand_p50_ms", base4k["p50_ms"])
@@ -425,6 +442,9 @@ def render(res: Results, info: dict[str, Any], s: dict[str, Any], argv: list[str
         f"| full ingest into a local directory, s | {fmt(m('local.full_s'), 1)} | |",
         f"| full ingest into the bucket, s | {fmt(m('s3.full_s'), 1)} | |",
         f"| bucket / local ingest speed | {ratio:.2f}x | >= 0.7x: {verdict(ratio >= 0.7)} |",
+        f"| CPU seconds: local ingest / bucket ingest (client) / the server during it | "
+        f"{m('local.full_cpu_s'):.1f} / {m('s3.full_cpu_s'):.1f} / "
+        f"{m('s3.full_server_cpu_s'):.1f} | |",
         f"| full ingest: PUTs per GiB of image data | {fmt(s['full_PUT_per_GiB'], 1)} | |",
         f"| full ingest: MiB uploaded per GiB of image data | "
         f"{fmt(s['full_bytes_up_per_GiB'] / MiB, 0)} | |",
@@ -545,8 +565,7 @@ def save(args: argparse.Namespace, res: Results, info: dict[str, Any],
     s = summary(res, info)
     (args.out / "results-s3.json").write_text(json.dumps(
         {"samples": res.samples, "info": info, "summary": s}, indent=1, default=str))
-    if not args.quick:
-        write_doc(args.doc, render(res, info, s, args.argv, elapsed))
+    write_doc(args.doc, render(res, info, s, args.argv, elapsed))
     return s
 
 

@@ -126,7 +126,7 @@ class Bucket:
 
     # -- the calls ---------------------------------------------------------------
 
-    def put(self, name: str, data: bytes, *, exclusive: bool = False) -> bool:
+    def put(self, name: str, data: bytes | bytearray, *, exclusive: bool = False) -> bool:
         """Store ``data`` under ``name``; with ``exclusive``, only if no object has the name.
 
         Returns False when ``exclusive`` and the name was taken (HTTP 412).
