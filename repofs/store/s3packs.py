@@ -17,6 +17,11 @@ from repofs.store.bucket import Bucket, ObjectMissing
 from repofs.store.packstore import PackSink, PackStore, new_pack_id
 
 PACKS_PREFIX = "packs/"
+#: Readers' knobs for a bucket (the benchmark's too); see :class:`PackStore`.
+S3_READ_GAP = 256 * 1024
+S3_READ_RUN = 4 * 1024 * 1024
+S3_READ_THREADS = 24
+S3_READ_AHEAD = 64 * 1024 * 1024
 
 
 def pack_name(pack_id: bytes) -> str:
@@ -63,6 +68,12 @@ class _BucketSink(PackSink):
 
 class S3PackStore(PackStore):
     """The packs of a repository in a bucket."""
+
+    READ_GAP = S3_READ_GAP
+    READ_RUN = S3_READ_RUN
+    READ_THREADS = S3_READ_THREADS
+    READ_AHEAD = S3_READ_AHEAD
+    REMOTE = True
 
     def __init__(self, bucket: Bucket) -> None:
         self.bucket = bucket
