@@ -129,7 +129,7 @@ class TestMountS3:
     def test_inode_numbers_are_the_same_everywhere(
         self, tmp_path: Path, s3_repo: tuple[str, dict[str, str], Path, str]
     ) -> None:
-        """A VM dir, restore point dir and flat file keep their inodes on remount and other hosts."""
+        """VM dir, restore point dir and flat file keep their inodes on remount and other hosts."""
         url, env, _img, rp = s3_repo
 
         def inodes(e: dict[str, str], where: Path) -> list[int]:
