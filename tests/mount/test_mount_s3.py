@@ -209,3 +209,34 @@ class TestMountS3:
             client.delete_object(Bucket=s3_bucket, Key=o["Key"])
         with s3_mounted(url, tmp_path / "m3", env, "--direct-io") as m:
             qemu_compare(img, m / "web" / rp / "disk0-flat.vmdk")
+
+
+class TestMountS3Outage:
+    def test_sync_failure_is_logged_once_and_the_mount_serves_on(
+        self, tmp_path: Path, own_s3_server: S3Server
+    ) -> None:
+        """With the endpoint down the mount keeps serving what it has, logs the outage once,
+        and says so when syncs work again."""
+        env = host_env(dict(os.environ), tmp_path / "host-a")
+        env.update(own_s3_server.env())
+        env["AWS_MAX_ATTEMPTS"] = "1"
+        env["REPOFS_S3_CONNECT_TIMEOUT"] = "1"
+        own_s3_server.create_bucket("outage")
+        url = "s3://outage/repo"
+        repofs("init", url, env=env)
+        img = random_image(tmp_path / "src.img", 4 * MiB)
+        rp = ingest(url, "web", f"disk0={img}", env=env)  # type: ignore[arg-type]
+        log = tmp_path / "mnt.log"
+        with s3_mounted(url, tmp_path / "mnt", env, "--refresh", "0.5", "--direct-io") as mnt:
+            flat = mnt / "web" / rp / "disk0-flat.vmdk"
+            qemu_compare(img, flat)  # every chunk now in the memory cache
+            own_s3_server.kill()
+            time.sleep(3)
+            assert sorted(os.listdir(mnt / "web")) == sorted([rp, "latest"])
+            qemu_compare(img, flat)
+            assert log.read_text().count("cannot sync with") == 1, log.read_text()
+            own_s3_server.start()
+            deadline = time.monotonic() + 20
+            while "works again" not in log.read_text():
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
