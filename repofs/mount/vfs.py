@@ -80,6 +80,7 @@ class _Rp:
 
 
 WARM_MAP_PAGES = 1024  # 32 MiB of references: the whole map of a disk up to 64 GiB
+CACHE_FLUSH_SECONDS = 5.0  # at unmount: the longest wait for the disk cache's last records
 INDEX_CHECK_INTERVAL = 1.0  # seconds between looks for an index that rebuild-index replaced
 
 
@@ -436,6 +437,8 @@ class RepoView:
 
     def close(self) -> None:
         self.prefetcher.close()
+        if self.repo.records is not None:
+            self.repo.records.flush(CACHE_FLUSH_SECONDS)  # what was read, kept for the next mount
 
     def _reader(self, seq: int, slot: int, rp: RestorePoint) -> DiskReader:
         key = (seq, slot)

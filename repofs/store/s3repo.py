@@ -443,7 +443,9 @@ def _open_cache(location: S3Location, config: RepoConfig) -> str:
                     "give another --cache-dir"
                 )
             return cache
-        if os.path.isdir(cache) and os.listdir(cache):
+        # A mount still writing its chunk cache while the directory was deleted may leave
+        # chunks/ behind: that much is ours, and starting afresh over it is safe.
+        if os.path.isdir(cache) and set(os.listdir(cache)) - {CACHE_SUBDIR}:
             raise UsageError(f"{cache}: exists and is not a repofs cache; give another --cache-dir")
         make_dirs(os.path.join(cache, INDEX_DIR))
         set_aside(cache)
