@@ -909,7 +909,7 @@ def main(argv: list[str] | None = None) -> int:
     args.size = args.size or ("256M" if q else "8G")
     args.data = args.data or ("48M" if q else "2G")
     args.days = args.days if args.days is not None else (1 if q else 2)
-    args.scale_rps = args.scale_rps or (20 if q else 1000)
+    args.scale_rps = args.scale_rps if args.scale_rps is not None else (20 if q else 1000)
     sweep_sizes = (args.sweep or (f"{DEFAULT_CS},1M" if q else "16K,64K,128K,256K,1M")).split(",")
     if os.geteuid() != 0:
         log("needs root (loop devices for the corpus, drop_caches, FUSE)")

@@ -12,7 +12,9 @@ per measurement keeps them apart.  A round measures
 3. a sequential read (``dd bs=1M``) of day 1's exposed disk through
    ``repofs mount`` on a fresh host (an empty ``--cache-dir``, page cache
    dropped), against ``tools/s3_baseline_read`` (parallel ranged GETs of
-   the repository's packs) on the same server;
+   the repository's packs) on the same server, and against the same read
+   from the local directory (day 1 ingested there too): the mount's own
+   ceiling on this machine;
 4. random 4 KiB reads through a mount on another fresh host: p50, p99;
 5. the full ingest and the sequential read again through
    ``tools/latency_proxy --rtt-ms 30``, against their loopback figures.
@@ -218,9 +220,17 @@ def round_loopback(server: Server, work: Path, steps: list[Step], res: Results,
     host.run("init", str(local))
     drop_caches()
     local_s, _ = host.run(*ingest_args(str(local), steps[0], False))
-    shutil.rmtree(local, ignore_errors=True)
     res.add("local.full_s", local_s)
     res.add("local.full_cpu_s", host.cpu)
+    # the control for the read: the same restore point from the local directory, cold
+    if len(steps) > 1:
+        host.run(*ingest_args(str(local), steps[1], True))
+    _, out = host.run("list", str(local), "vm1", "--json")
+    rp = sorted(r["id"] for r in json.loads(out))[-1]
+    drop_caches()
+    with host.mounted(str(local), work / "mnt-local", rp) as (path, _ready, _pid):
+        res.add("local.seq_s", dd(path))
+    shutil.rmtree(local, ignore_errors=True)
 
     bucket = server.bucket("bench")
     url = f"s3://{bucket}/{PREFIX}"
@@ -270,7 +280,8 @@ def round_loopback(server: Server, work: Path, steps: list[Step], res: Results,
     res.add("base.seq_bytes", base["bytes"])
     # the same bytes at each one's rate: the mount's download rate against the plain reader's
     res.add("s3.seq_vs_base", (c.get("bytes_down", 0) / seq_s / 1e6) / base["MB_per_s"])
-    log(f"sequential read: mount {seq_s:.1f} s ({c.get('bytes_down', 0) / MiB:.0f} MiB down, "
+    log(f"sequential read: local mount {res.samples['local.seq_s'][-1]:.1f} s, "
+        f"bucket mount {seq_s:.1f} s ({c.get('bytes_down', 0) / MiB:.0f} MiB down, "
         f"{c.get('GET', 0)} GETs), baseline {base['seconds']:.1f} s ({base['MB_per_s']} MB/s)")
 
     # random 4 KiB reads on another fresh host
@@ -465,6 +476,8 @@ def render(res: Results, info: dict[str, Any], s: dict[str, Any], argv: list[str
         f"disk, {read_data / MiB:,.0f} MiB of data) | {fmt(m('s3.seq_s'), 1)} | |",
         f"| the same, MB/s of disk data / MB/s downloaded | {fmt(m('s3.seq_data_MBps'), 0)} / "
         f"{fmt(m('s3.seq_down_MBps'), 0)} | |",
+        f"| the same read from the local directory repository, cold, s (the mount's own "
+        f"ceiling) | {fmt(m('local.seq_s'), 1)} | |",
         f"| `tools/s3_baseline_read` of the repository's packs (16 threads, 8 MiB GETs), MB/s | "
         f"{fmt(m('base.seq_MBps'), 0)} | |",
         f"| mount's download rate / baseline's | {seq_ratio:.2f} | >= 0.70: "
