@@ -181,8 +181,8 @@ class TestMountS3:
         s3_bucket: str,
         s3_repo: tuple[str, dict[str, str], Path, str],
     ) -> None:
-        """Reading more than --disk-cache-size keeps chunks/ under it; a cache that holds
-        everything serves a second mount even with the pack gone from the bucket."""
+        """Reading more than --disk-cache-size keeps chunks/ under it; damaged cache files
+        are fetched again; a cache holding everything serves a mount with the packs gone."""
         url, env, img, rp = s3_repo
         chunks = _cache_of(env) / "chunks"
         bound = 4 * MiB
@@ -204,10 +204,19 @@ class TestMountS3:
         with s3_mounted(url, tmp_path / "m2", env, "--direct-io", "--disk-cache-size", "1G") as m:
             qemu_compare(img, m / "web" / rp / "disk0-flat.vmdk")
         assert usage() > img.stat().st_size // 2  # the random half of the disk, at least
+        cached = sorted(p for p in chunks.rglob("*") if p.is_file() and p.name != ".lock")
+        flipped, cut = cached[0], cached[1]
+        damaged = bytearray(flipped.read_bytes())
+        damaged[len(damaged) // 2] ^= 1
+        flipped.write_bytes(bytes(damaged))
+        cut.write_bytes(cut.read_bytes()[:-1])
+        with s3_mounted(url, tmp_path / "m3", env, "--direct-io") as m:
+            qemu_compare(img, m / "web" / rp / "disk0-flat.vmdk")  # damaged copies: misses
+        assert flipped.read_bytes() != bytes(damaged)  # fetched again and replaced
         client = s3_server.client()
         for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="repo/packs/")["Contents"]:
             client.delete_object(Bucket=s3_bucket, Key=o["Key"])
-        with s3_mounted(url, tmp_path / "m3", env, "--direct-io") as m:
+        with s3_mounted(url, tmp_path / "m4", env, "--direct-io") as m:
             qemu_compare(img, m / "web" / rp / "disk0-flat.vmdk")
 
 
@@ -240,3 +249,59 @@ class TestMountS3Outage:
             while "works again" not in log.read_text():
                 assert time.monotonic() < deadline, log.read_text()
                 time.sleep(0.2)
+
+
+class TestMovedObjects:
+    def test_read_of_an_object_moved_by_another_host_syncs_and_succeeds(
+        self,
+        tmp_path: Path,
+        s3_server: S3Server,
+        s3_bucket: str,
+        s3_repo: tuple[str, dict[str, str], Path, str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A chunk another host copied to a new pack (old one retired, deleted) reads right."""
+        from repofs.store.opening import open_repository
+        from repofs.store.packstore import new_pack_id
+        from repofs.store.records import RECORD_HEADER_SIZE, RecordType
+        from repofs.store.s3packs import pack_name
+        from repofs.store.schema import object_key
+        from repofs.store.segment import Segment
+
+        url, env, img, rp_id = s3_repo
+        source = img.read_bytes()
+        moved_at = 2 * MiB  # in the random first half: a chunk of its own
+        with s3_mounted(url, tmp_path / "mnt", env, "--direct-io", "--refresh", "0") as mnt:
+            flat = mnt / "web" / rp_id / "disk0-flat.vmdk"
+            fd = os.open(flat, os.O_RDONLY)
+            try:
+                assert os.pread(fd, DEFAULT_CHUNK, 0) == source[:DEFAULT_CHUNK]  # map loaded
+                # Host B moves the chunk: copy to a new pack, introduce it, retire the old.
+                for key, value in host_env(env, tmp_path / "host-b").items():
+                    monkeypatch.setenv(key, value)
+                with open_repository(url) as repo:
+                    rp = repo.latest("web")
+                    assert rp is not None
+                    (digest,) = repo.map_reader(rp.disks[0]).refs(moved_at // DEFAULT_CHUNK, 1)
+                    loc = repo.index.locate(RecordType.CHUNK, digest)
+                    assert loc is not None
+                    record = repo.packs.read(
+                        loc.pack_id, loc.offset, RECORD_HEADER_SIZE + loc.stored_len
+                    )
+                    new_id = new_pack_id()
+                    repo.bucket.put(pack_name(new_id), record)
+                    entry = (RecordType.CHUNK, digest, 0, loc.stored_len, loc.raw_len)
+                    key = object_key(RecordType.CHUNK, digest).hex()
+                    repo.log.publish(
+                        Segment(
+                            "facts",
+                            packs=[(new_id, len(record), [entry])],
+                            retire=[{"pack": loc.pack_id.hex(), "keys": [key]}],
+                        )
+                    )
+                    repo.bucket.delete(pack_name(loc.pack_id))
+                got = os.pread(fd, DEFAULT_CHUNK, moved_at)
+            finally:
+                os.close(fd)
+        assert got == source[moved_at : moved_at + DEFAULT_CHUNK]
+        assert "I/O error" not in (tmp_path / "mnt.log").read_text()
