@@ -356,6 +356,15 @@ class TestErrors:
             404,
             "NoSuchBucket",
         )
+        assert _client_error(
+            s3.put_object, Bucket="repofs-no-such-bucket", Key="k", Body=b"", IfNoneMatch="*"
+        ) == (404, "NoSuchBucket")
+        assert _client_error(s3.put_object, Bucket="repofs-no-such-bucket", Key="k", Body=b"") == (
+            404,
+            "NoSuchBucket",
+        )
+        # ... and the PUTs did not create it (weed's default would: -s3.autoCreateBucket)
+        assert _client_error(s3.head_bucket, Bucket="repofs-no-such-bucket") == (404, "404")
 
     def test_wrong_credentials(self, s3_server: S3Server, s3_bucket: str) -> None:
         """A wrong secret is 403 SignatureDoesNotMatch, an unknown key id 403 InvalidAccessKeyId."""

@@ -176,6 +176,8 @@ class S3Server:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-webdav=false",
+            # As AWS: a PUT into a missing bucket is NoSuchBucket, never a new bucket.
+            "-s3.autoCreateBucket=false",
             "-admin.ui=false",
             f"-admin.port={p['admin']}",
             f"-admin.port.grpc={p['admin.grpc']}",
