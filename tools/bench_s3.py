@@ -344,6 +344,7 @@ def build_scale(url: str, count: int, cache: str) -> None:
 
     set_s3_settings(cache_dir=cache)
     img = Path(cache).parent / "scale.img"
+    img.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(7)
     with open(img, "wb") as f:
         f.write(rng.randbytes(4 * MiB))
