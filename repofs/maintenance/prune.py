@@ -186,7 +186,11 @@ def prune_repository(
 
 
 def _remove(repo: Repository, doomed: list[RestorePoint]) -> int:
+    before = _present(repo, doomed)
     repo.write_tombstones(doomed)  # durable and indexed before anything leaves the index
+    # In a bucket the tombstones (bury facts) take the restore points out of this host's
+    # cache as they are applied; locally the transaction below does.
+    gone = before - _present(repo, doomed)
 
     def txn_fn(txn: Any) -> int:
         removed = 0
@@ -197,7 +201,17 @@ def _remove(repo: Repository, doomed: list[RestorePoint]) -> int:
                 removed += 1
         return removed
 
-    return repo.index.write(txn_fn)
+    return gone + repo.index.write(txn_fn)
+
+
+def _present(repo: Repository, rps: list[RestorePoint]) -> int:
+    def txn_fn(txn: Any) -> int:
+        docs = (repo.index.get_rp(txn, rp.vm, rp.id) for rp in rps)
+        return sum(
+            1 for rp, doc in zip(rps, docs, strict=True) if doc and doc.get("seq") == rp.seq
+        )
+
+    return repo.index.read(txn_fn)
 
 
 @dataclass

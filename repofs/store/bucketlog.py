@@ -228,7 +228,9 @@ class BucketLog:
         for fact in seg.retire:
             self._retire(txn, bytes.fromhex(fact["pack"]), fact.get("keys", ()))
         for fact in seg.condemn:
-            self._condemn(txn, bytes.fromhex(fact["pack"]), fact.get("keys", ()))
+            self._condemn(
+                txn, bytes.fromhex(fact["pack"]), fact.get("keys", ()), _at(fact.get("at"))
+            )
         for pack_id, size, entries in seg.packs:
             self._introduce(txn, pack_id, size, entries)
         for body in seg.bury:
@@ -265,14 +267,24 @@ class BucketLog:
                 idx.put(txn, "objects", key, loc)
                 idx.delete(txn, "condemned", key)
 
-    def _condemn(self, txn: Any, pack_id: bytes, keys_hex: Any) -> None:
+    def _condemn(self, txn: Any, pack_id: bytes, keys_hex: Any, at: int = 0) -> None:
+        """Condemn a pack at time ``at`` (the doomed table's generation field holds it).
+
+        Condemned twice (two gcs), the later time wins: gc waits for the
+        leases that predate it, which is never less safe.
+        """
         idx = self.index
         if idx.get(txn, "retired", pack_id) is not None:
             return
         info = idx.get(txn, "packs", pack_id)
         size, count = decode_pack_info(info) if info is not None else (0, 0)
-        if idx.get(txn, "doomed", pack_id) is None:
-            idx.put(txn, "doomed", pack_id, encode_doomed(size, count, 0))
+        doomed = idx.get(txn, "doomed", pack_id)
+        if doomed is None:
+            idx.put(txn, "doomed", pack_id, encode_doomed(size, count, at))
+        else:
+            d_size, d_count, d_at = decode_doomed(doomed)
+            if at > d_at:
+                idx.put(txn, "doomed", pack_id, encode_doomed(d_size, d_count, at))
         idx.delete(txn, "packs", pack_id)
         for key_hex in keys_hex:
             key = bytes.fromhex(key_hex)
@@ -361,7 +373,13 @@ class BucketLog:
     # -- checkpoints -------------------------------------------------------------
 
     def write_checkpoint(self) -> str:
-        """Every fact this cache holds, as one object; returns its name."""
+        """Every fact this cache holds, as one object; returns its name.
+
+        It syncs first: a checkpoint written from a cache synced long ago
+        (after a long ingest) would be the newest yet lack facts whose log
+        objects gc removes as covered by an older checkpoint.
+        """
+        self.sync()
         seg = self.index.read(self._checkpoint_of)
         name = f"{CHECKPOINT_PREFIX}{time.time_ns():016x}-{os.urandom(8).hex()}"
         self.bucket.put(name, seg.encode(self.keys, name))
@@ -390,7 +408,7 @@ class BucketLog:
         condemn = []
         for pack_id, value in idx.items(txn, "doomed"):
             sizes[pack_id] = decode_doomed(value)[0]
-            condemn.append({"pack": pack_id.hex(), "keys": []})
+            condemn.append({"pack": pack_id.hex(), "keys": [], "at": decode_doomed(value)[2]})
         seg = Segment("checkpoint", condemn=condemn)
         for pack_id in sorted(set(by_pack) | set(sizes)):
             seg.packs.append((pack_id, sizes.get(pack_id, 0), by_pack.get(pack_id, [])))
@@ -427,6 +445,14 @@ class BucketLog:
 
 class _Compacted(Exception):
     """A listed log object is gone: gc compacted it into a checkpoint meanwhile."""
+
+
+def _at(value: Any) -> int:
+    """A condemn fact's time (seconds); 0 if absent or malformed."""
+    try:
+        return max(0, int(value))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _condemned_loc(value: bytes) -> Any:
