@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from repofs.errors import UsageError
+from repofs.store.bucketlog import nonce_of
 from repofs.store.lock import keep_lock
 from repofs.store.names import validate_vm_name
 from repofs.store.opening import open_repository
@@ -49,6 +50,7 @@ from repofs.store.repository import Repository
 from repofs.store.reserve import retry_with_reserve
 from repofs.store.restorepoint import RestorePoint
 from repofs.store.rprecords import Protection
+from repofs.store.s3repo import S3Repository
 
 
 def _iso_week(t: time.struct_time) -> str:
@@ -207,9 +209,7 @@ def _remove(repo: Repository, doomed: list[RestorePoint]) -> int:
 def _present(repo: Repository, rps: list[RestorePoint]) -> int:
     def txn_fn(txn: Any) -> int:
         docs = (repo.index.get_rp(txn, rp.vm, rp.id) for rp in rps)
-        return sum(
-            1 for rp, doc in zip(rps, docs, strict=True) if doc and doc.get("seq") == rp.seq
-        )
+        return sum(1 for rp, doc in zip(rps, docs, strict=True) if doc and doc.get("seq") == rp.seq)
 
     return repo.index.read(txn_fn)
 
@@ -297,6 +297,9 @@ def set_protected(
         # killed between its record and its transaction leaves a newer record that
         # says the opposite, which rebuild-index would follow.  This record is newer.
         _, held = retry_with_reserve(repo.path, lambda: _flag(repo, rps, protected))
+        if protected and isinstance(repo, S3Repository):
+            repo.sync()  # no lock spans hosts: say so if a prune elsewhere won the race
+            _refuse_buried(repo, rps)
     return changes, held
 
 
@@ -309,6 +312,11 @@ def _refuse_tombstoned(repo: Repository, rps: list[RestorePoint]) -> None:
     """
     from repofs.maintenance.gc.orphans import buried_restore_points
 
+    if isinstance(repo, S3Repository):
+        # A bury fact takes the restore point out of the cache as it is applied: no
+        # half-removed state to find, only burials that landed since the last sync.
+        _refuse_buried(repo, rps)
+        return
     buried = buried_restore_points(repo)
     for rp in rps:
         if (rp.vm, rp.id, rp.seq) in buried:
@@ -317,6 +325,23 @@ def _refuse_tombstoned(repo: Repository, rps: list[RestorePoint]) -> None:
                 "interrupted after writing its tombstone) and cannot be protected; run "
                 f"'repofs delete {repo.path} {rp.vm} {rp.id}' to finish the removal"
             )
+
+
+def _refuse_buried(repo: S3Repository, rps: list[RestorePoint]) -> None:
+    """Refuse restore points that a prune or delete on another host buried (after a sync)."""
+    index = repo.index
+
+    def txn_fn(txn: Any) -> list[RestorePoint]:
+        keys = [index.rp_key(rp.vm, rp.id) + nonce_of({"record": rp.record}) for rp in rps]
+        return [rp for rp, key in zip(rps, keys, strict=True) if index.get(txn, "buried", key)]
+
+    gone = index.read(txn_fn)
+    if gone:
+        rp = gone[0]
+        raise UsageError(
+            f"restore point {rp.vm}/{rp.id} was removed by a prune or delete on another host "
+            "at the same moment, and cannot be protected"
+        )
 
 
 def _flag(repo: Repository, rps: list[RestorePoint], protected: bool) -> None:
