@@ -207,9 +207,7 @@ class TestAcrossHosts:
         img, _ = image(tmp_path, "a.img", 1)
         ids = [hosts.ingest("a", "vm", img) for _ in range(3)]
         assert hosts.ids("b", "vm") == ids
-        report = json.loads(
-            hosts.run("a", "prune", hosts.url, "--keep-last", "2", "--json").stdout
-        )
+        report = json.loads(hosts.run("a", "prune", hosts.url, "--keep-last", "2", "--json").stdout)
         assert report["removed_count"] == 1
         assert hosts.ids("b", "vm") == ids[1:]
         hosts.run("a", "delete", hosts.url, "vm", ids[1])
@@ -238,7 +236,7 @@ class TestAcrossHosts:
         for _round in range(2):
             procs = [spawn("gc", hosts.url, "--json", env=hosts.env(h)) for h in ("b", "c")]
             for proc in procs:
-                out, err = proc.communicate(timeout=120)
+                _out, err = proc.communicate(timeout=120)
                 assert proc.returncode == 0, err
             time.sleep(WAIT)
         hosts.gc("b")

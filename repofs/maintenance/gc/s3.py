@@ -38,7 +38,7 @@ from repofs.errors import IntegrityError, RepofsError
 from repofs.maintenance.gc.common import GcResult, _describe, _pause
 from repofs.maintenance.gc.compact import _PackUse, _read_live, _scan
 from repofs.maintenance.gc.mark import Marker
-from repofs.store.bucketlog import log_grace
+from repofs.store.bucketlog import LOG_PREFIX, log_grace
 from repofs.store.leases import Lease, LeaseInfo, clock_skew, lease_ttl, list_leases
 from repofs.store.records import RECORD_HEADER_SIZE, RecordType, decode_header, decode_payload
 from repofs.store.s3packs import S3PackStore
@@ -56,6 +56,7 @@ from repofs.store.segment import Segment
 #: Packs below this size are merged when there are enough of them (as on a local repository).
 SMALL_PACK = 1024 * 1024
 SMALL_PACKS_TO_MERGE = 8
+COMMIT_PREFIX = LOG_PREFIX + "c-"
 
 
 @dataclass
@@ -111,7 +112,7 @@ def collect_bucket(repo: S3Repository, *, threshold: float, dry_run: bool, t0: f
             gone = _delete_condemned(repo, marker, second, own, result, dry_run)
             _delete_leftovers(repo, first, second, own, gone, result, dry_run)
             _delete_expired_leases(repo, second, own, result, dry_run)
-            _compact_log(repo, result, dry_run)
+            _compact_log(repo, second, own, result, dry_run)
         result.pages = marker.walker.pages_loaded
         result.live_objects = len(marker.live)
         result.warnings = marker.warnings + result.warnings
@@ -372,11 +373,16 @@ def _delete_expired_leases(
                     repo.bucket.delete(lease.name)
 
 
-def _compact_log(repo: S3Repository, result: GcResult, dry_run: bool) -> None:
+def _compact_log(
+    repo: S3Repository, listing: _Listing, own: str | None, result: GcResult, dry_run: bool
+) -> None:
     """A checkpoint of what this run left, then the log objects and checkpoints it makes moot.
 
     A log object goes only when it is older than the grace period: a host
     that synced within half of it has applied it (see ``BucketLog.sync``).
+    A commit object also stays while a writer that started before it runs:
+    its name is what keeps an ingest that reserved the same id from
+    committing it a second time.
     """
     log = repo.log
     if not dry_run and (log.uncovered or result.packs_condemned or result.packs_deleted):
@@ -388,6 +394,8 @@ def _compact_log(repo: S3Repository, result: GcResult, dry_run: bool) -> None:
     cutoff = time.time() - log_grace()
     for info in list(log.logs()):
         if info.name in covers and info.mtime < cutoff:
+            if info.name.startswith(COMMIT_PREFIX) and listing.holders(own, info.mtime):
+                continue
             result.logs_removed += 1
             if not dry_run:
                 repo.bucket.delete(info.name)
