@@ -276,8 +276,20 @@ class BucketLog:
             idx.put(txn, "doomed", pack_id, encode_doomed(size, max(have, count), at))
         for rtype, digest, offset, stored, raw in entries:
             key = object_key(rtype, digest)
-            idx.put(txn, "locs", key + pack_id, _LOC_TAIL.pack(offset, stored, raw))
-            self._settle(txn, key)
+            tail = _LOC_TAIL.pack(offset, stored, raw)
+            idx.put(txn, "locs", key + pack_id, tail)
+            # What _settle would find, in O(1): the derived tables already hold the
+            # minimum of every other location, so only the new one can change them.
+            loc = pack_id + tail
+            live = idx.get(txn, "objects", key)
+            if doomed is None:
+                if live is None or loc < live:
+                    idx.put(txn, "objects", key, loc)
+                    idx.delete(txn, "condemned", key)
+            elif live is None:
+                gone = idx.get(txn, "condemned", key)
+                if gone is None or loc < gone[: len(loc)]:
+                    idx.put(txn, "condemned", key, encode_condemned(loc, 0))
 
     def _condemn(self, txn: Any, pack_id: bytes, keys_hex: Any, at: int) -> None:
         idx = self.index
