@@ -31,7 +31,7 @@ from repofs.errors import IntegrityError, RepositoryError, UsageError
 from repofs.store import crypto
 from repofs.store.bucket import Bucket, ObjectStoreError
 from repofs.store.bucketlog import BucketLog, nonce_of, rp_seq_of, vm_seq_of
-from repofs.store.config import CONFIG_FILE, RepoConfig
+from repofs.store.config import CONFIG_FILE, PACK_TARGET, RepoConfig
 from repofs.store.durable import make_dirs, os_error, write_file_atomic
 from repofs.store.index import Index
 from repofs.store.leases import Lease
@@ -137,6 +137,7 @@ class S3Repository(Repository):
         encryption: str = crypto.DEFAULT_CIPHER,
         *,
         create_bucket: bool = False,
+        pack_size: int = PACK_TARGET,
     ) -> S3Repository:
         location = parse_s3(url)
         bucket = Bucket(location)
@@ -169,7 +170,7 @@ class S3Repository(Repository):
                 key_id=crypto.key_id_of(master),
                 content_id=os.urandom(16).hex(),
             )
-        config = RepoConfig.new(chunk_size, compression, enc)
+        config = RepoConfig.new(chunk_size, compression, enc, pack_size)
         if enc is not None and key_file is None:
             key_blob = crypto.wrap(master, secret, config.repository_id)
         if enc is not None and key_file is not None:
