@@ -6,7 +6,8 @@ another host, nor see its process.  It works with facts in the bucket's log
 (:mod:`repofs.store.leases`), in two phases that may lie in two runs:
 
 1. **condemn**: sync, mark from every live restore point, then one facts
-   object condemns every pack with nothing live (``at``: the time ``T``)
+   object condemns every pack with nothing live that no running writer may
+   still name in its commit (``at``: the time ``T``)
    and introduces the new packs holding the live objects of sparse packs,
    which it condemns too.  An ingest that starts after ``T`` syncs after
    it and never deduplicates against a condemned object.
@@ -99,17 +100,21 @@ def collect_bucket(repo: S3Repository, *, threshold: float, dry_run: bool, t0: f
             uses = _uses(repo, marker)
             result.packs_before = len(uses)
             dead, sparse = _plan(uses, threshold)
-            again = _undated(repo)  # condemned without a time: condemn again, now
+            # A running ingest introduces its packs before its commit (every 32): dead
+            # until then, they are left alone while a writer older than them runs.
+            dead = {
+                p for p in dead if p in first.packs and not first.holders(own, first.packs[p][1])
+            }
             result.packs_condemned = len(dead) + len(sparse)
             result.packs_rewritten = len(sparse)
             if not dry_run:
-                _condemn(repo, uses, dead, sparse, again, result)
+                _condemn(repo, uses, dead, sparse, result, lease)
             _pause("gc condemned")
             second = _list(repo)  # before the sync that decides about condemned packs
             repo.sync()
             result.late_restore_points = marker.mark_all()
             marker.check()
-            gone = _delete_condemned(repo, marker, second, own, result, dry_run)
+            gone = _delete_condemned(repo, marker, second, lease, result, dry_run)
             _delete_leftovers(repo, first, second, own, gone, result, dry_run)
             _delete_expired_leases(repo, second, own, result, dry_run)
             _compact_log(repo, second, own, result, dry_run)
@@ -151,27 +156,10 @@ def _plan(uses: dict[bytes, _PackUse], threshold: float) -> tuple[set[bytes], se
     return dead, sparse
 
 
-def _undated(repo: S3Repository) -> list[bytes]:
-    index = repo.index
-    return index.read(
-        lambda t: [p for p, v in index.items(t, "doomed") if decode_doomed(v)[2] == 0]
-    )
-
-
 def _keys_in(repo: S3Repository, pack_ids: set[bytes]) -> dict[bytes, list[str]]:
-    """Every object key the cache locates in one of ``pack_ids`` (live or condemned)."""
-    index = repo.index
-    out: dict[bytes, list[str]] = {p: [] for p in pack_ids}
-
-    def txn_fn(txn: Any) -> None:
-        for db, decode in (("objects", decode_location), ("condemned", _condemned_loc)):
-            for key, value in index.items(txn, db):
-                pack_id = decode(value).pack_id
-                if pack_id in out:
-                    out[pack_id].append(key.hex())
-
-    index.read(txn_fn)
-    return out
+    """Every object key with a location in one of ``pack_ids`` (live or condemned), as hex."""
+    found = repo.index.read(lambda t: repo.log.keys_in_packs(t, pack_ids))
+    return {p: [k.hex() for k in keys] for p, keys in found.items()}
 
 
 def _condemn(
@@ -179,13 +167,13 @@ def _condemn(
     uses: dict[bytes, _PackUse],
     dead: set[bytes],
     sparse: set[bytes],
-    again: list[bytes],
     result: GcResult,
+    lease: Lease | None,
 ) -> None:
     """One facts object: the copies of sparse packs introduced, and every pack condemned."""
     copied, introduced = _copy_sparse(repo, uses, sparse, result)
     result.packs_rewritten = len(copied)
-    doomed = dead | copied | set(again)
+    doomed = dead | copied
     if not doomed:
         return
     keys = _keys_in(repo, doomed)
@@ -195,6 +183,7 @@ def _condemn(
         packs=introduced,
         condemn=[{"pack": p.hex(), "keys": keys[p], "at": at} for p in sorted(doomed)],
     )
+    _check(lease, seg)
     repo.log.publish(seg)
     result.packs_condemned = len(dead | copied)
 
@@ -239,7 +228,7 @@ def _delete_condemned(
     repo: S3Repository,
     marker: Marker,
     listing: _Listing,
-    own: str | None,
+    lease: Lease | None,
     result: GcResult,
     dry_run: bool,
 ) -> set[bytes]:
@@ -247,18 +236,19 @@ def _delete_condemned(
     index = repo.index
     ttl = lease_ttl()
     doomed = index.read(lambda t: [(p, decode_doomed(v)) for p, v in index.items(t, "doomed")])
+    own = lease.name if lease is not None else None
     ready: dict[bytes, int] = {}
-    for pack_id, (size, _count, at) in doomed:
+    for pack_id, (_size, _count, at) in doomed:
         if at == 0 or listing.at <= at + ttl or listing.holders(own, at):
             result.packs_held += 1
             continue
-        ready[pack_id] = listing.packs.get(pack_id, (size, 0.0))[0]
+        ready[pack_id] = listing.packs.get(pack_id, (0, 0.0))[0]  # 0: gone already
     if not ready:
         return set()
     rescue = _needed(repo, marker, set(ready))
     result.objects_rescued = sum(len(v) for v in rescue.values())
     if dry_run:
-        result.packs_deleted += len(ready)
+        result.packs_deleted += sum(1 for p in ready if p in listing.packs)
         result.bytes_freed += sum(ready.values())
         return set(ready)
     writer = repo.writer()
@@ -286,12 +276,21 @@ def _delete_condemned(
         packs=list(writer.introduced),
         retire=[{"pack": p.hex(), "keys": keys[p]} for p in sorted(ready)],
     )
+    _check(lease, seg)
     repo.log.publish(seg)  # every host forgets them before any is deleted
     for pack_id, size in sorted(ready.items()):
-        repo.packs.delete(pack_id)
-        result.packs_deleted += 1
-        result.bytes_freed += size
+        if pack_id in listing.packs:
+            repo.packs.delete(pack_id)
+            result.packs_deleted += 1
+            result.bytes_freed += size
     return set(ready)
+
+
+def _check(lease: Lease | None, seg: Segment) -> None:
+    """Introduce new packs only while gc's lease holds: without it, another gc may have
+    deleted them as leftovers."""
+    if lease is not None and seg.packs:
+        lease.check()
 
 
 def _needed(
