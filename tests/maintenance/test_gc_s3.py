@@ -40,10 +40,19 @@ with open_repository(sys.argv[1]) as repo:
 class Hosts:
     """One repository in a fresh bucket, and the environment of each simulated host."""
 
-    def __init__(self, server: S3Server, bucket: str, env: dict[str, str], tmp: Path) -> None:
+    def __init__(
+        self,
+        server: S3Server,
+        bucket: str,
+        env: dict[str, str],
+        tmp: Path,
+        prefix: str = "repo",
+        *init: str,
+    ) -> None:
         self.server, self.bucket, self.base, self.tmp = server, bucket, env, tmp
-        self.url = f"s3://{bucket}/repo"
-        repofs("init", self.url, "--chunk-size", "64K", env=self.env("a"))
+        self.prefix = prefix
+        self.url = f"s3://{bucket}/{prefix}"
+        repofs("init", self.url, "--chunk-size", "64K", *init, env=self.env("a"))
 
     def env(self, host: str, **extra: str) -> dict[str, str]:
         return {**self.base, **TIMES, "REPOFS_CACHE_DIR": str(self.tmp / f"cache-{host}"), **extra}
@@ -78,7 +87,7 @@ class Hosts:
         client = self.server.client()
         out: dict[str, int] = {}
         pages = client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=f"repo/{sub}"
+            Bucket=self.bucket, Prefix=f"{self.prefix}/{sub}"
         )
         for page in pages:
             for obj in page.get("Contents", []):
@@ -197,6 +206,37 @@ class TestBesideIngest:
         assert late["orphan_packs"] == len(packs), late
         assert late["leases_removed"] >= 1, late
         assert hosts.objects("packs/") == {} and hosts.objects("leases/") == {}
+
+    def test_packs_a_running_ingest_introduced_are_not_condemned(
+        self, s3_server: S3Server, s3_bucket: str, s3_env: dict[str, str], tmp_path: Path
+    ) -> None:
+        """A long ingest introduces its packs before its commit; gc leaves them to it."""
+        hosts = Hosts(s3_server, s3_bucket, s3_env, tmp_path, "small", "--pack-size", "1M")
+        img, want = image(tmp_path, "big.img", *range(100, 136))  # 36 packs: 32 introduced early
+        proc = spawn(
+            "ingest",
+            hosts.url,
+            "--vm",
+            "vm",
+            f"d0={img}",
+            env=hosts.env("a", REPOFS_TEST_PAUSE_BEFORE_COMMIT="20"),
+        )
+        try:
+            wait_for_line(proc, "pausing before commit", timeout=120)
+            assert len(hosts.objects("log/")) == 1  # the facts object introducing 32 packs
+            first = hosts.gc("b")
+            assert first["packs_before"] >= 32 and first["packs_condemned"] == 0, first
+            time.sleep(WAIT)
+            second = hosts.gc("b")
+            assert second["packs_condemned"] == 0 and second["orphan_packs"] == 0, second
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+        finally:
+            if proc.poll() is None:
+                kill9(proc)
+        rp_id = out.strip().splitlines()[-1]
+        assert hosts.gc("b")["packs_condemned"] == 0
+        assert hosts.digest("c", "vm", rp_id) == want
 
 
 class TestAcrossHosts:
