@@ -101,9 +101,10 @@ class Lease:
             except RepofsError as exc:  # retried at the next tick; check() decides
                 self.error = str(exc)
                 continue
-            if self._renewed_mono - before >= self.ttl:
-                # Renewed again, but after a gap gc may have taken for the end of this
-                # writer (and deleted what it uploaded): it must never commit.
+            if time.monotonic() - before >= self.ttl:
+                # Renewed again, but the new object landed a ttl after the one before
+                # was written (failures, or a PUT retried that long): gc may have taken
+                # this writer for gone and deleted what it uploaded.  It must not commit.
                 self.lapsed = True
 
     def check(self) -> None:

@@ -303,3 +303,35 @@ class TestLog:
         doc = json.loads(hosts.run("fresh", "list", hosts.url, "vm", "--json").stdout)
         assert [rp["protected"] for rp in doc] == [False, False, True]
         assert hosts.digest("fresh", "vm", ids[3]) == want
+
+
+class TestLease:
+    def test_a_writer_whose_lease_lapsed_never_commits(
+        self, own_s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Renewals that fail for a ttl leave the lease refusing to commit once they work again."""
+        from repofs.errors import RepositoryError
+        from repofs.store.bucket import Bucket
+        from repofs.store.crypto import Keys
+        from repofs.store.leases import Lease
+        from repofs.store.location import parse_s3
+
+        for name, value in own_s3_server.env().items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("REPOFS_S3_LEASE_TTL", "1.5")
+        bucket = Bucket(parse_s3(f"s3://{own_s3_server.create_bucket('lapse')}/repo"))
+        lease = Lease(bucket, Keys(), "ingest").start()
+        try:
+            time.sleep(1)
+            lease.check()  # renewed on time
+            own_s3_server.kill()
+            time.sleep(2)
+            own_s3_server.start()
+            deadline = time.monotonic() + 60
+            while not lease.lapsed and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(1)  # renewed again meanwhile: only the lapse refuses now
+            with pytest.raises(RepositoryError, match="renewals failed"):
+                lease.check()
+        finally:
+            lease.end()
