@@ -160,7 +160,7 @@ class TestBesideIngest:
             "--vm",
             "vm",
             f"d0={second}",
-            env=hosts.env("b", REPOFS_TEST_PAUSE_BEFORE_COMMIT="25"),
+            env=hosts.env("b", REPOFS_TEST_PAUSE_BEFORE_COMMIT="35"),
         )
         try:
             wait_for_line(proc, "pausing before commit")
@@ -219,7 +219,7 @@ class TestBesideIngest:
             "--vm",
             "vm",
             f"d0={img}",
-            env=hosts.env("a", REPOFS_TEST_PAUSE_BEFORE_COMMIT="20"),
+            env=hosts.env("a", REPOFS_TEST_PAUSE_BEFORE_COMMIT="30"),
         )
         try:
             wait_for_line(proc, "pausing before commit", timeout=120)
