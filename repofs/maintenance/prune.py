@@ -35,6 +35,7 @@ decision to their transaction, so none acts on a stale flag.
 from __future__ import annotations
 
 import datetime
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from repofs.store.records import RecordType
 from repofs.store.repository import Repository
 from repofs.store.reserve import retry_with_reserve
 from repofs.store.restorepoint import RestorePoint
-from repofs.store.rprecords import Protection
+from repofs.store.rprecords import Protection, parse_protection
 from repofs.store.s3repo import S3Repository
 
 
@@ -184,6 +185,7 @@ def prune_repository(
             result.removed, result.reserve_given_up = retry_with_reserve(
                 path, lambda: _remove(repo, doomed)
             )
+            _warn_protected_meanwhile(repo, doomed)
     return result
 
 
@@ -254,6 +256,7 @@ def delete_restore_points(
             result.removed, result.reserve_given_up = retry_with_reserve(
                 path, lambda: _remove(repo, doomed)
             )
+            _warn_protected_meanwhile(repo, doomed)
     return result
 
 
@@ -320,6 +323,36 @@ def _refuse_tombstoned(repo: Repository, rps: list[RestorePoint]) -> None:
                 "interrupted after writing its tombstone) and cannot be protected; run "
                 f"'repofs delete {repo.path} {rp.vm} {rp.id}' to finish the removal"
             )
+
+
+def _warn_protected_meanwhile(repo: Repository, removed: list[RestorePoint]) -> None:
+    """Say so if a protect on another host raced this removal (a bucket shares no lock).
+
+    A protect syncs after writing its fact and refuses if the restore point
+    was buried by then; otherwise this sync, after the bury facts, sees its
+    protection.  So one of the two always reports the race.
+    """
+    if not isinstance(repo, S3Repository):
+        return  # keep_lock serialises them on one host
+    repo.sync()
+    index = repo.index
+
+    def txn_fn(txn: Any) -> list[str]:
+        raced = []
+        for rp in removed:
+            key = index.rp_key(rp.vm, rp.id)
+            raw = index.get(txn, "flags", key)
+            flag = parse_protection(index.names.open_value("flags", key, raw)) if raw else None
+            if flag is not None and flag.protected and flag.flag_seq > rp.protected_seq:
+                raced.append(f"{rp.vm}/{rp.id}")
+        return raced
+
+    for name in index.read(txn_fn):
+        print(
+            f"repofs: warning: restore point {name} was protected on another host while "
+            "this command removed it; it is removed",
+            file=sys.stderr,
+        )
 
 
 def _refuse_buried(repo: S3Repository, rps: list[RestorePoint]) -> None:
