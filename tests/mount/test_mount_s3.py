@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 
 from repofs.store.config import DEFAULT_CHUNK
-from tests.support.helpers import ingest, is_mounted, make_image, qemu_compare, repofs, unmount
+from tests.support.helpers import (
+    assert_one_line_error,
+    ingest,
+    is_mounted,
+    make_image,
+    qemu_compare,
+    repofs,
+    unmount,
+)
 from tests.support.s3server import S3Server
 
 MiB = 1 << 20
@@ -305,3 +313,13 @@ class TestMovedObjects:
                 os.close(fd)
         assert got == source[moved_at : moved_at + DEFAULT_CHUNK]
         assert "I/O error" not in (tmp_path / "mnt.log").read_text()
+
+
+class TestRefreshOption:
+    def test_negative_refresh_is_one_line(self, tmp_path: Path, repo: Path) -> None:
+        """--refresh below 0 is refused in one line before anything is mounted."""
+        (tmp_path / "mnt").mkdir()
+        proc = repofs("mount", repo, tmp_path / "mnt", "--refresh", "-1", check=False)
+        assert proc.returncode == 2
+        assert_one_line_error(proc, "--refresh")
+        assert not is_mounted(tmp_path / "mnt")
