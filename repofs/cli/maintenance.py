@@ -324,11 +324,26 @@ def _reserve_warning(held: int, action: str) -> None:
 
 @click.command(name="rebuild-index")
 @repo_argument
+@click.option(
+    "--scan-packs",
+    is_flag=True,
+    help="s3:// only: also download and read every pack record by record, dropping damaged "
+    "objects from this host's cache (a local rebuild always reads every pack).",
+)
 @progress_option
 @json_option
 @lock_wait_option()
-def rebuild_index(repo: str, progress: bool | None, as_json: bool) -> None:
-    """Rebuild the index from the pack files alone, and swap it in atomically."""
+def rebuild_index(repo: str, scan_packs: bool, progress: bool | None, as_json: bool) -> None:
+    """Rebuild the index from the pack files alone, and swap it in atomically.
+
+    On s3://: rebuild this host's cache of the index from the bucket's newest
+    checkpoint and log (add --scan-packs to read every pack too).
+    """
+    from repofs.store.location import is_s3
+
+    if is_s3(repo):
+        _rebuild_bucket(repo, scan_packs, progress, as_json)
+        return
     from repofs.maintenance.rebuild import rebuild_index as do_rebuild
 
     r = do_rebuild(repo, progress=progress)
@@ -362,6 +377,42 @@ def rebuild_index(repo: str, progress: bool | None, as_json: bool) -> None:
         )
     if r.damaged:
         click.echo("damaged records were left out; every restore point is complete")
+
+
+def _rebuild_bucket(url: str, scan_packs: bool, progress: bool | None, as_json: bool) -> None:
+    from repofs.maintenance.s3rebuild import rebuild_bucket_index
+
+    r = rebuild_bucket_index(url, scan_packs=scan_packs, progress=progress)
+    if as_json:
+        emit_json(r.to_dict())
+        if r.incomplete:
+            raise IntegrityError(
+                f"the cache is rebuilt, but {len(r.incomplete)} restore point(s) are incomplete"
+            )
+        return
+    for line in r.skipped_packs:
+        click.echo(f"skipped: {line}")
+    for line in r.damaged:
+        click.echo(f"damaged: {line}")
+    for line in r.incomplete:
+        click.echo(f"incomplete: {line}")
+    source = f"checkpoint {r.checkpoint} and " if r.checkpoint else ""
+    scanned = (
+        f"; read {r.packs} pack(s) ({human_bytes(r.bytes_scanned)}), "
+        f"{r.dropped_objects} object(s) dropped"
+        if r.mode == "scan"
+        else ""
+    )
+    click.echo(
+        f"rebuilt the cache {r.cache_dir} of {r.url} from {source}{r.log_objects} log "
+        f"object(s): {r.restore_points} restore point(s) of {r.vms} VM(s){scanned}, "
+        f"in {r.seconds:.1f} s"
+    )
+    if r.incomplete:
+        raise IntegrityError(
+            f"the cache is rebuilt, but {len(r.incomplete)} restore point(s) are incomplete "
+            "(see the lines above); 'repofs verify' shows the byte ranges"
+        )
 
 
 @click.command()

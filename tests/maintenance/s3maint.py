@@ -8,11 +8,13 @@ test is one host, and a second cache directory is a second host.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support.helpers import make_image, repofs
+from tests.support.helpers import cli_env, make_image, repofs
 from tests.support.maint import MiB, noise
 from tests.support.s3server import S3Server
 
@@ -109,3 +111,25 @@ def chunk_in_pack(r: S3Repo) -> tuple[str, int, int]:
     finally:
         index.close()
     raise AssertionError("no chunk in the cache")
+
+
+_SEQS = """
+import json, sys
+from repofs.store.location import set_s3_settings
+from repofs.store.opening import open_repository
+set_s3_settings(cache_dir=sys.argv[2])
+with open_repository(sys.argv[1]) as repo:
+    print(json.dumps(sorted([rp.vm, rp.id, rp.seq, rp.vm_seq] for rp in repo.restore_points())))
+"""
+
+
+def rp_seqs(r: S3Repo) -> list[list[Any]]:
+    """[vm, id, seq, vm_seq] of every restore point in this host's cache (inode numbers)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _SEQS, r.url, str(r.cache)],
+        capture_output=True,
+        text=True,
+        env=cli_env(r.env),
+        check=True,
+    )
+    return json.loads(proc.stdout)
