@@ -10,6 +10,7 @@ the main group.  Errors follow the same rule as every other command: a
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -429,6 +430,9 @@ def info(repo: str, as_json: bool) -> None:
     if as_json:
         emit_json(doc)
         return
+    if "url" in doc:
+        _bucket_info_rows(doc)
+        return
     rows = [
         ("repository", doc["path"]),
         ("id", doc["repository_id"]),
@@ -454,5 +458,38 @@ def info(repo: str, as_json: bool) -> None:
         state = "waiting for" if h["waiting"] else "held"
         who = f"pid {h['pid']}" + (f" ({h['command']})" if h["command"] else "")
         rows.append(("lock", f"{h['file']} {h['mode']}, {state} by {who}"))
+    for k, v in rows:
+        click.echo(f"{k:<20} {v}")
+
+
+def _bucket_info_rows(doc: dict[str, Any]) -> None:
+    """``repofs info s3://...`` as text: the same fields as ``--json``."""
+    live = [x for x in doc["leases"] if x["alive"]]
+    rows = [
+        ("repository", doc["url"]),
+        ("endpoint", doc["endpoint"] or "the AWS default"),
+        ("id", doc["repository_id"]),
+        ("format", f"{doc['format']} version {doc['version']}"),
+        ("chunk size", human_bytes(doc["chunk_size"])),
+        ("compression", doc["compression"]),
+        ("encryption", doc["encryption"]),
+        ("map page", f"{doc['page_refs']} references"),
+        ("pack target size", human_bytes(doc["pack_target_size"])),
+        ("VMs", str(doc["vms"])),
+        ("restore points", str(doc["restore_points"])),
+        ("pack objects", f"{doc['pack_count']} ({human_bytes(doc['pack_bytes'])})"),
+        (
+            "log objects",
+            f"{doc['log_objects']} ({doc['commit_objects']} commits, "
+            f"{human_bytes(doc['log_bytes'])})",
+        ),
+        ("checkpoints", f"{doc['checkpoints']} ({human_bytes(doc['checkpoint_bytes'])})"),
+        ("leases", f"{len(doc['leases'])} ({len(live)} alive)"),
+        ("cache", f"{doc['cache_dir']} ({human_bytes(doc['cache_bytes'])})"),
+        ("cache index", human_bytes(doc["index_bytes"])),
+    ]
+    for x in doc["leases"]:
+        state = "alive" if x["alive"] else "expired"
+        rows.append(("lease", f"{x['what']} by pid {x['pid']} on {x['host']} ({state})"))
     for k, v in rows:
         click.echo(f"{k:<20} {v}")
