@@ -133,3 +133,25 @@ def rp_seqs(r: S3Repo) -> list[list[Any]]:
         check=True,
     )
     return json.loads(proc.stdout)
+
+
+_CHECKPOINT = """
+import sys
+from repofs.store.location import set_s3_settings
+from repofs.store.opening import open_repository
+set_s3_settings(cache_dir=sys.argv[2])
+with open_repository(sys.argv[1]) as repo:
+    print(repo.log.write_checkpoint())
+"""
+
+
+def write_checkpoint(r: S3Repo) -> str:
+    """Write a checkpoint now (commits write one only every 64 log objects); its name."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHECKPOINT, r.url, str(r.cache)],
+        capture_output=True,
+        text=True,
+        env=cli_env(r.env),
+        check=True,
+    )
+    return proc.stdout.strip()

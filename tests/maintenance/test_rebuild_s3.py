@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from repofs.store.records import RECORD_HEADER_SIZE
-from tests.maintenance.s3maint import S3Repo, chunk_in_pack, new_s3_repo, rp_seqs
+from tests.maintenance.s3maint import (
+    S3Repo,
+    chunk_in_pack,
+    new_s3_repo,
+    rp_seqs,
+    second_host,
+    write_checkpoint,
+)
 from tests.support.helpers import spawn
 from tests.support.maint import kill9, wait_for_line
 from tests.support.s3server import S3Server
@@ -60,6 +67,23 @@ class TestFromTheLog:
         doc = rebuild(s3repo)
         assert doc["restore_points"] == 2, doc
         assert any(commits[0] in line for line in doc["damaged"]), doc  # type: ignore[attr-defined]
+
+    def test_damaged_newest_checkpoint_falls_back(self, s3repo: S3Repo, tmp_path: Path) -> None:
+        """The newest checkpoint does not decode: the one before it and the log bring all back."""
+        write_checkpoint(s3repo)
+        s3repo.ingest("db")
+        newest = write_checkpoint(s3repo)
+        before = rp_seqs(s3repo)
+        s3repo.flip(newest, 30)
+        code, doc = s3repo.verify_json("--sizes-only")
+        assert code == 5, doc
+        assert any(p["subject"] == f"log object {newest}" for p in doc["problems"]), doc
+        other = second_host(s3repo, tmp_path)
+        rebuilt = rebuild(other)
+        assert rebuilt["checkpoint"] != newest and rebuilt["checkpoint"] is not None, rebuilt
+        assert rebuilt["restore_points"] == 4, rebuilt
+        assert any(newest in line for line in rebuilt["damaged"]), rebuilt  # type: ignore[attr-defined]
+        assert rp_seqs(other) == before
 
 
 class TestScanPacks:

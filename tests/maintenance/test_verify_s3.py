@@ -125,3 +125,22 @@ class TestCache:
         """--sizes-only checks every pack: --vm with it is a usage error."""
         proc = s3repo.run("verify", s3repo.url, "--sizes-only", "--vm", "web", check=False)
         assert_one_line_error(proc, "--sizes-only")
+
+
+class TestSizesOnlyLocal:
+    def test_local_directory(self, tmp_path: Path) -> None:
+        """--sizes-only works on a directory too: a truncated pack is named, nothing is read."""
+        from tests.support.helpers import make_image, repofs
+        from tests.support.maint import MiB, ingest_here, new_repo, noise, pack_files
+
+        repo = new_repo(tmp_path / "repo")
+        img = make_image(tmp_path / "web.img", 4 * MiB, [(0, noise(2 * MiB, 1))])
+        ingest_here(repo, "web", {"d0": img}, now=1_700_000_000)
+        ok = repofs("verify", repo, "--sizes-only")
+        assert "no problems found" in ok.stdout and "exist with their sizes" in ok.stdout
+        biggest = max(pack_files(repo), key=lambda p: p.stat().st_size)
+        with open(biggest, "r+b") as f:
+            f.truncate(biggest.stat().st_size - 10)
+        proc = repofs("verify", repo, "--sizes-only", check=False)
+        assert proc.returncode == 5, proc.stdout
+        assert f"PROBLEM pack {biggest.stem}: is truncated" in proc.stdout, proc.stdout
