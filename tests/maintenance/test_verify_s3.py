@@ -39,6 +39,15 @@ class TestCleanBucket:
         assert code == 0 and doc["ok"], doc
         assert doc["mode"] == "sizes" and doc["objects_checked"] == 0
         assert doc["packs"] >= 1 and doc["log_objects"] == 2 and doc["restore_points"] == 2
+        assert doc["requests"]["bytes_down"] < 100_000, doc  # the log, and no pack
+
+    def test_full_verify_reads_each_pack_in_few_gets(self, s3repo: S3Repo) -> None:
+        """The full verify fetches large windows: GETs stay near one per pack, never per record."""
+        code, doc = s3repo.verify_json()
+        assert code == 0, doc
+        gets = doc["requests"]["GET"] - doc["log_objects"] - 2  # config.json, the key
+        assert 0 < gets <= 2 * doc["packs"], doc
+        assert doc["objects_checked"] > 4 * gets, doc
 
     def test_uncommitted_pack_is_a_warning(self, s3repo: S3Repo) -> None:
         """A pack no commit names (an ingest killed before its commit) is a warning, not damage."""

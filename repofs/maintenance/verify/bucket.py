@@ -79,6 +79,7 @@ def verify_bucket(
             check_log(repo, result)
     finally:
         repo.close()
+    result.requests = dict(sorted(repo.bucket.counts.items()))  # type: ignore[attr-defined]
     result.elapsed = time.monotonic() - t0
     return result
 
