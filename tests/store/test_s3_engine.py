@@ -13,7 +13,9 @@ import datetime as dt
 import hashlib
 import os
 import threading
+import uuid
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -212,21 +214,30 @@ class TestListAfterWrite:
         assert pages >= len(self.CLASHING)
 
 
-class TestRangedGet:
-    SIZE = 20 * MiB + 12345
+RANGED_SIZE = 20 * MiB + 12345
 
-    @pytest.fixture
-    def blob(self, s3: Any, s3_bucket: str) -> bytes:
-        body = os.urandom(self.SIZE)
-        s3.put_object(Bucket=s3_bucket, Key="packs/00/blob.pack", Body=body)
-        return body
+
+@pytest.fixture(scope="module")
+def ranged(s3_server: S3Server) -> Iterator[tuple[str, bytes]]:
+    """One 20 MiB object the ranged-GET tests share (they only read it)."""
+    bucket = s3_server.create_bucket(f"repofs-ranged-{uuid.uuid4().hex[:12]}")
+    body = os.urandom(RANGED_SIZE)
+    s3_server.client().put_object(Bucket=bucket, Key="packs/00/blob.pack", Body=body)
+    yield bucket, body
+    if s3_server.running:
+        s3_server.delete_bucket(bucket)
+
+
+class TestRangedGet:
+    SIZE = RANGED_SIZE
 
     def _get(self, s3: Any, bucket: str, spec: str) -> tuple[bytes, str]:
         resp = s3.get_object(Bucket=bucket, Key="packs/00/blob.pack", Range=spec)
         return resp["Body"].read(), resp.get("ContentRange", "")
 
-    def test_ranges_return_exactly_their_bytes(self, s3: Any, s3_bucket: str, blob: bytes) -> None:
+    def test_ranges_return_exactly_their_bytes(self, s3: Any, ranged: tuple[str, bytes]) -> None:
         """bytes=a-b returns exactly bytes a..b, at the start, end, and across 4/8 MiB seams."""
+        s3_bucket, blob = ranged
         n = self.SIZE
         spans = [
             (0, 0),
@@ -244,8 +255,9 @@ class TestRangedGet:
             assert data == blob[a : b + 1], (a, b)
             assert content_range == f"bytes {a}-{b}/{n}"
 
-    def test_suffix_open_and_overlong_ranges(self, s3: Any, s3_bucket: str, blob: bytes) -> None:
+    def test_suffix_open_and_overlong_ranges(self, s3: Any, ranged: tuple[str, bytes]) -> None:
         """bytes=-N gives the last N bytes, bytes=a- the rest, and an end past the size is cut."""
+        s3_bucket, blob = ranged
         n = self.SIZE
         assert self._get(s3, s3_bucket, "bytes=-1")[0] == blob[-1:]
         data, content_range = self._get(s3, s3_bucket, "bytes=-65536")
@@ -254,8 +266,9 @@ class TestRangedGet:
         assert self._get(s3, s3_bucket, f"bytes={n - 100}-")[0] == blob[-100:]
         assert self._get(s3, s3_bucket, f"bytes={n - 10}-{n + 1000}")[0] == blob[-10:]
 
-    def test_range_past_the_end_is_416(self, s3: Any, s3_bucket: str, blob: bytes) -> None:
+    def test_range_past_the_end_is_416(self, s3: Any, ranged: tuple[str, bytes]) -> None:
         """A range starting at or past the size fails with 416 InvalidRange."""
+        s3_bucket = ranged[0]
         status, code = _client_error(
             s3.get_object,
             Bucket=s3_bucket,
@@ -264,8 +277,9 @@ class TestRangedGet:
         )
         assert (status, code) == (416, "InvalidRange")
 
-    def test_parallel_random_ranges(self, s3: Any, s3_bucket: str, blob: bytes) -> None:
+    def test_parallel_random_ranges(self, s3: Any, ranged: tuple[str, bytes]) -> None:
         """16 threads of random ranged GETs all get exactly the bytes they asked for."""
+        s3_bucket, blob = ranged
 
         def work(seed: int) -> int:
             rng = __import__("random").Random(seed)
@@ -294,7 +308,7 @@ class TestOverwrite:
         lock = threading.Lock()
 
         def writer() -> None:
-            for i in range(1, 16):
+            for i in range(1, 11):
                 body = os.urandom(size)
                 with lock:
                     versions[hashlib.sha256(body).hexdigest()] = i
@@ -342,6 +356,15 @@ class TestErrors:
             404,
             "NoSuchBucket",
         )
+        assert _client_error(
+            s3.put_object, Bucket="repofs-no-such-bucket", Key="k", Body=b"", IfNoneMatch="*"
+        ) == (404, "NoSuchBucket")
+        assert _client_error(s3.put_object, Bucket="repofs-no-such-bucket", Key="k", Body=b"") == (
+            404,
+            "NoSuchBucket",
+        )
+        # ... and the PUTs did not create it (weed's default would: -s3.autoCreateBucket)
+        assert _client_error(s3.head_bucket, Bucket="repofs-no-such-bucket") == (404, "404")
 
     def test_wrong_credentials(self, s3_server: S3Server, s3_bucket: str) -> None:
         """A wrong secret is 403 SignatureDoesNotMatch, an unknown key id 403 InvalidAccessKeyId."""

@@ -40,8 +40,6 @@ _PORT_NAMES = (
     "filer.grpc",
     "s3",
     "s3.grpc",
-    "admin",
-    "admin.grpc",
 )
 
 # Each bucket is a SeaweedFS collection; by default the master grows 7 volumes per
@@ -86,14 +84,24 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _pick_ports(count: int) -> list[int]:
+def _pick_ports() -> dict[str, int]:
     rng = random.SystemRandom()
-    ports: list[int] = []
-    while len(ports) < count:
-        port = rng.randrange(_PORT_LOW, _PORT_HIGH)
-        if port not in ports and _port_free(port):
-            ports.append(port)
-    return ports
+    chosen: set[int] = set()
+
+    def pick(high: int, offset: int = 0) -> int:
+        while True:
+            port = rng.randrange(_PORT_LOW, high)
+            wanted = {port, port + offset}
+            if not wanted & chosen and all(_port_free(p) for p in wanted):
+                chosen.update(wanted)
+                return port
+
+    named = {name: pick(_PORT_HIGH) for name in _PORT_NAMES}
+    # mini's plugin worker dials the admin server at admin port + 10000, whatever
+    # -admin.port.grpc says: keep that pair free (and below the ephemeral range).
+    named["admin"] = pick(32768 - 10000, 10000)
+    named["admin.grpc"] = named["admin"] + 10000
+    return named
 
 
 class _PortTaken(Exception):
@@ -117,7 +125,7 @@ class S3Server:
         self.volume_size_mb = volume_size_mb
         self.max_volumes = max_volumes
         self.start_timeout = start_timeout
-        self.ports = dict(zip(_PORT_NAMES, _pick_ports(len(_PORT_NAMES)), strict=True))
+        self.ports = _pick_ports()
         self.proc: subprocess.Popen[bytes] | None = None
         self.last_start_seconds: float | None = None
         self._started_once = False
@@ -168,6 +176,8 @@ class S3Server:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-webdav=false",
+            # As AWS: a PUT into a missing bucket is NoSuchBucket, never a new bucket.
+            "-s3.autoCreateBucket=false",
             "-admin.ui=false",
             f"-admin.port={p['admin']}",
             f"-admin.port.grpc={p['admin.grpc']}",
@@ -206,7 +216,7 @@ class S3Server:
                     raise RuntimeError(
                         "weed could not bind its ports\n" + self.log_tail()
                     ) from None
-                self.ports = dict(zip(_PORT_NAMES, _pick_ports(len(_PORT_NAMES)), strict=True))
+                self.ports = _pick_ports()
         self._started_once = True
         self.last_start_seconds = time.monotonic() - began
 
