@@ -41,7 +41,7 @@ from repofs.maintenance.packscan import PackScan, check_payloads, scan_pack
 from repofs.maintenance.rebuild import RebuildResult, _check_complete, _remove_tree, _swap
 from repofs.store import crypto
 from repofs.store.bucket import Bucket, ObjectMissing
-from repofs.store.bucketlog import LOG_PREFIX, BucketLog
+from repofs.store.bucketlog import _LOC_TAIL, LOG_PREFIX, BucketLog
 from repofs.store.config import CONFIG_FILE, RepoConfig
 from repofs.store.durable import os_error
 from repofs.store.index import Index
@@ -50,16 +50,11 @@ from repofs.store.lock import repository_lock
 from repofs.store.repository import NEW_INDEX_DIR
 from repofs.store.s3packs import S3PackStore
 from repofs.store.s3repo import S3Repository, _open_cache
-from repofs.store.schema import (
-    decode_condemned,
-    decode_location,
-    decode_pack_info,
-    key_digest,
-    key_type,
-)
+from repofs.store.schema import decode_pack_info, key_digest, key_type
 from repofs.store.segment import Segment
 from repofs.util.progress import Progress
 
+_Loc = tuple[bytes, int, int, int]  #: object key, offset, stored length, raw length
 #: packs downloaded at once by --scan-packs (each is held whole in memory: 16-128 MiB)
 SCAN_READERS = 3
 
@@ -191,15 +186,14 @@ def _scan_packs(
     store: S3PackStore = repo.packs  # type: ignore[assignment]
     listed = {pack_id: size for pack_id, size, _mtime in store.list_sized()}
 
-    def located(txn: Any) -> tuple[dict[bytes, int], dict[bytes, list[tuple[str, bytes, Any]]]]:
+    def located(txn: Any) -> tuple[dict[bytes, int], dict[bytes, list[_Loc]]]:
         sizes = {k: decode_pack_info(v)[0] for k, v in index.items(txn, "packs")}
         for k, _v in index.items(txn, "doomed"):
             sizes.setdefault(k, 0)
-        where: dict[bytes, list[tuple[str, bytes, Any]]] = {}
-        for db, decode in (("objects", decode_location), ("condemned", _condemned)):
-            for key, value in index.items(txn, db):
-                loc = decode(value)
-                where.setdefault(loc.pack_id, []).append((db, key, loc))
+        where: dict[bytes, list[_Loc]] = {}
+        for k, tail in index.items(txn, "locs"):  # every location of every object
+            offset, stored, raw = _LOC_TAIL.unpack(tail)
+            where.setdefault(k[-16:], []).append((k[:-16], offset, stored, raw))
         return sizes, where
 
     sizes, where = index.read(located)
@@ -215,7 +209,7 @@ def _scan_packs(
             f"pack {pack_id.hex()} is missing from the bucket: its {len(lost)} object(s) "
             "left out"
         )
-        _drop(index, lost, result)
+        _drop(repo.log, pack_id, lost, result)
     bar = Progress(sum(listed[p] for p in todo), label="rebuild-index: ", enabled=progress)
     repository_id = repo.config.repository_id
     with ThreadPoolExecutor(threads or max(2, os.cpu_count() or 1)) as pool:
@@ -224,7 +218,7 @@ def _scan_packs(
             name = scan.pack_id.hex()
             if scan.skipped is not None:
                 result.skipped_packs.append(f"pack {name} {scan.skipped}")
-                _drop(index, where.get(scan.pack_id, []), result)
+                _drop(repo.log, scan.pack_id, where.get(scan.pack_id, []), result)
                 continue
             result.packs += 1
             result.bytes_scanned += scan.size
@@ -244,12 +238,11 @@ def _scan_packs(
                     f"skipped: {area.reason}"
                 )
             bad = [
-                (db, key, loc)
-                for db, key, loc in where.get(scan.pack_id, [])
-                if (loc.offset, key_type(key), key_digest(key), loc.stored_len, loc.raw_len)
-                not in good
+                loc
+                for loc in where.get(scan.pack_id, [])
+                if (loc[1], key_type(loc[0]), key_digest(loc[0]), loc[2], loc[3]) not in good
             ]
-            _drop(index, bad, result)
+            _drop(repo.log, scan.pack_id, bad, result)
     bar.finish()
 
 
@@ -269,21 +262,22 @@ def _scans(store: S3PackStore, pack_ids: list[bytes], repository_id: str) -> Ite
             yield scan
 
 
-def _drop(index: Index, objects: list[tuple[str, bytes, Any]], result: BucketRebuildResult) -> None:
-    if not objects:
+def _drop(log: BucketLog, pack_id: bytes, locs: list[_Loc], result: BucketRebuildResult) -> None:
+    """Forget these locations in ``pack_id``: each object then lies where else it does, if any."""
+    if not locs:
         return
+    index = log.index
 
     def txn_fn(txn: Any) -> None:
-        for db, key, _loc in objects:
-            index.delete(txn, db, key)
+        for key, _offset, _stored, _raw in locs:
+            index.delete(txn, "locs", key + pack_id)
+        for key in {loc[0] for loc in locs}:
+            log._settle(txn, key)
 
     index.write(txn_fn)
-    result.dropped_objects += len(objects)
+    result.dropped_objects += len(locs)
 
 
 def _retired(index: Index) -> set[bytes]:
     return index.read(lambda txn: {k for k, _ in index.items(txn, "retired")})
 
-
-def _condemned(value: bytes) -> Any:
-    return decode_condemned(value)[0]

@@ -31,7 +31,7 @@ from repofs.store.config import CONFIG_FILE
 from repofs.store.location import parse_s3
 from repofs.store.opening import open_repository
 from repofs.store.repository import Repository
-from repofs.store.schema import decode_doomed, decode_pack_info
+from repofs.store.schema import decode_pack_info
 
 #: log objects fetched at once (small objects: the round trip is the cost)
 LOG_READERS = 8
@@ -175,9 +175,8 @@ def check_pack_sizes(repo: Repository, result: VerifyResult) -> dict[bytes, int]
     """
     index = repo.index
 
-    def read(txn: Any) -> tuple[dict[bytes, int], set[bytes], dict[bytes, list[str]], int, int]:
+    def read(txn: Any) -> tuple[dict[bytes, int], dict[bytes, list[str]], int, int]:
         packs = {k: decode_pack_info(v)[0] for k, v in index.items(txn, "packs")}
-        doomed = {k for k, v in index.items(txn, "doomed") if decode_doomed(v) is not None}
         records: dict[bytes, list[str]] = {}
         rps = 0
         vms = set()
@@ -191,9 +190,9 @@ def check_pack_sizes(repo: Repository, result: VerifyResult) -> dict[bytes, int]
                 )
             except (TypeError, ValueError, IndexError):
                 continue
-        return packs, doomed, records, rps, len(vms)
+        return packs, records, rps, len(vms)
 
-    packs, _doomed, records, result.restore_points, result.vms = index.read(read)
+    packs, records, result.restore_points, result.vms = index.read(read)
     stored = _store_sizes(repo)
     result.packs = len(packs)
     data_note = (
