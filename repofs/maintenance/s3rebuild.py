@@ -41,7 +41,7 @@ from repofs.maintenance.packscan import PackScan, check_payloads, scan_pack
 from repofs.maintenance.rebuild import RebuildResult, _check_complete, _remove_tree, _swap
 from repofs.store import crypto
 from repofs.store.bucket import Bucket, ObjectMissing
-from repofs.store.bucketlog import _LOC_TAIL, LOG_PREFIX, BucketLog
+from repofs.store.bucketlog import _LOC_TAIL, FETCH_THREADS, LOG_PREFIX, BucketLog
 from repofs.store.config import CONFIG_FILE, RepoConfig
 from repofs.store.durable import os_error
 from repofs.store.index import Index
@@ -141,7 +141,11 @@ def _decode(log: BucketLog, name: str, result: RebuildResult) -> Segment | None:
 
 
 def _apply_log(log: BucketLog, result: BucketRebuildResult) -> None:
-    """The newest checkpoint that decodes, then every log object it does not cover."""
+    """The newest checkpoint that decodes, then every log object it does not cover.
+
+    Log objects are fetched in parallel and applied in one transaction (one
+    fsync), as a sync does.
+    """
     index = log.index
     logs = sorted(info.name for info in log.logs())
     covered: set[str] = set()
@@ -153,14 +157,17 @@ def _apply_log(log: BucketLog, result: BucketRebuildResult) -> None:
         covered = set(seg.covers)
         result.checkpoint = info.name
         break
-    for name in logs:
-        if name in covered or not name.startswith(LOG_PREFIX):
-            continue
-        seg = _decode(log, name, result)
-        if seg is None:
-            continue
-        index.write(lambda txn, s=seg, n=name: log.apply(txn, s, n))
-        result.log_objects += 1
+    names = [n for n in logs if n not in covered and n.startswith(LOG_PREFIX)]
+    with ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="repofs-rebuild-log") as pool:
+        segs = list(pool.map(lambda n: _decode(log, n, result), names))
+
+    def txn_fn(txn: Any) -> None:
+        for name, seg in zip(names, segs, strict=True):
+            if seg is not None:
+                log.apply(txn, seg, name)
+
+    index.write(txn_fn)
+    result.log_objects = sum(1 for seg in segs if seg is not None)
 
 
 def _count(index: Index, result: BucketRebuildResult) -> None:

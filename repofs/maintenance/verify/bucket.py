@@ -17,10 +17,14 @@ size is unchanged): that is the full verify's re-hash.
 
 from __future__ import annotations
 
+import json
+import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
+
+import lmdb
 
 from repofs.errors import IndexAccessError, IntegrityError, RepositoryError
 from repofs.maintenance.verify.permissions import permission_warnings
@@ -33,6 +37,8 @@ from repofs.store.opening import open_repository
 from repofs.store.repository import Repository
 from repofs.store.schema import decode_pack_info
 
+#: what a damaged LMDB file raises while it is read (as :data:`.checks.INDEX_DAMAGE`)
+INDEX_DAMAGE = (lmdb.Error, json.JSONDecodeError, struct.error, UnicodeDecodeError)
 #: log objects fetched at once (small objects: the round trip is the cost)
 LOG_READERS = 8
 
@@ -54,16 +60,8 @@ def verify_bucket(
         repo = open_repository(url)
     except (ObjectStoreError, IndexAccessError):
         raise
-    except RepositoryError as exc:  # this host's cache, not the bucket
-        result = VerifyResult(mode="sizes" if sizes_only else "full")
-        result.problems.append(
-            Problem(
-                "this host's cache of the index",
-                f"cannot be used ({exc}); nothing in the bucket is lost: run "
-                f"'repofs rebuild-index {url}' to build it again from the bucket's log",
-                ["every restore point, on this host only"],
-            )
-        )
+    except (RepositoryError, *INDEX_DAMAGE) as exc:  # this host's cache, not the bucket
+        result = _damaged_cache(url, exc, sizes_only)
         result.elapsed = time.monotonic() - t0
         return result
     try:
@@ -77,10 +75,25 @@ def verify_bucket(
             else:
                 result = make_verifier(repo).run()
             check_log(repo, result)
+    except INDEX_DAMAGE as exc:
+        result = _damaged_cache(url, exc, sizes_only)
     finally:
         repo.close()
     result.requests = dict(sorted(repo.bucket.counts.items()))  # type: ignore[attr-defined]
     result.elapsed = time.monotonic() - t0
+    return result
+
+
+def _damaged_cache(url: str, exc: BaseException, sizes_only: bool) -> VerifyResult:
+    result = VerifyResult(mode="sizes" if sizes_only else "full")
+    result.problems.append(
+        Problem(
+            "this host's cache of the index",
+            f"cannot be used ({exc}); nothing in the bucket is lost: run "
+            f"'repofs rebuild-index {url}' to build it again from the bucket's log",
+            ["every restore point, on this host only"],
+        )
+    )
     return result
 
 
