@@ -32,6 +32,8 @@ class TestCleanBucket:
         assert "no problems found" in proc.stdout, proc.stdout
         assert re.search(r"checked 2 restore point\(s\) of 1 VM\(s\)", proc.stdout), proc.stdout
         assert "2 log object(s) decoded" in proc.stdout, proc.stdout
+        some = s3repo.run("verify", s3repo.url, "--vm", "web", "--sample", "50")
+        assert "no problems found" in some.stdout, some.stdout
 
     def test_sizes_only_passes(self, s3repo: S3Repo) -> None:
         """--sizes-only passes on a healthy bucket and reads no byte of any pack."""
