@@ -55,6 +55,7 @@ from repofs.store.segment import ENTRY, Entry, Segment
 
 LOG_PREFIX = "log/"
 CHECKPOINT_PREFIX = "checkpoints/"
+CHECKPOINT_GROWTH = 8  #: log bytes past the newest checkpoint, times this, must reach its size
 FETCH_THREADS = 16  #: log objects fetched at once by a sync
 CHECKPOINT_EVERY = 64  #: log objects past the newest checkpoint before a commit writes one
 _SEQ_SPACE = (1 << 47) - 2
@@ -103,6 +104,8 @@ class BucketLog:
         self.index = index
         self._newest_checkpoint: ObjectInfo | None = None
         self._uncovered = 0
+        self._uncovered_bytes = 0
+        self._checkpoint_bytes = 0
         self._warned: set[str] = set()
 
     # -- names -------------------------------------------------------------------
@@ -194,7 +197,10 @@ class BucketLog:
         self.index.write(txn_fn)  # one transaction: one fsync, however many objects
         count += sum(1 for seg in fetched if seg is not None)
         since = newest.mtime if newest is not None else 0.0
-        self._uncovered = sum(1 for i in logs if i.mtime > since)
+        past = [i for i in logs if i.mtime > since]
+        self._uncovered = len(past)
+        self._uncovered_bytes = sum(i.size for i in past)
+        self._checkpoint_bytes = newest.size if newest is not None else 0
         return count
 
     def _fetch_all(self, names: list[str]) -> list[Segment | None]:
@@ -457,7 +463,13 @@ class BucketLog:
 
     def maybe_checkpoint(self) -> str | None:
         """Write a checkpoint if many log objects lie past the newest; never fails the caller."""
+        # Both: enough objects that a fresh host would wait for them, and enough bytes
+        # that the new checkpoint is not mostly a copy of the last (a checkpoint of a
+        # large repository is large; writing one every 64 commits would cost more than
+        # the commits).  So checkpoints cost at most CHECKPOINT_GROWTH times the log.
         if self._uncovered < CHECKPOINT_EVERY:
+            return None
+        if self._uncovered_bytes * CHECKPOINT_GROWTH < self._checkpoint_bytes:
             return None
         with contextlib.suppress(RepofsError):
             return self.write_checkpoint()
