@@ -260,7 +260,26 @@ class BucketLog:
         if seg.kind == "checkpoint":
             for covered in seg.covers:
                 self._mark(txn, covered)
+            # A checkpoint names condemned and retired packs without their keys (it
+            # keeps no locations in retired packs), but this cache may hold locations
+            # in them from commits it applied before: settle every such object.
+            touched = {bytes.fromhex(f["pack"]) for f in (*seg.retire, *seg.condemn)}
+            if touched:
+                self._resettle(txn, touched)
         del idx
+
+    def _resettle(self, txn: Any, packs: set[bytes]) -> None:
+        """Drop locations in retired packs among ``packs`` and settle every object in them."""
+        idx = self.index
+        keys: list[bytes] = []
+        for k, _tail in idx.items(txn, "locs"):
+            if k[-16:] in packs:
+                keys.append(k)
+        for k in keys:
+            if idx.get(txn, "retired", k[-16:]) is not None:
+                idx.delete(txn, "locs", k)
+        for key in dict.fromkeys(k[:-16] for k in keys):
+            self._settle(txn, key)
 
     # Every location of every object is kept in ``locs`` (object key + pack id -> offset,
     # stored and raw length); ``objects`` and ``condemned`` are derived from it by
