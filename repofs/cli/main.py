@@ -363,6 +363,15 @@ def list_cmd(repo: str, vm: str | None, as_json: bool) -> None:
 @click.option(
     "--nonempty", is_flag=True, help="Mount over a directory that has files (hiding them)."
 )
+@click.option(
+    "--refresh",
+    type=float,
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="For an s3:// repository: look for other hosts' new (and pruned) restore points "
+    "this often; 0: never.",
+)
 def mount(
     repo: str | None,
     mountpoint: str | None,
@@ -372,6 +381,7 @@ def mount(
     direct_io: bool,
     log_file: str | None,
     nonempty: bool,
+    refresh: float,
 ) -> None:
     """Mount every restore point of REPO read-only at MOUNTPOINT.
 
@@ -389,6 +399,8 @@ def mount(
     if cache_bytes < MIN_CACHE_BYTES:
         # 0 or a few bytes were taken: then not even the chunks of one 1 MiB request stay.
         raise UsageError(f"--cache-size must be at least {size_label(MIN_CACHE_BYTES)}")
+    if not refresh >= 0 or refresh == float("inf"):
+        raise UsageError("--refresh must be a number of seconds, 0 or more")
     do_mount(
         repo,
         mountpoint,
@@ -398,6 +410,7 @@ def mount(
         log_file=log_file,
         direct_io=direct_io,
         nonempty=nonempty,
+        refresh=refresh,
     )
 
 

@@ -27,6 +27,7 @@ import trio
 
 from repofs.errors import MountError, RepofsError, UsageError
 from repofs.mount.fuse import RepoFS
+from repofs.mount.refresh import DEFAULT_REFRESH, Refresher
 from repofs.mount.vfs import RepoView
 from repofs.store.config import RepoConfig
 from repofs.store.location import is_s3
@@ -266,6 +267,7 @@ def mount(
     log_file: str | None = None,
     direct_io: bool = False,
     nonempty: bool = False,
+    refresh: float = DEFAULT_REFRESH,
 ) -> None:
     # A clear error now, before forking; an encrypted repository is unlocked here, while
     # there is a terminal to ask on, and the daemon inherits the keys.
@@ -286,7 +288,7 @@ def mount(
     log_stream = open_log(log_file, repo_path) if log_file else None
     if foreground:
         _setup_logging(log_stream, True)
-        _serve(repo_path, mountpoint, allow_other, cache_bytes, direct_io, [])
+        _serve(repo_path, mountpoint, allow_other, cache_bytes, direct_io, [], refresh)
         return
     read_fd, write_fd = (_above_stdio(fd) for fd in os.pipe())  # see _above_stdio
     pid = os.fork()
@@ -300,7 +302,7 @@ def mount(
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
             _setup_logging(log_stream, False)
-            _serve(repo_path, mountpoint, allow_other, cache_bytes, direct_io, ready)
+            _serve(repo_path, mountpoint, allow_other, cache_bytes, direct_io, ready, refresh)
             code = 0
         except RepofsError as exc:
             _report(ready, f"error:{exc}")
@@ -341,12 +343,15 @@ def _serve(
     cache_bytes: int,
     direct_io: bool,
     ready: list[int],
+    refresh: float = DEFAULT_REFRESH,
 ) -> None:
     resolved = os.path.realpath(mountpoint)  # before mounting: afterwards only we could answer
     keep_freed_memory(DAEMON_TRIM_THRESHOLD)
     repo = open_repository(repo_path)
     view = RepoView(repo, cache_bytes)
     view.prefetcher.submit(repo.index.warm, MOUNT_INDEX_WARM_BYTES)
+    # Other hosts' commits and prunes reach a bucket's mount only through a sync.
+    refresher = Refresher(repo, refresh).start() if is_s3(repo_path) and refresh > 0 else None
     ops = RepoFS(view, direct_io=direct_io)
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")
@@ -371,6 +376,8 @@ def _serve(
         pyfuse3.close(unmount=False)
         raise
     pyfuse3.close(unmount=True)
+    if refresher is not None:
+        refresher.stop()
     view.close()
     repo.close()
     log.info("unmounted %s", mountpoint)

@@ -80,6 +80,7 @@ class _Rp:
 
 
 WARM_MAP_PAGES = 1024  # 32 MiB of references: the whole map of a disk up to 64 GiB
+CACHE_FLUSH_SECONDS = 5.0  # at unmount: the longest wait for the disk cache's last records
 INDEX_CHECK_INTERVAL = 1.0  # seconds between looks for an index that rebuild-index replaced
 
 
@@ -88,8 +89,10 @@ class RepoView:
 
     def __init__(self, repo: Repository, cache_bytes: int = 256 * 1024 * 1024) -> None:
         self.repo = repo
+        repo.use_record_cache()  # a bucket's records also on this host's disk
         self.cache = ChunkCache(repo, cache_bytes)
-        self.prefetcher = Prefetcher(self.cache, threads=max(2, os.cpu_count() or 2))
+        threads = repo.packs.READ_THREADS or max(2, os.cpu_count() or 2)
+        self.prefetcher = Prefetcher(self.cache, threads=threads)
         self._rps: collections.OrderedDict[int, _Rp] = collections.OrderedDict()
         self._readers: collections.OrderedDict[tuple[int, int], DiskReader] = (
             collections.OrderedDict()
@@ -331,12 +334,23 @@ class RepoView:
         return stat.S_ISREG(self.getattr(ino).mode)
 
     def read(self, ino: int, offset: int, size: int) -> bytes:
-        """File bytes, or :class:`IntegrityError` (logged once per problem) for damaged data."""
+        """File bytes, or :class:`IntegrityError` (logged once per problem) for damaged data.
+
+        An object store that cannot be reached (after the bucket's own
+        retries) is reported the same way: EIO for the read, one log line.
+        """
         generation = self.repo.index.generation
         try:
             return self._read(ino, offset, size)
         except IntegrityError as exc:
             error = exc
+        except RepositoryError as exc:  # the S3 endpoint down: no retry here, it had its own
+            error = IntegrityError(str(exc))
+            self._log_once(
+                str(error),
+                f"I/O error reading {self._file_name(ino)} bytes {offset}-{offset + size}: {error}",
+            )
+            raise error from None
         self._follow_index(now=True)
         # Retried if the index was replaced since this read began, by us or by a concurrent
         # request (the kernel splits a large read): its chunks may have moved.
@@ -423,6 +437,16 @@ class RepoView:
 
     def close(self) -> None:
         self.prefetcher.close()
+        records = self.repo.records
+        if records is not None:
+            records.flush(CACHE_FLUSH_SECONDS)  # what was read, kept for the next mount
+            log.info(
+                "disk chunk cache: %d hits, %d misses, %d evicted, %d not kept (writer behind)",
+                records.hits,
+                records.misses,
+                records.evicted,
+                records.dropped,
+            )
 
     def _reader(self, seq: int, slot: int, rp: RestorePoint) -> DiskReader:
         key = (seq, slot)

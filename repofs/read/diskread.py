@@ -32,10 +32,6 @@ def zeros(n: int) -> bytes:
     return z
 
 
-RUN_GAP = 64 * 1024  # read through a gap this small between two records of one pack
-RUN_BYTES = 2 * 1024 * 1024  # the most one coalesced pack read takes
-
-
 class ChunkCache:
     """An LRU of decompressed, verified chunks, bounded in bytes, shared by all readers.
 
@@ -136,7 +132,8 @@ class ChunkCache:
             else:
                 found.append((loc.pack_id, loc.offset, d, loc))
         found.sort()
-        for run in _runs([(d, loc) for _p, _o, d, loc in found]):
+        packs = self._repo.packs
+        for run in _runs([(d, loc) for _p, _o, d, loc in found], packs.READ_GAP, packs.READ_RUN):
             try:
                 submit(self._load_run, run)
             except RuntimeError:  # the pool is shutting down
@@ -144,27 +141,56 @@ class ChunkCache:
                     self._release(d)
 
     def _load_run(self, run: list[tuple[bytes, Location]]) -> None:
-        first, last = run[0][1], run[-1][1]
-        start = first.offset
+        """Load a run: what the on-disk cache has from there, the rest with one read per gap."""
         pending = {d for d, _ in run}  # released at most once: a latch is not an Event
+        repo = self._repo
+        records = repo.records
         try:
-            data = self._repo.packs.read(
-                first.pack_id, start, last.offset + RECORD_HEADER_SIZE + last.stored_len - start
-            )
-            view = memoryview(data)
-            for digest, loc in run:
-                o = loc.offset - start
-                record = view[o : o + RECORD_HEADER_SIZE + loc.stored_len]
-                with contextlib.suppress(IntegrityError):
-                    chunk = self._repo.decode_at(RecordType.CHUNK, digest, loc, record)
-                    self._insert(digest, chunk)
-                self._release(digest)
-                pending.discard(digest)
+            missing = run
+            if records is not None:
+                missing = []
+                for digest, loc in run:
+                    size = RECORD_HEADER_SIZE + loc.stored_len
+                    record = records.get(loc.pack_id, loc.offset, size)
+                    if record is not None:
+                        try:
+                            chunk = repo.decode_at(RecordType.CHUNK, digest, loc, record)
+                        except IntegrityError:
+                            records.drop(loc.pack_id, loc.offset)
+                        else:
+                            self._insert(digest, chunk)
+                            self._release(digest)
+                            pending.discard(digest)
+                            continue
+                    missing.append((digest, loc))
+            packs = repo.packs
+            for part in _runs(missing, packs.READ_GAP, packs.READ_RUN):
+                self._fetch_run(part, pending)
         except Exception:  # the reader's own get() meets it again and reports it
             pass
         finally:
             for d in pending:
                 self._release(d)
+
+    def _fetch_run(self, run: list[tuple[bytes, Location]], pending: set[bytes]) -> None:
+        """One pack read for the run's records, each checked, cached, and its waiters released."""
+        repo = self._repo
+        first, last = run[0][1], run[-1][1]
+        start = first.offset
+        data = repo.packs.read(
+            first.pack_id, start, last.offset + RECORD_HEADER_SIZE + last.stored_len - start
+        )
+        view = memoryview(data)
+        for digest, loc in run:
+            o = loc.offset - start
+            record = view[o : o + RECORD_HEADER_SIZE + loc.stored_len]
+            with contextlib.suppress(IntegrityError):
+                chunk = repo.decode_at(RecordType.CHUNK, digest, loc, record)
+                self._insert(digest, chunk)
+                if repo.records is not None:
+                    repo.records.put(loc.pack_id, loc.offset, record)
+            self._release(digest)
+            pending.discard(digest)
 
     @property
     def size(self) -> int:
@@ -177,8 +203,15 @@ def _held_lock() -> threading.Lock:
     return lock
 
 
-def _runs(located: list[tuple[bytes, Location]]) -> list[list[tuple[bytes, Location]]]:
-    """Split records sorted by (pack, offset) into runs worth one read each."""
+def _runs(
+    located: list[tuple[bytes, Location]], gap: int, max_bytes: int
+) -> list[list[tuple[bytes, Location]]]:
+    """Split records sorted by (pack, offset) into runs worth one read each.
+
+    Neighbours in one pack join a run through a gap up to ``gap`` bytes,
+    while the run spans at most ``max_bytes``: the pack store's
+    ``READ_GAP`` and ``READ_RUN``.
+    """
     runs: list[list[tuple[bytes, Location]]] = []
     for item in located:
         loc = item[1]
@@ -187,8 +220,8 @@ def _runs(located: list[tuple[bytes, Location]]) -> list[list[tuple[bytes, Locat
             prev_end = prev.offset + RECORD_HEADER_SIZE + prev.stored_len
             if (
                 loc.pack_id == prev.pack_id
-                and 0 <= loc.offset - prev_end <= RUN_GAP
-                and loc.offset + loc.stored_len - runs[-1][0][1].offset <= RUN_BYTES
+                and 0 <= loc.offset - prev_end <= gap
+                and loc.offset + loc.stored_len - runs[-1][0][1].offset <= max_bytes
             ):
                 runs[-1].append(item)
                 continue
@@ -226,10 +259,9 @@ class DiskReader:
 
     A read that starts where the previous one ended is sequential; the
     reader then keeps a window of chunks loading ahead of it, doubling the
-    window on each sequential read up to :attr:`MAX_WINDOW` chunks.
+    window on each sequential read up to the pack store's ``READ_AHEAD`` bytes.
     """
 
-    MAX_WINDOW_BYTES = 32 * 1024 * 1024
     SEQUENTIAL_SLACK = 2 * 1024 * 1024  # two of the kernel's largest requests
 
     def __init__(
@@ -241,6 +273,8 @@ class DiskReader:
     ) -> None:
         self.disk = disk
         self.chunk_size = repo.config.chunk_size
+        self.max_window_bytes = repo.packs.READ_AHEAD
+        self._remote = repo.packs.REMOTE
         self.map: MapReader = repo.map_reader(disk)
         self._cache = cache
         self._prefetcher = prefetcher
@@ -254,7 +288,7 @@ class DiskReader:
 
         A read that starts near where the last one ended is sequential (the
         kernel's readahead requests can arrive a little out of order).  The
-        window doubles on each sequential read up to :attr:`MAX_WINDOW_BYTES`.
+        window doubles on each sequential read up to :attr:`max_window_bytes`.
         ``background`` moves the index and map lookups to a prefetch thread,
         for callers that must not block.
         """
@@ -268,7 +302,7 @@ class DiskReader:
                 self._next_offset = end
                 return
             self._next_offset = max(self._next_offset, end)
-            max_window = max(2, self.MAX_WINDOW_BYTES // cs)
+            max_window = max(2, self.max_window_bytes // cs)
             self._window = min(max_window, max(4, self._window * 2))
             first = max(self._ahead_to, -(-end // cs))
             last = min(self.disk.n_chunks, end // cs + 1 + self._window)
@@ -291,17 +325,28 @@ class DiskReader:
 
         A VM booting from the disk reads it at random: each read would
         otherwise start with a map page from disk.  Thin regions (zero
-        subtrees) cost nothing.
+        subtrees) cost nothing.  From a remote store the pages load in
+        parallel on the prefetch threads (one after the other, a thousand
+        round trips took seconds); the count is then of pages started.
         """
         per = self.map.page_refs
         done = 0
+        spread = self._remote and self._prefetcher is not None
         for p in range(-(-self.disk.n_chunks // per)):
             if done >= max_pages:
                 break
             if self.map.subtree_ref(0, p) != ZERO_DIGEST:
-                self.map.refs(p * per, 1)
+                if spread:
+                    assert self._prefetcher is not None
+                    self._prefetcher.submit(self._warm_page, p * per)
+                else:
+                    self.map.refs(p * per, 1)
                 done += 1
         return done
+
+    def _warm_page(self, chunk: int) -> None:
+        with contextlib.suppress(Exception):  # a read of the same range reports any damage
+            self.map.refs(chunk, 1)
 
     def read_cached(self, offset: int, size: int) -> bytes | None:
         """:meth:`read` from memory alone, or None where that would need the disk.
@@ -346,6 +391,12 @@ class DiskReader:
                 self._next_offset = end
             return zeros(end - offset)
         if load:
+            if self._remote and self._prefetcher is not None and len(refs) > 1:
+                # Each chunk fetched in turn would cost a round trip: start them all at
+                # once, coalesced, ahead of the readahead; the loop below then waits for
+                # each one's latch.
+                with contextlib.suppress(Exception):
+                    self._prefetcher.load([r for r in refs if r != ZERO_DIGEST])
             self._readahead(offset, end)
         parts = []
         for i, ref in enumerate(refs, start=first):

@@ -55,6 +55,7 @@ from repofs.store.segment import ENTRY, Entry, Segment
 
 LOG_PREFIX = "log/"
 CHECKPOINT_PREFIX = "checkpoints/"
+CHECKPOINT_GROWTH = 8  #: log bytes past the newest checkpoint, times this, must reach its size
 FETCH_THREADS = 16  #: log objects fetched at once by a sync
 CHECKPOINT_EVERY = 64  #: log objects past the newest checkpoint before a commit writes one
 _SEQ_SPACE = (1 << 47) - 2
@@ -103,6 +104,8 @@ class BucketLog:
         self.index = index
         self._newest_checkpoint: ObjectInfo | None = None
         self._uncovered = 0
+        self._uncovered_bytes = 0
+        self._checkpoint_bytes = 0
         self._warned: set[str] = set()
 
     # -- names -------------------------------------------------------------------
@@ -194,7 +197,10 @@ class BucketLog:
         self.index.write(txn_fn)  # one transaction: one fsync, however many objects
         count += sum(1 for seg in fetched if seg is not None)
         since = newest.mtime if newest is not None else 0.0
-        self._uncovered = sum(1 for i in logs if i.mtime > since)
+        past = [i for i in logs if i.mtime > since]
+        self._uncovered = len(past)
+        self._uncovered_bytes = sum(i.size for i in past)
+        self._checkpoint_bytes = newest.size if newest is not None else 0
         return count
 
     def _fetch_all(self, names: list[str]) -> list[Segment | None]:
@@ -254,7 +260,26 @@ class BucketLog:
         if seg.kind == "checkpoint":
             for covered in seg.covers:
                 self._mark(txn, covered)
+            # A checkpoint names condemned and retired packs without their keys (it
+            # keeps no locations in retired packs), but this cache may hold locations
+            # in them from commits it applied before: settle every such object.
+            touched = {bytes.fromhex(f["pack"]) for f in (*seg.retire, *seg.condemn)}
+            if touched:
+                self._resettle(txn, touched)
         del idx
+
+    def _resettle(self, txn: Any, packs: set[bytes]) -> None:
+        """Drop locations in retired packs among ``packs`` and settle every object in them."""
+        idx = self.index
+        keys: list[bytes] = []
+        for k, _tail in idx.items(txn, "locs"):
+            if k[-16:] in packs:
+                keys.append(k)
+        for k in keys:
+            if idx.get(txn, "retired", k[-16:]) is not None:
+                idx.delete(txn, "locs", k)
+        for key in dict.fromkeys(k[:-16] for k in keys):
+            self._settle(txn, key)
 
     # Every location of every object is kept in ``locs`` (object key + pack id -> offset,
     # stored and raw length); ``objects`` and ``condemned`` are derived from it by
@@ -463,7 +488,13 @@ class BucketLog:
 
     def maybe_checkpoint(self) -> str | None:
         """Write a checkpoint if many log objects lie past the newest; never fails the caller."""
+        # Both: enough objects that a fresh host would wait for them, and enough bytes
+        # that the new checkpoint is not mostly a copy of the last (a checkpoint of a
+        # large repository is large; writing one every 64 commits would cost more than
+        # the commits).  So checkpoints cost at most CHECKPOINT_GROWTH times the log.
         if self._uncovered < CHECKPOINT_EVERY:
+            return None
+        if self._uncovered_bytes * CHECKPOINT_GROWTH < self._checkpoint_bytes:
             return None
         with contextlib.suppress(RepofsError):
             return self.write_checkpoint()

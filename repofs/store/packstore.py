@@ -50,6 +50,20 @@ class PackSink(abc.ABC):
 
 
 class PackStore(abc.ABC):
+    #: How readers coalesce records of one pack into one read: through gaps up to
+    #: READ_GAP bytes, at most READ_RUN bytes per read.  A local file's read costs a
+    #: syscall; an object store's a round trip, which is worth reading more bytes to save.
+    READ_GAP = 64 * 1024
+    READ_RUN = 2 * 1024 * 1024
+    #: Threads that load chunks ahead of readers; None: one per core (local reads are
+    #: CPU-bound: decompressing and checking).  A store far away needs many reads in flight.
+    READ_THREADS: int | None = None
+    #: Bytes of chunks a sequential reader keeps loading ahead of itself.
+    READ_AHEAD = 32 * 1024 * 1024
+    #: Whether each read waits for a round trip: then a request's own missing chunks are
+    #: fetched together (coalesced, in parallel) instead of one after the other.
+    REMOTE = False
+
     @abc.abstractmethod
     def create(self) -> PackSink: ...
 

@@ -27,6 +27,7 @@ from repofs.store.lock import repository_lock
 from repofs.store.maps import MapReader, PageCache
 from repofs.store.names import rp_id_for, rp_id_seconds
 from repofs.store.packstore import LocalPackStore, PackStore
+from repofs.store.recordcache import RecordCache
 from repofs.store.records import RECORD_HEADER_SIZE, RecordType, decode_header, decode_payload
 from repofs.store.reserve import retry_with_reserve, set_aside
 from repofs.store.restorepoint import DiskInfo, RestorePoint
@@ -78,6 +79,8 @@ class Repository:
         index.names = self.keys
         self.packs = packs
         self.page_cache = PageCache(lambda d: self.read_object(RecordType.PAGE, d))
+        #: Records kept on this host's disk (a bucket's mount); None: read the packs only.
+        self.records: RecordCache | None = None
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -231,10 +234,35 @@ class Repository:
 
     # -- reading objects ----------------------------------------------------------
 
+    def use_record_cache(self) -> None:
+        """Keep records read from the packs on this host's disk too (see :attr:`records`).
+
+        Only readers call it (the mount): what checks the packs themselves
+        (verify, gc) must never be answered from a copy.  Nothing to do for
+        a local directory, whose packs are already on disk.
+        """
+        return None
+
     def read_at(self, rtype: RecordType, digest: bytes, loc: Location) -> bytes:
-        """Read one record at a known location and check it is the object asked for."""
-        data = self.packs.read(loc.pack_id, loc.offset, RECORD_HEADER_SIZE + loc.stored_len)
-        return self.decode_at(rtype, digest, loc, data)
+        """Read one record at a known location and check it is the object asked for.
+
+        A record from the on-disk cache gets the same check; one that fails
+        it is dropped there and read from its pack instead.
+        """
+        size = RECORD_HEADER_SIZE + loc.stored_len
+        cache = self.records
+        if cache is not None:
+            cached = cache.get(loc.pack_id, loc.offset, size)
+            if cached is not None:
+                try:
+                    return self.decode_at(rtype, digest, loc, cached)
+                except IntegrityError:
+                    cache.drop(loc.pack_id, loc.offset)
+        data = self.packs.read(loc.pack_id, loc.offset, size)
+        out = self.decode_at(rtype, digest, loc, data)
+        if cache is not None:
+            cache.put(loc.pack_id, loc.offset, data)
+        return out
 
     def decode_at(self, rtype: RecordType, digest: bytes, loc: Location, data: bytes) -> bytes:
         """Check and decode the record ``data`` read from ``loc`` (header and payload)."""

@@ -10,6 +10,7 @@ leaves nothing, or a whole pack that no commit names (gc's leftovers).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 
 from repofs.errors import IntegrityError
@@ -17,6 +18,21 @@ from repofs.store.bucket import Bucket, ObjectMissing
 from repofs.store.packstore import PackSink, PackStore, new_pack_id
 
 PACKS_PREFIX = "packs/"
+
+
+def _knob(name: str, default: int) -> int:
+    try:
+        return max(1, int(os.environ.get(name, "")))
+    except ValueError:
+        return default
+
+
+#: Readers' knobs for a bucket (see :class:`PackStore`); the environment overrides
+#: them for benchmarks and for stores whose round trip is far from a LAN's.
+S3_READ_GAP = _knob("REPOFS_S3_READ_GAP", 256 * 1024)
+S3_READ_RUN = _knob("REPOFS_S3_READ_RUN", 4 * 1024 * 1024)
+S3_READ_THREADS = _knob("REPOFS_S3_READ_THREADS", 24)
+S3_READ_AHEAD = _knob("REPOFS_S3_READ_AHEAD", 64 * 1024 * 1024)
 
 
 def pack_name(pack_id: bytes) -> str:
@@ -63,6 +79,12 @@ class _BucketSink(PackSink):
 
 class S3PackStore(PackStore):
     """The packs of a repository in a bucket."""
+
+    READ_GAP = S3_READ_GAP
+    READ_RUN = S3_READ_RUN
+    READ_THREADS = S3_READ_THREADS
+    READ_AHEAD = S3_READ_AHEAD
+    REMOTE = True
 
     def __init__(self, bucket: Bucket) -> None:
         self.bucket = bucket

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from repofs.errors import IntegrityError, RepositoryError, UsageError
+from repofs.errors import IntegrityError, RepofsError, RepositoryError, UsageError
 from repofs.store import crypto
 from repofs.store.bucket import Bucket, ObjectStoreError
 from repofs.store.bucketlog import BucketLog, nonce_of, rp_seq_of, vm_seq_of
@@ -35,15 +35,16 @@ from repofs.store.config import CONFIG_FILE, PACK_TARGET, RepoConfig
 from repofs.store.durable import make_dirs, os_error, write_file_atomic
 from repofs.store.index import Index
 from repofs.store.leases import Lease
-from repofs.store.location import S3Location, cache_dir_for, parse_s3
+from repofs.store.location import S3Location, cache_dir_for, parse_s3, s3_settings
 from repofs.store.names import rp_id_for, rp_id_seconds
+from repofs.store.recordcache import CACHE_SUBDIR, RecordCache
 from repofs.store.records import RecordType
 from repofs.store.repository import INDEX_DIR, Repository, Reservation
 from repofs.store.reserve import set_aside
 from repofs.store.restorepoint import RestorePoint
 from repofs.store.rprecords import parse_protection, parse_tombstone
 from repofs.store.s3packs import S3PackStore
-from repofs.store.schema import encode_writer, whole_key
+from repofs.store.schema import Location, encode_writer, whole_key
 from repofs.store.segment import Entry, Segment
 from repofs.store.writer import ObjectWriter
 from repofs.util import stopping
@@ -121,6 +122,8 @@ class S3Repository(Repository):
         super().__init__(cache, config, index, S3PackStore(bucket), keys)  # type: ignore[arg-type]
         self.log = BucketLog(bucket, keys, index)
         self._lease: Lease | None = None
+        self._sync_lock = threading.Lock()
+        self._sync_started = 0.0  # monotonic time the last sync began
 
     @property
     def name(self) -> str:
@@ -220,8 +223,59 @@ class S3Repository(Repository):
     # -- the cache ----------------------------------------------------------------
 
     def sync(self) -> int:
-        """Bring this host's cache up to what the bucket holds; how many log objects it applied."""
-        return self.log.sync()
+        """Bring this host's cache up to what the bucket holds; how many log objects it applied.
+
+        One at a time in this process (the mount's periodic sync and a
+        read's retry may meet); applying is idempotent anyway.
+        """
+        with self._sync_lock:
+            self._sync_started = time.monotonic()
+            return self.log.sync()
+
+    def sync_since(self, moment: float) -> None:
+        """A sync that began after ``moment`` (monotonic): the last one, or a new one."""
+        with self._sync_lock:
+            if self._sync_started > moment:
+                return
+            self._sync_started = time.monotonic()
+            self.log.sync()
+
+    def use_record_cache(self) -> None:
+        """Keep the records this process reads in ``chunks/`` of the cache, bounded.
+
+        The bound is the S3 settings' ``cache_size`` (``--cache-size``,
+        ``--disk-cache-size`` on mount, ``REPOFS_CACHE_SIZE``).
+        """
+        if self.records is None:
+            self.records = RecordCache(
+                os.path.join(self.path, CACHE_SUBDIR), s3_settings().cache_size
+            )
+
+    def read_object(self, rtype: RecordType, digest: bytes) -> bytes:
+        """As for a local repository, but a failed read syncs once and looks again.
+
+        gc on another host may have moved the object and retired its pack:
+        this host learns the new location only from the log.  A sync that
+        began after the failure is enough (concurrent failing reads share
+        one); a sync that fails leaves the original error.
+        """
+        try:
+            return super().read_object(rtype, digest)
+        except IntegrityError:
+            failed_at = time.monotonic()
+            before = self._locate_any(rtype, digest)
+            with contextlib.suppress(RepofsError):
+                self.sync_since(failed_at)
+            after = self._locate_any(rtype, digest)
+            if after is None or after == before:
+                raise
+        if before is not None:
+            self.packs.forget(before.pack_id)
+        return self.read_at(rtype, digest, after)
+
+    def _locate_any(self, rtype: RecordType, digest: bytes) -> Location | None:
+        loc = self.index.locate(rtype, digest)
+        return loc if loc is not None else self.index.locate_condemned(rtype, digest)
 
     @contextlib.contextmanager
     def lock(self, *, exclusive: bool = False) -> Iterator[None]:
@@ -430,7 +484,9 @@ def _open_cache(location: S3Location, config: RepoConfig) -> str:
                     "give another --cache-dir"
                 )
             return cache
-        if os.path.isdir(cache) and os.listdir(cache):
+        # A mount still writing its chunk cache while the directory was deleted may leave
+        # chunks/ behind: that much is ours, and starting afresh over it is safe.
+        if os.path.isdir(cache) and set(os.listdir(cache)) - {CACHE_SUBDIR}:
             raise UsageError(f"{cache}: exists and is not a repofs cache; give another --cache-dir")
         make_dirs(os.path.join(cache, INDEX_DIR))
         set_aside(cache)

@@ -196,6 +196,24 @@ class TestApply:
         seqs = [int.from_bytes(k, "big") for k, _ in a["seqs"]]
         assert all(2 <= s < 1 << 47 for s in seqs)
 
+    def test_a_checkpoint_retires_what_this_cache_learnt_before(self, tmp_path: Path) -> None:
+        """A host that applied a commit, then only a checkpoint retiring its pack, forgets it."""
+        index = Index(str(tmp_path / "late"), create=True)
+        log = BucketLog(None, PLAIN, index)  # type: ignore[arg-type]
+        segs = _facts()
+        index.write(lambda txn: log.apply(txn, segs[0], "log/c0"))
+        # the checkpoint another host wrote after the whole history (gc compacted the log)
+        ref = Index(str(tmp_path / "ref"), create=True)
+        ref_log = BucketLog(None, PLAIN, ref)  # type: ignore[arg-type]
+        for i, seg in enumerate(segs):
+            ref.write(lambda txn, seg=seg, i=i: ref_log.apply(txn, seg, f"log/x{i}"))
+        checkpoint = ref.read(ref_log._checkpoint_of)
+        index.write(lambda txn: log.apply(txn, checkpoint, "checkpoints/1"))
+        assert _state(index)["objects"] == _state(ref)["objects"]
+        assert _state(index)["condemned"] == _state(ref)["condemned"]
+        index.close()
+        ref.close()
+
 
 class TestSegment:
     @pytest.mark.parametrize("encrypted", [False, True])
