@@ -182,6 +182,7 @@ class TestBesideIngest:
         assert freed["packs_deleted"] >= 1, freed
         assert hosts.digest("b", "vm", rp_id) == second_sha
         assert hosts.digest("d", "vm", rp_id) == second_sha
+        hosts.run("d", "verify", hosts.url)  # every object of every restore point re-hashed
 
     def test_killed_ingest_leftovers_go_after_the_grace(self, hosts: Hosts, tmp_path: Path) -> None:
         """A killed ingest's uploaded packs stay while its lease may live, then gc deletes them."""
@@ -283,6 +284,7 @@ class TestAcrossHosts:
         assert before - hosts.pack_bytes() >= 2 * MiB
         for rp_id, (_img, want) in zip(ids[1:], imgs[1:], strict=True):
             assert hosts.digest("d", "vm", rp_id) == want
+        hosts.run("d", "verify", hosts.url)
 
 
 class TestLog:
