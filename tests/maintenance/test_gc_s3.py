@@ -12,7 +12,15 @@ from typing import Any
 
 import pytest
 
-from tests.support.helpers import cli_env, make_image, repofs, spawn
+from tests.support.helpers import (
+    cli_env,
+    is_mounted,
+    make_image,
+    qemu_compare,
+    repofs,
+    spawn,
+    unmount,
+)
 from tests.support.maint import MiB, kill9, noise, wait_for_line
 from tests.support.s3server import S3Server
 
@@ -238,6 +246,31 @@ class TestBesideIngest:
         rp_id = out.strip().splitlines()[-1]
         assert hosts.gc("b")["packs_condemned"] == 0
         assert hosts.digest("c", "vm", rp_id) == want
+
+
+class TestBesideMount:
+    def test_a_stale_mount_reads_what_gc_moved(self, hosts: Hosts, tmp_path: Path) -> None:
+        """A mount on another host that never refreshed reads chunks gc moved and deleted."""
+        old, _ = image(tmp_path, "old.img", 1, 2, 3, 4)
+        keep_img, _ = image(tmp_path, "keep.img", 1, 5)  # shares a MiB with old: a sparse pack
+        first = hosts.ingest("a", "vm", old)
+        keep = hosts.ingest("a", "vm", keep_img)
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        log = tmp_path / "mnt.log"
+        repofs("mount", hosts.url, mnt, "--log", log, "--refresh", "0", env=hosts.env("m"))
+        try:
+            assert is_mounted(mnt)
+            hosts.run("a", "delete", hosts.url, "vm", first)
+            moved = hosts.gc("b")
+            assert moved["packs_rewritten"] >= 1, moved
+            time.sleep(WAIT)
+            gone = hosts.gc("b")
+            assert gone["packs_deleted"] >= 1, gone
+            qemu_compare(keep_img, mnt / "vm" / keep / "d0-flat.vmdk")
+        finally:
+            unmount(mnt)
+        assert "Traceback" not in log.read_text()
 
 
 class TestAcrossHosts:
