@@ -294,6 +294,7 @@ def gc(repo: str, threshold: float, dry_run: bool, as_json: bool) -> None:
             f"dry run: would delete {r.packs_deleted} pack(s) and rewrite "
             f"{r.packs_rewritten}, remove {r.orphan_packs} unindexed pack(s), "
             f"freeing about {human_bytes(r.bytes_freed)}"
+            + (f"; condemn {r.packs_condemned} pack(s)" if r.packs_condemned else "")
         )
         return
     click.echo(
@@ -301,6 +302,12 @@ def gc(repo: str, threshold: float, dry_run: bool, as_json: bool) -> None:
         f"{r.orphan_packs} unindexed pack(s), {r.reservations_removed} stale "
         f"reservation(s); spared {r.packs_spared} pack(s) a running ingest used"
     )
+    if r.packs_condemned or r.objects_rescued or r.leases_removed or r.logs_removed:
+        click.echo(  # a repository in a bucket: deletion waits for the leases (docs/maintenance.md)
+            f"condemned {r.packs_condemned} pack(s), copied {r.objects_rescued} live object(s) "
+            f"out of condemned packs; removed {r.leases_removed} expired lease(s), "
+            f"{r.logs_removed} log object(s), {r.checkpoints_removed} checkpoint(s)"
+        )
     if r.packs_held:
         click.echo(
             f"kept {r.packs_held} condemned pack(s) that ingests still running may use; "

@@ -442,7 +442,13 @@ class BucketLog:
     # -- checkpoints -------------------------------------------------------------
 
     def write_checkpoint(self) -> str:
-        """Every fact this cache holds, as one object; returns its name."""
+        """Every fact this cache holds, as one object; returns its name.
+
+        It syncs first: a checkpoint written from a cache synced long ago
+        (after a long ingest) would be the newest yet lack facts whose log
+        objects gc removes as covered by an older checkpoint.
+        """
+        self.sync()
         seg = self.index.read(self._checkpoint_of)
         name = f"{CHECKPOINT_PREFIX}{time.time_ns():016x}-{os.urandom(8).hex()}"
         self.bucket.put(name, seg.encode(self.keys, name))
