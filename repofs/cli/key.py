@@ -5,6 +5,15 @@ Every command that opens a repository takes ``--passphrase-file FILE`` and
 recorded in the environment (``REPOFS_PASSPHRASE_FILE``, ``REPOFS_KEY_FILE``)
 so a forked mount daemon sees them too.  A passphrase itself is never an
 option: a command line is visible to every user of the machine.
+
+On ``s3://BUCKET/PREFIX`` the config and the wrapped key are the objects
+``config.json`` and ``key``: the key commands read and write those instead
+of files.  change-passphrase and import replace the ``key`` object with one
+PUT, which S3 makes atomic (a reader gets the old object or the new one,
+whole), so no moment exists without a key; the old wrapped key is not
+kept in the bucket, since the point of a new passphrase is that the old
+one opens nothing there any more (copies made with ``key export`` still
+open with it).
 """
 
 from __future__ import annotations
@@ -17,8 +26,9 @@ import click
 from repofs.cli.common import repo_from_env
 from repofs.errors import RepositoryError, UsageError
 from repofs.store import crypto
-from repofs.store.config import RepoConfig
+from repofs.store.config import CONFIG_FILE, RepoConfig
 from repofs.store.durable import write_file_atomic
+from repofs.store.location import is_s3
 
 
 def _set_passphrase_file(_ctx: click.Context, _param: click.Parameter, value: Any) -> None:
@@ -75,8 +85,63 @@ def _repo_and_file(args: tuple[str, ...]) -> tuple[str, str]:
     raise UsageError("expected [REPO] FILE")
 
 
+def _bucket(repo: str) -> Any:
+    from repofs.store.bucket import Bucket
+    from repofs.store.location import parse_s3
+
+    return Bucket(parse_s3(repo))
+
+
+def _load_config(repo: str) -> RepoConfig:
+    if not is_s3(repo):
+        return RepoConfig.load(repo)
+    from repofs.store.bucket import ObjectMissing
+
+    bucket = _bucket(repo)
+    try:
+        raw = bucket.get(CONFIG_FILE)
+    except ObjectMissing:
+        bucket.check()
+        raise RepositoryError(f"{repo}: not a repofs repository (no {CONFIG_FILE})") from None
+    return RepoConfig.parse(raw, f"{repo}/{CONFIG_FILE}")
+
+
+def _read_key(repo: str) -> bytes:
+    """The wrapped master key: REPO/key, or the bucket's ``key`` object."""
+    if not is_s3(repo):
+        path = os.path.join(repo, crypto.KEY_FILE)
+        return crypto.read_small_file(path, "the repository key", RepositoryError)
+    from repofs.store.bucket import ObjectMissing
+
+    try:
+        return bytes(_bucket(repo).get(crypto.KEY_FILE))
+    except ObjectMissing:
+        raise RepositoryError(
+            f"{repo}/{crypto.KEY_FILE}: is missing; put an exported copy back with "
+            "'repofs key import'"
+        ) from None
+
+
+def _write_key(repo: str, blob: bytes) -> None:
+    """Replace the wrapped key at once: a renamed file, or one (atomic) PUT of the object."""
+    if is_s3(repo):
+        _bucket(repo).put(crypto.KEY_FILE, blob)
+    else:
+        write_file_atomic(os.path.join(repo, crypto.KEY_FILE), blob)
+
+
+def _master(repo: str, config: RepoConfig, enc: crypto.EncryptionConfig) -> bytes:
+    if enc.key == "key-file" or not is_s3(repo):
+        return crypto.load_master(repo, enc, config.repository_id)
+    where = f"{repo}/{crypto.KEY_FILE}"
+    master = crypto.unwrap(_read_key(repo), crypto.passphrase(), config.repository_id, where)
+    if crypto.key_id_of(master) != enc.key_id:
+        raise UsageError(f"{where}: holds another key than this repository's")
+    return master
+
+
 def _encrypted(repo: str) -> tuple[RepoConfig, crypto.EncryptionConfig]:
-    config = RepoConfig.load(repo)
+    config = _load_config(repo)
     if config.encryption is None:
         raise UsageError(f"{repo}: is not encrypted (it was created with --encryption none)")
     return config, config.encryption
@@ -102,8 +167,7 @@ def export_cmd(args: tuple[str, ...]) -> None:
         master = crypto.load_master(repo, enc, config.repository_id)
         blob = crypto.key_file_doc(master, enc, config.repository_id)
     else:
-        path = os.path.join(repo, crypto.KEY_FILE)
-        blob = crypto.read_small_file(path, "the repository key", RepositoryError)
+        blob = _read_key(repo)
     crypto.write_new_file(target, blob)
     click.echo(f"exported the key of {repo} to {target}")
 
@@ -123,7 +187,7 @@ def import_cmd(args: tuple[str, ...]) -> None:
     master = crypto.unwrap(blob, crypto.passphrase(), config.repository_id, source)
     if crypto.key_id_of(master) != enc.key_id:
         raise UsageError(f"{source}: holds another key than this repository's")
-    write_file_atomic(os.path.join(repo, crypto.KEY_FILE), blob)
+    _write_key(repo, blob)
     click.echo(f"imported the key of {repo} from {source}")
 
 
@@ -148,8 +212,8 @@ def change_passphrase(repo: str | None, new_passphrase_file: str | None) -> None
     config, enc = _encrypted(repo)
     if enc.key == "key-file":
         raise UsageError(f"{repo}: has a key file, not a passphrase")
-    master = crypto.load_master(repo, enc, config.repository_id)
+    master = _master(repo, config, enc)
     new = crypto.passphrase(new=True)
     blob = crypto.wrap(master, new, config.repository_id)
-    write_file_atomic(os.path.join(repo, crypto.KEY_FILE), blob)
+    _write_key(repo, blob)
     click.echo(f"changed the passphrase of {repo}")

@@ -26,7 +26,13 @@ from repofs.cli.common import (
     restore_point_doc,
 )
 from repofs.errors import RepofsError, UsageError
-from repofs.store.config import DEFAULT_CHUNK, DEFAULT_COMPRESSION, parse_size, size_label
+from repofs.store.config import (
+    DEFAULT_CHUNK,
+    DEFAULT_COMPRESSION,
+    PACK_TARGET,
+    parse_size,
+    size_label,
+)
 from repofs.store.crypto import CIPHERS, DEFAULT_CIPHER
 from repofs.store.names import validate_vm_name
 from repofs.store.opening import init_repository, open_repository
@@ -129,20 +135,34 @@ def main() -> None:
     "--passphrase-file, REPOFS_PASSPHRASE or a prompt.",
 )
 @click.option(
+    "--pack-size",
+    default=size_label(PACK_TARGET),
+    show_default=True,
+    help="Target size of a pack (1M to 256M; 16M-128M suits object storage).",
+)
+@click.option(
     "--create-bucket",
     is_flag=True,
     help="For s3://BUCKET/PREFIX: create the bucket if it is missing (without it, a "
     "missing bucket is an error, so a typo does not make a new bucket).",
 )
 def init(
-    repo: str, chunk_size: str, compression: str, encryption: str, create_bucket: bool
+    repo: str,
+    chunk_size: str,
+    compression: str,
+    encryption: str,
+    pack_size: str,
+    create_bucket: bool,
 ) -> None:
     """Create a new, empty repository in REPO, a directory or s3://BUCKET/PREFIX.
 
     Encrypted unless --encryption none.
     """
     size = parse_size(chunk_size, "--chunk-size")
-    with init_repository(repo, size, compression, encryption, create_bucket=create_bucket) as r:
+    pack = parse_size(pack_size, "--pack-size")
+    with init_repository(
+        repo, size, compression, encryption, create_bucket=create_bucket, pack_size=pack
+    ) as r:
         key = r.config.encryption
         sealed = ", not encrypted"
         if key is not None:

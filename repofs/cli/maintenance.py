@@ -10,6 +10,7 @@ the main group.  Errors follow the same rule as every other command: a
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -44,6 +45,13 @@ def register(main: click.Group) -> None:
 @click.option(
     "--all-ranges", is_flag=True, help="Name every damaged byte range, not only the first few."
 )
+@click.option(
+    "--sizes-only",
+    is_flag=True,
+    help="Read no pack: check that every pack the index names exists with its size "
+    "(one LIST per 1000 packs on a bucket) and that the bucket's log decodes. "
+    "A flipped byte inside a pack goes unnoticed.",
+)
 @progress_option
 @json_option
 @lock_wait_option()
@@ -52,12 +60,14 @@ def verify(
     vm: str | None,
     sample: float | None,
     all_ranges: bool,
+    sizes_only: bool,
     progress: bool | None,
     as_json: bool,
 ) -> None:
     """Re-read and re-hash stored data; name every damaged VM, restore point, disk and byte range.
 
-    Exits non-zero when anything is missing or damaged.
+    Exits non-zero when anything is missing or damaged.  With --sizes-only,
+    only that every pack is there with the size the index expects.
     """
     from repofs.maintenance.verify.checks import MAX_RANGES_SHOWN, verify_repository
 
@@ -67,6 +77,7 @@ def verify(
         sample=sample,
         max_ranges=None if all_ranges else MAX_RANGES_SHOWN,
         progress=progress,
+        sizes_only=sizes_only,
     )
     if as_json:
         emit_json(r.to_dict())
@@ -79,12 +90,25 @@ def verify(
             click.echo(f"    affects {a}")
     for w in r.warnings:
         click.echo(f"warning: {w}")
+    log = f", {r.log_objects} log object(s) decoded" if r.log_objects else ""
+    if r.mode == "sizes":
+        click.echo(
+            f"checked that {r.packs} pack(s) of {r.restore_points} restore point(s) of "
+            f"{r.vms} VM(s) exist with their sizes{log}, in {r.elapsed:.1f} s "
+            "(no pack read: a damaged byte inside a pack needs the full verify)"
+        )
+        if r.problems:
+            raise IntegrityError(
+                f"verify found {len(r.problems)} problem(s); see the lines above"
+            )
+        click.echo("no problems found")
+        return
     rate = r.bytes_checked / r.elapsed / 1e6 if r.elapsed > 0 else 0.0
     what = f"{r.sample:g}% sample of the chunks, " if r.sample is not None else ""
     click.echo(
         f"checked {r.restore_points} restore point(s) of {r.vms} VM(s), "
         f"{r.pages} map pages, {what}{r.objects_checked} objects "
-        f"({human_bytes(r.bytes_checked)}) in {r.elapsed:.1f} s ({rate:.0f} MB/s)"
+        f"({human_bytes(r.bytes_checked)}){log} in {r.elapsed:.1f} s ({rate:.0f} MB/s)"
     )
     if r.problems:
         raise IntegrityError(f"verify found {len(r.problems)} problem(s); see the lines above")
@@ -270,6 +294,7 @@ def gc(repo: str, threshold: float, dry_run: bool, as_json: bool) -> None:
             f"dry run: would delete {r.packs_deleted} pack(s) and rewrite "
             f"{r.packs_rewritten}, remove {r.orphan_packs} unindexed pack(s), "
             f"freeing about {human_bytes(r.bytes_freed)}"
+            + (f"; condemn {r.packs_condemned} pack(s)" if r.packs_condemned else "")
         )
         return
     click.echo(
@@ -277,6 +302,12 @@ def gc(repo: str, threshold: float, dry_run: bool, as_json: bool) -> None:
         f"{r.orphan_packs} unindexed pack(s), {r.reservations_removed} stale "
         f"reservation(s); spared {r.packs_spared} pack(s) a running ingest used"
     )
+    if r.packs_condemned or r.objects_rescued or r.leases_removed or r.logs_removed:
+        click.echo(  # a repository in a bucket: deletion waits for the leases (docs/maintenance.md)
+            f"condemned {r.packs_condemned} pack(s), copied {r.objects_rescued} live object(s) "
+            f"out of condemned packs; removed {r.leases_removed} expired lease(s), "
+            f"{r.logs_removed} log object(s), {r.checkpoints_removed} checkpoint(s)"
+        )
     if r.packs_held:
         click.echo(
             f"kept {r.packs_held} condemned pack(s) that ingests still running may use; "
@@ -301,11 +332,26 @@ def _reserve_warning(held: int, action: str) -> None:
 
 @click.command(name="rebuild-index")
 @repo_argument
+@click.option(
+    "--scan-packs",
+    is_flag=True,
+    help="s3:// only: also download and read every pack record by record, dropping damaged "
+    "objects from this host's cache (a local rebuild always reads every pack).",
+)
 @progress_option
 @json_option
 @lock_wait_option()
-def rebuild_index(repo: str, progress: bool | None, as_json: bool) -> None:
-    """Rebuild the index from the pack files alone, and swap it in atomically."""
+def rebuild_index(repo: str, scan_packs: bool, progress: bool | None, as_json: bool) -> None:
+    """Rebuild the index from the pack files alone, and swap it in atomically.
+
+    On s3://: rebuild this host's cache of the index from the bucket's newest
+    checkpoint and log (add --scan-packs to read every pack too).
+    """
+    from repofs.store.location import is_s3
+
+    if is_s3(repo):
+        _rebuild_bucket(repo, scan_packs, progress, as_json)
+        return
     from repofs.maintenance.rebuild import rebuild_index as do_rebuild
 
     r = do_rebuild(repo, progress=progress)
@@ -341,6 +387,42 @@ def rebuild_index(repo: str, progress: bool | None, as_json: bool) -> None:
         click.echo("damaged records were left out; every restore point is complete")
 
 
+def _rebuild_bucket(url: str, scan_packs: bool, progress: bool | None, as_json: bool) -> None:
+    from repofs.maintenance.s3rebuild import rebuild_bucket_index
+
+    r = rebuild_bucket_index(url, scan_packs=scan_packs, progress=progress)
+    if as_json:
+        emit_json(r.to_dict())
+        if r.incomplete:
+            raise IntegrityError(
+                f"the cache is rebuilt, but {len(r.incomplete)} restore point(s) are incomplete"
+            )
+        return
+    for line in r.skipped_packs:
+        click.echo(f"skipped: {line}")
+    for line in r.damaged:
+        click.echo(f"damaged: {line}")
+    for line in r.incomplete:
+        click.echo(f"incomplete: {line}")
+    source = f"checkpoint {r.checkpoint} and " if r.checkpoint else ""
+    scanned = (
+        f"; read {r.packs} pack(s) ({human_bytes(r.bytes_scanned)}), "
+        f"{r.dropped_objects} object(s) dropped"
+        if r.mode == "scan"
+        else ""
+    )
+    click.echo(
+        f"rebuilt the cache {r.cache_dir} of {r.url} from {source}{r.log_objects} log "
+        f"object(s): {r.restore_points} restore point(s) of {r.vms} VM(s){scanned}, "
+        f"in {r.seconds:.1f} s"
+    )
+    if r.incomplete:
+        raise IntegrityError(
+            f"the cache is rebuilt, but {len(r.incomplete)} restore point(s) are incomplete "
+            "(see the lines above); 'repofs verify' shows the byte ranges"
+        )
+
+
 @click.command()
 @repo_argument
 @json_option
@@ -354,6 +436,9 @@ def info(repo: str, as_json: bool) -> None:
     doc = repository_info(repo)
     if as_json:
         emit_json(doc)
+        return
+    if "url" in doc:
+        _bucket_info_rows(doc)
         return
     rows = [
         ("repository", doc["path"]),
@@ -380,5 +465,38 @@ def info(repo: str, as_json: bool) -> None:
         state = "waiting for" if h["waiting"] else "held"
         who = f"pid {h['pid']}" + (f" ({h['command']})" if h["command"] else "")
         rows.append(("lock", f"{h['file']} {h['mode']}, {state} by {who}"))
+    for k, v in rows:
+        click.echo(f"{k:<20} {v}")
+
+
+def _bucket_info_rows(doc: dict[str, Any]) -> None:
+    """``repofs info s3://...`` as text: the same fields as ``--json``."""
+    live = [x for x in doc["leases"] if x["alive"]]
+    rows = [
+        ("repository", doc["url"]),
+        ("endpoint", doc["endpoint"] or "the AWS default"),
+        ("id", doc["repository_id"]),
+        ("format", f"{doc['format']} version {doc['version']}"),
+        ("chunk size", human_bytes(doc["chunk_size"])),
+        ("compression", doc["compression"]),
+        ("encryption", doc["encryption"]),
+        ("map page", f"{doc['page_refs']} references"),
+        ("pack target size", human_bytes(doc["pack_target_size"])),
+        ("VMs", str(doc["vms"])),
+        ("restore points", str(doc["restore_points"])),
+        ("pack objects", f"{doc['pack_count']} ({human_bytes(doc['pack_bytes'])})"),
+        (
+            "log objects",
+            f"{doc['log_objects']} ({doc['commit_objects']} commits, "
+            f"{human_bytes(doc['log_bytes'])})",
+        ),
+        ("checkpoints", f"{doc['checkpoints']} ({human_bytes(doc['checkpoint_bytes'])})"),
+        ("leases", f"{len(doc['leases'])} ({len(live)} alive)"),
+        ("cache", f"{doc['cache_dir']} ({human_bytes(doc['cache_bytes'])})"),
+        ("cache index", human_bytes(doc["index_bytes"])),
+    ]
+    for x in doc["leases"]:
+        state = "alive" if x["alive"] else "expired"
+        rows.append(("lease", f"{x['what']} by pid {x['pid']} on {x['host']} ({state})"))
     for k, v in rows:
         click.echo(f"{k:<20} {v}")

@@ -35,12 +35,14 @@ decision to their transaction, so none acts on a stale flag.
 from __future__ import annotations
 
 import datetime
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from repofs.errors import UsageError
+from repofs.store.bucketlog import nonce_of
 from repofs.store.lock import keep_lock
 from repofs.store.names import validate_vm_name
 from repofs.store.opening import open_repository
@@ -48,7 +50,8 @@ from repofs.store.records import RecordType
 from repofs.store.repository import Repository
 from repofs.store.reserve import retry_with_reserve
 from repofs.store.restorepoint import RestorePoint
-from repofs.store.rprecords import Protection
+from repofs.store.rprecords import Protection, parse_protection
+from repofs.store.s3repo import S3Repository
 
 
 def _iso_week(t: time.struct_time) -> str:
@@ -182,22 +185,30 @@ def prune_repository(
             result.removed, result.reserve_given_up = retry_with_reserve(
                 path, lambda: _remove(repo, doomed)
             )
+            _warn_protected_meanwhile(repo, doomed)
     return result
 
 
 def _remove(repo: Repository, doomed: list[RestorePoint]) -> int:
-    repo.write_tombstones(doomed)  # durable and indexed before anything leaves the index
-
-    def txn_fn(txn: Any) -> int:
-        removed = 0
+    def present(txn: Any) -> list[RestorePoint]:
+        out = []
         for rp in doomed:
             doc = repo.index.get_rp(txn, rp.vm, rp.id)
             if doc is not None and doc.get("seq") == rp.seq:  # a concurrent prune may have won
-                repo.index.delete_rp(txn, rp.vm, rp.id, rp.seq)
-                removed += 1
-        return removed
+                out.append(rp)
+        return out
 
-    return repo.index.write(txn_fn)
+    # Counted before the tombstones: in a bucket they are facts that take the
+    # restore points out of this host's index as they are written.
+    removed = len(repo.index.read(present))
+    repo.write_tombstones(doomed)  # durable and indexed before anything leaves the index
+
+    def txn_fn(txn: Any) -> None:
+        for rp in present(txn):
+            repo.index.delete_rp(txn, rp.vm, rp.id, rp.seq)
+
+    repo.index.write(txn_fn)
+    return removed
 
 
 @dataclass
@@ -245,6 +256,7 @@ def delete_restore_points(
             result.removed, result.reserve_given_up = retry_with_reserve(
                 path, lambda: _remove(repo, doomed)
             )
+            _warn_protected_meanwhile(repo, doomed)
     return result
 
 
@@ -283,6 +295,9 @@ def set_protected(
         # killed between its record and its transaction leaves a newer record that
         # says the opposite, which rebuild-index would follow.  This record is newer.
         _, held = retry_with_reserve(repo.path, lambda: _flag(repo, rps, protected))
+        if protected and isinstance(repo, S3Repository):
+            repo.sync()  # no lock spans hosts: say so if a prune elsewhere won the race
+            _refuse_buried(repo, rps)
     return changes, held
 
 
@@ -295,6 +310,11 @@ def _refuse_tombstoned(repo: Repository, rps: list[RestorePoint]) -> None:
     """
     from repofs.maintenance.gc.orphans import buried_restore_points
 
+    if isinstance(repo, S3Repository):
+        # A bury fact takes the restore point out of the cache as it is applied: no
+        # half-removed state to find, only burials that landed since the last sync.
+        _refuse_buried(repo, rps)
+        return
     buried = buried_restore_points(repo)
     for rp in rps:
         if (rp.vm, rp.id, rp.seq) in buried:
@@ -303,6 +323,53 @@ def _refuse_tombstoned(repo: Repository, rps: list[RestorePoint]) -> None:
                 "interrupted after writing its tombstone) and cannot be protected; run "
                 f"'repofs delete {repo.path} {rp.vm} {rp.id}' to finish the removal"
             )
+
+
+def _warn_protected_meanwhile(repo: Repository, removed: list[RestorePoint]) -> None:
+    """Say so if a protect on another host raced this removal (a bucket shares no lock).
+
+    A protect syncs after writing its fact and refuses if the restore point
+    was buried by then; otherwise this sync, after the bury facts, sees its
+    protection.  So one of the two always reports the race.
+    """
+    if not isinstance(repo, S3Repository):
+        return  # keep_lock serialises them on one host
+    repo.sync()
+    index = repo.index
+
+    def txn_fn(txn: Any) -> list[str]:
+        raced = []
+        for rp in removed:
+            key = index.rp_key(rp.vm, rp.id)
+            raw = index.get(txn, "flags", key)
+            flag = parse_protection(index.names.open_value("flags", key, raw)) if raw else None
+            if flag is not None and flag.protected and flag.flag_seq > rp.protected_seq:
+                raced.append(f"{rp.vm}/{rp.id}")
+        return raced
+
+    for name in index.read(txn_fn):
+        print(
+            f"repofs: warning: restore point {name} was protected on another host while "
+            "this command removed it; it is removed",
+            file=sys.stderr,
+        )
+
+
+def _refuse_buried(repo: S3Repository, rps: list[RestorePoint]) -> None:
+    """Refuse restore points that a prune or delete on another host buried (after a sync)."""
+    index = repo.index
+
+    def txn_fn(txn: Any) -> list[RestorePoint]:
+        keys = [index.rp_key(rp.vm, rp.id) + nonce_of({"record": rp.record}) for rp in rps]
+        return [rp for rp, key in zip(rps, keys, strict=True) if index.get(txn, "buried", key)]
+
+    gone = index.read(txn_fn)
+    if gone:
+        rp = gone[0]
+        raise UsageError(
+            f"restore point {rp.vm}/{rp.id} was removed by a prune or delete on another host "
+            "at the same moment, and cannot be protected"
+        )
 
 
 def _flag(repo: Repository, rps: list[RestorePoint], protected: bool) -> None:

@@ -21,6 +21,7 @@ from repofs.errors import RepofsError
 from repofs.store.repository import Repository
 
 DEFAULT_REFRESH = 30.0  #: seconds between syncs (``mount --refresh``)
+STOP_WAIT = 10.0  #: at unmount, the longest wait for a sync under way
 log = logging.getLogger("repofs.mount.refresh")
 
 
@@ -65,6 +66,13 @@ class Refresher:
         if applied:
             log.info("applied %d new log object(s) from %s", applied, self._repo.name)
 
-    def stop(self) -> None:
-        """Ask the thread to end; a sync under way finishes on its own (the thread is a daemon)."""
+    def stop(self, wait: float = STOP_WAIT) -> None:
+        """End the thread, waiting up to ``wait`` seconds for a sync under way.
+
+        The repository is closed next: a sync still writing the index then
+        would fail with a confusing error in the log.  One stuck on an
+        unreachable endpoint is left behind (the thread is a daemon).
+        """
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(wait)

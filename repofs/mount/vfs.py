@@ -437,8 +437,16 @@ class RepoView:
 
     def close(self) -> None:
         self.prefetcher.close()
-        if self.repo.records is not None:
-            self.repo.records.flush(CACHE_FLUSH_SECONDS)  # what was read, kept for the next mount
+        records = self.repo.records
+        if records is not None:
+            records.flush(CACHE_FLUSH_SECONDS)  # what was read, kept for the next mount
+            log.info(
+                "disk chunk cache: %d hits, %d misses, %d evicted, %d not kept (writer behind)",
+                records.hits,
+                records.misses,
+                records.evicted,
+                records.dropped,
+            )
 
     def _reader(self, seq: int, slot: int, rp: RestorePoint) -> DiskReader:
         key = (seq, slot)

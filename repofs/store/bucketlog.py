@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -39,28 +40,27 @@ from repofs.store.index import Index
 from repofs.store.records import RecordType
 from repofs.store.rprecords import parse_protection
 from repofs.store.schema import (
-    decode_condemned,
     decode_doomed,
-    decode_location,
     decode_pack_info,
     decode_seq_target,
     encode_condemned,
     encode_doomed,
-    encode_location,
     encode_pack_info,
-    key_digest,
     key_type,
     object_key,
     seq_target_rp,
     seq_target_vm,
 )
-from repofs.store.segment import Entry, Segment
+from repofs.store.segment import ENTRY, Entry, Segment
 
 LOG_PREFIX = "log/"
 CHECKPOINT_PREFIX = "checkpoints/"
+CHECKPOINT_GROWTH = 8  #: log bytes past the newest checkpoint, times this, must reach its size
+FETCH_THREADS = 16  #: log objects fetched at once by a sync
 CHECKPOINT_EVERY = 64  #: log objects past the newest checkpoint before a commit writes one
 _SEQ_SPACE = (1 << 47) - 2
 _LAST_SYNC_KEY = b"s3lastsync"
+_LOC_TAIL = struct.Struct(">QII")  #: a ``locs`` value: offset, stored length, raw length
 log = logging.getLogger("repofs.store.bucketlog")
 
 
@@ -104,6 +104,8 @@ class BucketLog:
         self.index = index
         self._newest_checkpoint: ObjectInfo | None = None
         self._uncovered = 0
+        self._uncovered_bytes = 0
+        self._checkpoint_bytes = 0
         self._warned: set[str] = set()
 
     # -- names -------------------------------------------------------------------
@@ -179,20 +181,36 @@ class BucketLog:
                     covered = set(seg.covers)
                     self.index.write(lambda txn: self.apply(txn, seg, newest.name))
                     count += 1
-        for info in todo:
-            if info.name in covered:
-                self.index.write(lambda txn, n=info.name: self._mark(txn, n))
-                continue
-            seg = self._fetch(info.name)
-            if seg is None:
-                continue
-            self.index.write(lambda txn, s=seg, n=info.name: self.apply(txn, s, n))
-            count += 1
+        wanted = [i.name for i in todo if i.name not in covered]
+        fetched = self._fetch_all(wanted)
         stamp = repr(listed_at).encode()
-        self.index.write(lambda txn: self.index.put(txn, "meta", _LAST_SYNC_KEY, stamp))
+
+        def txn_fn(txn: Any) -> None:
+            for info in todo:
+                if info.name in covered:
+                    self._mark(txn, info.name)
+            for name, seg in zip(wanted, fetched, strict=True):
+                if seg is not None:
+                    self.apply(txn, seg, name)
+            self.index.put(txn, "meta", _LAST_SYNC_KEY, stamp)
+
+        self.index.write(txn_fn)  # one transaction: one fsync, however many objects
+        count += sum(1 for seg in fetched if seg is not None)
         since = newest.mtime if newest is not None else 0.0
-        self._uncovered = sum(1 for i in logs if i.mtime > since)
+        past = [i for i in logs if i.mtime > since]
+        self._uncovered = len(past)
+        self._uncovered_bytes = sum(i.size for i in past)
+        self._checkpoint_bytes = newest.size if newest is not None else 0
         return count
+
+    def _fetch_all(self, names: list[str]) -> list[Segment | None]:
+        """:meth:`_fetch` of many, in parallel (a fresh host's first sync, a WAN's latency)."""
+        if len(names) <= 1:
+            return [self._fetch(n) for n in names]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(FETCH_THREADS, len(names))) as pool:
+            return list(pool.map(self._fetch, names))
 
     def _fetch(self, name: str) -> Segment | None:
         """A log object decoded; None (and a warning, once) if it is damaged."""
@@ -228,7 +246,8 @@ class BucketLog:
         for fact in seg.retire:
             self._retire(txn, bytes.fromhex(fact["pack"]), fact.get("keys", ()))
         for fact in seg.condemn:
-            self._condemn(txn, bytes.fromhex(fact["pack"]), fact.get("keys", ()))
+            at = int(fact.get("at", 0))
+            self._condemn(txn, bytes.fromhex(fact["pack"]), fact.get("keys", ()), at)
         for pack_id, size, entries in seg.packs:
             self._introduce(txn, pack_id, size, entries)
         for body in seg.bury:
@@ -241,45 +260,76 @@ class BucketLog:
         if seg.kind == "checkpoint":
             for covered in seg.covers:
                 self._mark(txn, covered)
+            # A checkpoint names condemned and retired packs without their keys (it
+            # keeps no locations in retired packs), but this cache may hold locations
+            # in them from commits it applied before: settle every such object.
+            touched = {bytes.fromhex(f["pack"]) for f in (*seg.retire, *seg.condemn)}
+            if touched:
+                self._resettle(txn, touched)
         del idx
 
-    def _introduce(self, txn: Any, pack_id: bytes, size: int, entries: list[Entry]) -> None:
+    def _resettle(self, txn: Any, packs: set[bytes]) -> None:
+        """Drop locations in retired packs among ``packs`` and settle every object in them."""
+        idx = self.index
+        keys: list[bytes] = []
+        for k, _tail in idx.items(txn, "locs"):
+            if k[-16:] in packs:
+                keys.append(k)
+        for k in keys:
+            if idx.get(txn, "retired", k[-16:]) is not None:
+                idx.delete(txn, "locs", k)
+        for key in dict.fromkeys(k[:-16] for k in keys):
+            self._settle(txn, key)
+
+    # Every location of every object is kept in ``locs`` (object key + pack id -> offset,
+    # stored and raw length); ``objects`` and ``condemned`` are derived from it by
+    # :meth:`_settle`, a pure function of the facts applied.  Keeping only one location
+    # per object made hosts that applied the same facts in another order disagree on
+    # where an object lies, and a later retire could then strand one of them on a
+    # deleted pack while the object still existed in another.
+
+    def _introduce(self, txn: Any, pack_id: bytes, size: int, entries: Any) -> None:
         idx = self.index
         if idx.get(txn, "retired", pack_id) is not None:
             return
         doomed = idx.get(txn, "doomed", pack_id)
+        count = len(entries) if not isinstance(entries, bytes) else len(entries) // ENTRY.size
         if doomed is None:
-            idx.put(txn, "packs", pack_id, encode_pack_info(size, len(entries)))
+            idx.put(txn, "packs", pack_id, encode_pack_info(size, count))
         else:
-            _size, count, gen = decode_doomed(doomed)
-            idx.put(txn, "doomed", pack_id, encode_doomed(size, max(count, len(entries)), gen))
+            _size, have, at = decode_doomed(doomed)
+            idx.put(txn, "doomed", pack_id, encode_doomed(size, max(have, count), at))
         for rtype, digest, offset, stored, raw in entries:
             key = object_key(rtype, digest)
-            loc = encode_location(pack_id, offset, stored, raw)
-            if doomed is not None:
-                if idx.get(txn, "objects", key) is None:
+            tail = _LOC_TAIL.pack(offset, stored, raw)
+            idx.put(txn, "locs", key + pack_id, tail)
+            # What _settle would find, in O(1): the derived tables already hold the
+            # minimum of every other location, so only the new one can change them.
+            loc = pack_id + tail
+            live = idx.get(txn, "objects", key)
+            if doomed is None:
+                if live is None or loc < live:
+                    idx.put(txn, "objects", key, loc)
+                    idx.delete(txn, "condemned", key)
+            elif live is None:
+                gone = idx.get(txn, "condemned", key)
+                if gone is None or loc < gone[: len(loc)]:
                     idx.put(txn, "condemned", key, encode_condemned(loc, 0))
-                continue
-            have = idx.get(txn, "objects", key)
-            if have is None or pack_id < have[:16]:
-                idx.put(txn, "objects", key, loc)
-                idx.delete(txn, "condemned", key)
 
-    def _condemn(self, txn: Any, pack_id: bytes, keys_hex: Any) -> None:
+    def _condemn(self, txn: Any, pack_id: bytes, keys_hex: Any, at: int) -> None:
         idx = self.index
         if idx.get(txn, "retired", pack_id) is not None:
             return
-        info = idx.get(txn, "packs", pack_id)
-        size, count = decode_pack_info(info) if info is not None else (0, 0)
-        if idx.get(txn, "doomed", pack_id) is None:
-            idx.put(txn, "doomed", pack_id, encode_doomed(size, count, 0))
+        have = idx.get(txn, "doomed", pack_id)
+        if have is None or decode_doomed(have)[2] > at:
+            info = idx.get(txn, "packs", pack_id)
+            size, count = decode_pack_info(info) if info is not None else (0, 0)
+            if have is not None:
+                size, count, _ = decode_doomed(have)
+            idx.put(txn, "doomed", pack_id, encode_doomed(size, count, at))  # the earliest
         idx.delete(txn, "packs", pack_id)
         for key_hex in keys_hex:
-            key = bytes.fromhex(key_hex)
-            have = idx.get(txn, "objects", key)
-            if have is not None and have[:16] == pack_id:
-                idx.delete(txn, "objects", key)
-                idx.put(txn, "condemned", key, encode_condemned(have, 0))
+            self._settle(txn, bytes.fromhex(key_hex))
 
     def _retire(self, txn: Any, pack_id: bytes, keys_hex: Any) -> None:
         idx = self.index
@@ -288,12 +338,43 @@ class BucketLog:
         idx.delete(txn, "doomed", pack_id)
         for key_hex in keys_hex:
             key = bytes.fromhex(key_hex)
-            have = idx.get(txn, "objects", key)
-            if have is not None and have[:16] == pack_id:
-                idx.delete(txn, "objects", key)
-            gone = idx.get(txn, "condemned", key)
-            if gone is not None and gone[:16] == pack_id:
+            idx.delete(txn, "locs", key + pack_id)
+            self._settle(txn, key)
+
+    def _settle(self, txn: Any, key: bytes) -> None:
+        """Set ``objects``/``condemned`` of ``key`` from its locations: the smallest live pack id,
+        else the smallest condemned one; retired ones are never used."""
+        idx = self.index
+        live = doomed = None
+        for k, tail in idx.items(txn, "locs", key):
+            pack_id = k[len(key) :]
+            if len(pack_id) != 16:
+                continue
+            if idx.get(txn, "retired", pack_id) is not None:
+                continue
+            loc = pack_id + tail
+            if idx.get(txn, "doomed", pack_id) is None:
+                live = loc if live is None else min(live, loc)
+            else:
+                doomed = loc if doomed is None else min(doomed, loc)
+        if live is not None:
+            idx.put(txn, "objects", key, live)
+            idx.delete(txn, "condemned", key)
+        else:
+            idx.delete(txn, "objects", key)
+            if doomed is not None:
+                idx.put(txn, "condemned", key, encode_condemned(doomed, 0))
+            else:
                 idx.delete(txn, "condemned", key)
+
+    def keys_in_packs(self, txn: Any, packs: set[bytes]) -> dict[bytes, list[bytes]]:
+        """Every object key with a location in one of ``packs`` (gc's condemn and retire lists)."""
+        out: dict[bytes, list[bytes]] = {p: [] for p in packs}
+        for k, _tail in self.index.items(txn, "locs"):
+            pack_id = k[-16:]
+            if pack_id in out:
+                out[pack_id].append(k[:-16])
+        return out
 
     def _bury(self, txn: Any, body: dict[str, Any]) -> None:
         idx = self.index
@@ -361,7 +442,13 @@ class BucketLog:
     # -- checkpoints -------------------------------------------------------------
 
     def write_checkpoint(self) -> str:
-        """Every fact this cache holds, as one object; returns its name."""
+        """Every fact this cache holds, as one object; returns its name.
+
+        It syncs first: a checkpoint written from a cache synced long ago
+        (after a long ingest) would be the newest yet lack facts whose log
+        objects gc removes as covered by an older checkpoint.
+        """
+        self.sync()
         seg = self.index.read(self._checkpoint_of)
         name = f"{CHECKPOINT_PREFIX}{time.time_ns():016x}-{os.urandom(8).hex()}"
         self.bucket.put(name, seg.encode(self.keys, name))
@@ -372,25 +459,19 @@ class BucketLog:
     def _checkpoint_of(self, txn: Any) -> Segment:
         idx = self.index
         by_pack: dict[bytes, list[Entry]] = {}
-        for db, decode in (("objects", decode_location), ("condemned", _condemned_loc)):
-            for key, value in idx.items(txn, db):
-                loc = decode(value)
-                by_pack.setdefault(loc.pack_id, []).append(
-                    (
-                        RecordType(key_type(key)),
-                        key_digest(key),
-                        loc.offset,
-                        loc.stored_len,
-                        loc.raw_len,
-                    )
-                )
+        for k, tail in idx.items(txn, "locs"):
+            offset, stored, raw = _LOC_TAIL.unpack(tail)
+            by_pack.setdefault(k[-16:], []).append(
+                (RecordType(key_type(k)), k[1:-16], offset, stored, raw)
+            )
         sizes: dict[bytes, int] = {}
         for pack_id, value in idx.items(txn, "packs"):
             sizes[pack_id] = decode_pack_info(value)[0]
         condemn = []
         for pack_id, value in idx.items(txn, "doomed"):
-            sizes[pack_id] = decode_doomed(value)[0]
-            condemn.append({"pack": pack_id.hex(), "keys": []})
+            size, _count, at = decode_doomed(value)
+            sizes[pack_id] = size
+            condemn.append({"pack": pack_id.hex(), "keys": [], "at": at})
         seg = Segment("checkpoint", condemn=condemn)
         for pack_id in sorted(set(by_pack) | set(sizes)):
             seg.packs.append((pack_id, sizes.get(pack_id, 0), by_pack.get(pack_id, [])))
@@ -407,7 +488,13 @@ class BucketLog:
 
     def maybe_checkpoint(self) -> str | None:
         """Write a checkpoint if many log objects lie past the newest; never fails the caller."""
+        # Both: enough objects that a fresh host would wait for them, and enough bytes
+        # that the new checkpoint is not mostly a copy of the last (a checkpoint of a
+        # large repository is large; writing one every 64 commits would cost more than
+        # the commits).  So checkpoints cost at most CHECKPOINT_GROWTH times the log.
         if self._uncovered < CHECKPOINT_EVERY:
+            return None
+        if self._uncovered_bytes * CHECKPOINT_GROWTH < self._checkpoint_bytes:
             return None
         with contextlib.suppress(RepofsError):
             return self.write_checkpoint()
@@ -427,7 +514,3 @@ class BucketLog:
 
 class _Compacted(Exception):
     """A listed log object is gone: gc compacted it into a checkpoint meanwhile."""
-
-
-def _condemned_loc(value: bytes) -> Any:
-    return decode_condemned(value)[0]

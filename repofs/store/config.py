@@ -91,10 +91,16 @@ class RepoConfig:
 
     @classmethod
     def new(
-        cls, chunk_size: int, compression: str, encryption: EncryptionConfig | None = None
+        cls,
+        chunk_size: int,
+        compression: str,
+        encryption: EncryptionConfig | None = None,
+        pack_size: int = PACK_TARGET,
     ) -> RepoConfig:
         if chunk_size & (chunk_size - 1) or not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
             raise UsageError(f"chunk size {chunk_size} must be a power of two from 4K to 4M")
+        if not MIN_PACK_TARGET <= pack_size <= MAX_PACK_TARGET:
+            raise UsageError(f"pack size {size_label(pack_size)} must be from 1M to 256M")
         codec, level = parse_compression(compression)
         return cls(
             format=FORMAT_NAME,
@@ -103,7 +109,7 @@ class RepoConfig:
             chunk_size=chunk_size,
             compression=f"zstd:{level}" if codec == "zstd" else "none",
             page_refs=PAGE_REFS,
-            pack_target_size=PACK_TARGET,
+            pack_target_size=pack_size,
             encryption=encryption,
         )
 

@@ -70,6 +70,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: str | None = None
+        self.lapsed = False  #: renewals failed for a ttl once: gc may have given it up
 
     def start(self) -> Lease:
         """Write the lease (returns once the store has it) and start renewing it."""
@@ -93,15 +94,28 @@ class Lease:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 3):
+            before = self._renewed_mono
             try:
                 self._write()
                 self.error = None
             except RepofsError as exc:  # retried at the next tick; check() decides
                 self.error = str(exc)
+                continue
+            if time.monotonic() - before >= self.ttl:
+                # Renewed again, but the new object landed a ttl after the one before
+                # was written (failures, or a PUT retried that long): gc may have taken
+                # this writer for gone and deleted what it uploaded.  It must not commit.
+                self.lapsed = True
 
     def check(self) -> None:
         """Refuse to go on if the lease may have expired: gc could have given this writer up."""
         left = self.ttl - (time.monotonic() - self._renewed_mono)
+        if self.lapsed:
+            raise RepositoryError(
+                f"lost the lease of this {self.what} (its renewals failed for longer than "
+                f"{self.ttl:.0f} s, so gc may have taken it for gone); nothing was committed, "
+                "run it again"
+            )
         if left < self.ttl / 6:
             raise RepositoryError(
                 f"lost the lease of this {self.what} (not renewed for "

@@ -8,6 +8,7 @@ other's caller; every command opens through here.
 from __future__ import annotations
 
 from repofs.store import crypto
+from repofs.store.config import PACK_TARGET
 from repofs.store.location import is_s3
 from repofs.store.repository import Repository
 
@@ -28,12 +29,20 @@ def init_repository(
     encryption: str = crypto.DEFAULT_CIPHER,
     *,
     create_bucket: bool = False,
+    pack_size: int = PACK_TARGET,
 ) -> Repository:
     """Create the repository ``repo`` names and return it open."""
     if is_s3(repo):
         from repofs.store.s3repo import S3Repository
 
         return S3Repository.init_bucket(
-            repo, chunk_size, compression, encryption, create_bucket=create_bucket
+            repo,
+            chunk_size,
+            compression,
+            encryption,
+            create_bucket=create_bucket,
+            pack_size=pack_size,
         )
-    return Repository.init(repo, chunk_size, compression, encryption, create_bucket=create_bucket)
+    return Repository.init(
+        repo, chunk_size, compression, encryption, create_bucket=create_bucket, pack_size=pack_size
+    )

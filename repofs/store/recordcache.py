@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -59,6 +60,7 @@ class RecordCache:
         self._bytes: int | None = None  # unknown until the first scan
         self._since_scan = 0
         self._broken = False  # the directory cannot be written: stop trying (logged once)
+        self._full_logged = False
         self._queue: collections.deque[tuple[bytes, int, bytes]] = collections.deque()
         self._queued = 0
         self._queue_cond = threading.Condition()
@@ -179,7 +181,12 @@ class RecordCache:
             with self._lock:
                 if self._bytes is not None:
                     self._bytes -= size
-            if not self._broken:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # A full file system (others filled it): skip records until there is room.
+                if not self._full_logged:
+                    self._full_logged = True
+                    log.warning("%s: no space for the chunk cache; records not kept", self.root)
+            elif not self._broken:
                 self._broken = True
                 log.warning(
                     "%s: cannot write the chunk cache (%s); reading without it",

@@ -14,7 +14,13 @@ from typing import Any
 
 from repofs.errors import IntegrityError, RepofsError, RepositoryError, UsageError
 from repofs.store import crypto
-from repofs.store.config import CONFIG_FILE, FORMAT_VERSION, RepoConfig, upgrade_in_place
+from repofs.store.config import (
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    PACK_TARGET,
+    RepoConfig,
+    upgrade_in_place,
+)
 from repofs.store.durable import make_dirs, os_error, write_file_atomic
 from repofs.store.index import Index
 from repofs.store.lock import repository_lock
@@ -87,6 +93,7 @@ class Repository:
         encryption: str = crypto.DEFAULT_CIPHER,
         *,
         create_bucket: bool = False,
+        pack_size: int = PACK_TARGET,
     ) -> Repository:
         """Create a repository; ``encryption`` is ``none`` or an AEAD of :data:`crypto.CIPHERS`.
 
@@ -125,7 +132,7 @@ class Repository:
                 key_id=crypto.key_id_of(master),
                 content_id=os.urandom(16).hex(),
             )
-        config = RepoConfig.new(chunk_size, compression, enc)
+        config = RepoConfig.new(chunk_size, compression, enc, pack_size)
         if enc is not None and key_file is None:
             key_blob = crypto.wrap(master, secret, config.repository_id)
         if os.path.lexists(path):

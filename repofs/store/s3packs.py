@@ -1,9 +1,9 @@
 """Packs as objects in a bucket: one PUT per pack, ranged GETs to read.
 
 A pack is filled in memory and uploaded whole when the writer publishes it
-(``PACK_TARGET`` of an S3 repository is 64 MiB: one PUT per 64 MiB of new
-data).  The writer publishes on a pool of threads, so uploads overlap each
-other and the hashing and compression of the next pack.  PUT is atomic:
+(32 MiB by default, ``init --pack-size``: one PUT per 32 MiB of new data).
+The writer publishes on a pool of threads, so uploads overlap each other
+and the hashing and compression of the next pack.  PUT is atomic:
 a reader never sees part of a pack, and a writer killed during an upload
 leaves nothing, or a whole pack that no commit names (gc's leftovers).
 """

@@ -31,7 +31,7 @@ from repofs.errors import IntegrityError, RepofsError, RepositoryError, UsageErr
 from repofs.store import crypto
 from repofs.store.bucket import Bucket, ObjectStoreError
 from repofs.store.bucketlog import BucketLog, nonce_of, rp_seq_of, vm_seq_of
-from repofs.store.config import CONFIG_FILE, RepoConfig
+from repofs.store.config import CONFIG_FILE, PACK_TARGET, RepoConfig
 from repofs.store.durable import make_dirs, os_error, write_file_atomic
 from repofs.store.index import Index
 from repofs.store.leases import Lease
@@ -54,27 +54,55 @@ COMMIT_ATTEMPTS = 20  #: ids tried when other hosts keep committing the same sec
 
 
 class BucketWriter(ObjectWriter):
-    """Packs for a bucket: uploaded in parallel, indexed only by the commit that names them.
+    """Packs for a bucket: uploaded in parallel, made known by facts in the log, not the cache.
 
-    A pack this ingest uploaded is not put in the shared cache before the
-    commit: another ingest on this host must not deduplicate against it,
-    since if this one dies, nothing in the bucket says the pack is live and
-    gc deletes it.  Its objects stay in :attr:`pending` for this ingest's
-    own deduplication, and :attr:`introduced` becomes the commit's list.
+    A pack this ingest uploaded must not enter the cache before a log
+    object names it: another ingest on this host would deduplicate against
+    it, and if this one died, nothing in the bucket would say the pack
+    exists, so gc would delete it as a leftover.  Its objects stay in
+    :attr:`pending` meanwhile.  Every :data:`ANNOUNCE_EVERY` packs, one
+    facts object introduces them (and the cache learns them), so memory
+    stays bounded however large the ingest; the rest go in the commit.
+
+    Introducing packs before the commit is safe: until a restore point
+    references them they are dead to gc like any pack, and gc deletes a
+    condemned pack only once every lease older than the condemnation has
+    ended and a fresh mark still finds it dead (``docs/object-storage.md``).
     """
 
     PUBLISHERS = 4
     MAX_PUBLISHING = 4
+    ANNOUNCE_EVERY = 32  #: packs (1 GiB at 32 MiB each) per facts object before the commit
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, log: BucketLog, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._log = log
+        #: packs not yet named by a log object: the commit's list
         self.introduced: list[tuple[bytes, int, list[Entry]]] = []
+        self._announced: list[list[Entry]] = []  # for the main thread to drop from pending
+        self._intro_lock = threading.Lock()
 
     def _index_pack(self, pack_id: bytes, size: int, entries: list[Entry]) -> None:
-        self.introduced.append((pack_id, size, entries))
+        with self._intro_lock:
+            self.introduced.append((pack_id, size, entries))
+            if len(self.introduced) < self.ANNOUNCE_EVERY:
+                return
+            batch, self.introduced = self.introduced, []
+        try:
+            self._log.publish(Segment("facts", packs=batch))
+        except BaseException:
+            with self._intro_lock:
+                self.introduced[:0] = batch  # the commit names them after all
+            raise
+        with self._intro_lock:
+            self._announced.extend(entries for _p, _s, entries in batch)
 
     def _published(self, entries: list[Entry]) -> None:
-        """Still unknown to the index: keep remembering them."""
+        """Forget from :attr:`pending` only what a log object has introduced."""
+        with self._intro_lock:
+            done, self._announced = self._announced, []
+        for announced in done:
+            super()._published(announced)
 
 
 class S3Repository(Repository):
@@ -112,6 +140,7 @@ class S3Repository(Repository):
         encryption: str = crypto.DEFAULT_CIPHER,
         *,
         create_bucket: bool = False,
+        pack_size: int = PACK_TARGET,
     ) -> S3Repository:
         location = parse_s3(url)
         bucket = Bucket(location)
@@ -144,7 +173,7 @@ class S3Repository(Repository):
                 key_id=crypto.key_id_of(master),
                 content_id=os.urandom(16).hex(),
             )
-        config = RepoConfig.new(chunk_size, compression, enc)
+        config = RepoConfig.new(chunk_size, compression, enc, pack_size)
         if enc is not None and key_file is None:
             key_blob = crypto.wrap(master, secret, config.repository_id)
         if enc is not None and key_file is not None:
@@ -279,6 +308,7 @@ class S3Repository(Repository):
             cfg.pack_target_size,
             (cfg.codec, cfg.level),
             self.keys,
+            log=self.log,
         )
 
     def reserve(self, vm: str, now: float | None = None, parent: str | None = None) -> Reservation:
@@ -365,6 +395,9 @@ class S3Repository(Repository):
             _pause_for_fault_tests()
             stopping.ignore_from_now_on()
             name = self.log.put_commit(seg, rp.vm, rp.id)
+            if name is None and self._ours(rp):
+                # Our own PUT, stored, but its answer was lost and the retry met it: 412.
+                name = self.log.commit_name(rp.vm, rp.id)
             if name is not None:
                 self.index.write(lambda txn, s=seg, n=name: self._applied_commit(txn, s, n, rp))
                 if self._lease is not None:
@@ -386,6 +419,14 @@ class S3Repository(Repository):
             f"{self.name}: could not find a free restore point id for {rp.vm} after "
             f"{COMMIT_ATTEMPTS} tries (other hosts commit the same VM at once)"
         )
+
+    def _ours(self, rp: RestorePoint) -> bool:
+        """Whether the commit object of ``rp``'s id is this very commit (same record)."""
+        try:
+            seg = self.log.read_segment(self.log.commit_name(rp.vm, rp.id))
+        except IntegrityError:
+            return False
+        return any(doc.get("record") == rp.record for doc in seg.rps)
 
     def _applied_commit(self, txn: Any, seg: Segment, name: str, rp: RestorePoint) -> None:
         self.log.apply(txn, seg, name)

@@ -65,6 +65,10 @@ Only in the cache of a repository in a bucket (``docs/object-storage.md``):
     restore points a prune or delete removed, never shown again.
 ``retired``
     ``pack id (16)`` -> empty: packs gc deleted; nothing is indexed in them again.
+``locs``
+    ``object key (33) + pack id (16)`` -> ``offset (u64) + stored (u32) + raw (u32)``:
+    every location of every object; ``objects`` and ``condemned`` are derived
+    from it (the smallest live pack id wins, so every host agrees).
 ``flags``
     ``rps key`` -> the newest PROTECTION body for that restore point.
 """
@@ -92,6 +96,7 @@ DATABASES = (
     "buried",
     "retired",
     "flags",
+    "locs",
 )
 
 _U64 = struct.Struct(">Q")

@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 
 from repofs.store.config import DEFAULT_CHUNK
-from tests.support.helpers import ingest, is_mounted, make_image, qemu_compare, repofs, unmount
+from tests.support.helpers import (
+    assert_one_line_error,
+    ingest,
+    is_mounted,
+    make_image,
+    qemu_compare,
+    repofs,
+    unmount,
+)
 from tests.support.s3server import S3Server
 
 MiB = 1 << 20
@@ -305,3 +313,56 @@ class TestMovedObjects:
                 os.close(fd)
         assert got == source[moved_at : moved_at + DEFAULT_CHUNK]
         assert "I/O error" not in (tmp_path / "mnt.log").read_text()
+
+
+class TestRefreshOption:
+    def test_negative_refresh_is_one_line(self, tmp_path: Path, repo: Path) -> None:
+        """--refresh below 0 is refused in one line before anything is mounted."""
+        (tmp_path / "mnt").mkdir()
+        proc = repofs("mount", repo, tmp_path / "mnt", "--refresh", "-1", check=False)
+        assert proc.returncode == 2
+        assert_one_line_error(proc, "--refresh")
+        assert not is_mounted(tmp_path / "mnt")
+
+
+class TestRequestsPerRead:
+    def test_gets_per_read(
+        self,
+        tmp_path: Path,
+        s3_repo: tuple[str, dict[str, str], Path, str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Cold: one GET per random 4 KiB read, one per 1 MiB run, few for a whole sweep."""
+        from repofs.mount.vfs import RepoView
+        from repofs.read.diskread import DiskReader
+        from repofs.store.opening import open_repository
+
+        url, env, img, _rp = s3_repo
+        source = img.read_bytes()
+        for key, value in host_env(env, tmp_path / "host-r").items():
+            monkeypatch.setenv(key, value)
+        with open_repository(url) as repo:
+            view = RepoView(repo)
+            try:
+                rp = repo.latest("web")
+                assert rp is not None
+                reader = DiskReader(repo, rp.disks[0], view.cache, view.prefetcher)
+                gets = repo.bucket.counts  # type: ignore[attr-defined]
+
+                def read(offset: int, size: int) -> int:
+                    before = gets["GET"]
+                    assert reader.read(offset, size) == source[offset : offset + size]
+                    return gets["GET"] - before
+
+                # Each read over 2 MiB from where the last ended (and from 0): none looks
+                # sequential, so none starts a readahead.
+                assert read(9 * MiB + 4096, 4096) == 2  # the map page, then the chunk
+                assert read(4 * MiB + 8192, 4096) == 1
+                assert read(MiB, 4096) == 1
+                assert read(7 * MiB, MiB) == 1  # 8 neighbouring records: one coalesced GET
+                before = gets["GET"]
+                for off in range(0, len(source), MiB):
+                    assert reader.read(off, MiB) == source[off : off + MiB]
+                assert gets["GET"] - before <= 2 * len(source) // (4 * MiB) + 4
+            finally:
+                view.close()

@@ -58,10 +58,12 @@ from repofs.maintenance.gc.leftovers import (
     unlisted_restore_points,
 )
 from repofs.maintenance.gc.mark import Marker
+from repofs.maintenance.gc.s3 import collect_bucket
 from repofs.maintenance.gc.sweep import _sweep
 from repofs.store.lock import open_lock_file
 from repofs.store.opening import open_repository
 from repofs.store.reserve import gave_up_warning, retry_with_reserve, set_aside
+from repofs.store.s3repo import S3Repository
 
 GC_LOCK = "lock.gc"
 DEFAULT_THRESHOLD = 0.5
@@ -78,6 +80,8 @@ def collect_garbage(
     t0 = time.monotonic()
     result = GcResult(dry_run=dry_run)
     with open_repository(path) as repo, _gc_lock(repo.path):
+        if isinstance(repo, S3Repository):  # no lock the hosts share: condemn, wait, delete
+            return collect_bucket(repo, threshold=threshold, dry_run=dry_run, t0=t0)
         _pause("gc opened the index")  # a rebuild-index may replace it before we hold the lock
         with repo.lock():  # from here on no rebuild-index can replace the index under us
             marker = Marker(repo)

@@ -45,6 +45,11 @@ class GcResult:
     tmp_freed: int = 0  #: unfinished packs of dead processes, a killed rebuild's half index
     tombstones_written: int = 0  #: for records of restore points never committed
     reservations_removed: int = 0  #: reservations and leases of processes that are gone
+    packs_condemned: int = 0  #: (bucket) packs this run condemned; a gc after the wait deletes them
+    objects_rescued: int = 0  #: (bucket) live objects copied out of condemned packs before deletion
+    leases_removed: int = 0  #: (bucket) expired leases deleted
+    logs_removed: int = 0  #: (bucket) log objects deleted, covered by the newest checkpoint
+    checkpoints_removed: int = 0  #: (bucket) checkpoints deleted, all but the newest two
     mark_seconds: float = 0.0  #: time spent marking
     seconds: float = 0.0  #: the whole run
     warnings: list[str] = field(default_factory=list)

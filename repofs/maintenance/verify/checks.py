@@ -23,6 +23,12 @@ The checks, in the order they run:
 6. leftovers (packs the index does not know, unfinished packs) and files
    that others than the owner may read are reported as warnings.
 
+A repository in a bucket (:mod:`.bucket`) is checked the same way against
+this host's cache of its index, with pack sizes from one LIST and windows
+read with a few ranged GETs in flight, plus its log: every log object and
+the newest checkpoint must decode.  ``sizes_only`` (``verify
+--sizes-only``) downloads no pack: the pack sizes and the log only.
+
 Each problem then lists the restore points, disks and byte ranges it
 affects (:mod:`.damage`).
 """
@@ -47,12 +53,26 @@ from repofs.errors import IndexAccessError, IntegrityError, RepositoryError, Usa
 from repofs.maintenance.gc.leftovers import unindexed_packs, unlisted_restore_points
 from repofs.maintenance.verify.damage import map_damage
 from repofs.maintenance.verify.noindex import _without_index
-from repofs.maintenance.verify.packreader import PackReader, _keep, _read_from_store
+from repofs.maintenance.verify.packreader import (
+    STORE_READERS,
+    PackReader,
+    _keep,
+    _read_from_store,
+)
 from repofs.maintenance.verify.permissions import permission_warnings
 from repofs.maintenance.verify.recordcheck import _check_window
 from repofs.maintenance.verify.result import Problem, VerifyResult
-from repofs.maintenance.verify.windows import _Buffer, _Entry, _Failures, _Window, plan_windows
+from repofs.maintenance.verify.windows import (
+    STORE_WINDOW,
+    WINDOW,
+    _Buffer,
+    _Entry,
+    _Failures,
+    _Window,
+    plan_windows,
+)
 from repofs.store.config import RepoConfig
+from repofs.store.location import is_s3
 from repofs.store.mapwalk import MapWalker
 from repofs.store.names import validate_vm_name
 from repofs.store.opening import open_repository
@@ -91,15 +111,28 @@ def verify_repository(
     progress: bool | None = None,
     threads: int | None = None,
     max_ranges: int | None = MAX_RANGES_SHOWN,
+    sizes_only: bool = False,
 ) -> VerifyResult:
     """Check ``path`` and return what is wrong; raises only for bad arguments or no repository.
 
     ``max_ranges`` byte ranges are named per damaged disk (None: all of them).
+    ``sizes_only``: read no pack, only check that each exists with its size
+    (and, in a bucket, that the log decodes).
     """
     if vm is not None:
         validate_vm_name(vm)
     if sample is not None and not 0 < sample <= 100:
         raise UsageError(f"--sample {sample:g} must be a percentage above 0 and at most 100")
+    if sizes_only and (vm is not None or sample is not None):
+        raise UsageError("--sizes-only checks every pack: it takes neither --vm nor --sample")
+    if is_s3(path):
+        from repofs.maintenance.verify.bucket import verify_bucket
+
+        return verify_bucket(
+            path,
+            lambda repo: _Verifier(repo, vm, sample, progress, threads, max_ranges),
+            sizes_only=sizes_only,
+        )
     config = RepoConfig.load(path)
     keys = open_keys(path, config)  # a wrong key is an error of its own, not index damage
     t0 = time.monotonic()
@@ -114,7 +147,13 @@ def verify_repository(
             # The index in force, not one replaced meanwhile; and a lease, so that a gc
             # beside us deletes no pack of objects we listed before it condemned them.
             with repo.lock(), repo.lease("verify", required=False):
-                result = _Verifier(repo, vm, sample, progress, threads, max_ranges).run()
+                if sizes_only:
+                    from repofs.maintenance.verify.bucket import check_pack_sizes
+
+                    result = VerifyResult(mode="sizes")
+                    check_pack_sizes(repo, result)
+                else:
+                    result = _Verifier(repo, vm, sample, progress, threads, max_ranges).run()
         except INDEX_DAMAGE as exc:
             result = _without_index(path, config, f"the index is damaged ({exc})", threads, keys)
         finally:
@@ -327,12 +366,21 @@ class _Verifier:
             lambda t: {k: decode_pack_info(v)[0] for k, v in self.index.items(t, "packs")}
         )
         self.known_packs = set(packs)
+        self.result.packs = len(packs)
+        # A bucket: every size from one LIST, and no GET per pack for its header (each
+        # record authenticates on its own, and a foreign pack's records do not).
+        listed = _listed_sizes(store)
         for pack_id, size in sorted(packs.items()):
             name = pack_id.hex()
             try:
-                actual = store.size(pack_id)
-                header = store.read(pack_id, 0, PACK_HEADER.size)
-                check_pack_header(header, self.repo.config.repository_id, name)
+                if listed is not None:
+                    if pack_id not in listed:
+                        raise IntegrityError(f"pack {name} is missing")
+                    actual = listed[pack_id]
+                else:
+                    actual = store.size(pack_id)
+                    header = store.read(pack_id, 0, PACK_HEADER.size)
+                    check_pack_header(header, self.repo.config.repository_id, name)
             except IntegrityError as exc:
                 message = str(exc).removeprefix(f"pack {name}: ").removeprefix(f"pack {name} ")
                 self.bad_packs[pack_id] = (message, 0)
@@ -401,7 +449,8 @@ class _Verifier:
         One window is one task, so the pool's per-task cost is paid once per
         hundred-odd records, and only failures travel back.
         """
-        windows = plan_windows(work)
+        local = isinstance(self.repo.packs, LocalPackStore)
+        windows = plan_windows(work, WINDOW if local else STORE_WINDOW)
         total = sum(w.nbytes for w in windows)
         progress = Progress(total, label="verify: ", enabled=self.progress_enabled)
         store = self.repo.packs
@@ -410,12 +459,13 @@ class _Verifier:
         with contextlib.ExitStack() as stack:
             items: Iterator[tuple[_Window, _Buffer | None, int | str]]
             release: Callable[[_Buffer], None]
-            if isinstance(store, LocalPackStore):
+            if local:
                 # a buffer for each window in flight, the one being queued and two read ahead
                 reader = stack.enter_context(PackReader(store, windows, in_flight + 3))
                 items, release = iter(reader), reader.release
             else:
-                items, release = _read_from_store(store, windows), _keep
+                items = _read_from_store(store, windows, STORE_READERS)
+                release = _keep
             # entered last, left first: no checker still looks at a buffer the reader frees
             pool = stack.enter_context(
                 ThreadPoolExecutor(self.threads, thread_name_prefix="repofs-verify")
@@ -484,6 +534,11 @@ class _Verifier:
     # -- leftovers and permissions --------------------------------------------------
 
     def _leftovers(self) -> None:
+        if not isinstance(self.repo.packs, LocalPackStore):
+            from repofs.maintenance.verify.bucket import leftover_warnings
+
+            self.result.warnings.extend(leftover_warnings(self.repo))
+            return
         unindexed = unindexed_packs(self.repo)
         unlisted = unlisted_restore_points(self.repo, unindexed)
         if unlisted:
@@ -528,6 +583,14 @@ class _Verifier:
             bad_blobs=self.bad_blobs,
             max_ranges=self.max_ranges,
         )
+
+
+def _listed_sizes(store: object) -> dict[bytes, int] | None:
+    """Every pack's size from one listing, for stores that have one (a bucket); else None."""
+    list_sized = getattr(store, "list_sized", None)
+    if list_sized is None:
+        return None
+    return {pack_id: size for pack_id, size, _mtime in list_sized()}
 
 
 def _done(value: _Failures) -> Future[_Failures]:

@@ -3,8 +3,9 @@
 Its own module because it is the one piece of verify that owns a thread and
 raw memory: its buffer lifetime rules (a buffer returns to the reader only
 when its window's check is done) are easiest to hold when nothing else is
-beside them.  Stores that are not a local directory get one ranged read per
-window instead (:func:`_read_from_store`).
+beside them.  Stores that are not a local directory (a bucket) get one
+ranged GET per window instead, a few of them in flight at once
+(:func:`_read_from_store`): a GET's latency is hidden behind the others'.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import mmap
 import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from repofs.errors import IntegrityError
 from repofs.maintenance.verify.windows import _Buffer, _Window
@@ -151,17 +154,48 @@ class PackReader:
         return True
 
 
+#: ranged GETs in flight at once when verify reads a bucket (each holds one window in memory)
+STORE_READERS = 4
+
+
 def _read_from_store(
-    store: PackStore, windows: list[_Window]
+    store: PackStore, windows: list[_Window], readers: int = 1
 ) -> Iterator[tuple[_Window, bytes | None, int | str]]:
-    """Windows of a store that is not a local directory (an object store): one ranged read each."""
-    for w in windows:
+    """Windows of a store that is not a local directory (a bucket): one ranged read each.
+
+    ``readers`` reads run at once, in the windows' order, and at most that
+    many windows wait for the caller: memory stays ``readers`` windows, and
+    the requests' round trips overlap instead of adding up.
+    """
+
+    def read(w: _Window) -> tuple[bytes | None, int | str]:
         try:
             data = store.read(w.pack_id, w.start, w.length)
         except IntegrityError as exc:
-            yield w, None, str(exc)
-        else:
-            yield w, data, len(data)
+            return None, str(exc)
+        return data, len(data)
+
+    if readers <= 1:
+        for w in windows:
+            data, n = read(w)
+            yield w, data, n
+        return
+    with ThreadPoolExecutor(readers, thread_name_prefix="repofs-verify-get") as pool:
+        pending: deque[tuple[_Window, Future[tuple[bytes | None, int | str]]]] = deque()
+        it = iter(windows)
+        try:
+            for w in itertools.islice(it, readers):
+                pending.append((w, pool.submit(read, w)))
+            while pending:
+                w, fut = pending.popleft()
+                data, n = fut.result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(read, nxt)))
+                yield w, data, n
+        finally:
+            for _w, fut in pending:
+                fut.cancel()
 
 
 def _keep(buf: _Buffer) -> None:

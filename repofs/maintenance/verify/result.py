@@ -32,6 +32,11 @@ class VerifyResult:
     bytes_checked: int = 0  #: their bytes as stored (headers included)
     elapsed: float = 0.0  #: seconds, from opening the repository to the last check
     sample: float | None = None  #: ``--sample``: the percentage of chunks re-read; None: all
+    mode: str = "full"  #: "full" (re-read and re-hash), or "sizes" (``--sizes-only``)
+    packs: int = 0  #: packs the index names, each checked to exist with its size
+    log_objects: int = 0  #: a bucket's log objects and newest checkpoint decoded; else 0
+    #: a bucket's requests by kind (GET, LIST, HEAD, PUT, DELETE) and bytes moved; else None
+    requests: dict[str, int] | None = None
 
     @property
     def ok(self) -> bool:

@@ -17,6 +17,7 @@ from repofs.store.records import RECORD_HEADER_SIZE
 from repofs.util.directio import ALIGN
 
 WINDOW = 8 * 1024 * 1024  # one sequential read
+STORE_WINDOW = 16 * 1024 * 1024  # one ranged GET of a bucket's pack: a few per pack
 GAP = 1024 * 1024  # read through holes smaller than this rather than seek
 
 
@@ -47,8 +48,8 @@ _Buffer = mmap.mmap | bytes  # what a window is read into
 _Failures = list[tuple[_Entry, str]]
 
 
-def plan_windows(work: list[_Entry]) -> list[_Window]:
-    """Cut ``work`` (sorted by pack, offset) into reads of at most ``WINDOW`` bytes.
+def plan_windows(work: list[_Entry], window: int = WINDOW) -> list[_Window]:
+    """Cut ``work`` (sorted by pack, offset) into reads of at most ``window`` bytes.
 
     A window holds whole records only and reads through holes under
     ``GAP``, where seeking would cost more than reading.  Its start is
@@ -67,7 +68,7 @@ def plan_windows(work: list[_Entry]) -> list[_Window]:
         while j < n:
             e = work[j]
             e_end = e.offset + RECORD_HEADER_SIZE + e.stored_len
-            if e.pack_id != pack or e.offset - end > GAP or e_end - start > WINDOW:
+            if e.pack_id != pack or e.offset - end > GAP or e_end - start > window:
                 break
             end = max(end, e_end)
             nbytes += e_end - e.offset
