@@ -14,7 +14,8 @@ per measurement keeps them apart.  A round measures
    dropped), against ``tools/s3_baseline_read`` (parallel ranged GETs of
    the repository's packs) on the same server, and against the same read
    from the local directory (day 1 ingested there too): the mount's own
-   ceiling on this machine;
+   ceiling on this machine; both reads again by a reader that opens with
+   ``O_DIRECT`` (no page cache, 1 MiB requests);
 4. random 4 KiB reads through a mount on another fresh host: p50, p99;
 5. the full ingest and the sequential read again through
    ``tools/latency_proxy --rtt-ms 30``, against their loopback figures.
@@ -180,10 +181,12 @@ class Host:
                 proc.wait()
 
 
-def dd(path: str) -> float:
-    """Seconds of a sequential ``dd bs=1M`` of the whole file."""
+def dd(path: str, direct: bool = False) -> float:
+    """Seconds of a sequential ``dd bs=1M`` of the whole file (``direct``: iflag=direct)."""
     t0 = time.perf_counter()
-    subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M"], check=True, capture_output=True)
+    flags = ["iflag=direct"] if direct else []
+    subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M", *flags], check=True,
+                   capture_output=True)
     return time.perf_counter() - t0
 
 
@@ -231,6 +234,9 @@ def round_loopback(server: Server, work: Path, steps: list[Step], res: Results,
     drop_caches()
     with host.mounted(str(local), work / "mnt-local", rp) as (path, _ready, _pid):
         res.add("local.seq_s", dd(path))
+    drop_caches()
+    with host.mounted(str(local), work / "mnt-local", rp) as (path, _ready, _pid):
+        res.add("local.seq_direct_s", dd(path, direct=True))
     shutil.rmtree(local, ignore_errors=True)
 
     bucket = server.bucket("bench")
@@ -267,6 +273,12 @@ def round_loopback(server: Server, work: Path, steps: list[Step], res: Results,
     with reader.mounted(url, work / "mnt-seq", rp) as (path, _ready, pid):
         seq_s = dd(path)
     c = reader.counts(pid)
+    # the same with O_DIRECT (no page cache, 1 MiB requests): the mount without the kernel's
+    # readahead in the way, on another fresh host
+    direct = Host(work, "reader-direct", server)
+    drop_caches()
+    with direct.mounted(url, work / "mnt-seq", rp) as (path, _ready, _pid):
+        res.add("s3.seq_direct_s", dd(path, direct=True))
     size = os.path.getsize(steps[min(1, len(steps) - 1)].image)
     res.add("s3.seq_s", seq_s)
     res.add("s3.seq_MBps", size / seq_s / 1e6)
@@ -281,8 +293,10 @@ def round_loopback(server: Server, work: Path, steps: list[Step], res: Results,
     res.add("base.seq_bytes", base["bytes"])
     # the same bytes at each one's rate: the mount's download rate against the plain reader's
     res.add("s3.seq_vs_base", (c.get("bytes_down", 0) / seq_s / 1e6) / base["MB_per_s"])
-    log(f"sequential read: local mount {res.samples['local.seq_s'][-1]:.1f} s, "
-        f"bucket mount {seq_s:.1f} s ({c.get('bytes_down', 0) / MiB:.0f} MiB down, "
+    log(f"sequential read: local mount {res.samples['local.seq_s'][-1]:.1f} s "
+        f"(O_DIRECT {res.samples['local.seq_direct_s'][-1]:.1f} s), "
+        f"bucket mount {seq_s:.1f} s (O_DIRECT {res.samples['s3.seq_direct_s'][-1]:.1f} s, "
+        f"{c.get('bytes_down', 0) / MiB:.0f} MiB down, "
         f"{c.get('GET', 0)} GETs), baseline {base['seconds']:.1f} s ({base['MB_per_s']} MB/s)")
 
     # random 4 KiB reads on another fresh host
@@ -487,6 +501,12 @@ def render(res: Results, info: dict[str, Any], s: dict[str, Any], argv: list[str
         f"{fmt(m('s3.seq_down_MBps'), 0)} | |",
         f"| the same read from the local directory repository, cold, s (the mount's own "
         f"ceiling) | {fmt(m('local.seq_s'), 1)} | |",
+        f"| the same two reads by a reader that opens with O_DIRECT (`dd iflag=direct`), s: "
+        f"bucket / local directory | {fmt(m('s3.seq_direct_s'), 1)} / "
+        f"{fmt(m('local.seq_direct_s'), 1)} | |",
+        f"| restore speed with O_DIRECT: baseline's time / the mount's | "
+        f"{m('base.seq_s') / m('s3.seq_direct_s'):.2f} | >= 0.70: "
+        f"{verdict(m('base.seq_s') / m('s3.seq_direct_s') >= 0.7)} |",
         f"| `tools/s3_baseline_read` of the repository's packs (16 threads, 8 MiB GETs), MB/s | "
         f"{fmt(m('base.seq_MBps'), 0)} | |",
         f"| restore speed: baseline's time to fetch the packs / the mount's time to read the "
