@@ -612,7 +612,8 @@ def save(args: argparse.Namespace, res: Results, info: dict[str, Any],
     info["load_end"] = loadavg()
     (args.out / "results-s3.json").write_text(json.dumps(
         {"samples": res.samples, "info": info, "summary": s}, indent=1, default=str))
-    write_doc(args.doc, render(res, info, s, args.argv, elapsed))
+    if not args.quick or any(a.startswith("--doc") for a in args.argv):
+        write_doc(args.doc, render(res, info, s, args.argv, elapsed))  # quick: only if asked
     return s
 
 
