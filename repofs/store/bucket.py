@@ -130,12 +130,29 @@ class Bucket:
                 Bucket=self.location.bucket, Key=self.location.key(name), Body=data, **extra
             )
         except Exception as exc:
-            if exclusive and _code(exc) in ("PreconditionFailed", "412"):
-                return False
-            if exclusive and _code(exc) in ("ConditionalRequestConflict", "409"):
-                return False  # a concurrent conditional write to the same key won
+            if exclusive and _code(exc) in (
+                "PreconditionFailed",
+                "412",
+                "ConditionalRequestConflict",  # a concurrent conditional write to the key
+                "409",
+            ):
+                return self._ours(name, data)
             raise self._error(exc, "PUT", name) from None
         return True
+
+    def _ours(self, name: str, data: bytes) -> bool:
+        """Whether a name an exclusive PUT found taken holds exactly ``data``.
+
+        A PUT whose answer was lost (a reset connection, a timeout) is sent
+        again by the retry loop, and the store may have done the first one:
+        the retry then finds the name taken by this very write.  Callers put
+        bodies no other writer produces (sealed with a random nonce, or
+        naming a random pack), so equal bytes mean "ours".
+        """
+        try:
+            return self.get(name) == data
+        except ObjectMissing:
+            return False
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """The object's bytes, or ``length`` of them from ``offset``: exactly, or an error.

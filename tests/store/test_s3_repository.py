@@ -77,7 +77,7 @@ class TestTransientFaults:
         env0 = host_env(s3_env, tmp_path / "cache")
         repofs("init", s3_url, env=env0)
         disk = random_disk(tmp_path / "d.raw", 64 * MiB, 8, 4)
-        faults = ("503", "500", "reset", "truncate")
+        faults = ("503", "500", "reset", "reset-after", "truncate")
         with FaultProxy(s3_server.endpoint, rate=0.25, faults=faults, seed=3) as proxy:
             env = host_env(s3_env, tmp_path / "cache", AWS_ENDPOINT_URL=proxy.endpoint)
             rp = ingest_s3(s3_url, "vm", env, f"disk0={disk}")
@@ -88,3 +88,40 @@ class TestTransientFaults:
             injected = sum(proxy.counts[f] for f in faults)
         assert injected >= 5, proxy.counts
         assert listed(s3_url, host_env(s3_env, tmp_path / "direct")) == [("vm", rp)]
+
+    def test_commit_whose_answer_was_lost_commits_once(
+        self, tmp_path: Path, s3_server: S3Server, s3_env: dict[str, str], s3_url: str
+    ) -> None:
+        """The commit PUT arrives, its answer is lost: the retry's 412 is its own, not a rival."""
+        env0 = host_env(s3_env, tmp_path / "cache")
+        repofs("init", s3_url, env=env0)
+        disk = random_disk(tmp_path / "d.raw", 16 * MiB, 2, 5)
+        with FaultProxy(
+            s3_server.endpoint,
+            rate=1.0,
+            faults=("reset-after",),
+            limit=1,
+            match=lambda method, path: method == "PUT" and "/log/c-" in path,
+        ) as proxy:
+            env = host_env(s3_env, tmp_path / "cache", AWS_ENDPOINT_URL=proxy.endpoint)
+            rp = ingest_s3(s3_url, "vm", env, f"disk0={disk}")
+            assert proxy.counts["reset-after"] == 1
+        assert listed(s3_url, host_env(s3_env, tmp_path / "fresh")) == [("vm", rp)]
+
+    def test_init_whose_answer_was_lost_succeeds(
+        self, tmp_path: Path, s3_server: S3Server, s3_env: dict[str, str], s3_url: str
+    ) -> None:
+        """init's conditional config PUT answered by a reset: the retry sees its own config."""
+        with FaultProxy(
+            s3_server.endpoint,
+            rate=1.0,
+            faults=("reset-after",),
+            limit=1,
+            match=lambda method, path: (
+                method == "PUT" and path.split("?")[0].endswith("/config.json")
+            ),
+        ) as proxy:
+            env = host_env(s3_env, tmp_path / "cache", AWS_ENDPOINT_URL=proxy.endpoint)
+            repofs("init", s3_url, env=env)
+            assert proxy.counts["reset-after"] == 1
+        assert listed(s3_url, host_env(s3_env, tmp_path / "fresh")) == []
