@@ -186,18 +186,25 @@ def prune_repository(
 
 
 def _remove(repo: Repository, doomed: list[RestorePoint]) -> int:
-    repo.write_tombstones(doomed)  # durable and indexed before anything leaves the index
-
-    def txn_fn(txn: Any) -> int:
-        removed = 0
+    def present(txn: Any) -> list[RestorePoint]:
+        out = []
         for rp in doomed:
             doc = repo.index.get_rp(txn, rp.vm, rp.id)
             if doc is not None and doc.get("seq") == rp.seq:  # a concurrent prune may have won
-                repo.index.delete_rp(txn, rp.vm, rp.id, rp.seq)
-                removed += 1
-        return removed
+                out.append(rp)
+        return out
 
-    return repo.index.write(txn_fn)
+    # Counted before the tombstones: in a bucket they are facts that take the
+    # restore points out of this host's index as they are written.
+    removed = len(repo.index.read(present))
+    repo.write_tombstones(doomed)  # durable and indexed before anything leaves the index
+
+    def txn_fn(txn: Any) -> None:
+        for rp in present(txn):
+            repo.index.delete_rp(txn, rp.vm, rp.id, rp.seq)
+
+    repo.index.write(txn_fn)
+    return removed
 
 
 @dataclass
