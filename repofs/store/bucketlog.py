@@ -36,7 +36,9 @@ from repofs.errors import IntegrityError, RepofsError
 from repofs.store.bucket import Bucket, ObjectInfo, ObjectMissing
 from repofs.store.crypto import Keys
 from repofs.store.index import Index
+from repofs.store.names import rp_id_for, rp_id_seconds, validate_vm_name
 from repofs.store.records import RecordType
+from repofs.store.restorepoint import RestorePoint
 from repofs.store.rprecords import parse_protection
 from repofs.store.schema import (
     decode_condemned,
@@ -175,19 +177,16 @@ class BucketLog:
                 self.index.write(lambda txn: self._mark(txn, newest.name))
             else:
                 seg = self._fetch(newest.name)
-                if seg is not None:
+                if seg is not None and self._apply_checked(seg, newest.name):
                     covered = set(seg.covers)
-                    self.index.write(lambda txn: self.apply(txn, seg, newest.name))
                     count += 1
         for info in todo:
             if info.name in covered:
                 self.index.write(lambda txn, n=info.name: self._mark(txn, n))
                 continue
             seg = self._fetch(info.name)
-            if seg is None:
-                continue
-            self.index.write(lambda txn, s=seg, n=info.name: self.apply(txn, s, n))
-            count += 1
+            if seg is not None and self._apply_checked(seg, info.name):
+                count += 1
         stamp = repr(listed_at).encode()
         self.index.write(lambda txn: self.index.put(txn, "meta", _LAST_SYNC_KEY, stamp))
         since = newest.mtime if newest is not None else 0.0
@@ -203,11 +202,34 @@ class BucketLog:
         try:
             return Segment.decode(raw, self.keys, name, f"{self.bucket.location.url}/{name}")
         except IntegrityError as exc:
-            if name not in self._warned:
-                self._warned.add(name)
-                log.error("%s", exc)
-                print(f"repofs: warning: {exc}; skipped (run 'repofs verify')", file=sys.stderr)
+            self._warn(name, str(exc))
             return None
+
+    def _apply_checked(self, seg: Segment, name: str) -> bool:
+        """Apply a fetched log object; False (and a warning, once) if its facts are malformed.
+
+        Sealing keeps others from writing an encrypted repository's log, but
+        anyone who may write to the bucket of a plain one can put a
+        well-formed object with nonsense facts there: that must not stop
+        every command on every host with a traceback.  The transaction is
+        aborted, so nothing of it is applied.
+        """
+        try:
+            self.index.write(lambda txn: self.apply(txn, seg, name))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            self._warn(
+                name,
+                f"{self.bucket.location.url}/{name}: malformed facts "
+                f"({type(exc).__name__}: {exc})",
+            )
+            return False
+        return True
+
+    def _warn(self, name: str, message: str) -> None:
+        if name not in self._warned:
+            self._warned.add(name)
+            log.error("%s", message)
+            print(f"repofs: warning: {message}; skipped (run 'repofs verify')", file=sys.stderr)
 
     def _mark(self, txn: Any, name: str) -> None:
         self.index.put(txn, "applied", name.encode(), b"")
@@ -325,6 +347,7 @@ class BucketLog:
 
     def _add_rp(self, txn: Any, doc: dict[str, Any]) -> None:
         idx = self.index
+        _check_rp_doc(doc)
         vm, rp_id = str(doc["vm"]), str(doc["id"])
         key = idx.rp_key(vm, rp_id)
         nonce = nonce_of(doc)
@@ -423,6 +446,20 @@ class BucketLog:
 
     def logs(self) -> Iterator[ObjectInfo]:
         return self.bucket.list(LOG_PREFIX)
+
+
+def _check_rp_doc(doc: Any) -> None:
+    """A ValueError unless ``doc`` reads as a restore point (every command lists it)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("vm"), str):
+        raise ValueError("a restore point that is not a document with a VM name")
+    rp_id = doc.get("id")
+    if not isinstance(rp_id, str) or rp_id_for(rp_id_seconds(rp_id)) != rp_id:
+        raise ValueError(f"restore point id {rp_id!r}")
+    try:
+        validate_vm_name(doc["vm"])
+    except RepofsError as exc:
+        raise ValueError(str(exc)) from None
+    RestorePoint.from_doc({**doc, "seq": 0, "vm_seq": 0})  # TypeError if fields are missing
 
 
 class _Compacted(Exception):
