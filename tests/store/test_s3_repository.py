@@ -376,7 +376,9 @@ class TestHostileBucket:
             assert_one_line_error(proc)
 
     @pytest.mark.parametrize("encrypted", [True, False], ids=["encrypted", "plain"])
-    @pytest.mark.parametrize("damage", ["garbage", "swapped", "foreign", "lease"])
+    @pytest.mark.parametrize(
+        "damage", ["garbage", "swapped", "foreign", "lease", "pack-garbage", "pack-swapped"]
+    )
     def test_replaced_log_objects(
         self,
         tmp_path: Path,
@@ -415,8 +417,18 @@ class TestHostileBucket:
             (foreign,) = {n for n in names if n.startswith("other/log/c-")} - set(mark)
             body = s3_server.client().get_object(Bucket=s3_bucket, Key=foreign)["Body"].read()
             self._put(s3_server, s3_bucket, commit_a, body)
-        else:
+        elif damage == "lease":
             self._put(s3_server, s3_bucket, "leases/" + "ab" * 16, os.urandom(300))
+        else:
+            packs_a = sorted(prefix_objects(mid, "packs/") - prefix_objects(before, "packs/"))
+            packs_b = sorted(prefix_objects(list(objects), "packs/") - set(packs_a))
+            for name in packs_a:
+                body = (
+                    os.urandom(len(objects[f"repo/{name}"]))
+                    if damage == "pack-garbage"
+                    else objects[f"repo/{packs_b[0]}"]
+                )
+                self._put(s3_server, s3_bucket, name, body)
         del rp_a
         self._still_sane(tmp_path, env, s3_url, {"vma": a, "vmb": b}, damage)
 
