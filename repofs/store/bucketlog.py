@@ -176,10 +176,16 @@ class BucketLog:
                 # Every log object it covers is still listed and applied here: nothing new.
                 self.index.write(lambda txn: self._mark(txn, newest.name))
             else:
-                seg = self._fetch(newest.name)
-                if seg is not None and self._apply_checked(seg, newest.name):
-                    covered = set(seg.covers)
-                    count += 1
+                # A damaged newest checkpoint: the one before it (gc keeps two) still has
+                # the facts of the log objects gc compacted away since.
+                for info in reversed(checkpoints):
+                    if info.name in applied:
+                        break  # this host has its facts, and those of every older one
+                    seg = self._fetch(info.name)
+                    if seg is not None and self._apply_checked(seg, info.name):
+                        covered = set(seg.covers)
+                        count += 1
+                        break
         for info in todo:
             if info.name in covered:
                 self.index.write(lambda txn, n=info.name: self._mark(txn, n))

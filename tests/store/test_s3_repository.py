@@ -482,6 +482,34 @@ class TestHostileBucket:
         assert shown == [("vma", ra), ("vmb", rb)]
         self._still_sane(tmp_path, env, s3_url, {"vma": a, "vmb": b}, "checkpoint")
 
+    def test_damaged_newest_checkpoint_falls_back_on_the_one_before(
+        self,
+        tmp_path: Path,
+        s3_server: S3Server,
+        s3_bucket: str,
+        s3_env: dict[str, str],
+        s3_url: str,
+    ) -> None:
+        """gc compacted the log into checkpoint 1, checkpoint 2 is garbage: 1 still counts."""
+        env = host_env(s3_env, tmp_path / "cache")
+        a, b, ra, rb = _two_vms(tmp_path, env, s3_url)
+        with opened(s3_url, env, tmp_path / "inproc") as repo:
+            first = repo.log.write_checkpoint()  # type: ignore[attr-defined]
+        compacted = prefix_objects(bucket_names(s3_server, s3_bucket), "log/")
+        c = random_disk(tmp_path / "c.raw", 8 * MiB, 1, 23)
+        rc = ingest_s3(s3_url, "vmc", env, f"disk0={c}")
+        with opened(s3_url, env, tmp_path / "inproc") as repo:
+            second = repo.log.write_checkpoint()  # type: ignore[attr-defined]
+        assert first < second
+        client = s3_server.client()
+        for name in compacted:  # what gc does once checkpoint 1 is old enough
+            client.delete_object(Bucket=s3_bucket, Key=f"repo/{name}")
+        self._put(s3_server, s3_bucket, second, b"RPFSLOG1" + os.urandom(500))
+        fresh = host_env(env, tmp_path / "fresh")
+        want = [("vma", ra), ("vmb", rb), ("vmc", rc)]
+        assert sorted(listed(s3_url, fresh)) == want
+        self._still_sane(tmp_path, env, s3_url, {"vma": a, "vmb": b, "vmc": c}, "fallback")
+
     def test_encrypted_bucket_reveals_no_names(
         self,
         tmp_path: Path,
