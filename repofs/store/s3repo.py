@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from repofs.errors import IntegrityError, RepositoryError, UsageError
+from repofs.errors import IntegrityError, RepofsError, RepositoryError, UsageError
 from repofs.store import crypto
 from repofs.store.bucket import Bucket, ObjectStoreError
 from repofs.store.bucketlog import BucketLog, nonce_of, rp_seq_of, vm_seq_of
@@ -309,7 +309,14 @@ class S3Repository(Repository):
                 self._lease.check()
             _pause_for_fault_tests()
             stopping.ignore_from_now_on()
-            name = self.log.put_commit(seg, rp.vm, rp.id)
+            try:
+                name = self.log.put_commit(seg, rp.vm, rp.id)
+            except RepofsError:
+                # Not there when looked for: a bury fact for exactly this commit (its
+                # nonce) keeps it from ever showing should the lost PUT land later.
+                with contextlib.suppress(RepofsError):
+                    self.write_tombstones([rp])
+                raise
             if name is not None:
                 self.index.write(lambda txn, s=seg, n=name: self._applied_commit(txn, s, n, rp))
                 if self._lease is not None:

@@ -300,6 +300,41 @@ class TestTransientFaults:
             assert proxy.counts["reset-after"] == 1
         assert listed(s3_url, host_env(s3_env, tmp_path / "fresh")) == [("vm", rp)]
 
+    @pytest.mark.parametrize("fault", ["reset-after", "reset"])
+    def test_commit_put_failing_after_the_last_try(
+        self,
+        tmp_path: Path,
+        s3_server: S3Server,
+        s3_env: dict[str, str],
+        s3_url: str,
+        fault: str,
+    ) -> None:
+        """No retry left: a commit that landed succeeds; one that did not fails and stays gone."""
+        env0 = host_env(s3_env, tmp_path / "cache")
+        repofs("init", s3_url, env=env0)
+        disk = random_disk(tmp_path / "d.raw", 16 * MiB, 2, 6)
+        with FaultProxy(
+            s3_server.endpoint,
+            rate=1.0,
+            faults=(fault,),
+            limit=1,
+            match=lambda method, path: method == "PUT" and "/log/c-" in path,
+        ) as proxy:
+            env = host_env(
+                s3_env, tmp_path / "cache", AWS_ENDPOINT_URL=proxy.endpoint, AWS_MAX_ATTEMPTS="1"
+            )
+            proc = repofs("ingest", s3_url, "--vm", "vm", f"disk0={disk}", env=env, check=False)
+            assert proxy.counts[fault] == 1
+        fresh = host_env(s3_env, tmp_path / "fresh")
+        if fault == "reset-after":  # it landed: committed, and said so
+            assert proc.returncode == 0, proc.stderr
+            assert listed(s3_url, fresh) == [("vm", proc.stdout.strip().splitlines()[-1])]
+            return
+        assert_one_line_error(proc, "cannot reach")
+        assert listed(s3_url, fresh) == []
+        again = ingest_s3(s3_url, "vm", env0, f"disk0={disk}")
+        assert listed(s3_url, host_env(s3_env, tmp_path / "fresh2")) == [("vm", again)]
+
     def test_init_whose_answer_was_lost_succeeds(
         self, tmp_path: Path, s3_server: S3Server, s3_env: dict[str, str], s3_url: str
     ) -> None:
