@@ -145,8 +145,11 @@ class S3Repository(Repository):
             key_blob = crypto.wrap(master, secret, config.repository_id)
         if enc is not None and key_file is not None:
             crypto.write_new_file(key_file, crypto.key_file_doc(master, enc, config.repository_id))
-        if key_blob is not None:
-            bucket.put(crypto.KEY_FILE, key_blob)
+        # Exclusive, as config.json: of two inits at once, the one that loses the key
+        # must not overwrite the winner's (its config would then name a key the
+        # bucket no longer holds, and the repository would never open).
+        if key_blob is not None and not bucket.put(crypto.KEY_FILE, key_blob, exclusive=True):
+            raise UsageError(f"{url}: another repofs init is creating a repository here")
         # Last, and only if no other init got there first: it marks the repository done.
         if not bucket.put(CONFIG_FILE, config.to_json(), exclusive=True):
             raise UsageError(f"{url}: another repofs init created a repository here meanwhile")

@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 
 from tests.support.helpers import assert_one_line_error, make_image, qemu_compare, repofs
-from tests.support.s3hosts import bucket_names, host_env, ingest_s3, listed, mounted_s3
+from tests.support.s3hosts import (
+    bucket_names,
+    host_env,
+    ingest_s3,
+    listed,
+    mounted_s3,
+    spawn_s3,
+)
 from tests.support.s3server import S3Server
 
 MiB = 1 << 20
@@ -115,6 +122,23 @@ class TestS3WholeCli:
             for key in bucket_names(s3_server, name):
                 s3_server.client().delete_object(Bucket=name, Key=key)
             s3_server.delete_bucket(name)
+
+
+class TestS3InitRace:
+    def test_inits_at_once_leave_one_repository_that_opens(
+        self, tmp_path: Path, s3_env: dict[str, str], s3_bucket: str
+    ) -> None:
+        """Four inits of one prefix at once: one wins, the others say one line, and it opens."""
+        for round_ in range(3):
+            url = f"s3://{s3_bucket}/r{round_}"
+            env = host_env(s3_env, tmp_path / f"cache{round_}")
+            procs = [spawn_s3("init", url, env=env) for _ in range(4)]
+            results = [(p.communicate(timeout=120), p.returncode) for p in procs]
+            assert sum(1 for _out, rc in results if rc == 0) == 1, results
+            for (out, err), rc in results:
+                if rc != 0:
+                    assert_one_line_error(subprocess.CompletedProcess([], rc, out, err))
+            assert listed(url, host_env(s3_env, tmp_path / f"fresh{round_}")) == []
 
 
 class TestS3Errors:
