@@ -117,6 +117,7 @@ class S3Repository(Repository):
             bucket.create()
         if bucket.head(CONFIG_FILE) is not None:
             raise UsageError(f"{url}: a repository already exists here")
+        _refuse_nested(location)
         if next(iter(bucket.list("")), None) is not None:
             raise UsageError(f"{url}: the prefix already holds objects (not a repository)")
         key_blob = key_file = None
@@ -409,6 +410,22 @@ def _open_cache(location: S3Location, config: RepoConfig) -> str:
             raise os_error(exc, cache) from None
         raise UsageError(f"{mark}: unreadable cache mark; remove {cache}") from None
     return cache
+
+
+def _refuse_nested(location: S3Location) -> None:
+    """Refuse a prefix inside another repository's (s3://B/repo/leases, s3://B/repo/x).
+
+    Its objects would lie among that repository's leases, packs or log: gc
+    there would take them for expired leases or leftover packs and delete them.
+    """
+    parts = location.prefix.split("/") if location.prefix else []
+    for depth in range(len(parts)):
+        outer = S3Location(location.bucket, "/".join(parts[:depth]))
+        if Bucket(outer).head(CONFIG_FILE) is not None:
+            raise UsageError(
+                f"{location.url}: lies inside the repository {outer.url}; "
+                "choose a prefix of its own"
+            )
 
 
 def _has_index(cache: str) -> bool:

@@ -226,6 +226,9 @@ class TestS3Errors:
         assert_one_line_error(proc, "holds objects")
         proc = repofs("init", f"s3://{s3_bucket}", env=env, check=False)
         assert_one_line_error(proc, "holds objects")
+        for inner in ("repo/leases", "repo/packs/00", "repo/x/y"):  # gc there would eat it
+            proc = repofs("init", f"s3://{s3_bucket}/{inner}", env=env, check=False)
+            assert_one_line_error(proc, "inside the repository", f"s3://{s3_bucket}/repo")
         assert _objects(s3_server, s3_bucket) == before
 
     def test_missing_repository_and_wrong_passphrase(
