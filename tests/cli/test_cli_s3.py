@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.helpers import assert_one_line_error, make_image, qemu_compare, repofs
+from tests.support.helpers import (
+    assert_one_line_error,
+    cli_argv,
+    cli_env,
+    make_image,
+    qemu_compare,
+    repofs,
+)
 from tests.support.s3hosts import (
     bucket_names,
     host_env,
@@ -188,6 +195,9 @@ class TestS3Errors:
             ("s3:///r", "no bucket"),
             ("s3://bucket-name/a/../b", "'..'"),
             ("s3://bucket-name/a//b", "empty"),
+            ("S3://bucket-name/r", "not an s3://BUCKET/PREFIX URL"),
+            ("s3:/bucket-name/r", "not an s3://BUCKET/PREFIX URL"),
+            ("https://bucket-name/r", "not an s3://BUCKET/PREFIX URL"),
         ],
     )
     @pytest.mark.parametrize("command", ["init", "list"])
@@ -196,10 +206,15 @@ class TestS3Errors:
     ) -> None:
         """An s3:// URL S3 would refuse is a usage error (exit 2) before any request."""
         env = host_env(s3_env, tmp_path / "cache", AWS_ENDPOINT_URL="http://127.0.0.1:9")
-        proc = repofs(command, url, env=env, check=False)
+        work = tmp_path / "cwd"
+        work.mkdir()
+        proc = subprocess.run(
+            cli_argv(command, url), capture_output=True, text=True, env=cli_env(env), cwd=work
+        )
         assert_one_line_error(proc, needle)
         assert proc.returncode == 2
         assert not (tmp_path / "cache").exists()
+        assert list(work.iterdir()) == []  # no ./S3:/... either
 
     def test_missing_bucket(self, tmp_path: Path, s3_env: dict[str, str]) -> None:
         """A bucket that does not exist: one line naming it, for every command."""
