@@ -118,7 +118,13 @@ class S3Repository(Repository):
         if bucket.head(CONFIG_FILE) is not None:
             raise UsageError(f"{url}: a repository already exists here")
         _refuse_nested(location)
-        if next(iter(bucket.list("")), None) is not None:
+        held = [info.name for _, info in zip(range(2), bucket.list(""), strict=False)]
+        if held == [crypto.KEY_FILE]:  # what an init killed before its config.json leaves
+            raise UsageError(
+                f"{url}: holds only the key object of an interrupted init; delete "
+                f"{location.url}/{crypto.KEY_FILE} and run init again"
+            )
+        if held:
             raise UsageError(f"{url}: the prefix already holds objects (not a repository)")
         key_blob = key_file = None
         enc = None

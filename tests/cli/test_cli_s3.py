@@ -246,6 +246,17 @@ class TestS3Errors:
             assert_one_line_error(proc, "inside the repository", f"s3://{s3_bucket}/repo")
         assert _objects(s3_server, s3_bucket) == before
 
+    def test_init_after_an_interrupted_init(
+        self, tmp_path: Path, s3_server: S3Server, s3_env: dict[str, str], s3_bucket: str
+    ) -> None:
+        """An init killed between its key and its config: the next init says what to delete."""
+        env = host_env(s3_env, tmp_path / "cache")
+        s3_server.client().put_object(Bucket=s3_bucket, Key="repo/key", Body=b"{}")
+        proc = repofs("init", f"s3://{s3_bucket}/repo", env=env, check=False)
+        assert_one_line_error(proc, "interrupted init", f"s3://{s3_bucket}/repo/key")
+        s3_server.client().delete_object(Bucket=s3_bucket, Key="repo/key")
+        repofs("init", f"s3://{s3_bucket}/repo", env=env)
+
     def test_missing_repository_and_wrong_passphrase(
         self, tmp_path: Path, s3_env: dict[str, str], s3_url: str
     ) -> None:
