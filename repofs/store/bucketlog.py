@@ -107,6 +107,9 @@ class BucketLog:
         self._newest_checkpoint: ObjectInfo | None = None
         self._uncovered = 0
         self._warned: set[str] = set()
+        #: (chunk size, page references) of the repository: restore points are checked
+        #: against it as they are applied (None: types only).
+        self.shape: tuple[int, int] | None = None
 
     # -- names -------------------------------------------------------------------
 
@@ -363,7 +366,7 @@ class BucketLog:
 
     def _add_rp(self, txn: Any, doc: dict[str, Any]) -> None:
         idx = self.index
-        _check_rp_doc(doc)
+        _check_rp_doc(doc, self.shape)
         vm, rp_id = str(doc["vm"]), str(doc["id"])
         key = idx.rp_key(vm, rp_id)
         nonce = nonce_of(doc)
@@ -464,8 +467,12 @@ class BucketLog:
         return self.bucket.list(LOG_PREFIX)
 
 
-def _check_rp_doc(doc: Any) -> None:
-    """A ValueError unless ``doc`` reads as a restore point (every command lists it)."""
+def _check_rp_doc(doc: Any, shape: tuple[int, int] | None) -> None:
+    """A ValueError unless ``doc`` reads as a restore point (every command lists it).
+
+    ``shape`` (chunk size, page references) also checks its maps' arithmetic,
+    as rebuild-index does for a record.
+    """
     if not isinstance(doc, dict) or not isinstance(doc.get("vm"), str):
         raise ValueError("a restore point that is not a document with a VM name")
     rp_id = doc.get("id")
@@ -475,7 +482,32 @@ def _check_rp_doc(doc: Any) -> None:
         validate_vm_name(doc["vm"])
     except RepofsError as exc:
         raise ValueError(str(exc)) from None
-    RestorePoint.from_doc({**doc, "seq": 0, "vm_seq": 0})  # TypeError if fields are missing
+    rp = RestorePoint.from_doc({**doc, "seq": 0, "vm_seq": 0})  # TypeError if fields are missing
+    number = (int, float)
+    fields = [
+        isinstance(rp.created, number) and not isinstance(rp.created, bool),
+        isinstance(rp.chunk_size, int),
+        rp.parent is None or isinstance(rp.parent, str),
+        isinstance(rp.consistency, str),
+        rp.note is None or isinstance(rp.note, str),
+        all(
+            isinstance(d.name, str)
+            and isinstance(d.allocated_bytes, int)
+            and isinstance(d.source_format, str)
+            and isinstance(d.source_chain, list)
+            for d in rp.disks
+        ),
+        all(
+            isinstance(c.name, str) and isinstance(c.digest, str) and isinstance(c.size, int)
+            for c in rp.configs
+        ),
+    ]
+    if not all(fields):
+        raise ValueError(f"restore point {rp.vm}/{rp.id}: a field has the wrong type")
+    if shape is not None:
+        problem = rp.inconsistency(*shape)
+        if problem is not None:
+            raise ValueError(f"restore point {rp.vm}/{rp.id}: {problem}")
 
 
 class _Compacted(Exception):

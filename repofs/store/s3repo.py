@@ -91,6 +91,7 @@ class S3Repository(Repository):
         self.bucket = bucket
         super().__init__(cache, config, index, S3PackStore(bucket), keys)  # type: ignore[arg-type]
         self.log = BucketLog(bucket, keys, index)
+        self.log.shape = (config.chunk_size, config.page_refs)
         self._lease: Lease | None = None
 
     @property

@@ -493,6 +493,19 @@ class TestHostileBucket:
             Segment("facts", condemn=[{"pack": "nothex"}]),
             Segment("facts", retire=[{"pack": "00" * 16, "keys": ["zz"]}]),
         ]
+        with opened(s3_url, env, tmp_path / "inproc") as repo:
+            idx = repo.index  # type: ignore[attr-defined]
+            real = idx.read(lambda txn: [doc for _key, doc in idx.rp_items(txn)])[0]
+        for change in (
+            {"created": "yesterday"},
+            {"note": 5},
+            {"chunk_size": "big"},
+            {"disks": [{**real["disks"][0], "capacity": "huge"}]},
+            {"disks": [{**real["disks"][0], "capacity": real["disks"][0]["capacity"] * 4}]},
+            {"disks": [{**real["disks"][0], "map_root": "../../x"}]},
+        ):
+            doc = {**real, "vm": "vmz", "id": "2026-01-01T000000Z", **change}
+            forged.append(Segment("facts", rps=[doc]))
         for n, seg in enumerate(forged):
             name = f"log/f-{n:016x}-{'0' * 32}"
             self._put(s3_server, s3_bucket, name, seg.encode(keys, name))
