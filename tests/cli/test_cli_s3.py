@@ -76,7 +76,7 @@ class TestS3WholeCli:
 
         repofs("protect", s3_url, "vm1", first, env=env)
         docs = json.loads(repofs("list", s3_url, "--json", env=env).stdout)
-        assert [d["protected"] for d in docs if d["id"] == first] == [True]
+        assert [d["protected"] for d in docs if (d["vm"], d["id"]) == ("vm1", first)] == [True]
         proc = repofs("delete", s3_url, "vm1", first, env=env, check=False)
         assert_one_line_error(proc, "protected")
         repofs("unprotect", s3_url, "vm1", first, env=env)
