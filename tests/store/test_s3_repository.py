@@ -133,32 +133,46 @@ class TestConcurrentHosts:
 
 
 class TestKilledIngest:
-    def test_kill_between_uploads_and_commit(
+    @pytest.mark.parametrize("moment", ["uploading", "before-commit"])
+    def test_kill_during_uploads_or_before_commit(
         self,
         tmp_path: Path,
         s3_server: S3Server,
         s3_bucket: str,
         s3_env: dict[str, str],
         s3_url: str,
+        moment: str,
     ) -> None:
-        """kill -9 once every pack is stored: nothing visible; its lease and packs are leftovers."""
+        """kill -9 mid-upload or once every pack is stored: nothing visible; leftovers only."""
         env = host_env(s3_env, tmp_path / "cache")
         repofs("init", s3_url, env=env)
         base = random_disk(tmp_path / "base.raw", 32 * MiB, 3, 1)
         kept = ingest_s3(s3_url, "vm", env, f"disk0={base}")
         before = bucket_names(s3_server, s3_bucket)
-        disk = random_disk(tmp_path / "d.raw", 64 * MiB, 8, 2)
-        proc = spawn_s3(
-            "ingest",
-            s3_url,
-            "--vm",
-            "vm",
-            f"disk0={disk}",
-            env=dict(env, REPOFS_TEST_PAUSE_BEFORE_COMMIT="60"),
-        )
-        wait_for_line(proc, PAUSE_LINE)
+        disk = random_disk(tmp_path / "d.raw", 64 * MiB, 56, 2)
+        if moment == "uploading":  # 56 MiB at 8 MiB/s: killed once the first pack is in
+            proc = spawn_s3(
+                "ingest", s3_url, "--vm", "vm", f"disk0={disk}", "--limit-upload", "8192", env=env
+            )
+            deadline = time.monotonic() + 60
+            while not prefix_objects(bucket_names(s3_server, s3_bucket), "packs/") - set(
+                prefix_objects(before, "packs/")
+            ):
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.1)
+        else:
+            proc = spawn_s3(
+                "ingest",
+                s3_url,
+                "--vm",
+                "vm",
+                f"disk0={disk}",
+                env=dict(env, REPOFS_TEST_PAUSE_BEFORE_COMMIT="60"),
+            )
+            wait_for_line(proc, PAUSE_LINE)
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
+        assert proc.returncode == -signal.SIGKILL
         after = bucket_names(s3_server, s3_bucket)
         new_leases = prefix_objects(after, "leases/") - prefix_objects(before, "leases/")
         new_packs = prefix_objects(after, "packs/") - prefix_objects(before, "packs/")
