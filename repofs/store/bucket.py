@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import random
 import sys
 import threading
 import time
@@ -97,6 +98,7 @@ class Bucket:
             or (os.environ.get("AWS_ENDPOINT_URL"))
         )
         attempts = _int_env("AWS_MAX_ATTEMPTS", DEFAULT_ATTEMPTS)
+        self.attempts = attempts
         config = Config(
             retries={"total_max_attempts": attempts, "mode": "standard"},
             connect_timeout=_float_env("REPOFS_S3_CONNECT_TIMEOUT", 10.0),
@@ -141,15 +143,37 @@ class Bucket:
                 Bucket=self.location.bucket, Key=self.location.key(name), Body=data, **extra
             )
         except Exception as exc:
-            if exclusive and _code(exc) in ("PreconditionFailed", "412"):
-                return False
-            if exclusive and _code(exc) in ("ConditionalRequestConflict", "409"):
-                return False  # a concurrent conditional write to the same key won
+            if exclusive and _code(exc) in (
+                "PreconditionFailed",
+                "412",
+                "ConditionalRequestConflict",  # a concurrent conditional write to the key
+                "409",
+            ):
+                return self._ours(name, data)
             raise self._error(exc, "PUT", name) from None
         return True
 
+    def _ours(self, name: str, data: bytes | bytearray) -> bool:
+        """Whether a name an exclusive PUT found taken holds exactly ``data``.
+
+        A PUT whose answer was lost (a reset connection, a timeout) is sent
+        again by the retry loop, and the store may have done the first one:
+        the retry then finds the name taken by this very write.  Callers put
+        bodies no other writer produces (sealed with a random nonce, or
+        naming a random pack), so equal bytes mean "ours".
+        """
+        try:
+            return self.get(name) == data
+        except ObjectMissing:
+            return False
+
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
-        """The object's bytes, or ``length`` of them from ``offset``: exactly, or an error."""
+        """The object's bytes, or ``length`` of them from ``offset``: exactly, or an error.
+
+        botocore retries a request that failed, not a body cut short while
+        it is read (a reset connection, a proxy timing out mid-transfer):
+        that is retried here, as often and with the same backoff.
+        """
         kwargs: dict[str, Any] = {}
         if length is not None:
             if length <= 0:
@@ -157,19 +181,26 @@ class Bucket:
             kwargs["Range"] = f"bytes={offset}-{offset + length - 1}"
         elif offset:
             kwargs["Range"] = f"bytes={offset}-"
-        self._count("GET")
-        try:
-            resp = self._client.get_object(
-                Bucket=self.location.bucket, Key=self.location.key(name), **kwargs
-            )
-            data = resp["Body"].read()
-        except Exception as exc:
-            if _code(exc) == "InvalidRange":
-                raise IntegrityError(
-                    f"{self.location.url}/{name}: shorter than expected "
-                    f"(no bytes at offset {offset})"
-                ) from None
-            raise self._error(exc, "GET", name) from None
+        attempt = 0
+        while True:
+            attempt += 1
+            self._count("GET")
+            try:
+                resp = self._client.get_object(
+                    Bucket=self.location.bucket, Key=self.location.key(name), **kwargs
+                )
+                data = resp["Body"].read()
+            except Exception as exc:
+                if _code(exc) == "InvalidRange":
+                    raise IntegrityError(
+                        f"{self.location.url}/{name}: shorter than expected "
+                        f"(no bytes at offset {offset})"
+                    ) from None
+                if _body_cut(exc) and attempt < self.attempts:
+                    _backoff(attempt)
+                    continue
+                raise self._error(exc, "GET", name) from None
+            break
         if length is not None and len(data) != length:
             raise IntegrityError(
                 f"{self.location.url}/{name}: truncated: {len(data)} of {length} bytes "
@@ -348,6 +379,22 @@ def _write_stats(path: str) -> None:
             f.write(line + "\n")
     except OSError:
         pass  # statistics must never turn a finished command into a failed one
+
+
+def _body_cut(exc: Exception) -> bool:
+    """Whether a GET failed while its body was read (worth another try)."""
+    return type(exc).__name__ in (
+        "ResponseStreamingError",
+        "IncompleteReadError",
+        "ReadTimeoutError",
+        "ConnectionClosedError",
+        "ProtocolError",
+    )
+
+
+def _backoff(attempt: int) -> None:
+    """Full jitter, as botocore's standard mode: up to 2^attempt x 50 ms, at most 5 s."""
+    time.sleep(random.uniform(0, min(5.0, 0.05 * 2**attempt)))
 
 
 def _code(exc: Exception) -> str:

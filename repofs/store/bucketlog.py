@@ -37,7 +37,9 @@ from repofs.errors import IntegrityError, RepofsError
 from repofs.store.bucket import Bucket, ObjectInfo, ObjectMissing
 from repofs.store.crypto import Keys
 from repofs.store.index import Index
+from repofs.store.names import rp_id_for, rp_id_seconds, validate_vm_name
 from repofs.store.records import RecordType
+from repofs.store.restorepoint import RestorePoint
 from repofs.store.rprecords import parse_protection
 from repofs.store.schema import (
     decode_doomed,
@@ -107,6 +109,9 @@ class BucketLog:
         self._uncovered_bytes = 0
         self._checkpoint_bytes = 0
         self._warned: set[str] = set()
+        #: (chunk size, page references) of the repository: restore points are checked
+        #: against it as they are applied (None: types only).
+        self.shape: tuple[int, int] | None = None
 
     # -- names -------------------------------------------------------------------
 
@@ -123,8 +128,18 @@ class BucketLog:
     def put_commit(self, seg: Segment, vm: str, rp_id: str) -> str | None:
         """Write the commit; its name, or None if another host committed this id first."""
         name = self.commit_name(vm, rp_id)
-        if not self.bucket.put(name, seg.encode(self.keys, name), exclusive=True):
-            return None
+        data = seg.encode(self.keys, name)
+        try:
+            if not self.bucket.put(name, data, exclusive=True):
+                return None
+        except RepofsError:
+            # The answer was lost after the last try: the store may have the commit all
+            # the same, and then it is visible to every host. Reported as failed, the
+            # ingest would be run again for a restore point that exists.
+            with contextlib.suppress(RepofsError):
+                if self.bucket.get(name) == data:
+                    return name
+            raise
         return name
 
     def put_facts(self, seg: Segment) -> str:
@@ -176,11 +191,16 @@ class BucketLog:
                 # Every log object it covers is still listed and applied here: nothing new.
                 self.index.write(lambda txn: self._mark(txn, newest.name))
             else:
-                seg = self._fetch(newest.name)
-                if seg is not None:
-                    covered = set(seg.covers)
-                    self.index.write(lambda txn: self.apply(txn, seg, newest.name))
-                    count += 1
+                # A damaged newest checkpoint: the one before it (gc keeps two) still has
+                # the facts of the log objects gc compacted away since.
+                for info in reversed(checkpoints):
+                    if info.name in applied:
+                        break  # this host has its facts, and those of every older one
+                    seg = self._fetch(info.name)
+                    if seg is not None and self._apply_checked(seg, info.name):
+                        covered = set(seg.covers)
+                        count += 1
+                        break
         wanted = [i.name for i in todo if i.name not in covered]
         fetched = self._fetch_all(wanted)
         stamp = repr(listed_at).encode()
@@ -189,13 +209,14 @@ class BucketLog:
             for info in todo:
                 if info.name in covered:
                     self._mark(txn, info.name)
+            applied_now = 0
             for name, seg in zip(wanted, fetched, strict=True):
-                if seg is not None:
-                    self.apply(txn, seg, name)
+                if seg is not None and self._apply_nested(txn, seg, name):
+                    applied_now += 1
             self.index.put(txn, "meta", _LAST_SYNC_KEY, stamp)
+            return applied_now
 
-        self.index.write(txn_fn)  # one transaction: one fsync, however many objects
-        count += sum(1 for seg in fetched if seg is not None)
+        count += self.index.write(txn_fn)  # one transaction: one fsync, however many objects
         since = newest.mtime if newest is not None else 0.0
         past = [i for i in logs if i.mtime > since]
         self._uncovered = len(past)
@@ -221,11 +242,53 @@ class BucketLog:
         try:
             return Segment.decode(raw, self.keys, name, f"{self.bucket.location.url}/{name}")
         except IntegrityError as exc:
-            if name not in self._warned:
-                self._warned.add(name)
-                log.error("%s", exc)
-                print(f"repofs: warning: {exc}; skipped (run 'repofs verify')", file=sys.stderr)
+            self._warn(name, str(exc))
             return None
+
+    def _apply_checked(self, seg: Segment, name: str) -> bool:
+        """Apply a fetched log object; False (and a warning, once) if its facts are malformed.
+
+        Sealing keeps others from writing an encrypted repository's log, but
+        anyone who may write to the bucket of a plain one can put a
+        well-formed object with nonsense facts there: that must not stop
+        every command on every host with a traceback.  The transaction is
+        aborted, so nothing of it is applied.
+        """
+        try:
+            self.index.write(lambda txn: self.apply(txn, seg, name))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            self._warn(
+                name,
+                f"{self.bucket.location.url}/{name}: malformed facts "
+                f"({type(exc).__name__}: {exc})",
+            )
+            return False
+        return True
+
+    def _apply_nested(self, txn: Any, seg: Segment, name: str) -> bool:
+        """:meth:`_apply_checked` inside a batch: a nested transaction undoes a malformed one."""
+        child = self.index.env.begin(write=True, parent=txn)
+        try:
+            self.apply(child, seg, name)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            child.abort()
+            self._warn(
+                name,
+                f"{self.bucket.location.url}/{name}: malformed facts "
+                f"({type(exc).__name__}: {exc})",
+            )
+            return False
+        except BaseException:
+            child.abort()
+            raise
+        child.commit()
+        return True
+
+    def _warn(self, name: str, message: str) -> None:
+        if name not in self._warned:
+            self._warned.add(name)
+            log.error("%s", message)
+            print(f"repofs: warning: {message}; skipped (run 'repofs verify')", file=sys.stderr)
 
     def _mark(self, txn: Any, name: str) -> None:
         self.index.put(txn, "applied", name.encode(), b"")
@@ -406,6 +469,7 @@ class BucketLog:
 
     def _add_rp(self, txn: Any, doc: dict[str, Any]) -> None:
         idx = self.index
+        _check_rp_doc(doc, self.shape)
         vm, rp_id = str(doc["vm"]), str(doc["id"])
         key = idx.rp_key(vm, rp_id)
         nonce = nonce_of(doc)
@@ -510,6 +574,49 @@ class BucketLog:
 
     def logs(self) -> Iterator[ObjectInfo]:
         return self.bucket.list(LOG_PREFIX)
+
+
+def _check_rp_doc(doc: Any, shape: tuple[int, int] | None) -> None:
+    """A ValueError unless ``doc`` reads as a restore point (every command lists it).
+
+    ``shape`` (chunk size, page references) also checks its maps' arithmetic,
+    as rebuild-index does for a record.
+    """
+    if not isinstance(doc, dict) or not isinstance(doc.get("vm"), str):
+        raise ValueError("a restore point that is not a document with a VM name")
+    rp_id = doc.get("id")
+    if not isinstance(rp_id, str) or rp_id_for(rp_id_seconds(rp_id)) != rp_id:
+        raise ValueError(f"restore point id {rp_id!r}")
+    try:
+        validate_vm_name(doc["vm"])
+    except RepofsError as exc:
+        raise ValueError(str(exc)) from None
+    rp = RestorePoint.from_doc({**doc, "seq": 0, "vm_seq": 0})  # TypeError if fields are missing
+    number = (int, float)
+    fields = [
+        isinstance(rp.created, number) and not isinstance(rp.created, bool),
+        isinstance(rp.chunk_size, int),
+        rp.parent is None or isinstance(rp.parent, str),
+        isinstance(rp.consistency, str),
+        rp.note is None or isinstance(rp.note, str),
+        all(
+            isinstance(d.name, str)
+            and isinstance(d.allocated_bytes, int)
+            and isinstance(d.source_format, str)
+            and isinstance(d.source_chain, list)
+            for d in rp.disks
+        ),
+        all(
+            isinstance(c.name, str) and isinstance(c.digest, str) and isinstance(c.size, int)
+            for c in rp.configs
+        ),
+    ]
+    if not all(fields):
+        raise ValueError(f"restore point {rp.vm}/{rp.id}: a field has the wrong type")
+    if shape is not None:
+        problem = rp.inconsistency(*shape)
+        if problem is not None:
+            raise ValueError(f"restore point {rp.vm}/{rp.id}: {problem}")
 
 
 class _Compacted(Exception):

@@ -41,8 +41,25 @@ class S3Location:
         return f"{self.prefix}/{name}" if self.prefix else name
 
 
+#: ``scheme:/...``: what a URL looks like, typos (``S3://``, ``s3:/``) included.
+_URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
+
+
 def is_s3(repo: str) -> bool:
     return repo.startswith(S3_SCHEME)
+
+
+def refuse_other_urls(repo: str) -> None:
+    """A usage error for a URL that is not ``s3://`` (``S3://b/p``, ``s3:/b/p``, ``https://``).
+
+    Taken for a directory, it named ``./S3:/b/p``: init made a local
+    repository there, or said its parent directory does not exist.
+    """
+    if not is_s3(repo) and _URL_LIKE.match(repo):
+        raise UsageError(
+            f"{repo}: not an s3://BUCKET/PREFIX URL (the only kind repofs reads, in lower "
+            "case); write ./NAME for a directory whose name has a colon"
+        )
 
 
 def parse_s3(repo: str) -> S3Location:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from repofs.store import crypto
 from repofs.store.config import PACK_TARGET
-from repofs.store.location import is_s3
+from repofs.store.location import is_s3, refuse_other_urls
 from repofs.store.repository import Repository
 
 
 def open_repository(repo: str, keys: crypto.Keys | None = None) -> Repository:
     """The repository ``repo`` names, opened (and, in a bucket, this host's cache synced)."""
+    refuse_other_urls(repo)
     if is_s3(repo):
         from repofs.store.s3repo import S3Repository  # boto3 only for a bucket
 
@@ -32,6 +33,7 @@ def init_repository(
     pack_size: int = PACK_TARGET,
 ) -> Repository:
     """Create the repository ``repo`` names and return it open."""
+    refuse_other_urls(repo)
     if is_s3(repo):
         from repofs.store.s3repo import S3Repository
 

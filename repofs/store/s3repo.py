@@ -121,6 +121,7 @@ class S3Repository(Repository):
         self.bucket = bucket
         super().__init__(cache, config, index, S3PackStore(bucket), keys)  # type: ignore[arg-type]
         self.log = BucketLog(bucket, keys, index)
+        self.log.shape = (config.chunk_size, config.page_refs)
         self._lease: Lease | None = None
         self._sync_lock = threading.Lock()
         self._sync_started = 0.0  # monotonic time the last sync began
@@ -150,7 +151,14 @@ class S3Repository(Repository):
             bucket.create()
         if bucket.head(CONFIG_FILE) is not None:
             raise UsageError(f"{url}: a repository already exists here")
-        if next(iter(bucket.list("")), None) is not None:
+        _refuse_nested(location)
+        held = [info.name for _, info in zip(range(2), bucket.list(""), strict=False)]
+        if held == [crypto.KEY_FILE]:  # what an init killed before its config.json leaves
+            raise UsageError(
+                f"{url}: holds only the key object of an interrupted init; delete "
+                f"{location.url}/{crypto.KEY_FILE} and run init again"
+            )
+        if held:
             raise UsageError(f"{url}: the prefix already holds objects (not a repository)")
         key_blob = key_file = None
         enc = None
@@ -178,8 +186,11 @@ class S3Repository(Repository):
             key_blob = crypto.wrap(master, secret, config.repository_id)
         if enc is not None and key_file is not None:
             crypto.write_new_file(key_file, crypto.key_file_doc(master, enc, config.repository_id))
-        if key_blob is not None:
-            bucket.put(crypto.KEY_FILE, key_blob)
+        # Exclusive, as config.json: of two inits at once, the one that loses the key
+        # must not overwrite the winner's (its config would then name a key the
+        # bucket no longer holds, and the repository would never open).
+        if key_blob is not None and not bucket.put(crypto.KEY_FILE, key_blob, exclusive=True):
+            raise UsageError(f"{url}: another repofs init is creating a repository here")
         # Last, and only if no other init got there first: it marks the repository done.
         if not bucket.put(CONFIG_FILE, config.to_json(), exclusive=True):
             raise UsageError(f"{url}: another repofs init created a repository here meanwhile")
@@ -394,7 +405,14 @@ class S3Repository(Repository):
                 self._lease.check()
             _pause_for_fault_tests()
             stopping.ignore_from_now_on()
-            name = self.log.put_commit(seg, rp.vm, rp.id)
+            try:
+                name = self.log.put_commit(seg, rp.vm, rp.id)
+            except RepofsError:
+                # Not there when looked for: a bury fact for exactly this commit (its
+                # nonce) keeps it from ever showing should the lost PUT land later.
+                with contextlib.suppress(RepofsError):
+                    self.write_tombstones([rp])
+                raise
             if name is None and self._ours(rp):
                 # Our own PUT, stored, but its answer was lost and the retry met it: 412.
                 name = self.log.commit_name(rp.vm, rp.id)
@@ -497,6 +515,22 @@ def _open_cache(location: S3Location, config: RepoConfig) -> str:
             raise os_error(exc, cache) from None
         raise UsageError(f"{mark}: unreadable cache mark; remove {cache}") from None
     return cache
+
+
+def _refuse_nested(location: S3Location) -> None:
+    """Refuse a prefix inside another repository's (s3://B/repo/leases, s3://B/repo/x).
+
+    Its objects would lie among that repository's leases, packs or log: gc
+    there would take them for expired leases or leftover packs and delete them.
+    """
+    parts = location.prefix.split("/") if location.prefix else []
+    for depth in range(len(parts)):
+        outer = S3Location(location.bucket, "/".join(parts[:depth]))
+        if Bucket(outer).head(CONFIG_FILE) is not None:
+            raise UsageError(
+                f"{location.url}: lies inside the repository {outer.url}; "
+                "choose a prefix of its own"
+            )
 
 
 def _has_index(cache: str) -> bool:
