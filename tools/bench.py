@@ -886,6 +886,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limits-only", action="store_true",
                     help="per round only the ingest limits and a repofs full ingest; print the "
                          "ratios, write no report")
+    ap.add_argument("--s3", action="store_true",
+                    help="only the object-storage scenario (tools/bench_s3.py): a SeaweedFS "
+                         "bucket against a local directory")
+    ap.add_argument("--no-wan", action="store_true",
+                    help="--s3 without the runs through the 30 ms latency proxy")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--size", default=None, help="virtual disk size (default 8G)")
     ap.add_argument("--data", default=None, help="data in the first image (default 2G)")
@@ -904,7 +909,7 @@ def main(argv: list[str] | None = None) -> int:
     args.size = args.size or ("256M" if q else "8G")
     args.data = args.data or ("48M" if q else "2G")
     args.days = args.days if args.days is not None else (1 if q else 2)
-    args.scale_rps = args.scale_rps or (20 if q else 1000)
+    args.scale_rps = args.scale_rps if args.scale_rps is not None else (20 if q else 1000)
     sweep_sizes = (args.sweep or (f"{DEFAULT_CS},1M" if q else "16K,64K,128K,256K,1M")).split(",")
     if os.geteuid() != 0:
         log("needs root (loop devices for the corpus, drop_caches, FUSE)")
@@ -914,7 +919,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.out / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
-    peers = [] if args.no_peers else ensure_peers()
+    peers = [] if args.no_peers or args.s3 else ensure_peers()
 
     import corpus
 
@@ -926,6 +931,11 @@ def main(argv: list[str] | None = None) -> int:
     vm = manifest.vms[0]
     steps = [Step(str(cdir / d.image), str(cdir / d.cbt) if d.cbt else None)
              for d in vm.days[: args.days + 1]]
+    if args.s3:
+        import bench_s3
+
+        wait_for_idle(args.max_load, 0 if q else 600)
+        return bench_s3.run(args, steps, vm.days[: args.days + 1], work)
     res = Results()
     res.info["machine"] = machine_info()
     res.info["capacity"] = os.path.getsize(steps[0].image)

@@ -5,6 +5,14 @@ write that makes a restore point visible), GetObject with a byte range,
 HeadObject, ListObjectsV2, DeleteObject, HeadBucket and CreateBucket: the
 subset AWS S3, Ceph RGW, MinIO, Garage and SeaweedFS all speak.
 
+Every :class:`Bucket` counts its requests and bytes (:attr:`Bucket.counts`).
+With ``REPOFS_S3_STATS=FILE`` in the environment, a process that used a
+bucket appends one JSON line to FILE when it exits normally: ``{"pid",
+"command", "counts"}`` with the sums over its buckets.  ``tools/bench --s3``
+reads them to report requests per GiB ingested and restored; a forked
+mount daemon leaves through ``os._exit`` and writes nothing, so the bench
+mounts with ``--foreground``.
+
 boto3 is the client: it reads the endpoint, region and credentials the way
 administrators already configure them (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, the shared
@@ -17,8 +25,11 @@ what went wrong; nothing here returns partial data.
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import random
+import sys
 import threading
 import time
 from collections import Counter
@@ -31,6 +42,7 @@ from repofs.store.location import S3Location, s3_settings
 
 DEFAULT_ATTEMPTS = 6  #: tries per request, the first included (AWS_MAX_ATTEMPTS overrides)
 POOL = 64  #: connections per client: parallel uploads plus the mount's readers
+STATS_ENV = "REPOFS_S3_STATS"  #: a file to append this process's request counts to at exit
 
 
 class ObjectStoreError(RepositoryError):
@@ -112,10 +124,11 @@ class Bucket:
         self._count_lock = threading.Lock()
         #: Requests made, by kind (PUT, GET, HEAD, LIST, DELETE), and bytes moved.
         self.counts: Counter[str] = Counter()
+        _track(self.counts)
 
     # -- the calls ---------------------------------------------------------------
 
-    def put(self, name: str, data: bytes, *, exclusive: bool = False) -> bool:
+    def put(self, name: str, data: bytes | bytearray, *, exclusive: bool = False) -> bool:
         """Store ``data`` under ``name``; with ``exclusive``, only if no object has the name.
 
         Returns False when ``exclusive`` and the name was taken (HTTP 412).
@@ -140,7 +153,7 @@ class Bucket:
             raise self._error(exc, "PUT", name) from None
         return True
 
-    def _ours(self, name: str, data: bytes) -> bool:
+    def _ours(self, name: str, data: bytes | bytearray) -> bool:
         """Whether a name an exclusive PUT found taken holds exactly ``data``.
 
         A PUT whose answer was lost (a reset connection, a timeout) is sent
@@ -334,6 +347,38 @@ class Bucket:
             )
         message = _message(exc)
         return ObjectStoreError(f"{where}: S3 {op} failed: {code or cls}{message}")
+
+
+_tracked: list[Counter[str]] = []
+_tracked_lock = threading.Lock()
+
+
+def _track(counts: Counter[str]) -> None:
+    """Remember a bucket's counter for :func:`process_counts` (and the exit report, if asked)."""
+    with _tracked_lock:
+        if not _tracked and os.environ.get(STATS_ENV):
+            atexit.register(_write_stats, os.environ[STATS_ENV])
+        _tracked.append(counts)
+
+
+def process_counts() -> Counter[str]:
+    """The requests and bytes of every bucket this process opened, summed."""
+    total: Counter[str] = Counter()
+    with _tracked_lock:
+        for counts in _tracked:
+            total.update(counts)
+    return total
+
+
+def _write_stats(path: str) -> None:
+    line = json.dumps(
+        {"pid": os.getpid(), "command": sys.argv[1:2], "counts": dict(process_counts())}
+    )
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError:
+        pass  # statistics must never turn a finished command into a failed one
 
 
 def _body_cut(exc: Exception) -> bool:

@@ -70,7 +70,9 @@ class _BucketSink(PackSink):
         return offset
 
     def publish(self) -> None:
-        self._store.bucket.put(pack_name(self.pack_id), bytes(self._buf))
+        # The buffer itself, not a bytes() copy of it: 32 MiB less copying per pack, and
+        # nothing appends to it until the PUT has returned.
+        self._store.bucket.put(pack_name(self.pack_id), self._buf)
         self._buf = bytearray()
 
     def abort(self) -> None:

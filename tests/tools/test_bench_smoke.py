@@ -56,6 +56,30 @@ class TestBenchSmoke:
         limits = json.loads((tmp_path / "out" / "results-limits.json").read_text())
         assert limits["samples"]["repofs.full_s"] and limits["samples"]["limit_read_MBps"]
 
+    def test_s3_scenario_writes_its_section(self, tmp_path: Path) -> None:
+        """``tools/bench --s3 --quick`` runs every step on its own SeaweedFS and fills its block."""
+        doc = tmp_path / "performance.md"
+        doc.write_text("# Performance\n\n<!-- bench:begin -->\nkept\n<!-- bench:end -->\n")
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "tools" / "bench.py"), "--s3", "--quick",
+             "--out", str(tmp_path / "out"), "--doc", str(doc), "--size", "64M", "--data", "12M",
+             "--scale-rps", "5"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        text = doc.read_text()
+        assert "\nkept\n" in text and "## Object storage" in text
+        for figure in ("bucket / local ingest speed", "PUTs per GiB", "mount's download rate",
+                       "random 4 KiB read through the mount", "30 ms RTT proxy",
+                       "5 restore points: `repofs mount` ready", "Per TB"):
+            assert figure in text, figure
+        results = json.loads((tmp_path / "out" / "results-s3.json").read_text())
+        assert results["samples"]["s3.full_PUT"][0] >= 3
+        assert results["samples"]["s3.full_bytes_up"][0] > 0
+        assert results["summary"]["per_TB_ingested"]["PUT"] > 0
+        assert not list((tmp_path / "out").glob("work")), "work directory left behind"
+
     def test_cbt_reads_tool_reads_the_chunks_a_list_touches(self, tmp_path: Path) -> None:
         """``tools/bench_cbt_reads.py`` rounds the list out to whole chunks and reads them."""
         img = tmp_path / "d.img"
