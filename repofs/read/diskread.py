@@ -305,6 +305,12 @@ class DiskReader:
             max_window = max(2, self.max_window_bytes // cs)
             self._window = min(max_window, max(4, self._window * 2))
             first = max(self._ahead_to, -(-end // cs))
+            if self._remote and self._ahead_to - -(-end // cs) > self._window // 2:
+                # Enough is loading ahead.  Extending the window by each read's few
+                # chunks made each GET one read's worth (360 KiB on average): from a
+                # bucket, top it up half a window at a time, so runs of neighbours
+                # reach the pack store's READ_RUN.
+                return
             last = min(self.disk.n_chunks, end // cs + 1 + self._window)
             if first >= last:
                 return
