@@ -456,6 +456,58 @@ def keys_for(path: str, enc: EncryptionConfig | None, repository_id: str) -> Key
         return keys
 
 
+@dataclass(frozen=True)
+class NewKey:
+    """What ``init`` chose for a new repository's encryption, before anything is written."""
+
+    enc: EncryptionConfig | None  #: None: not encrypted
+    master: bytes
+    key_file: str | None  #: the key file to create, or None (a passphrase wraps the key)
+    secret: bytes  #: the new passphrase (empty with a key file)
+
+    def wrapped(self, repository_id: str) -> bytes | None:
+        """The passphrase-wrapped key to store beside the repository, or None."""
+        if self.enc is None or self.key_file is not None:
+            return None
+        return wrap(self.master, self.secret, repository_id)
+
+    def keys(self) -> Keys | None:
+        return (
+            SealedKeys(self.master, self.enc.cipher, self.enc.content_id)
+            if self.enc is not None
+            else None
+        )
+
+
+def new_key(encryption: str, inside: Any = None) -> NewKey:
+    """Pick the cipher, key source and master key of a new repository (asks for a passphrase).
+
+    ``inside(path)`` tells whether a key file would lie inside the repository,
+    which must be refused: whoever has the repository would have the key.
+    """
+    if encryption == "none":
+        return NewKey(None, b"", None, b"")
+    if encryption not in CIPHERS:
+        raise UsageError(
+            f"unknown encryption {encryption!r}: expected " + ", ".join(CIPHERS) + " or none"
+        )
+    key_file = key_file_source()
+    if key_file is not None:
+        if inside is not None and inside(key_file):
+            raise UsageError(f"{key_file}: the key file must be outside the repository")
+        if os.path.lexists(key_file):
+            raise UsageError(f"{key_file}: exists; init writes a new key file")
+    secret = b"" if key_file is not None else new_repository_passphrase()
+    master = os.urandom(MASTER_BYTES)
+    enc = EncryptionConfig(
+        cipher=encryption,
+        key="key-file" if key_file is not None else "passphrase",
+        key_id=key_id_of(master),
+        content_id=os.urandom(16).hex(),
+    )
+    return NewKey(enc, master, key_file, secret)
+
+
 def keys_from_key_object(
     where: str, blob: bytes | None, enc: EncryptionConfig | None, repository_id: str
 ) -> Keys:

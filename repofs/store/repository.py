@@ -106,35 +106,10 @@ class Repository:
             raise UsageError("the repository path is empty")
         if create_bucket:
             raise UsageError("--create-bucket is for s3://BUCKET/PREFIX repositories only")
-        key_blob = key_file = None
-        enc = None
-        master = b""
-        if encryption != "none":
-            if encryption not in crypto.CIPHERS:
-                raise UsageError(
-                    f"unknown encryption {encryption!r}: expected "
-                    + ", ".join(crypto.CIPHERS)
-                    + " or none"
-                )
-            key_file = crypto.key_file_source()
-            if key_file is not None:
-                if _inside(key_file, path):
-                    raise UsageError(f"{key_file}: the key file must be outside the repository")
-                if os.path.lexists(key_file):
-                    raise UsageError(f"{key_file}: exists; init writes a new key file")
-                secret = b""
-            else:
-                secret = crypto.new_repository_passphrase()
-            master = os.urandom(crypto.MASTER_BYTES)
-            enc = crypto.EncryptionConfig(
-                cipher=encryption,
-                key="key-file" if key_file is not None else "passphrase",
-                key_id=crypto.key_id_of(master),
-                content_id=os.urandom(16).hex(),
-            )
+        chosen = crypto.new_key(encryption, lambda f: _inside(f, path))
+        enc, key_file = chosen.enc, chosen.key_file
         config = RepoConfig.new(chunk_size, compression, enc, pack_size)
-        if enc is not None and key_file is None:
-            key_blob = crypto.wrap(master, secret, config.repository_id)
+        key_blob = chosen.wrapped(config.repository_id)
         if os.path.lexists(path):
             if not os.path.isdir(path):
                 raise UsageError(f"{path}: exists and is not a directory")
@@ -177,14 +152,13 @@ class Repository:
         if enc is not None:
             if key_file is not None:
                 crypto.write_new_file(
-                    key_file, crypto.key_file_doc(master, enc, config.repository_id)
+                    key_file, crypto.key_file_doc(chosen.master, enc, config.repository_id)
                 )
             else:
                 assert key_blob is not None
                 write_file_atomic(os.path.join(path, crypto.KEY_FILE), key_blob)
         write_file_atomic(os.path.join(path, CONFIG_FILE), config.to_json())  # last: marks it done
-        keys = crypto.SealedKeys(master, enc.cipher, enc.content_id) if enc is not None else None
-        return cls.open(path, keys)
+        return cls.open(path, chosen.keys())
 
     @classmethod
     def open(cls, path: str, keys: crypto.Keys | None = None) -> Repository:

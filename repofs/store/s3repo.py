@@ -160,32 +160,14 @@ class S3Repository(Repository):
             )
         if held:
             raise UsageError(f"{url}: the prefix already holds objects (not a repository)")
-        key_blob = key_file = None
-        enc = None
-        master = b""
-        if encryption != "none":
-            if encryption not in crypto.CIPHERS:
-                raise UsageError(
-                    f"unknown encryption {encryption!r}: expected "
-                    + ", ".join(crypto.CIPHERS)
-                    + " or none"
-                )
-            key_file = crypto.key_file_source()
-            if key_file is not None and os.path.lexists(key_file):
-                raise UsageError(f"{key_file}: exists; init writes a new key file")
-            secret = b"" if key_file is not None else crypto.new_repository_passphrase()
-            master = os.urandom(crypto.MASTER_BYTES)
-            enc = crypto.EncryptionConfig(
-                cipher=encryption,
-                key="key-file" if key_file is not None else "passphrase",
-                key_id=crypto.key_id_of(master),
-                content_id=os.urandom(16).hex(),
-            )
+        chosen = crypto.new_key(encryption)
+        enc, key_file = chosen.enc, chosen.key_file
         config = RepoConfig.new(chunk_size, compression, enc, pack_size)
-        if enc is not None and key_file is None:
-            key_blob = crypto.wrap(master, secret, config.repository_id)
+        key_blob = chosen.wrapped(config.repository_id)
         if enc is not None and key_file is not None:
-            crypto.write_new_file(key_file, crypto.key_file_doc(master, enc, config.repository_id))
+            crypto.write_new_file(
+                key_file, crypto.key_file_doc(chosen.master, enc, config.repository_id)
+            )
         # Exclusive, as config.json: of two inits at once, the one that loses the key
         # must not overwrite the winner's (its config would then name a key the
         # bucket no longer holds, and the repository would never open).
@@ -194,8 +176,7 @@ class S3Repository(Repository):
         # Last, and only if no other init got there first: it marks the repository done.
         if not bucket.put(CONFIG_FILE, config.to_json(), exclusive=True):
             raise UsageError(f"{url}: another repofs init created a repository here meanwhile")
-        keys = crypto.SealedKeys(master, enc.cipher, enc.content_id) if enc is not None else None
-        return cls.open_bucket(url, keys)
+        return cls.open_bucket(url, chosen.keys())
 
     @classmethod
     def open_bucket(cls, url: str, keys: crypto.Keys | None = None) -> S3Repository:
