@@ -56,6 +56,7 @@ class TestBenchSmoke:
         limits = json.loads((tmp_path / "out" / "results-limits.json").read_text())
         assert limits["samples"]["repofs.full_s"] and limits["samples"]["limit_read_MBps"]
 
+    @pytest.mark.slow
     def test_s3_scenario_writes_its_section(self, tmp_path: Path) -> None:
         """``tools/bench --s3 --quick`` runs every step on its own SeaweedFS and fills its block."""
         doc = tmp_path / "performance.md"
