@@ -47,7 +47,12 @@ def cli_argv(*args: str | os.PathLike[str]) -> list[str]:
 def spawn(
     *args: str | os.PathLike[str], env: dict[str, str] | None = None
 ) -> subprocess.Popen[str]:
-    """Start the CLI without waiting (for races and kills)."""
+    """Start the CLI without waiting (for races and kills).
+
+    SIGINT is reset to its default in the child: a suite started in the
+    background by a non-interactive shell inherits it ignored, and the
+    tests that press Ctrl-C would then wait for a command that never hears it.
+    """
     return subprocess.Popen(
         cli_argv(*args),
         stdout=subprocess.PIPE,
@@ -55,7 +60,12 @@ def spawn(
         text=True,
         env=cli_env(env),
         stdin=subprocess.DEVNULL,
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def repofs(
