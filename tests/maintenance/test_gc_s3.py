@@ -253,6 +253,7 @@ class TestBesideIngest:
 
 
 class TestBesideMount:
+    @pytest.mark.slow
     def test_a_stale_mount_reads_what_gc_moved(self, hosts: Hosts, tmp_path: Path) -> None:
         """A mount on another host that never refreshed reads chunks gc moved and deleted."""
         old, _ = image(tmp_path, "old.img", 1, 2, 3, 4)

@@ -228,7 +228,9 @@ class TestKilledIngest:
 
 
 class TestServerDies:
-    @pytest.mark.parametrize("moment", ["uploading", "before-commit"])
+    @pytest.mark.parametrize(
+        "moment", ["uploading", pytest.param("before-commit", marks=pytest.mark.slow)]
+    )
     def test_s3_server_killed_during_ingest(
         self, tmp_path: Path, own_s3_server: S3Server, moment: str
     ) -> None:
@@ -428,14 +430,16 @@ class TestHostileBucket:
 
     @pytest.mark.parametrize(
         ("damage", "encrypted"),
-        [pytest.param(d, True, id=f"{d}-encrypted") for d in _DAMAGES]
-        + [  # the plain variants that differ from the sealed ones run by default
+        [  # a sample runs by default: garbage and a foreign commit, sealed and plain
             pytest.param(
                 d,
-                False,
-                id=f"{d}-plain",
-                marks=() if d in ("garbage", "foreign") else pytest.mark.slow,
+                encrypted,
+                id=f"{d}-{'encrypted' if encrypted else 'plain'}",
+                marks=()
+                if (d, encrypted) in (("garbage", True), ("foreign", True), ("foreign", False))
+                else pytest.mark.slow,
             )
+            for encrypted in (True, False)
             for d in _DAMAGES
         ],
     )
@@ -536,6 +540,7 @@ class TestHostileBucket:
             self._put(s3_server, s3_bucket, name, seg.encode(keys, name))
         self._still_sane(tmp_path, env, s3_url, {"vma": a, "vmb": b}, "forged")
 
+    @pytest.mark.slow
     def test_damaged_checkpoint(
         self,
         tmp_path: Path,
