@@ -443,14 +443,7 @@ def info(repo: str, as_json: bool) -> None:
     rows = [
         ("repository", doc["path"]),
         ("id", doc["repository_id"]),
-        ("format", f"{doc['format']} version {doc['version']}"),
-        ("chunk size", human_bytes(doc["chunk_size"])),
-        ("compression", doc["compression"]),
-        ("encryption", doc["encryption"]),
-        ("map page", f"{doc['page_refs']} references"),
-        ("pack target size", human_bytes(doc["pack_target_size"])),
-        ("VMs", str(doc["vms"])),
-        ("restore points", str(doc["restore_points"])),
+        *_config_rows(doc),
         ("packs", f"{doc['pack_count']} ({human_bytes(doc['pack_bytes'])})"),
         ("index", human_bytes(doc["index_bytes"])),
         ("reserve", human_bytes(doc["reserve_bytes"])),
@@ -469,13 +462,9 @@ def info(repo: str, as_json: bool) -> None:
         click.echo(f"{k:<20} {v}")
 
 
-def _bucket_info_rows(doc: dict[str, Any]) -> None:
-    """``repofs info s3://...`` as text: the same fields as ``--json``."""
-    live = [x for x in doc["leases"] if x["alive"]]
-    rows = [
-        ("repository", doc["url"]),
-        ("endpoint", doc["endpoint"] or "the AWS default"),
-        ("id", doc["repository_id"]),
+def _config_rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """The rows ``info`` shows alike for a directory and a bucket: config and counts."""
+    return [
         ("format", f"{doc['format']} version {doc['version']}"),
         ("chunk size", human_bytes(doc["chunk_size"])),
         ("compression", doc["compression"]),
@@ -484,6 +473,17 @@ def _bucket_info_rows(doc: dict[str, Any]) -> None:
         ("pack target size", human_bytes(doc["pack_target_size"])),
         ("VMs", str(doc["vms"])),
         ("restore points", str(doc["restore_points"])),
+    ]
+
+
+def _bucket_info_rows(doc: dict[str, Any]) -> None:
+    """``repofs info s3://...`` as text: the same fields as ``--json``."""
+    live = [x for x in doc["leases"] if x["alive"]]
+    rows = [
+        ("repository", doc["url"]),
+        ("endpoint", doc["endpoint"] or "the AWS default"),
+        ("id", doc["repository_id"]),
+        *_config_rows(doc),
         ("pack objects", f"{doc['pack_count']} ({human_bytes(doc['pack_bytes'])})"),
         (
             "log objects",

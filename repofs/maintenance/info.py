@@ -84,15 +84,7 @@ def repository_info(path: str) -> dict[str, Any]:
     holders = lock_holders(path, LOCK_FILES)
     return {
         "path": os.path.abspath(path),
-        "format": cfg.format,
-        "version": cfg.version,
-        "repository_id": cfg.repository_id,
-        "chunk_size": cfg.chunk_size,
-        "compression": cfg.compression,
-        "page_refs": cfg.page_refs,
-        "pack_target_size": cfg.pack_target_size,
-        "encryption": cfg.cipher,
-        "key": cfg.encryption.key if cfg.encryption is not None else None,
+        **_config_fields(cfg),
         "vms": vms,
         "restore_points": rps,
         "pack_count": pack_count,
