@@ -394,9 +394,6 @@ class S3Repository(Repository):
                 with contextlib.suppress(RepofsError):
                     self.write_tombstones([rp])
                 raise
-            if name is None and self._ours(rp):
-                # Our own PUT, stored, but its answer was lost and the retry met it: 412.
-                name = self.log.commit_name(rp.vm, rp.id)
             if name is not None:
                 self.index.write(lambda txn, s=seg, n=name: self._applied_commit(txn, s, n, rp))
                 if self._lease is not None:
@@ -418,14 +415,6 @@ class S3Repository(Repository):
             f"{self.name}: could not find a free restore point id for {rp.vm} after "
             f"{COMMIT_ATTEMPTS} tries (other hosts commit the same VM at once)"
         )
-
-    def _ours(self, rp: RestorePoint) -> bool:
-        """Whether the commit object of ``rp``'s id is this very commit (same record)."""
-        try:
-            seg = self.log.read_segment(self.log.commit_name(rp.vm, rp.id))
-        except IntegrityError:
-            return False
-        return any(doc.get("record") == rp.record for doc in seg.rps)
 
     def _applied_commit(self, txn: Any, seg: Segment, name: str, rp: RestorePoint) -> None:
         self.log.apply(txn, seg, name)
